@@ -1,0 +1,62 @@
+"""The ``normkit`` command line: one entry point, one module per subcommand.
+
+Each subcommand lives in its own module exposing ``add_arguments(parser)`` and
+``run(args) -> int``; modules are imported only when their subcommand runs, so
+``normkit --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+from typing import List, Optional
+
+# name -> (module, one-line help)
+SUBCOMMANDS = {
+    "backends": ("normkit.cli_backends", "list the kernel backends available on this machine"),
+    "bench": ("normkit.bench.cli", "measure kernel speed against the memory bandwidth and PyTorch"),
+    "lab": ("normkit.lab.cli", "reproduce the layer-norm paper's claims on shipped data"),
+    "demo": ("normkit.demo", "train a tiny model with and without LayerNorm"),
+}
+
+
+def _available() -> dict:
+    """The subcommands whose module is present (the lab and bench ship in later issues)."""
+    found = {}
+    for name, spec in SUBCOMMANDS.items():
+        try:
+            present = importlib.util.find_spec(spec[0]) is not None
+        except ModuleNotFoundError:
+            present = False
+        if present:
+            found[name] = spec
+    return found
+
+
+def _usage(commands: dict) -> str:
+    lines = ["usage: normkit COMMAND [options]", "", "Layer normalization and its family for PyTorch.", "", "commands:"]
+    lines += [f"  {name:<10} {help_text}" for name, (_, help_text) in commands.items()]
+    lines += ["", "Run `normkit COMMAND --help` for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    commands = _available()
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage(commands))
+        return 0 if argv else 2
+    if argv[0] not in commands:
+        print(f"normkit: unknown command {argv[0]!r}; expected one of {', '.join(commands)}", file=sys.stderr)
+        return 2
+    module_name, help_text = commands[argv[0]]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"normkit {argv[0]}", description=help_text)
+    module.add_arguments(parser)
+    return int(module.run(parser.parse_args(argv[1:])) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""The normkit op: one ``torch.library`` custom op for forward and one for backward, with autograd.
+
+Every backend runs behind the same two ops (``normkit::norm_fwd`` / ``normkit::norm_bwd``),
+named by a string argument, so ``torch.compile(fullgraph=True)`` sees one opaque node with a
+fake (meta) implementation whatever the backend, and autograd is wired once. The ops work on
+contiguous 2-D ``(M, N)`` tensors; :mod:`normkit.functional` validates and reshapes.
+
+Dropout seeds are drawn *inside* the forward op and returned as a tensor, so a compiled graph
+draws a fresh seed every call instead of baking one in, and backward regenerates the mask.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from normkit.backends import get_backend
+from normkit.reference import compute_dtype
+
+__all__ = ["norm_forward", "norm_forward_no_grad"]
+
+_SEED_HIGH = 2**31 - 1
+
+
+def _stores_sum(residual: Optional[Tensor], dropout_p: float) -> bool:
+    """The normalized input differs from x (and must be kept for backward) with a residual or
+    dropout."""
+    return residual is not None or dropout_p > 0.0
+
+
+def _draw_seed(dropout_p: float) -> int:
+    # From torch's default CPU generator, so torch.manual_seed makes dropout reproducible.
+    return int(torch.randint(0, _SEED_HIGH, ()).item()) if dropout_p > 0.0 else 0
+
+
+def _empty(like: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+    return like.new_empty((0,), dtype=dtype or like.dtype)
+
+
+@torch.library.custom_op("normkit::norm_fwd", mutates_args=())
+def _norm_fwd(
+    x: Tensor,
+    residual: Optional[Tensor],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    eps: float,
+    is_rms: bool,
+    dropout_p: float,
+    prenorm: bool,
+    backend: str,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    seed = _draw_seed(dropout_p)
+    store_sum = _stores_sum(residual, dropout_p)
+    y, s, mean, rstd = get_backend(backend).forward(
+        x, residual, weight, bias, eps, is_rms, dropout_p, seed, store_sum
+    )
+    stat = compute_dtype(x.dtype)
+    return (
+        y,
+        s if store_sum else _empty(x),
+        _empty(x, stat) if mean is None else mean,
+        rstd,
+        torch.tensor(seed, dtype=torch.int64),
+    )
+
+
+@_norm_fwd.register_fake
+def _norm_fwd_fake(x, residual, weight, bias, eps, is_rms, dropout_p, prenorm, backend):
+    rows = x.shape[0]
+    stat = compute_dtype(x.dtype)
+    return (
+        torch.empty_like(x),
+        torch.empty_like(x) if _stores_sum(residual, dropout_p) else _empty(x),
+        x.new_empty((0,) if is_rms else (rows,), dtype=stat),
+        x.new_empty((rows,), dtype=stat),
+        torch.empty((), dtype=torch.int64),
+    )
+
+
+@torch.library.custom_op("normkit::norm_bwd", mutates_args=())
+def _norm_bwd(
+    dy: Tensor,
+    dsum: Optional[Tensor],
+    s: Tensor,
+    weight: Optional[Tensor],
+    mean: Tensor,
+    rstd: Tensor,
+    seed: Tensor,
+    is_rms: bool,
+    dropout_p: float,
+    backend: str,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    dx, dres, dw, db = get_backend(backend).backward(
+        dy,
+        dsum,
+        s,
+        weight,
+        None if is_rms else mean,
+        rstd,
+        is_rms,
+        dropout_p,
+        int(seed.item()),
+    )
+    # Custom ops may not return aliases of each other; dx is ds itself without dropout.
+    return dx, dres.clone() if dres is dx else dres, dw, db
+
+
+@_norm_bwd.register_fake
+def _norm_bwd_fake(dy, dsum, s, weight, mean, rstd, seed, is_rms, dropout_p, backend):
+    n = dy.shape[-1]
+    acc = compute_dtype(s.dtype)
+    return torch.empty_like(dy), torch.empty_like(dy), dy.new_empty((n,), dtype=acc), dy.new_empty((n,), dtype=acc)
+
+
+def _setup_context(ctx, inputs, output):
+    x, residual, weight, bias, eps, is_rms, dropout_p, prenorm, backend = inputs
+    _, s, mean, rstd, seed = output
+    ctx.store_sum = _stores_sum(residual, dropout_p)
+    ctx.is_rms, ctx.dropout_p, ctx.prenorm, ctx.backend = is_rms, dropout_p, prenorm, backend
+    ctx.has_residual = residual is not None
+    ctx.weight_dtype = None if weight is None else weight.dtype
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.save_for_backward(s if ctx.store_sum else x, weight, mean, rstd, seed)
+
+
+def _backward(ctx, dy, dsum, _dmean, _drstd, _dseed):
+    s, weight, mean, rstd, seed = ctx.saved_tensors
+    # Without residual and dropout the prenorm output is x itself, so its gradient reaches x
+    # directly; the op's placeholder output then gets none (or autograd's zeros of shape (0,)).
+    dsum = dsum.contiguous() if (ctx.prenorm and ctx.store_sum and dsum is not None) else None
+    dx, dres, dw, db = _norm_bwd(
+        dy.contiguous(), dsum, s, weight, mean, rstd, seed, ctx.is_rms, ctx.dropout_p, ctx.backend
+    )
+    needs = ctx.needs_input_grad
+    return (
+        dx if needs[0] else None,
+        dres if ctx.has_residual and needs[1] else None,
+        dw.to(ctx.weight_dtype) if ctx.weight_dtype is not None and needs[2] else None,
+        db.to(ctx.bias_dtype) if ctx.bias_dtype is not None and needs[3] else None,
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+torch.library.register_autograd("normkit::norm_fwd", _backward, setup_context=_setup_context)
+
+
+def norm_forward(
+    x: Tensor,
+    residual: Optional[Tensor],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    eps: float,
+    is_rms: bool,
+    dropout_p: float,
+    prenorm: bool,
+    backend: str,
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """``(y, s)`` on contiguous ``(M, N)`` tensors through the custom op (differentiable);
+    ``s`` is the normalized input when ``prenorm`` (``x`` itself without residual and
+    dropout), else ``None``."""
+    y, s, _, _, _ = _norm_fwd(x, residual, weight, bias, eps, is_rms, dropout_p, prenorm, backend)
+    if not prenorm:
+        return y, None
+    return y, (s if _stores_sum(residual, dropout_p) else x)
+
+
+def norm_forward_no_grad(
+    x: Tensor,
+    residual: Optional[Tensor],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    eps: float,
+    is_rms: bool,
+    dropout_p: float,
+    prenorm: bool,
+    backend: str,
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """Same as :func:`norm_forward` when nothing needs a gradient, calling the backend
+    directly: skips the dispatcher and autograd bookkeeping that dominate small inference
+    calls. Not for use under ``torch.compile`` (the custom op is what the compiler sees)."""
+    store_sum = _stores_sum(residual, dropout_p)
+    y, s, _, _ = get_backend(backend).forward(
+        x, residual, weight, bias, eps, is_rms, dropout_p, _draw_seed(dropout_p), store_sum and prenorm
+    )
+    if not prenorm:
+        return y, None
+    return y, (s if store_sum else x)

@@ -1,0 +1,259 @@
+r"""Reference semantics of every normkit op, in plain PyTorch.
+
+This module *defines* what normkit computes. Every fast backend (numba on CPU, Triton on GPU)
+is tested against it, and it is the fallback for anything a fast backend does not support.
+It imports neither numba nor Triton.
+
+For one row :math:`s \in \mathbb{R}^N` (the trailing ``normalized_shape`` elements of the input,
+``N = prod(normalized_shape)``), with gain :math:`g` and bias :math:`b`:
+
+.. math::
+
+    \text{layer norm:}\quad y = \frac{s - \mu}{\sqrt{\sigma^2 + \epsilon}}\, g + b,
+        \qquad \mu = \tfrac1N \textstyle\sum_i s_i,\quad \sigma^2 = \tfrac1N \sum_i (s_i - \mu)^2
+
+    \text{RMS norm:}\quad y = \frac{s}{\sqrt{\tfrac1N \sum_i s_i^2 + \epsilon}}\, g
+
+The fused variants normalize :math:`s = \operatorname{drop}(x) + r` where :math:`r` is the
+residual and :math:`\operatorname{drop}(x) = x \odot m / (1 - p)` with a keep mask
+:math:`m \sim \text{Bernoulli}(1 - p)` (training only). With ``prenorm=True`` the sum ``s`` is
+returned too, for the residual stream of pre-LN transformer blocks.
+
+The sum is added in float32 and rounded once to the input dtype *before* it is normalized, just
+as the unfused ``layer_norm(x + r)`` rounds ``x + r``. So the prenorm output is exactly the
+tensor that was normalized, and the backward pass, which reads the stored ``s``, differentiates
+at the same point the forward evaluated. (Normalizing the unrounded sum while storing a rounded
+one would make ``s - mean`` inconsistent in backward: for bf16 the error is amplified by
+``rstd`` and is unbounded for a near-constant row.)
+
+Precision: the sum, the statistics and the normalization are computed in float32 (float64 for
+float64 input) whatever the input dtype; the variance uses the two-pass formula
+:math:`\tfrac1N\sum(s-\mu)^2`, which stays exact at large means where
+:math:`E[s^2] - E[s]^2` cancels catastrophically. Outputs have the input's dtype; gradients of
+the gain and bias have the parameters' dtype.
+
+Backward, with :math:`r = 1/\sqrt{\sigma^2 + \epsilon}`, :math:`\hat s = (s - \mu)\, r`
+(:math:`\mu = 0` for RMS norm) and :math:`\hat g = dy \odot g`:
+
+.. math::
+
+    ds = r\,\big(\hat g - \overline{\hat g} - \hat s\, \overline{\hat g \hat s}\big)
+        \quad\text{(RMS norm: drop the } \overline{\hat g} \text{ term)}
+
+    dg = \textstyle\sum_\text{rows} dy \odot \hat s, \qquad db = \sum_\text{rows} dy,
+    \qquad dr = ds + d s_\text{prenorm}, \qquad dx = dr \odot m / (1 - p)
+
+where :math:`\overline{\,\cdot\,}` is the mean over the row.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+ShapeLike = Union[int, Sequence[int], torch.Size]
+
+__all__ = [
+    "compute_dtype",
+    "dropout_keep_mask",
+    "layer_norm",
+    "rms_norm",
+    "norm_forward",
+    "norm_backward",
+]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype statistics and accumulations use: float64 for float64 input, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def dropout_keep_mask(seed: int, shape: Sequence[int], p: float, device: torch.device) -> Tensor:
+    """The reference dropout mask: ``True`` where an element is kept (probability ``1 - p``).
+
+    A pure function of ``(seed, shape, p, device)``, so the backward pass regenerates the mask
+    from the seed instead of storing it.
+    """
+    generator = torch.Generator(device=device)
+    generator.manual_seed(int(seed))
+    return torch.rand(tuple(shape), generator=generator, device=device) >= p
+
+
+def _dropped_sum(
+    x: Tensor, residual: Optional[Tensor], keep_mask: Optional[Tensor], dropout_p: float
+) -> Tensor:
+    """``drop(x) + residual``, added in the compute dtype, rounded once to ``x.dtype`` (the
+    values the norm sees and the prenorm output returns), returned in the compute dtype."""
+    acc = compute_dtype(x.dtype)
+    s = x.to(acc)
+    if keep_mask is not None:
+        s = s * keep_mask.to(acc) * (1.0 / (1.0 - dropout_p))
+    if residual is not None:
+        s = s + residual.to(acc)
+    return s.to(x.dtype).to(acc)
+
+
+def _statistics(s: Tensor, dims: Tuple[int, ...], eps: float, is_rms: bool):
+    """Row mean (``None`` for RMS norm) and reciprocal std of ``s`` over ``dims``."""
+    if is_rms:
+        return None, torch.rsqrt(s.square().mean(dims, keepdim=True) + eps)
+    mean = s.mean(dims, keepdim=True)
+    var = (s - mean).square().mean(dims, keepdim=True)  # two-pass: exact at large means
+    return mean, torch.rsqrt(var + eps)
+
+
+def _normalize(
+    s: Tensor,
+    dims: Tuple[int, ...],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    eps: float,
+    is_rms: bool,
+):
+    mean, rstd = _statistics(s, dims, eps, is_rms)
+    s_hat = (s if mean is None else s - mean) * rstd
+    y = s_hat
+    if weight is not None:
+        y = y * weight.to(s.dtype)
+    if bias is not None:
+        y = y + bias.to(s.dtype)
+    return y, mean, rstd
+
+
+def _norm(
+    x: Tensor,
+    normalized_shape: ShapeLike,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    eps: float,
+    is_rms: bool,
+    residual: Optional[Tensor],
+    prenorm: bool,
+    keep_mask: Optional[Tensor],
+    dropout_p: float,
+):
+    ndim = 1 if isinstance(normalized_shape, int) else len(normalized_shape)
+    dims = tuple(range(-ndim, 0))
+    s = _dropped_sum(x, residual, keep_mask, dropout_p)
+    y, _, _ = _normalize(s, dims, weight, bias, eps, is_rms)
+    y = y.to(x.dtype)
+    return (y, s.to(x.dtype)) if prenorm else y
+
+
+def layer_norm(
+    x: Tensor,
+    normalized_shape: ShapeLike,
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    eps: float = 1e-5,
+    *,
+    residual: Optional[Tensor] = None,
+    prenorm: bool = False,
+    keep_mask: Optional[Tensor] = None,
+    dropout_p: float = 0.0,
+):
+    """Layer norm over the trailing ``normalized_shape`` dims of ``drop(x) + residual``.
+
+    Composite PyTorch ops, differentiable by autograd (gradcheck-able in float64). Assumes
+    valid input: :func:`normkit.layer_norm` validates and then dispatches here or to a kernel.
+    ``keep_mask`` (bool, shape of ``x``) applies dropout with rate ``dropout_p``. Returns ``y``,
+    or ``(y, s)`` with ``prenorm=True``.
+    """
+    return _norm(x, normalized_shape, weight, bias, eps, False, residual, prenorm, keep_mask, dropout_p)
+
+
+def rms_norm(
+    x: Tensor,
+    normalized_shape: ShapeLike,
+    weight: Optional[Tensor] = None,
+    eps: Optional[float] = None,
+    *,
+    residual: Optional[Tensor] = None,
+    prenorm: bool = False,
+    keep_mask: Optional[Tensor] = None,
+    dropout_p: float = 0.0,
+):
+    """RMS norm (Zhang & Sennrich 2019) over the trailing dims; arguments as :func:`layer_norm`.
+
+    ``eps=None`` means the machine epsilon of the compute dtype (float32 for float16/bfloat16,
+    else the input's), exactly as :func:`torch.nn.functional.rms_norm` does.
+    """
+    if eps is None:
+        eps = default_rms_eps(x.dtype)
+    return _norm(x, normalized_shape, weight, None, eps, True, residual, prenorm, keep_mask, dropout_p)
+
+
+# --- The kernel contract: 2-D (rows, N) forward and backward, as every backend implements them.
+
+
+def norm_forward(
+    x: Tensor,
+    residual: Optional[Tensor],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    eps: float,
+    is_rms: bool,
+    keep_mask: Optional[Tensor],
+    dropout_p: float,
+    store_sum: bool,
+) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor], Tensor]:
+    """Forward on a contiguous ``(M, N)`` input.
+
+    Returns ``(y, s, mean, rstd)``: ``y`` in ``x.dtype``; ``s = drop(x) + residual`` in
+    ``x.dtype`` when ``store_sum`` else ``None``; ``mean`` (``None`` for RMS norm) and ``rstd``
+    of shape ``(M,)`` in the compute dtype.
+    """
+    s = _dropped_sum(x, residual, keep_mask, dropout_p)
+    y, mean, rstd = _normalize(s, (-1,), weight, bias, eps, is_rms)
+    return (
+        y.to(x.dtype),
+        s.to(x.dtype) if store_sum else None,
+        None if mean is None else mean.squeeze(-1),
+        rstd.squeeze(-1),
+    )
+
+
+def norm_backward(
+    dy: Tensor,
+    dsum: Optional[Tensor],
+    s: Tensor,
+    weight: Optional[Tensor],
+    mean: Optional[Tensor],
+    rstd: Tensor,
+    is_rms: bool,
+    keep_mask: Optional[Tensor],
+    dropout_p: float,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Backward on ``(M, N)`` tensors, by the formulas in the module docstring.
+
+    ``s`` is the normalized input (``x`` itself when there is no residual and no dropout),
+    ``dsum`` the gradient of the prenorm output (or ``None``). Returns ``(dx, ds, dweight,
+    dbias)``: ``dx`` and ``ds`` (the gradient of the residual) in ``dy.dtype``; ``dweight =
+    sum_rows(dy * s_hat)`` and ``dbias = sum_rows(dy)``, shape ``(N,)``, in the compute dtype.
+    """
+    acc = compute_dtype(s.dtype)
+    dy32 = dy.to(acc)
+    s32 = s.to(acc)
+    rstd = rstd.to(acc).unsqueeze(-1)
+    s_hat = (s32 if mean is None else s32 - mean.to(acc).unsqueeze(-1)) * rstd
+    g_hat = dy32 if weight is None else dy32 * weight.to(acc)
+    inner = g_hat - s_hat * (g_hat * s_hat).mean(-1, keepdim=True)
+    if not is_rms:
+        inner = inner - g_hat.mean(-1, keepdim=True)
+    ds = inner * rstd
+    if dsum is not None:
+        ds = ds + dsum.to(acc)
+    dx = ds if keep_mask is None else ds * keep_mask.to(acc) * (1.0 / (1.0 - dropout_p))
+    return dx.to(dy.dtype), ds.to(dy.dtype), (dy32 * s_hat).sum(0), dy32.sum(0)
+
+
+def default_rms_eps(dtype: torch.dtype) -> float:
+    """``torch.nn.functional.rms_norm``'s default epsilon for input ``dtype``.
+
+    PyTorch documents ``torch.finfo(x.dtype).eps`` but uses the epsilon of the dtype it computes
+    in (float32 for float16/bfloat16 input); normkit matches what PyTorch does.
+    """
+    return float(torch.finfo(compute_dtype(dtype)).eps)
+

@@ -1,0 +1,34 @@
+"""The ``normkit`` command line."""
+
+import subprocess
+import sys
+
+from normkit import cli
+
+
+def test_help_lists_commands(capsys):
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "backends" in out and "demo" in out
+
+
+def test_unknown_command_is_an_error(capsys):
+    assert cli.main(["frobnicate"]) == 2
+    assert "unknown command 'frobnicate'" in capsys.readouterr().err
+
+
+def test_backends_command_lists_reference(capsys):
+    assert cli.main(["backends"]) == 0
+    assert "reference" in capsys.readouterr().out
+
+
+def test_demo_trains_and_layer_norm_helps():
+    from normkit.demo import train
+
+    none, ln = train("none", steps=150), train("layer_norm", steps=150)
+    assert ln[-1] < 0.8 * none[-1], f"LayerNorm final loss {ln[-1]:.3f} vs none {none[-1]:.3f}"
+
+
+def test_console_script_entry_point():
+    out = subprocess.run([sys.executable, "-m", "normkit.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "COMMAND" in out.stdout

@@ -1,0 +1,213 @@
+"""The public functional API: validation errors, edge cases, dispatch and the custom op."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import normkit
+from normkit import reference as ref
+from normkit.backends import Backend, get_backend, register_backend, select_backend
+
+from helpers import params, randn
+
+
+# --- errors name the argument and say expected vs. got
+
+
+@pytest.mark.parametrize(
+    "call, exc, match",
+    [
+        (lambda x: normkit.layer_norm(x, 5), ValueError, r"normalized_shape=\[5\].*\[\*, 5\].*\[2, 4\]"),
+        (lambda x: normkit.layer_norm(x, (3, 4)), ValueError, r"normalized_shape=\[3, 4\]"),
+        (lambda x: normkit.layer_norm(x, 4, torch.ones(5)), ValueError, r"weight.*\[5\].*\[4\]"),
+        (lambda x: normkit.layer_norm(x, 4, None, torch.ones(2, 2)), ValueError, r"bias.*\[2, 2\]"),
+        (lambda x: normkit.rms_norm(x, 4, torch.ones(3)), ValueError, r"weight.*\[3\]"),
+        (lambda x: normkit.layer_norm(x, 4, eps=-1e-5), ValueError, r"eps must be .*>= 0.*-1e-05"),
+        (lambda x: normkit.layer_norm(x, 4, eps=float("nan")), ValueError, r"eps"),
+        (lambda x: normkit.layer_norm(x, 4, eps="1e-5"), TypeError, r"eps must be a real number"),
+        (lambda x: normkit.layer_norm(x, 0), ValueError, r"empty normalized dimension"),
+        (lambda x: normkit.layer_norm(x, ()), ValueError, r"at least one dimension"),
+        (lambda x: normkit.layer_norm(x, 4.0), TypeError, r"normalized_shape must be an int"),
+        (lambda x: normkit.layer_norm(x.long(), 4), TypeError, r"floating dtype.*torch.int64"),
+        (lambda x: normkit.layer_norm(x.numpy(), 4), TypeError, r"input must be a torch.Tensor.*ndarray"),
+        (lambda x: normkit.layer_norm(x, 4, torch.ones(4, dtype=torch.int32)), TypeError, r"weight must have a floating dtype"),
+        (lambda x: normkit.layer_norm(x, 4, residual=torch.ones(2, 5)), ValueError, r"residual must have the input's shape \[2, 4\], got \[2, 5\]"),
+        (lambda x: normkit.layer_norm(x, 4, residual=x.double()), TypeError, r"residual must have the input's dtype torch.float32, got torch.float64"),
+        (lambda x: normkit.layer_norm(x, 4, dropout_p=1.0), ValueError, r"dropout_p must be in \[0, 1\), got 1.0"),
+        (lambda x: normkit.layer_norm(x, 4, dropout_p=-0.1), ValueError, r"dropout_p"),
+        (lambda x: normkit.layer_norm(x, 4, torch.ones(4, device="meta")), ValueError, r"weight is on meta but input is on cpu"),
+        (lambda x: normkit.layer_norm(x, 4, residual=torch.ones(2, 4, device="meta")), ValueError, r"residual is on meta"),
+    ],
+)
+def test_bad_input_gets_a_clear_error(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call(randn((2, 4), seed=0))
+
+
+def test_zero_rows_return_empty_outputs():
+    x = torch.randn(0, 3, 8, requires_grad=True)
+    y = normkit.layer_norm(x, 8, torch.ones(8), torch.zeros(8))
+    assert y.shape == (0, 3, 8)
+    y, s = normkit.rms_norm(x, 8, residual=torch.randn(0, 3, 8), prenorm=True)
+    assert y.shape == s.shape == (0, 3, 8)
+
+
+def test_accepts_torch_size_and_lists():
+    x = randn((3, 4, 5), seed=1)
+    want = F.layer_norm(x, (4, 5))
+    for shape in ([4, 5], torch.Size([4, 5]), x.shape[1:]):
+        torch.testing.assert_close(normkit.layer_norm(x, shape), want)
+
+
+def test_mixed_parameter_dtype_like_torch():
+    """bf16 activations with fp32 parameters (autocast-style) give bf16 output and fp32 grads."""
+    x = randn((4, 64), torch.bfloat16, seed=2, requires_grad=True)
+    w, b = (t.requires_grad_(True) for t in params((64,)))
+    y = normkit.layer_norm(x, 64, w, b)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert w.grad.dtype == torch.float32 and x.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(y, F.layer_norm(x, (64,), w, b), rtol=2e-2, atol=2e-2)
+
+
+def test_prenorm_without_residual_returns_the_input_sum():
+    x = randn((3, 7), seed=3, requires_grad=True)
+    y, s = normkit.layer_norm(x, 7, prenorm=True)
+    assert torch.equal(s, x)
+    (y.sum() + (s * 2).sum()).backward()
+    want = torch.autograd.grad(F.layer_norm(x, (7,)).sum(), x)[0] + 2
+    torch.testing.assert_close(x.grad, want)
+
+
+def test_dropout_is_reproducible_with_torch_manual_seed():
+    x, r = randn((8, 100), seed=4), randn((8, 100), seed=5)
+    torch.manual_seed(123)
+    a = normkit.layer_norm(x, 100, residual=r, dropout_p=0.5)
+    torch.manual_seed(123)
+    b = normkit.layer_norm(x, 100, residual=r, dropout_p=0.5)
+    assert torch.equal(a, b)
+
+
+# --- backends and dispatch
+
+
+def test_reference_is_always_listed():
+    assert "reference" in normkit.backends()
+    assert get_backend("reference").is_available()
+
+
+def test_unknown_backend_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"unknown normkit backend 'nope'.*reference"):
+        with normkit.use_backend("nope"):
+            pass
+
+
+def test_use_backend_forces_and_restores():
+    x = randn((2, 8), seed=6)
+    default = select_backend(x).name
+    with normkit.use_backend("reference"):
+        assert select_backend(x).name == "reference"
+    assert select_backend(x).name == default
+
+
+class _CountingBackend(Backend):
+    """A backend that only takes float32 and counts its calls, to observe dispatch."""
+
+    name = "counting"
+    default_for = ()
+
+    def __init__(self):
+        self.calls = 0
+
+    def supports(self, x, dropout_p):
+        return x.dtype == torch.float32
+
+    def forward(self, *args):
+        self.calls += 1
+        return get_backend("reference").forward(*args)
+
+    def backward(self, *args):
+        self.calls += 1
+        return get_backend("reference").backward(*args)
+
+
+def test_registered_backend_runs_and_unsupported_falls_back(monkeypatch):
+    counting = _CountingBackend()
+    register_backend(counting)
+    x = randn((4, 16), seed=7, requires_grad=True)
+    with normkit.use_backend("counting"):
+        normkit.layer_norm(x, 16).sum().backward()
+        assert counting.calls == 2
+        y16 = normkit.layer_norm(x.detach().half(), 16)  # unsupported: the reference runs
+    assert counting.calls == 2
+    torch.testing.assert_close(y16, F.layer_norm(x.detach().half(), (16,)))
+    monkeypatch.setenv("NORMKIT_BACKEND", "counting")
+    normkit.layer_norm(x.detach(), 16)
+    assert counting.calls == 3
+
+
+def test_environment_variable_selects_backend_in_a_fresh_process():
+    code = "import torch, normkit; from normkit.backends import select_backend; print(select_backend(torch.ones(2, 2)).name)"
+    out = subprocess.run([sys.executable, "-c", code], env={"NORMKIT_BACKEND": "reference", "PATH": ""}, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "reference"
+
+
+def test_import_normkit_is_light():
+    # (triton is not checked: torch's own torch.library/compiler imports pull it in when present.)
+    code = "import sys, normkit; print(any(m in sys.modules for m in ('numba', 'matplotlib', 'sklearn')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+# --- the custom op under autograd and torch.compile
+
+
+def test_gradcheck_through_the_custom_op():
+    x = randn((3, 6), torch.float64, seed=8, requires_grad=True)
+    r = randn((3, 6), torch.float64, seed=9, requires_grad=True)
+    w, b = (t.requires_grad_(True) for t in params((6,), torch.float64))
+    with normkit.use_backend("reference"):
+        assert torch.autograd.gradcheck(lambda x, r, w, b: normkit.layer_norm(x, 6, w, b, residual=r, prenorm=True), (x, r, w, b))
+        assert torch.autograd.gradcheck(lambda x, r, w: normkit.rms_norm(x, 6, w, 1e-5, residual=r, prenorm=True), (x, r, w))
+
+
+def test_custom_op_passes_torch_opcheck():
+    x, r = randn((4, 9), seed=10), randn((4, 9), seed=11)
+    w, b = params((9,))
+    for args in [(x, r, w, b, 1e-5, False, 0.0, True, "reference"), (x, None, w, None, 1e-6, True, 0.0, False, "reference")]:
+        torch.library.opcheck(torch.ops.normkit.norm_fwd.default, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_torch_compile_fullgraph(backend):
+    from helpers import backend_or_skip
+
+    backend_or_skip(backend)
+    torch._dynamo.reset()
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln = normkit.nn.LayerNorm(32)
+            self.rms = normkit.nn.RMSNorm(32)
+            self.fc = torch.nn.Linear(32, 32)
+
+        def forward(self, x, h):
+            y, h = self.ln(self.fc(x), h, prenorm=True)
+            return self.rms(y) + h
+
+    model = Block()
+    x, h = randn((5, 32), seed=12, requires_grad=True), randn((5, 32), seed=13)
+    with normkit.use_backend(backend):
+        eager = model(x, h)
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(x, h)
+    torch.testing.assert_close(compiled, eager)
+    ge = torch.autograd.grad(eager.sum(), (x, model.ln.weight))
+    gc = torch.autograd.grad(compiled.sum(), (x, model.ln.weight))
+    for a, b in zip(ge, gc):
+        torch.testing.assert_close(a, b)
