@@ -1,13 +1,33 @@
 """normkit: layer normalization and its family for PyTorch.
 
 Exact reference semantics (:mod:`normkit.reference`), fast backends (numba on CPU, Triton on
-GPU) chosen per call (:mod:`normkit.backends`), drop-in modules (:mod:`normkit.nn`).
+GPU) chosen per call (:mod:`normkit.backends`), drop-in modules (:mod:`normkit.nn`), input
+scalers (:mod:`normkit.data`) and practitioner tools (:mod:`normkit.tools`).
 """
 
-from normkit import nn, reference
+from normkit import data, nn, reference
 from normkit.backends import backends, use_backend
 from normkit.functional import layer_norm, rms_norm
+from normkit.functional_channels import layer_norm_2d, layer_norm_chw
+from normkit.tools import NormHealthWarning, convert, export_onnx, fold, monitor, revert
 
 __version__ = "0.1.0"
 
-__all__ = ["backends", "layer_norm", "nn", "reference", "rms_norm", "use_backend", "__version__"]
+__all__ = [
+    "NormHealthWarning",
+    "backends",
+    "convert",
+    "data",
+    "export_onnx",
+    "fold",
+    "layer_norm",
+    "layer_norm_2d",
+    "layer_norm_chw",
+    "monitor",
+    "nn",
+    "reference",
+    "revert",
+    "rms_norm",
+    "use_backend",
+    "__version__",
+]

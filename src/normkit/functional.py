@@ -18,6 +18,7 @@ from torch import Tensor
 from normkit import ops
 from normkit.backends import select_backend_name
 from normkit.reference import default_rms_eps
+from normkit.reference import rms_norm as _reference_rms_norm
 
 __all__ = ["layer_norm", "rms_norm"]
 
@@ -124,6 +125,10 @@ def _norm(
     _check_residual(residual, x)
     eps = _check_eps(eps)
     dropout_p = _check_dropout(dropout_p, training)
+    if torch.onnx.is_in_onnx_export():
+        # The custom op is opaque to ONNX exporters (both the TorchScript and the dynamo one set
+        # this flag): export standard ops instead, see _onnx_norm.
+        return _onnx_norm(x, shape, weight, bias, eps, is_rms, residual, prenorm, dropout_p)
 
     n = math.prod(shape)
     rows = x.numel() // n
@@ -144,6 +149,25 @@ def _norm(
     y2, s2 = run(x2, r2, w1, b1, eps, is_rms, dropout_p, prenorm, backend)
     y = y2.view(x.shape)
     return (y, s2.view(x.shape)) if prenorm else y
+
+
+def _onnx_norm(x, shape, weight, bias, eps, is_rms, residual, prenorm, dropout_p):
+    """The op as ONNX exporters see it: the fused residual add (+ dropout) as separate ops, then
+    ``F.layer_norm`` (exported as ``LayerNormalization``, opset >= 17) or, for RMS norm,
+    ``F.rms_norm`` (the dynamo exporter writes ``RMSNormalization`` at opset >= 23, else a
+    ``Pow/ReduceMean/Sqrt`` graph). The TorchScript exporter has no ``aten::rms_norm``, so under
+    it (``torch.jit.is_tracing()``) RMS norm is the reference composite of plain ops."""
+    s = torch.nn.functional.dropout(x, dropout_p, True) if dropout_p > 0.0 else x
+    if residual is not None:
+        s = s + residual
+    w = None if weight is None else weight.to(x.dtype)
+    if not is_rms:
+        y = torch.nn.functional.layer_norm(s, shape, w, None if bias is None else bias.to(x.dtype), eps)
+    elif torch.jit.is_tracing():
+        y = _reference_rms_norm(s, shape, w, eps)
+    else:
+        y = torch.nn.functional.rms_norm(s, shape, w, eps)
+    return (y, s) if prenorm else y
 
 
 def layer_norm(

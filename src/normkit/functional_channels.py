@@ -1,0 +1,168 @@
+r"""Channels-first normalization for image tensors: :func:`layer_norm_2d` and :func:`layer_norm_chw`.
+
+Two layer norms for ``(N, C, H, W)`` tensors, neither of which copies the input into another
+layout:
+
+* :func:`layer_norm_2d` normalizes each pixel's channel vector (statistics over ``C`` only, one
+  mean/std per ``(n, h, w)``), as ConvNeXt's ``LayerNorm2d`` does::
+
+      y[n, :, h, w] = (x[n, :, h, w] - mean) / sqrt(var + eps) * g + b
+
+  It is the same as ``x.permute(0, 2, 3, 1) -> F.layer_norm(.., (C,)) -> permute back``, but
+  the usual implementation of that pays two full-tensor copies (``permute(..).contiguous()``).
+  Here a contiguous NCHW tensor is reduced over dim 1 directly (strided reductions, statistics
+  in float32), and a ``channels_last`` tensor, whose ``permute(0, 2, 3, 1)`` view *is*
+  contiguous, goes through :func:`normkit.layer_norm`'s kernels with no copy at all.
+
+* :func:`layer_norm_chw` normalizes each sample over all of ``(C, H, W)`` with a per-channel
+  gain and bias, i.e. ``torch.nn.GroupNorm(1, C)``::
+
+      y[n] = (x[n] - mean(x[n])) / sqrt(var(x[n]) + eps) * g[:, None, None] + b[:, None, None]
+
+  It runs as one :func:`normkit.layer_norm` call over the trailing dims, with the
+  per-channel affine broadcast to the normalized shape (one sample's worth of memory, not a
+  second pass over the batch); the gradient of the broadcast gain sums back to ``(C,)``.
+
+The reference semantics of both are the composite in :func:`_layer_norm_dim1` /
+``F.group_norm``; tests compare against ``permute -> F.layer_norm -> permute`` and
+``torch.nn.GroupNorm(1, C)``.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from normkit.functional import layer_norm
+from normkit.reference import compute_dtype
+
+__all__ = ["layer_norm_2d", "layer_norm_chw"]
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_input(input: Tensor, min_dim: int, exact: bool, what: str) -> None:
+    if not isinstance(input, Tensor):
+        raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+    if input.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"input must have a floating dtype (float16, bfloat16, float32, float64), got {input.dtype}")
+    if (input.dim() != min_dim) if exact else (input.dim() < min_dim):
+        raise ValueError(f"{what}, got input of size {list(input.shape)} ({input.dim()}-D)")
+
+
+def _check_param(name: str, p: Optional[Tensor], input: Tensor) -> None:
+    if p is None:
+        return
+    if not isinstance(p, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(p).__name__}")
+    channels = input.shape[1]
+    if tuple(p.shape) != (channels,):
+        raise ValueError(
+            f"Expected {name} of shape [C] = [{channels}] (the input's channel dim 1), but got {name} "
+            f"of shape {list(p.shape)} for input of size {list(input.shape)}"
+        )
+    if p.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must have a floating dtype, got {p.dtype}")
+    if p.device != input.device:
+        raise ValueError(f"{name} is on {p.device} but input is on {input.device}; move them to one device")
+
+
+def _check_eps(eps: float) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps must be a real number, got {eps!r}")
+    if not (float(eps) >= 0.0 and math.isfinite(float(eps))):
+        raise ValueError(f"eps must be finite and >= 0, got {eps}")
+    return float(eps)
+
+
+def _sizes(shape) -> tuple:
+    # plain ints: under the TorchScript tracer (ONNX export) sizes come back as tensors
+    return tuple(int(d) for d in shape)
+
+
+def _is_nhwc(x: Tensor) -> bool:
+    """True when ``x`` (4-D) is laid out channels-last, so ``x.permute(0, 2, 3, 1)`` is contiguous."""
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+def _layer_norm_dim1(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> Tensor:
+    """Layer norm over dim 1 of an NCHW tensor by reductions over that dim (no layout change).
+
+    Two-pass variance in the compute dtype (float32, float64 for float64 input), as
+    :mod:`normkit.reference` does; differentiable by autograd.
+    """
+    acc = compute_dtype(x.dtype)
+    s = x.to(acc)
+    centered = s - s.mean(1, keepdim=True)
+    y = centered * torch.rsqrt(centered.square().mean(1, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight.to(acc)[:, None, None]
+    if bias is not None:
+        y = y + bias.to(acc)[:, None, None]
+    return y.to(x.dtype)
+
+
+def layer_norm_2d(
+    input: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, eps: float = 1e-6
+) -> Tensor:
+    r"""Channels-first layer norm: normalize each pixel of an NCHW tensor over its ``C`` channels.
+
+    .. math::
+        y_{n,:,h,w} = \frac{x_{n,:,h,w} - \mu_{n,h,w}}{\sqrt{\sigma^2_{n,h,w} + \epsilon}}\, g + b,
+        \qquad \mu_{n,h,w} = \tfrac1C \textstyle\sum_c x_{n,c,h,w}
+
+    with the biased variance, statistics in float32 (float64 for float64 input).
+
+    Args:
+        input: ``(N, C, H, W)`` tensor, contiguous or ``channels_last`` (the output keeps the
+            input's memory format and dtype).
+        weight, bias: gain ``g`` and bias ``b`` of shape ``(C,)``, or ``None``.
+        eps: added to the variance, ``>= 0`` (default ``1e-6``, as ConvNeXt).
+    """
+    _check_input(input, 4, True, "layer_norm_2d expects a 4-D (N, C, H, W) input")
+    _check_param("weight", weight, input)
+    _check_param("bias", bias, input)
+    eps = _check_eps(eps)
+    if _is_nhwc(input):
+        # The NHWC view is contiguous: rows of C channels, exactly what the kernels normalize.
+        y = layer_norm(input.permute(0, 2, 3, 1), (int(input.shape[1]),), weight, bias, eps)
+        return y.permute(0, 3, 1, 2)
+    return _layer_norm_dim1(input, weight, bias, eps)
+
+
+def layer_norm_chw(
+    input: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, eps: float = 1e-5
+) -> Tensor:
+    r"""Layer norm of each sample over ``(C, *)`` with a per-channel affine: ``GroupNorm(1, C)``.
+
+    .. math::
+        y_n = \frac{x_n - \mu_n}{\sqrt{\sigma^2_n + \epsilon}} \odot g_{[:, \text{None}, \dots]}
+            + b_{[:, \text{None}, \dots]}, \qquad \mu_n = \operatorname{mean}_{c,h,w}(x_{n,c,h,w})
+
+    Args:
+        input: ``(N, C, *)`` tensor (``(N, C, H, W)`` typically; ``channels_last`` is read in
+            place).
+        weight, bias: per-channel gain and bias of shape ``(C,)``, or ``None``.
+        eps: added to the variance, ``>= 0`` (default ``1e-5``, as :class:`torch.nn.GroupNorm`).
+    """
+    _check_input(input, 2, False, "layer_norm_chw expects an (N, C, *) input with at least 2 dims")
+    _check_param("weight", weight, input)
+    _check_param("bias", bias, input)
+    eps = _check_eps(eps)
+    if _is_nhwc(input):
+        # Same set of elements per sample in (H, W, C) order: normalize the contiguous NHWC view,
+        # with the per-channel affine broadcast along the last dim.
+        x = input.permute(0, 2, 3, 1)
+        shape = _sizes(x.shape[1:])
+        w = None if weight is None else weight.expand(shape)
+        b = None if bias is None else bias.expand(shape)
+        return layer_norm(x, shape, w, b, eps).permute(0, 3, 1, 2)
+    shape = _sizes(input.shape[1:])
+    per_channel = (shape[0],) + (1,) * (input.dim() - 2)
+    w = None if weight is None else weight.reshape(per_channel).expand(shape)
+    b = None if bias is None else bias.reshape(per_channel).expand(shape)
+    return layer_norm(input, shape, w, b, eps)

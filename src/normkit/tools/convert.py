@@ -1,0 +1,291 @@
+r"""``convert`` / ``revert``: swap the normalization layers of an existing model, in place.
+
+:func:`convert` walks a model and replaces, by module-tree surgery (no model code is patched):
+
+=====================================================  ======================================
+found                                                  becomes (``to=None``)
+=====================================================  ======================================
+``torch.nn.LayerNorm`` (exactly that class)            ``normkit.nn.LayerNorm``
+``torch.nn.RMSNorm`` (exactly that class)              ``normkit.nn.RMSNorm``
+Hugging Face ``*RMSNorm`` (``LlamaRMSNorm``, ...)      ``normkit.nn.RMSNorm``
+``BatchNorm1d`` on ``(N, C)`` (``batch_norm=True``)    ``normkit.nn.LayerNorm(C)``
+``BatchNorm2d`` on NCHW (``batch_norm=True``)          ``normkit.nn.LayerNorm2d(C)``
+=====================================================  ======================================
+
+``to="rms_norm"`` turns layer norms into RMS norms (the gain is kept, the bias dropped: the
+outputs change), ``to="layer_norm"`` the reverse (adds the mean subtraction: the outputs change).
+
+Parameters are *taken over*, not copied: the new module holds the very ``Parameter`` objects of
+the old one, so dtype, device and ``requires_grad`` are kept and an optimizer built before the
+conversion still updates the model. The replaced module is kept (outside the module tree, as
+``new._normkit_original``) so that :func:`revert` can rebuild it with the current parameters,
+including third-party classes such as ``LlamaRMSNorm`` and a dropped bias.
+
+Hugging Face RMS norms are found by duck typing: the class name ends with ``"RMSNorm"`` and the
+module has a ``weight`` parameter and a ``variance_epsilon`` or ``eps``. Because some of them compute
+something else (Gemma's scales by ``1 + weight``), each candidate is checked on a random probe
+input against its replacement and skipped, with the reason in the summary, if they disagree.
+Subclasses of ``nn.LayerNorm``/``nn.RMSNorm`` are skipped too: they may override ``forward``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+import normkit.nn as nnk
+from normkit.reference import default_rms_eps
+
+__all__ = ["ConversionRecord", "ConversionSummary", "convert", "revert", "is_hf_rms_norm", "is_norm_layer"]
+
+_TARGETS = (None, "layer_norm", "rms_norm")
+_ORIGINAL = "_normkit_original"  # attribute (outside the module tree) holding the replaced module
+
+
+@dataclasses.dataclass(frozen=True)
+class ConversionRecord:
+    """One module that :func:`convert` or :func:`revert` replaced (``new is None``: skipped)."""
+
+    name: str
+    old: str
+    new: Optional[str]
+    note: str = ""
+
+
+class ConversionSummary(List[ConversionRecord]):
+    """The records of one :func:`convert`/:func:`revert` call; a list that prints as a table."""
+
+    @property
+    def replaced(self) -> List[ConversionRecord]:
+        return [r for r in self if r.new is not None]
+
+    @property
+    def skipped(self) -> List[ConversionRecord]:
+        return [r for r in self if r.new is None]
+
+    def __str__(self) -> str:
+        head = f"{len(self.replaced)} module(s) replaced, {len(self.skipped)} skipped"
+        if not self:
+            return head
+        rows = [(r.name or "(root)", r.old, r.new or "-", r.note) for r in self]
+        widths = [max(len(row[i]) for row in rows) for i in range(3)]
+        lines = [head]
+        for row in rows:
+            line = "  " + "  ".join(c.ljust(w) for c, w in zip(row[:3], widths))
+            lines.append((line + "  " + row[3]).rstrip())
+        return "\n".join(lines)
+
+
+def _qualname(cls: type) -> str:
+    module = cls.__module__
+    if module.startswith("normkit.nn"):
+        module = "normkit.nn"
+    elif module.startswith("torch.nn"):
+        module = "torch.nn"
+    else:
+        return cls.__name__
+    return f"{module}.{cls.__name__}"
+
+
+def is_hf_rms_norm(module: nn.Module) -> bool:
+    """Duck-typed Hugging Face-style RMS norm: class name ends with ``RMSNorm``, it has a
+    ``weight`` tensor and a ``variance_epsilon`` or ``eps``, and it is not a torch/normkit one."""
+    if isinstance(module, nn.RMSNorm) or not type(module).__name__.endswith("RMSNorm"):
+        return False
+    return isinstance(getattr(module, "weight", None), nn.Parameter) and (hasattr(module, "variance_epsilon") or hasattr(module, "eps"))
+
+
+def is_norm_layer(module: nn.Module) -> bool:
+    """A normalization layer :mod:`normkit.tools` knows: torch's Layer/RMS/Group/BatchNorm
+    (and subclasses: normkit's), normkit's channel norms, Hugging Face RMS norms."""
+    known = (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase, nnk.LayerNorm2d)
+    return isinstance(module, known) or is_hf_rms_norm(module)
+
+
+def _hf_eps(module: nn.Module) -> float:
+    eps = getattr(module, "variance_epsilon", None)
+    return float(getattr(module, "eps") if eps is None else eps)
+
+
+def _probe_agrees(old: nn.Module, new: nn.Module, weight: torch.Tensor) -> bool:
+    """Old and new give the same output on a fresh random input (rows of the weight's shape)."""
+    if weight.device.type == "meta":
+        return False
+    generator = torch.Generator().manual_seed(1234)
+    probe = torch.randn((3,) + tuple(weight.shape), generator=generator).to(weight.device, weight.dtype)
+    tol = {torch.float64: 1e-10, torch.float32: 1e-5}.get(weight.dtype, 2e-2)
+    try:
+        with torch.no_grad():
+            a, b = old(probe), new(probe)
+    except Exception:
+        return False
+    return isinstance(a, torch.Tensor) and a.shape == b.shape and torch.allclose(a.float(), b.float(), rtol=tol, atol=tol)
+
+
+def _build(cls: type, *args, **kwargs) -> nn.Module:
+    return cls(*args, device="meta", **kwargs)  # parameters are taken over right after
+
+
+def _take(new: nn.Module, old: nn.Module, names: Tuple[str, ...]) -> nn.Module:
+    for name in ("weight", "bias"):
+        if name in new._parameters:
+            new.register_parameter(name, getattr(old, name, None) if name in names else None)
+    new.train(old.training)
+    return new
+
+
+def _classes(fused: bool) -> Dict[str, type]:
+    if fused:
+        return {"layer_norm": nnk.LayerNorm, "rms_norm": nnk.RMSNorm}
+    return {"layer_norm": nn.LayerNorm, "rms_norm": nn.RMSNorm}
+
+
+def _replacement(module: nn.Module, to: Optional[str], fused: bool, batch_norm: bool) -> Tuple[Optional[nn.Module], str]:
+    """``(new module or None, note)`` for one module; ``(None, "")`` when it is not a target."""
+    cls = type(module)
+    classes = _classes(fused)
+    if cls in (nn.LayerNorm, nnk.LayerNorm):
+        kind, affine, eps = "layer_norm", module.elementwise_affine, module.eps
+        shape, has_bias = module.normalized_shape, module.bias is not None
+    elif cls in (nn.RMSNorm, nnk.RMSNorm):
+        kind, affine, eps, shape, has_bias = "rms_norm", module.elementwise_affine, module.eps, module.normalized_shape, False
+    elif is_hf_rms_norm(module):
+        weight = module.weight
+        candidate = _take(_build(nnk.RMSNorm, tuple(weight.shape), eps=_hf_eps(module)), module, ("weight",))
+        if not _probe_agrees(module, candidate, weight):
+            return None, "skipped: output differs from an RMS norm on a probe input (e.g. a (1 + weight) gain)"
+        kind, affine, eps, shape, has_bias = "rms_norm", True, _hf_eps(module), tuple(weight.shape), False
+    elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+        return None, f"skipped: subclass of torch.nn.{'LayerNorm' if isinstance(module, nn.LayerNorm) else 'RMSNorm'} (it may override forward)"
+    elif batch_norm and cls in (nn.BatchNorm1d, nn.BatchNorm2d):
+        note = "per-sample statistics replace batch statistics (running stats dropped): outputs change"
+        args = dict(eps=module.eps, elementwise_affine=module.affine, bias=module.affine)
+        if cls is nn.BatchNorm2d:
+            return _take(_build(nnk.LayerNorm2d, module.num_features, **args), module, ("weight", "bias")), note
+        new = _build(classes["layer_norm"], module.num_features, **args)
+        return _take(new, module, ("weight", "bias")), note + "; expects (N, C) input"
+    else:
+        return None, ""
+
+    target = to or kind
+    new_cls = classes[target]
+    if new_cls is cls:
+        return None, ""
+    if target == "layer_norm":
+        if eps is None:  # torch.nn.RMSNorm's default: the compute dtype's machine epsilon
+            eps = default_rms_eps(module.weight.dtype if module.weight is not None else torch.float32)
+        new = _build(new_cls, shape, eps=eps, elementwise_affine=affine, bias=has_bias)
+        note = "" if kind == "layer_norm" else "RMS -> layer norm adds the mean subtraction: outputs change"
+        return _take(new, module, ("weight", "bias")), note
+    new = _build(new_cls, shape, eps=eps, elementwise_affine=affine)
+    note = "" if kind == "rms_norm" else "layer -> RMS norm drops the mean subtraction" + (" and the bias" if has_bias else "") + ": outputs change"
+    return _take(new, module, ("weight",)), note
+
+
+def _check_model(model: nn.Module, fn: str) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{fn} expects a torch.nn.Module as model, got {type(model).__name__}")
+    if is_norm_layer(model):
+        raise ValueError(
+            f"{fn} replaces submodules in place, but model is itself a {type(model).__name__}; "
+            f"wrap it (e.g. torch.nn.Sequential(model)) or build the normkit module directly"
+        )
+
+
+def _swap(model: nn.Module, replace: Callable[[nn.Module], Tuple[Optional[nn.Module], str]]) -> ConversionSummary:
+    """Apply ``replace`` to every submodule; a module shared by several parents stays shared."""
+    summary = ConversionSummary()
+    done: Dict[int, Optional[nn.Module]] = {}
+    for name, child in list(model.named_modules(remove_duplicate=False))[1:]:
+        parent_name, _, attr = name.rpartition(".")
+        if id(child) not in done:
+            new, note = replace(child)
+            done[id(child)] = new
+            if new is not None or note:
+                summary.append(ConversionRecord(name, _qualname(type(child)), None if new is None else _qualname(type(new)), note))
+        if done[id(child)] is not None:
+            setattr(model.get_submodule(parent_name), attr, done[id(child)])
+    return summary
+
+
+def convert(model: nn.Module, to: Optional[str] = None, fused: bool = True, batch_norm: bool = False) -> ConversionSummary:
+    """Replace the normalization layers of ``model`` in place; returns what was replaced.
+
+    Args:
+        model: any ``nn.Module`` (a Hugging Face model, a torchvision-style CNN, ...).
+        to: ``None`` keeps each layer's kind; ``"rms_norm"`` / ``"layer_norm"`` converts all
+            of them to that kind (outputs change; the summary says so).
+        fused: ``True`` installs normkit modules: normkit's kernels (numba on CPU, Triton on
+            GPU), and a ``forward(x, residual=None, *, prenorm=False, dropout_p=0.0)`` that
+            fuses the residual add (+ dropout) into the norm. The fusion happens only where the
+            model *calls* ``norm(x, residual)``; convert never rewrites model code, so a model
+            that does ``norm(x + h)`` keeps its separate add. ``False`` installs the stock
+            ``torch.nn.LayerNorm``/``RMSNorm`` instead (to change a layer's kind, or to turn
+            Hugging Face RMS norms into torch's, with no normkit dependency left in the model).
+        batch_norm: also turn ``BatchNorm1d`` (assumed ``(N, C)`` input) into a layer norm over
+            ``C`` and ``BatchNorm2d`` into :class:`normkit.nn.LayerNorm2d` (outputs change).
+
+    Returns:
+        a :class:`ConversionSummary` (a list of :class:`ConversionRecord`; ``print`` it).
+    """
+    _check_model(model, "convert")
+    if to not in _TARGETS:
+        raise ValueError(f"to must be None, 'layer_norm' or 'rms_norm', got {to!r}")
+    if not isinstance(fused, bool) or not isinstance(batch_norm, bool):
+        raise TypeError(f"fused and batch_norm must be bools, got fused={fused!r}, batch_norm={batch_norm!r}")
+
+    def replace(module: nn.Module):
+        new, note = _replacement(module, to, fused, batch_norm)
+        if new is not None:
+            # keep the replaced module (outside the module tree) for revert(); chains keep the first
+            new.__dict__[_ORIGINAL] = module.__dict__.get(_ORIGINAL, module)
+        return new, note
+
+    return _swap(model, replace)
+
+
+def _restore(module: nn.Module) -> Tuple[Optional[nn.Module], str]:
+    original = module.__dict__.get(_ORIGINAL)
+    if original is None:
+        return _rebuild_plain(module)
+    with torch.no_grad():
+        for name in ("weight", "bias"):
+            current = module._parameters.get(name)
+            if current is not None and name in original._parameters:
+                original.register_parameter(name, current)
+        ref = getattr(module, "weight", None)
+        if ref is not None:  # buffers (BatchNorm running stats) follow the parameters' device
+            for key, buf in original._buffers.items():
+                if buf is not None:
+                    original._buffers[key] = buf.to(ref.device, ref.dtype if buf.is_floating_point() else buf.dtype)
+    original.train(module.training)
+    return original, ""
+
+
+def _rebuild_plain(module: nn.Module) -> Tuple[Optional[nn.Module], str]:
+    """A normkit module that :func:`convert` did not create: rebuild its torch.nn equivalent."""
+    cls = type(module)
+    if cls is nnk.LayerNorm:
+        new = _build(nn.LayerNorm, module.normalized_shape, eps=module.eps, elementwise_affine=module.elementwise_affine, bias=module.bias is not None)
+        return _take(new, module, ("weight", "bias")), ""
+    if cls is nnk.RMSNorm:
+        new = _build(nn.RMSNorm, module.normalized_shape, eps=module.eps, elementwise_affine=module.elementwise_affine)
+        return _take(new, module, ("weight",)), ""
+    if cls is nnk.LayerNormCHW:
+        new = _build(nn.GroupNorm, 1, module.num_channels, eps=module.eps, affine=module.affine)
+        return _take(new, module, ("weight", "bias")), ""
+    if cls is nnk.LayerNorm2d:
+        return None, "skipped: torch.nn has no channels-first layer norm"
+    return None, ""
+
+
+def revert(model: nn.Module) -> ConversionSummary:
+    """Undo :func:`convert`: put back the replaced modules (``LlamaRMSNorm`` stays
+    ``LlamaRMSNorm``) with the *current* parameters, and turn other normkit norm modules into
+    their torch.nn equivalents (``LayerNorm2d`` has none and stays). Returns the summary."""
+    _check_model(model, "revert")
+    ours = (nnk.LayerNorm, nnk.RMSNorm, nnk.LayerNorm2d, nnk.LayerNormCHW)
+    return _swap(model, lambda m: _restore(m) if _ORIGINAL in m.__dict__ or isinstance(m, ours) else (None, ""))
