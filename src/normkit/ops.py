@@ -91,6 +91,7 @@ def _norm_bwd(
     is_rms: bool,
     dropout_p: float,
     backend: str,
+    need_dres: bool,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     dx, dres, dw, db = get_backend(backend).backward(
         dy,
@@ -103,15 +104,21 @@ def _norm_bwd(
         dropout_p,
         int(seed.item()),
     )
-    # Custom ops may not return aliases of each other; dx is ds itself without dropout.
-    return dx, dres.clone() if dres is dx else dres, dw, db
+    # Custom ops may not return aliases of each other; dx is ds itself without dropout. Copy
+    # it only when the residual's gradient is wanted (a full extra pass over memory).
+    if not need_dres:
+        dres = _empty(dy)
+    elif dres is dx:
+        dres = dres.clone()
+    return dx, dres, dw, db
 
 
 @_norm_bwd.register_fake
-def _norm_bwd_fake(dy, dsum, s, weight, mean, rstd, seed, is_rms, dropout_p, backend):
+def _norm_bwd_fake(dy, dsum, s, weight, mean, rstd, seed, is_rms, dropout_p, backend, need_dres):
     n = dy.shape[-1]
     acc = compute_dtype(s.dtype)
-    return torch.empty_like(dy), torch.empty_like(dy), dy.new_empty((n,), dtype=acc), dy.new_empty((n,), dtype=acc)
+    dres = torch.empty_like(dy) if need_dres else _empty(dy)
+    return torch.empty_like(dy), dres, dy.new_empty((n,), dtype=acc), dy.new_empty((n,), dtype=acc)
 
 
 def _setup_context(ctx, inputs, output):
@@ -130,13 +137,14 @@ def _backward(ctx, dy, dsum, _dmean, _drstd, _dseed):
     # Without residual and dropout the prenorm output is x itself, so its gradient reaches x
     # directly; the op's placeholder output then gets none (or autograd's zeros of shape (0,)).
     dsum = dsum.contiguous() if (ctx.prenorm and ctx.store_sum and dsum is not None) else None
-    dx, dres, dw, db = _norm_bwd(
-        dy.contiguous(), dsum, s, weight, mean, rstd, seed, ctx.is_rms, ctx.dropout_p, ctx.backend
-    )
     needs = ctx.needs_input_grad
+    need_dres = bool(ctx.has_residual and needs[1])
+    dx, dres, dw, db = _norm_bwd(
+        dy.contiguous(), dsum, s, weight, mean, rstd, seed, ctx.is_rms, ctx.dropout_p, ctx.backend, need_dres
+    )
     return (
         dx if needs[0] else None,
-        dres if ctx.has_residual and needs[1] else None,
+        dres if need_dres else None,
         dw.to(ctx.weight_dtype) if ctx.weight_dtype is not None and needs[2] else None,
         db.to(ctx.bias_dtype) if ctx.bias_dtype is not None and needs[3] else None,
         None,

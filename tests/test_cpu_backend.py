@@ -1,0 +1,213 @@
+"""What is specific to the numba ``"cpu"`` backend; its correctness against the float64 truth
+is covered by the shared suite (tests/test_backends.py, which runs every case on "cpu" too).
+
+Shapes are chosen to reach both launch paths: the serial kernel (few elements or one row) and
+the parallel one with several row chunks (so the backward's partial sums are exercised).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+import normkit
+from normkit import reference as ref
+from normkit.backends import get_backend, select_backend
+
+from helpers import backend_or_skip, params, randn
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+@pytest.fixture(scope="module")
+def cpu():
+    return backend_or_skip("cpu")
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _grads(fn, x, w, b, dy, r=None, ds=None, prenorm=False):
+    """``y`` (and ``s``) and the gradients of ``<y, dy> + <s, ds>`` w.r.t. x, r, w, b."""
+    x, w, b, r = (None if t is None else t.detach().clone().requires_grad_(True) for t in (x, w, b, r))
+    out = fn(x, w, b, r)
+    y, s = out if prenorm else (out, None)
+    loss = (y.float() * dy).sum() + ((s.float() * ds).sum() if prenorm else 0.0)
+    leaves = [t for t in (x, r, w, b) if t is not None]
+    return [y] + ([s] if prenorm else []) + list(torch.autograd.grad(loss, leaves))
+
+
+def _ln(x, w, b, r, prenorm=False):
+    return normkit.layer_norm(x, x.shape[-1:], w, b, residual=r, prenorm=prenorm)
+
+
+def _rms(x, w, b, r, prenorm=False):
+    return normkit.rms_norm(x, x.shape[-1:], w, residual=r, prenorm=prenorm)
+
+
+# --- selection -------------------------------------------------------------------------------
+
+
+def test_is_the_default_for_float32_and_bfloat16_on_cpu(cpu):
+    assert cpu.unavailable_reason() is None
+    assert "cpu" in normkit.backends()
+    for dtype in (torch.float32, torch.bfloat16):
+        assert select_backend(torch.ones(2, 3, dtype=dtype)).name == "cpu", dtype
+    for dtype in (torch.float64, torch.float16):
+        assert select_backend(torch.ones(2, 3, dtype=dtype)).name == "reference", dtype
+    assert select_backend(torch.ones(2, 3), dropout_p=0.1).name == "reference"
+    assert not cpu.supports(torch.ones(2, 3, device="meta"), 0.0)
+
+
+def test_unsupported_calls_fall_back_to_the_reference(cpu):
+    x = randn((4, 33), torch.float64, seed=1)
+    with normkit.use_backend("cpu"):
+        assert select_backend(x).name == "reference"
+        y = normkit.layer_norm(x, (33,))
+    torch.testing.assert_close(y, ref.layer_norm(x, (33,)), rtol=1e-12, atol=1e-12)
+
+
+# --- bfloat16 conversion ---------------------------------------------------------------------
+
+
+def test_float32_to_bfloat16_rounds_like_torch(cpu):
+    from normkit.backends import cpu_kernels as k
+
+    special = torch.tensor(
+        [0.0, -0.0, 1.0, -1.0, float("inf"), float("-inf"), 3.4028235e38, -3.4028235e38, 1e-40, -1e-45, 1.17549435e-38],
+        dtype=torch.float32,
+    )
+    # Exact ties (low half 0x8000) with even and odd kept halves, and one ulp either side.
+    hi = torch.tensor([0x3F80, 0x3F81, 0x4049, 0xC04A, 0x7F7F, 0x0001], dtype=torch.int64)
+    ties = torch.cat([(hi << 16) | low for low in (0x7FFF, 0x8000, 0x8001)])
+    ties = ((ties + 2**31) % 2**32 - 2**31).to(torch.int32).view(torch.float32)
+    rand = randn((100_000,), seed=2, scale=1e3) * torch.rand(100_000, generator=torch.Generator().manual_seed(3)).pow(8)
+    src = torch.cat([special, ties, rand.float()])
+    out = torch.empty(src.shape, dtype=torch.uint16)
+    k.f32_to_bf16_bits(src.numpy(), out.numpy())
+    expected = src.to(torch.bfloat16).view(torch.uint16)
+    assert torch.equal(out, expected), f"first mismatch at {int((out != expected).nonzero()[0])}"
+
+    nans = torch.tensor([float("nan"), -float("nan")]).view(torch.int32)
+    nans = torch.cat([nans, torch.tensor([0x7F800001, 0x7FFFFFFF, -0x007F_FFFF], dtype=torch.int32)]).view(torch.float32)
+    out = torch.empty(nans.shape, dtype=torch.uint16)
+    k.f32_to_bf16_bits(nans.numpy(), out.numpy())
+    # 0xFF800001 is a NaN whose payload lies in the low half only: it must not round to Inf.
+    assert torch.isnan(out.view(torch.bfloat16)).all(), out
+
+
+def test_bfloat16_to_float32_is_exact_for_every_bit_pattern(cpu):
+    from normkit.backends import cpu_kernels as k
+
+    bits = torch.arange(2**16, dtype=torch.int32).to(torch.uint16)
+    out = torch.empty(2**16, dtype=torch.float32)
+    k.bf16_bits_to_f32(bits.numpy(), out.numpy())
+    assert torch.equal(out.view(torch.int32), bits.view(torch.bfloat16).float().view(torch.int32))
+
+
+def test_bfloat16_fused_sum_is_rounded_once_exactly(cpu):
+    x, r = randn((64, 700), torch.bfloat16, seed=4), randn((64, 700), torch.bfloat16, seed=5)
+    with normkit.use_backend("cpu"):
+        y, s = normkit.layer_norm(x, (700,), residual=r, prenorm=True)
+    assert torch.equal(s, (x.float() + r.float()).to(torch.bfloat16))
+    y_ref = ref.layer_norm(x, (700,), residual=r)
+    assert (y.float() - y_ref.float()).abs().max() <= 2 ** -6 * y_ref.float().abs().max()
+
+
+# --- shapes and launch paths -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fn", [_ln, _rms], ids=["layer_norm", "rms_norm"])
+@pytest.mark.parametrize(
+    "rows, n",
+    [(1, 1), (40_000, 1), (3, 65536), (1, 4097), (60_000, 3), (4097, 64)],
+    ids=["1x1", "40000x1", "3x65536", "1x4097", "60000x3", "4097x64"],
+)
+def test_shapes_match_the_reference_in_float32(cpu, fn, rows, n):
+    """Forward and every gradient, fused prenorm variant, vs the reference in float32."""
+    x, r = randn((rows, n), seed=rows + n), randn((rows, n), seed=6)
+    w, b = params((n,), seed=7)
+    b = None if fn is _rms else b
+    dy, ds = randn((rows, n), seed=8), randn((rows, n), seed=9)
+
+    def run(name):
+        with normkit.use_backend(name):
+            return _grads(lambda *a: fn(*a, prenorm=True), x, w, b, dy, r, ds, prenorm=True)
+
+    got, want = run("cpu"), run("reference")
+    names = ["y", "s", "dx", "dresidual", "dweight", "dbias"][: len(want)]
+    for what, g, t in zip(names, got, want):
+        assert g.dtype == t.dtype and g.shape == t.shape, what
+        scale = max(1.0, t.abs().max().item())
+        # Row sums of N terms: fp32 rounding ~ sqrt(N) ulp; dweight/dbias sum over rows too.
+        tol = 1e-6 * scale * (max(n, rows) ** 0.5 + 4)
+        err = (g - t).abs().max().item()
+        assert err <= tol, f"{what}: max error {err:.3g} > {tol:.3g}"
+
+
+def test_serial_and_parallel_paths_agree(cpu):
+    from normkit.backends.cpu import SERIAL_MAX_ELEMENTS
+
+    n = 512
+    rows = 4 * SERIAL_MAX_ELEMENTS // n  # parallel path, several chunks
+    x = randn((rows, n), seed=10)
+    w, b = params((n,), seed=11)
+    with normkit.use_backend("cpu"):
+        whole = normkit.layer_norm(x, (n,), w, b)
+        head = normkit.layer_norm(x[:3], (n,), w, b)  # serial path
+    torch.testing.assert_close(whole[:3], head, rtol=1e-6, atol=1e-6)
+
+
+# --- determinism and threads -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fn", [_ln, _rms], ids=["layer_norm", "rms_norm"])
+def test_gradients_are_bit_identical_across_runs_and_thread_counts(cpu, fn):
+    rows, n = 3000, 257  # many chunks of partial sums
+    x, dy = randn((rows, n), seed=12), randn((rows, n), seed=13)
+    w, b = params((n,), seed=14)
+    b = None if fn is _rms else b
+    with normkit.use_backend("cpu"):
+        first = _grads(fn, x, w, b, dy)
+        second = _grads(fn, x, w, b, dy)
+        with torch_threads(1):
+            single = _grads(fn, x, w, b, dy)
+    for a, c, d in zip(first, second, single):
+        assert torch.equal(a, c), "two identical runs gave different bits"
+        assert torch.equal(a, d), "1 thread and the default thread count gave different bits"
+
+
+def test_numba_thread_setting_is_restored(cpu):
+    import numba
+
+    before = numba.get_num_threads()
+    x = randn((2000, 300), seed=15)
+    with torch_threads(1), normkit.use_backend("cpu"):
+        normkit.layer_norm(x, (300,))
+    assert numba.get_num_threads() == before
+
+
+# --- parameters of another dtype ---------------------------------------------------------------
+
+
+def test_parameters_in_another_dtype_keep_their_gradient_dtype(cpu):
+    x, dy = randn((50, 96), torch.bfloat16, seed=16), randn((50, 96), seed=17)
+    w, b = (p.double() for p in params((96,), seed=18))
+    with normkit.use_backend("cpu"):
+        y, dx, dw, db = _grads(_ln, x, w, b, dy)
+    assert y.dtype == torch.bfloat16 and dx.dtype == torch.bfloat16
+    assert dw.dtype == torch.float64 and db.dtype == torch.float64
+    with normkit.use_backend("reference"):
+        ry, rdx, rdw, rdb = _grads(_ln, x, w, b, dy)
+    torch.testing.assert_close(y, ry, rtol=0, atol=2 ** -5 * ry.abs().max().item())
+    torch.testing.assert_close(dw, rdw, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(db, rdb, rtol=1e-4, atol=1e-4)
