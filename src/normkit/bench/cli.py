@@ -1,0 +1,237 @@
+"""``normkit bench``: kernel speed against the memory bandwidth and against PyTorch.
+
+Examples::
+
+    normkit bench                                   # CPU sweep, float32, widths 256..16384
+    normkit bench --quick --no-compile              # a few tiny shapes, seconds
+    normkit bench --ops layer_norm --directions fwd --widths 4096 --rows 4096
+    normkit bench --rows 1,8 --widths 256,4096      # the inference case
+    normkit bench --device cuda --json gpu.json --plot gpu.png
+    normkit bench --backend reference               # force a normkit backend
+
+The same harness runs from ``benchmarks/bench_norm.py``. See :mod:`normkit.bench` for what
+is measured and how.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import time
+from typing import List, Optional, Sequence
+
+import torch
+
+from normkit.bench import cases as C
+from normkit.bench.copy_bandwidth import copy_bandwidth, default_nbytes
+from normkit.bench.impls import implementations
+from normkit.bench.report import print_table, write_json, write_plot
+from normkit.bench.runner import machine_info, run_cases
+
+DESCRIPTION = "measure kernel speed against the memory bandwidth and PyTorch"
+DEFAULTS = {  # device -> (dtypes, warmup, repeats)
+    "cpu": (("float32",), 3, 10),
+    "cuda": (("bfloat16", "float32"), 10, 30),
+}
+QUICK_WARMUP, QUICK_REPEATS = 1, 3
+
+
+class UsageError(ValueError):
+    """A bad option value: reported in one line, exit status 2."""
+
+
+def _csv(text: str) -> List[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _ints(text: str, what: str) -> List[int]:
+    try:
+        values = [int(t) for t in _csv(text)]
+    except ValueError:
+        raise UsageError(f"--{what} expects comma-separated positive integers, got {text!r}") from None
+    if not values or any(v <= 0 for v in values):
+        raise UsageError(f"--{what} expects comma-separated positive integers, got {text!r}")
+    return values
+
+
+def _choices(text: str, allowed: Sequence[str], what: str) -> List[str]:
+    values = _csv(text)
+    if "all" in values:
+        return list(allowed)
+    bad = [v for v in values if v not in allowed]
+    if bad or not values:
+        raise UsageError(f"--{what}: unknown {', '.join(map(repr, bad)) or 'empty list'}; expected "
+                         f"a comma-separated subset of {', '.join(allowed)} (or all)")
+    return values
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where to run (default: cpu); cuda also compares Liger-Kernel and QuACK when installed")
+    parser.add_argument("--dtype", default=None,
+                        help="comma-separated dtypes: float32, bfloat16, float16 "
+                             "(default: float32 on cpu; bfloat16,float32 on cuda)")
+    parser.add_argument("--ops", default="all", help=f"comma-separated subset of {', '.join(C.OPS)} (default: all)")
+    parser.add_argument("--directions", default="all",
+                        help=f"comma-separated subset of {', '.join(C.DIRECTIONS)} (default: all)")
+    parser.add_argument("--widths", default=None,
+                        help="comma-separated widths N (default: cpu 256,1024,4096,16384; "
+                             "cuda 1024,2048,...,65536)")
+    parser.add_argument("--rows", default=None,
+                        help="comma-separated row counts M, crossed with the widths (default: cpu "
+                             "2**24/N rows, i.e. 64 MiB per fp32 tensor; cuda 4096..32768 up to 2**28 elements)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed samples per measurement; the median is reported (default: cpu 10, cuda 30)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="untimed calls before timing, compilation included (default: cpu 3, cuda 10)")
+    parser.add_argument("--backend", default=None,
+                        help="force a normkit backend (e.g. cpu, triton, reference); default: the device's default")
+    parser.add_argument("--json", metavar="PATH", default=None,
+                        help="write all results as JSON to PATH ('-' for stdout; the table then goes to stderr)")
+    parser.add_argument("--plot", metavar="PATH.png", default=None, help="write a plot of GB/s against width")
+    parser.add_argument("--quick", action="store_true",
+                        help="a few tiny shapes, 1 warm-up and 3 repeats: a smoke test in seconds")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile comparison")
+    parser.add_argument("--no-third-party", action="store_true", help="skip Liger-Kernel and QuACK on cuda")
+    parser.add_argument("--seed", type=int, default=0, help="seed for the random inputs (default: 0)")
+    parser.add_argument("--quiet", action="store_true", help="no per-case progress lines on stderr")
+
+
+def _check_device(device: str) -> None:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError(
+            f"--device cuda needs a CUDA GPU, but torch.cuda.is_available() is False "
+            f"(torch {torch.__version__}); run on a GPU machine or use --device cpu"
+        )
+
+
+def _backend_context(name: Optional[str]):
+    if name is None:
+        return contextlib.nullcontext()
+    from normkit.backends import get_backend, use_backend
+
+    try:  # checked here: use_backend itself raises only when its block is entered
+        reason = get_backend(name).unavailable_reason()
+    except ValueError as exc:
+        raise UsageError(f"--backend: {exc}") from None
+    if reason is not None:
+        raise UsageError(f"--backend {name} is not available here: {reason}")
+    return use_backend(name)
+
+
+def build_plan(args: argparse.Namespace):
+    """Validated ``(cases, warmup, repeats, dtypes)`` from the parsed options."""
+    device = args.device
+    d_dtypes, d_warmup, d_repeats = DEFAULTS[device]
+    try:
+        dtypes = [C.parse_dtype(d) for d in (_csv(args.dtype) if args.dtype else d_dtypes)]
+    except ValueError as exc:
+        raise UsageError(f"--dtype: {exc}") from None
+    if not dtypes:
+        raise UsageError("--dtype: empty list")
+    ops = _choices(args.ops, C.OPS, "ops")
+    directions = _choices(args.directions, C.DIRECTIONS, "directions")
+    widths = _ints(args.widths, "widths") if args.widths else None
+    rows = _ints(args.rows, "rows") if args.rows else None
+    warmup = args.warmup if args.warmup is not None else (QUICK_WARMUP if args.quick else d_warmup)
+    repeats = args.repeats if args.repeats is not None else (QUICK_REPEATS if args.quick else d_repeats)
+    if warmup < 0 or repeats < 1:
+        raise UsageError(f"--warmup must be >= 0 and --repeats >= 1, got {warmup} and {repeats}")
+    cases = []
+    for dtype in dtypes:
+        if args.quick and widths is None and rows is None:
+            shapes = list(C.QUICK_SHAPES)
+        elif args.quick and rows is None:
+            shapes = [(C.QUICK_SHAPES[0][0], n) for n in widths]
+        else:
+            shapes = C.default_shapes(device, dtype, widths, rows)
+        cases += C.make_cases(ops, directions, shapes, dtype)
+    return cases, warmup, repeats, dtypes
+
+
+def _progress(total: int, out):
+    state = {"i": 0, "t0": time.perf_counter()}
+
+    def on_result(row: dict) -> None:
+        state["i"] += 1
+        parts = []
+        for name, e in row["impls"].items():
+            if "gbps" in e:
+                parts.append(f"{name} {e['gbps']:.1f}")
+            elif "error" in e:
+                parts.append(f"{name} error")
+        print(f"[{state['i']}/{total} {time.perf_counter() - state['t0']:.0f}s] {row['op']} {row['direction']} "
+              f"{row['rows']}x{row['width']} {row['dtype']}: GB/s " + ", ".join(parts), file=out, flush=True)
+
+    return on_result
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The ``normkit bench`` command that reproduces ``args`` (recorded in the JSON)."""
+    parts = ["normkit bench", f"--device {args.device}"]
+    for opt in ("dtype", "ops", "directions", "widths", "rows", "repeats", "warmup", "backend", "json", "plot"):
+        value = getattr(args, opt)
+        if value is not None and not (opt in ("ops", "directions") and value == "all"):
+            parts.append(f"--{opt} {value}")
+    if args.seed:
+        parts.append(f"--seed {args.seed}")
+    parts += [f"--{flag.replace('_', '-')}" for flag in ("quick", "no_compile", "no_third_party") if getattr(args, flag)]
+    return " ".join(parts)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except UsageError as exc:
+        print(f"normkit bench: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    _check_device(args.device)
+    cases, warmup, repeats, _ = build_plan(args)
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise UsageError("--plot needs matplotlib (pip install 'normkit[lab]')") from None
+    device = args.device
+    table_out = sys.stderr if args.json == "-" else sys.stdout
+    with _backend_context(args.backend):
+        impls = implementations(device, compile=not args.no_compile, third_party=not args.no_third_party)
+        copy = copy_bandwidth(device, default_nbytes(device, args.quick),
+                              warmup=max(1, warmup), repeats=max(3, repeats))
+        if not args.quiet:
+            print(f"copy bandwidth: {copy.gbps:.1f} GB/s; measuring {len(cases)} cases", file=sys.stderr, flush=True)
+        results = run_cases(cases, impls, device, copy.gbps, warmup=warmup, repeats=repeats, seed=args.seed,
+                            on_result=None if args.quiet else _progress(len(cases), sys.stderr))
+        # Measured again at the end: a change means the machine's load changed during the run.
+        copy_end = copy_bandwidth(device, copy.nbytes, warmup=max(1, warmup), repeats=max(3, repeats))
+    doc = {
+        "command": command_line(args),
+        "machine": machine_info(device),
+        "config": {"device": device, "warmup": warmup, "repeats": repeats, "backend": args.backend,
+                   "compile": not args.no_compile, "quick": args.quick, "seed": args.seed},
+        "copy_bandwidth": {**copy.as_dict(), "end_gbps": copy_end.gbps},
+        "implementations": {i.name: i.unavailable or "available" for i in impls},
+        "results": results,
+    }
+    print_table(doc, file=table_out)
+    if args.json:
+        write_json(doc, args.json)
+    if args.plot:
+        write_plot(doc, args.plot)
+        print(f"plot written to {args.plot}", file=sys.stderr)
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point for ``python -m normkit.bench`` and ``benchmarks/bench_norm.py``."""
+    parser = argparse.ArgumentParser(prog="normkit bench", description=DESCRIPTION)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

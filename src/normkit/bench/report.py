@@ -1,0 +1,192 @@
+"""Presenting benchmark results: a rich table, a JSON document, a matplotlib plot.
+
+The JSON document is the record (every number with its timing details, the machine and the
+command line); the table and the plot are views of it.
+
+Table columns, per case (op, direction, shape, dtype):
+
+* ``ms``: normkit's median time per call;
+* ``GB/s``: bytes that must move (:mod:`normkit.bench.cases`) per second;
+* ``%copy``: that bandwidth as a percentage of the copy bandwidth measured in the same run;
+* for each other implementation (torch eager, torch.compile, Liger, QuACK): its ``GB/s`` and
+  ``x``, the speed ratio *its time / normkit's time* (above 1: normkit is faster).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import IO, Iterable, List, Optional, Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+DRIFT = 0.15
+
+
+def header_line(doc: dict) -> str:
+    """One line with what the numbers depend on."""
+    m = doc["machine"]
+    where = m.get("gpu") if m["device"] == "cuda" else m.get("cpu")
+    threads = f"{m['torch_threads']} torch threads"
+    if "numba_threads" in m:
+        threads += f", {m['numba_threads']} numba"
+    backends = sorted({r["normkit_backend"] for r in doc["results"]}) or ["-"]
+    copy = doc["copy_bandwidth"]
+    return (
+        f"normkit bench | {m['device']}: {where} | {threads} | torch {m['torch']} | "
+        f"normkit backend: {', '.join(backends)} | copy {copy['gbps']:.1f} GB/s "
+        f"({copy['buffer_bytes'] / 2**20:.0f} MiB buffers"
+        + (f"; {copy['end_gbps']:.1f} after the run)" if "end_gbps" in copy else ")")
+    )
+
+
+def _columns(results: Sequence[dict]) -> List[str]:
+    """Other implementations that produced at least one number or are worth an explanation."""
+    names: List[str] = []
+    for row in results:
+        for name, entry in row["impls"].items():
+            if name != "normkit" and name not in names and "ms" in entry:
+                names.append(name)
+    return names
+
+
+def _cell(entry: Optional[dict], key: str, fmt: str) -> str:
+    if entry is None or "skipped" in entry:
+        return "-"
+    if "error" in entry:
+        return "[red]err[/red]"
+    return format(entry[key], fmt)
+
+
+def make_table(doc: dict) -> Table:
+    results = doc["results"]
+    table = Table(title=header_line(doc), title_justify="left", show_lines=False)
+    for name, justify in (("op", "left"), ("dir", "left"), ("shape", "right"), ("dtype", "left"),
+                          ("ms", "right"), ("GB/s", "right"), ("%copy", "right")):
+        table.add_column(name, justify=justify)
+    others = _columns(results)
+    for name in others:
+        table.add_column(f"{name} GB/s", justify="right")
+        table.add_column(f"x {name}", justify="right")
+    for row in results:
+        mine = row["impls"].get("normkit")
+        cells = [
+            row["op"], row["direction"], f"{row['rows']}x{row['width']}", row["dtype"],
+            _cell(mine, "ms", ".3f"), _cell(mine, "gbps", ".1f"),
+            "-" if mine is None or "frac_copy" not in mine else f"{100 * mine['frac_copy']:.0f}%",
+        ]
+        speedups = (mine or {}).get("speedup", {})
+        for name in others:
+            other = row["impls"].get(name)
+            cells.append(_cell(other, "gbps", ".1f"))
+            cells.append(f"{speedups[name]:.2f}" if name in speedups else "-")
+        table.add_row(*cells)
+    return table
+
+
+def notes(doc: dict) -> List[str]:
+    """Implementations that were skipped or failed, once each; a warning when the copy
+    bandwidth measured after the run differs from the one before by more than ``DRIFT``."""
+    out: List[str] = []
+    copy = doc["copy_bandwidth"]
+    end = copy.get("end_gbps")
+    if end is not None and abs(end / copy["gbps"] - 1) > DRIFT:
+        out.append(f"copy bandwidth changed from {copy['gbps']:.1f} to {end:.1f} GB/s during the run: "
+                   f"the machine was not idle, treat the numbers as noisy")
+    seen = set()
+    for row in doc["results"]:
+        for name, entry in row["impls"].items():
+            for kind in ("skipped", "error"):
+                if kind in entry and (name, entry[kind]) not in seen:
+                    seen.add((name, entry[kind]))
+                    if kind == "error":
+                        out.append(f"{name}: error in {row['op']} {row['direction']} "
+                                   f"{row['rows']}x{row['width']} {row['dtype']}: {entry[kind]}")
+                    else:
+                        out.append(f"{name}: {entry[kind]}")
+    return out
+
+
+def print_table(doc: dict, file: Optional[IO[str]] = None) -> None:
+    console = Console(file=file, width=200 if file is not None and not file.isatty() else None)
+    console.print(make_table(doc))
+    for line in notes(doc):
+        console.print(f"  note: {line}", markup=False, highlight=False)
+
+
+def write_json(doc: dict, path: str, stdout: Optional[IO[str]] = None) -> None:
+    text = json.dumps(doc, indent=2, sort_keys=False)
+    if path == "-":
+        import sys
+
+        (stdout or sys.stdout).write(text + "\n")
+    else:
+        with open(path, "w") as fh:
+            fh.write(text + "\n")
+
+
+def write_plot(doc: dict, path: str) -> None:
+    """GB/s against width, one panel per (direction, op), one line per implementation (and per
+    dtype and row count when several were measured); the dashed line is the copy bandwidth."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = doc["results"]
+    ops = _unique(r["op"] for r in results)
+    directions = _unique(r["direction"] for r in results)
+    # One line per (implementation, dtype) when each width has a single row count (the CPU
+    # default ties rows to width); per (implementation, dtype, rows) for a rows x widths sweep.
+    per_rows = any(
+        len({r["rows"] for r in results if (r["width"], r["dtype"]) == (w, d)}) > 1
+        for w, d in _unique((r["width"], r["dtype"]) for r in results)
+    )
+    several_dtypes = len(_unique(r["dtype"] for r in results)) > 1
+    fig, axes = plt.subplots(len(directions), len(ops), figsize=(4.2 * len(ops), 3.4 * len(directions)),
+                             squeeze=False, sharex=True)
+    copy = doc["copy_bandwidth"]["gbps"]
+    for i, direction in enumerate(directions):
+        for j, op in enumerate(ops):
+            ax = axes[i][j]
+            lines: dict = {}
+            for r in results:
+                if r["op"] != op or r["direction"] != direction:
+                    continue
+                for name, entry in r["impls"].items():
+                    if "gbps" not in entry:
+                        continue
+                    label = name + (f" {r['dtype']}" if several_dtypes else "") + (
+                        f" {r['rows']} rows" if per_rows else "")
+                    lines.setdefault(label, []).append((r["width"], entry["gbps"]))
+            for label, pts in lines.items():
+                pts.sort()
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+            ax.axhline(copy, linestyle="--", color="gray", label="copy")
+            ax.set_xscale("log", base=2)
+            ax.set_title(f"{op} {direction}")
+            ax.set_ylim(bottom=0)
+            if j == 0:
+                ax.set_ylabel("GB/s")
+            if i == len(directions) - 1:
+                ax.set_xlabel("width")
+            ax.grid(True, alpha=0.3)
+    handles: dict = {}
+    for ax in axes.flat:  # one legend for the figure: a line may be missing from some panels
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(6, len(handles)),
+               fontsize=8, frameon=False)
+    m = doc["machine"]
+    fig.suptitle(f"normkit bench on {m.get('gpu') or m.get('cpu')} (torch {m['torch']})", fontsize=10)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _unique(items: Iterable) -> list:
+    out: list = []
+    for item in items:
+        if item not in out:
+            out.append(item)
+    return out
