@@ -2,5 +2,8 @@
 
 from normkit.nn.normalization import LayerNorm, RMSNorm
 from normkit.nn.channels import LayerNorm2d, LayerNormCHW
+from normkit.nn.rnn import LayerNormGRU, LayerNormLSTM
+from normkit.nn.rnn_cells import LayerNormGRUCell, LayerNormLSTMCell
 
-__all__ = ["LayerNorm", "RMSNorm", "LayerNorm2d", "LayerNormCHW"]
+__all__ = ["LayerNorm", "RMSNorm", "LayerNorm2d", "LayerNormCHW",
+           "LayerNormLSTM", "LayerNormGRU", "LayerNormLSTMCell", "LayerNormGRUCell"]

@@ -1,0 +1,352 @@
+r"""The fused path of :class:`~normkit.nn.LayerNormLSTM` / :class:`~normkit.nn.LayerNormGRU`.
+
+One layer, one direction, as one :class:`torch.autograd.Function` over the whole sequence:
+
+1. Before the loop (autograd as usual): the input projections of *all* steps in one matrix
+   product and one :func:`normkit.layer_norm` call, ``xg = LN(x W_ih^T; alpha_x, b)``,
+   ``(N, G)`` with ``G = 4H`` (LSTM) or ``3H`` (GRU), normalized over all ``G`` units.
+2. Forward loop, per step: the recurrent product ``a = h_{t-1} W_hh^T`` (torch, written into a
+   preallocated ``(N, G)`` buffer) and one fused step — both layer norms, the gates and the cell
+   update — that stores what backward needs (normalized ``a``, its ``rstd``, the gate
+   activations, ...) into preallocated ``(N, ·)`` buffers. No autograd graph is recorded.
+3. Backward through time by hand, per step: one fused step (gate derivatives and both
+   layer-norm backwards) and the recurrent product ``dh_{t-1} = da_t W_hh``. The parameter
+   gradients are reduced once after the loop: ``dW_hh = sum_t da_t^T h_{t-1}`` as a single
+   ``(G, N) x (N, H)`` product, the gains and biases as column sums (numba, float64
+   accumulators, on the numba path).
+
+The fused step is a numba kernel (:mod:`normkit.nn.rnn_kernels`) for float32 CPU tensors, and
+the plain-torch ``*_step_torch`` functions below (same buffers, same quantities) otherwise.
+float16/bfloat16 layers run the recurrence in float32. Sequences use the packed layout
+described in :mod:`normkit.nn.rnn_reference`; a dense ``(T, B)`` batch is ``batch_sizes = [B]*T``.
+
+The layer-norm backward used in both steps, for ``y = x_hat * w (+ b)``, ``x_hat = (x - mean) * rstd``:
+
+.. math::
+
+    dx = \mathrm{rstd}\,\big(g - \bar g - \hat x\, \overline{g \hat x}\big), \qquad g = dy \odot w
+"""
+
+from __future__ import annotations
+
+import os
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+import normkit
+
+__all__ = ["lstm_layer", "gru_layer", "STEP_IMPL"]
+
+#: Which fused step runs: ``"auto"`` (numba for float32 CPU tensors, else torch), ``"numba"``
+#: (where it applies), or ``"torch"``. ``NORMKIT_RNN_STEP`` sets the initial value.
+STEP_IMPL = os.environ.get("NORMKIT_RNN_STEP", "auto")
+
+_kernels = None
+
+
+def _numba_kernels():
+    """Import the numba kernels on first use (keeps ``import normkit`` light)."""
+    global _kernels
+    if _kernels is None:
+        try:
+            from normkit.nn import rnn_kernels
+        except Exception:  # pragma: no cover - numba missing or broken: torch step
+            _kernels = False
+        else:
+            _kernels = rnn_kernels
+    return _kernels
+
+
+def _use_numba(x: Tensor) -> bool:
+    if STEP_IMPL == "torch" or x.device.type != "cpu" or x.dtype != torch.float32:
+        return False
+    return bool(_numba_kernels())
+
+
+def _offsets(batch_sizes: Sequence[int]) -> List[int]:
+    offs, total = [], 0
+    for bs in batch_sizes:
+        offs.append(total)
+        total += bs
+    return offs
+
+
+def _normalize_rows_(v: Tensor, eps: float) -> Tensor:
+    """``v <- (v - mean) * rstd`` over the last dim, in place; returns ``rstd`` ``(rows,)``."""
+    v.sub_(v.mean(-1, keepdim=True))
+    rstd = torch.rsqrt(v.square().mean(-1, keepdim=True) + eps)
+    v.mul_(rstd)
+    return rstd.squeeze(-1)
+
+
+def _norm_backward(g: Tensor, x_hat: Tensor, rstd: Tensor) -> Tensor:
+    return rstd.unsqueeze(-1) * (g - g.mean(-1, keepdim=True) - x_hat * (g * x_hat).mean(-1, keepdim=True))
+
+
+# --- plain-torch fused steps: the same arguments and buffers as the numba kernels
+
+
+def lstm_fwd_step_torch(off, bs, xg, a, rstd_a, gates, chat, rstd_c, tc, out, hprev, cprev,
+                        h_state, c_state, w_h, w_c, b_c, eps):
+    rows, H = slice(off, off + bs), h_state.shape[1]
+    hprev[rows] = h_state[:bs]
+    cprev[rows] = c_state[:bs]
+    rstd_a[rows] = _normalize_rows_(a[rows], eps)
+    g = gates[rows]
+    torch.addcmul(xg[rows], a[rows], w_h, out=g)
+    g[:, 2 * H : 3 * H].tanh_()
+    g[:, : 2 * H].sigmoid_()
+    g[:, 3 * H :].sigmoid_()
+    c = g[:, H : 2 * H] * cprev[rows] + g[:, :H] * g[:, 2 * H : 3 * H]
+    c_state[:bs] = c
+    chat[rows] = c
+    rstd_c[rows] = _normalize_rows_(chat[rows], eps)
+    torch.tanh(torch.addcmul(b_c, chat[rows], w_c), out=tc[rows])
+    torch.mul(g[:, 3 * H :], tc[rows], out=out[rows])
+    h_state[:bs] = out[rows]
+
+
+def lstm_bwd_step_torch(off, bs, dout, dh_state, dc_state, ahat, rstd_a, gates, chat, rstd_c, tc,
+                        cprev, w_h, w_c, dxg, da, dchat, tmp):
+    rows, H = slice(off, off + bs), dh_state.shape[1]
+    g, t, dx = gates[rows], tc[rows], dxg[rows]
+    si, sf, tg, so = g[:, :H], g[:, H : 2 * H], g[:, 2 * H : 3 * H], g[:, 3 * H :]
+    dh = dh_state[:bs] + dout[rows]
+    dx[:, 3 * H :] = dh * t * so * (1 - so)
+    dch = dh * so * (1 - t * t)
+    dchat[rows] = dch
+    dc = dc_state[:bs] + _norm_backward(dch * w_c, chat[rows], rstd_c[rows])
+    dx[:, :H] = dc * tg * si * (1 - si)
+    dx[:, H : 2 * H] = dc * cprev[rows] * sf * (1 - sf)
+    dx[:, 2 * H : 3 * H] = dc * si * (1 - tg * tg)
+    dc_state[:bs] = dc * sf
+    da[rows] = _norm_backward(dx * w_h, ahat[rows], rstd_a[rows])
+
+
+def gru_fwd_step_torch(off, bs, xg, a, rstd_a, gates, out, hprev, h_state, w_h, b_h, eps):
+    rows, H = slice(off, off + bs), h_state.shape[1]
+    hprev[rows] = h_state[:bs]
+    rstd_a[rows] = _normalize_rows_(a[rows], eps)
+    gh = torch.addcmul(b_h, a[rows], w_h)
+    g, x = gates[rows], xg[rows]
+    torch.sigmoid(x[:, : 2 * H] + gh[:, : 2 * H], out=g[:, : 2 * H])
+    r, z = g[:, :H], g[:, H : 2 * H]
+    n = torch.tanh(x[:, 2 * H :] + r * gh[:, 2 * H :])
+    g[:, 2 * H :] = n
+    out[rows] = (1 - z) * n + z * hprev[rows]
+    h_state[:bs] = out[rows]
+
+
+def gru_bwd_step_torch(off, bs, dout, dh_state, ahat, rstd_a, gates, hprev, w_h, b_h, dxg, dgh, da):
+    rows, H = slice(off, off + bs), dh_state.shape[1]
+    g, ah, dx, dg = gates[rows], ahat[rows], dxg[rows], dgh[rows]
+    r, z, n = g[:, :H], g[:, H : 2 * H], g[:, 2 * H :]
+    dh = dh_state[:bs] + dout[rows]
+    dnp = dh * (1 - z) * (1 - n * n)
+    dz = dh * (hprev[rows] - n) * z * (1 - z)
+    dr = dnp * (ah[:, 2 * H :] * w_h[2 * H :] + b_h[2 * H :]) * r * (1 - r)
+    dh_state[:bs] = dh * z
+    dx[:, :H] = dr
+    dx[:, H : 2 * H] = dz
+    dx[:, 2 * H :] = dnp
+    dg[:, : 2 * H] = dx[:, : 2 * H]
+    dg[:, 2 * H :] = dnp * r
+    da[rows] = _norm_backward(dg * w_h, ah, rstd_a[rows])
+
+
+# --- the sequence functions
+
+
+def _column_dot(u: Tensor, v: Optional[Tensor], use_numba: bool) -> Tensor:
+    """``(u * v).sum(0)`` (``u.sum(0)`` when ``v`` is None): a gain or bias gradient over all rows."""
+    if not use_numba:
+        return (u * v).sum(0) if v is not None else u.sum(0)
+    out = u.new_empty(u.shape[1])
+    if v is None:
+        _numba_kernels().column_sum(u.numpy(), out.numpy())
+    else:
+        _numba_kernels().column_dot(u.numpy(), v.numpy(), out.numpy())
+    return out
+
+
+def _steps(batch_sizes: Sequence[int], reverse: bool):
+    """``(off, bs)`` of every step in processing order."""
+    pairs = list(zip(_offsets(batch_sizes), batch_sizes))
+    return pairs[::-1] if reverse else pairs
+
+
+class _Stepper:
+    """Binds a fused step (numba or torch) to its buffers, so the time loop passes two ints."""
+
+    def __init__(self, numba_fn, torch_fn, use_numba: bool, buffers: Sequence, eps: Optional[float]):
+        if use_numba:
+            self.fn = numba_fn
+            self.args = tuple(b.detach().numpy() if isinstance(b, Tensor) else b for b in buffers)
+            if eps is not None:
+                self.args += (np.float32(eps),)
+        else:
+            self.fn = torch_fn
+            self.args = tuple(buffers) + (() if eps is None else (eps,))
+
+    def __call__(self, off: int, bs: int) -> None:
+        self.fn(off, bs, *self.args)
+
+
+class _LNLSTMSequence(torch.autograd.Function):
+    """``(xg, h0, c0, w_hh, ln_hh_w, ln_c_w, ln_c_b) -> (out, h_n, c_n)`` for one packed sequence."""
+
+    @staticmethod
+    def forward(ctx, xg, h0, c0, w_hh, ln_hh_w, ln_c_w, ln_c_b, batch_sizes, eps, reverse):
+        N, G = xg.shape
+        H = G // 4
+        use_numba = _use_numba(xg)
+        new = lambda *shape: xg.new_empty(shape)  # noqa: E731
+        a, gates = new(N, G), new(N, G)
+        rstd_a, rstd_c = new(N), new(N)
+        chat, tc, out, hprev, cprev = (new(N, H) for _ in range(5))
+        h_state, c_state = h0.contiguous().clone(), c0.contiguous().clone()
+        b_c = ln_c_b if ln_c_b is not None else xg.new_zeros(H)
+        w_t = w_hh.t()
+        kernels = _numba_kernels() if use_numba else None
+        step = _Stepper(
+            kernels and kernels.lstm_fwd_step, lstm_fwd_step_torch, use_numba,
+            (xg.contiguous(), a, rstd_a, gates, chat, rstd_c, tc, out, hprev, cprev, h_state, c_state,
+             ln_hh_w.contiguous(), ln_c_w.contiguous(), b_c.contiguous()),
+            eps,
+        )
+        for off, bs in _steps(batch_sizes, reverse):
+            torch.mm(h_state[:bs], w_t, out=a[off : off + bs])
+            step(off, bs)
+        ctx.save_for_backward(w_hh, ln_hh_w, ln_c_w, a, rstd_a, gates, chat, rstd_c, tc, hprev, cprev)
+        ctx.meta = (batch_sizes, reverse, use_numba, ln_c_b is not None)
+        return out, h_state, c_state
+
+    @staticmethod
+    @once_differentiable  # the hand-written BPTT is not itself differentiable
+    def backward(ctx, dout, dh_n, dc_n):
+        w_hh, ln_hh_w, ln_c_w, ahat, rstd_a, gates, chat, rstd_c, tc, hprev, cprev = ctx.saved_tensors
+        batch_sizes, reverse, use_numba, has_c_bias = ctx.meta
+        N, G = ahat.shape
+        H = G // 4
+        B = batch_sizes[0] if batch_sizes else 0
+        dout = ahat.new_zeros(N, H) if dout is None else dout.contiguous()
+        dh_state = ahat.new_zeros(B, H) if dh_n is None else dh_n.contiguous().clone()
+        dc_state = ahat.new_zeros(B, H) if dc_n is None else dc_n.contiguous().clone()
+        dxg, da, dchat, tmp = ahat.new_empty(N, G), ahat.new_empty(N, G), ahat.new_empty(N, H), ahat.new_empty(H)
+        kernels = _numba_kernels() if use_numba else None
+        step = _Stepper(
+            kernels and kernels.lstm_bwd_step, lstm_bwd_step_torch, use_numba,
+            (dout, dh_state, dc_state, ahat, rstd_a, gates, chat, rstd_c, tc, cprev,
+             ln_hh_w.contiguous(), ln_c_w.contiguous(), dxg, da, dchat, tmp),
+            None,
+        )
+        for off, bs in _steps(batch_sizes, not reverse):
+            step(off, bs)
+            torch.mm(da[off : off + bs], w_hh, out=dh_state[:bs])
+        dw_hh = da.t().mm(hprev)
+        d_ln_hh_w = _column_dot(dxg, ahat, use_numba)
+        d_ln_c_w = _column_dot(dchat, chat, use_numba)
+        d_ln_c_b = _column_dot(dchat, None, use_numba) if has_c_bias else None
+        return dxg, dh_state, dc_state, dw_hh, d_ln_hh_w, d_ln_c_w, d_ln_c_b, None, None, None
+
+
+class _LNGRUSequence(torch.autograd.Function):
+    """``(xg, h0, w_hh, ln_hh_w, b_hh) -> (out, h_n)`` for one packed sequence."""
+
+    @staticmethod
+    def forward(ctx, xg, h0, w_hh, ln_hh_w, b_hh, batch_sizes, eps, reverse):
+        N, G = xg.shape
+        H = G // 3
+        use_numba = _use_numba(xg)
+        a, gates, rstd_a = xg.new_empty(N, G), xg.new_empty(N, G), xg.new_empty(N)
+        out, hprev = xg.new_empty(N, H), xg.new_empty(N, H)
+        h_state = h0.contiguous().clone()
+        b_h = b_hh if b_hh is not None else xg.new_zeros(G)
+        w_t = w_hh.t()
+        kernels = _numba_kernels() if use_numba else None
+        step = _Stepper(
+            kernels and kernels.gru_fwd_step, gru_fwd_step_torch, use_numba,
+            (xg.contiguous(), a, rstd_a, gates, out, hprev, h_state, ln_hh_w.contiguous(), b_h.contiguous()),
+            eps,
+        )
+        for off, bs in _steps(batch_sizes, reverse):
+            torch.mm(h_state[:bs], w_t, out=a[off : off + bs])
+            step(off, bs)
+        ctx.save_for_backward(w_hh, ln_hh_w, b_h, a, rstd_a, gates, hprev)
+        ctx.meta = (batch_sizes, reverse, use_numba, b_hh is not None)
+        return out, h_state
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout, dh_n):
+        w_hh, ln_hh_w, b_h, ahat, rstd_a, gates, hprev = ctx.saved_tensors
+        batch_sizes, reverse, use_numba, has_bias = ctx.meta
+        N, G = ahat.shape
+        H = G // 3
+        B = batch_sizes[0] if batch_sizes else 0
+        dout = ahat.new_zeros(N, H) if dout is None else dout.contiguous()
+        dh_state = ahat.new_zeros(B, H) if dh_n is None else dh_n.contiguous().clone()
+        dxg, dgh, da = ahat.new_empty(N, G), ahat.new_empty(N, G), ahat.new_empty(N, G)
+        kernels = _numba_kernels() if use_numba else None
+        step = _Stepper(
+            kernels and kernels.gru_bwd_step, gru_bwd_step_torch, use_numba,
+            (dout, dh_state, ahat, rstd_a, gates, hprev, ln_hh_w.contiguous(), b_h.contiguous(), dxg, dgh, da),
+            None,
+        )
+        for off, bs in _steps(batch_sizes, not reverse):
+            step(off, bs)
+            dh_state[:bs].addmm_(da[off : off + bs], w_hh)
+        dw_hh = da.t().mm(hprev)
+        d_ln_hh_w = _column_dot(dgh, ahat, use_numba)
+        d_b_hh = _column_dot(dgh, None, use_numba) if has_bias else None
+        return dxg, dh_state, dw_hh, d_ln_hh_w, d_b_hh, None, None, None
+
+
+# --- per-layer entry points (same signatures as the reference layers)
+
+
+def _recurrence_dtype(dtype: torch.dtype) -> torch.dtype:
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _input_projection(data: Tensor, w_ih: Tensor, ln_w: Tensor, b: Optional[Tensor], eps: float) -> Tensor:
+    """``LN(data W_ih^T; ln_w, b)`` for all steps at once, as a contiguous ``(N, G)`` tensor."""
+    proj = F.linear(data, w_ih)
+    return normkit.layer_norm(proj, (proj.shape[-1],), ln_w, b, eps).contiguous()
+
+
+def lstm_layer(data: Tensor, batch_sizes: Sequence[int], h0: Tensor, c0: Tensor,
+               params: Sequence[Optional[Tensor]], eps: float, reverse: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+    """Fused equivalent of :func:`normkit.nn.rnn_reference.lstm_layer_ref`."""
+    w_ih, w_hh, b, ln_ih_w, ln_hh_w, ln_c_w, ln_c_b = params
+    if data.shape[0] == 0:
+        return data.new_empty((0, w_hh.shape[1])), h0, c0
+    xg = _input_projection(data, w_ih, ln_ih_w, b, eps)
+    acc = _recurrence_dtype(data.dtype)
+    cast = lambda t: None if t is None else t.to(acc)  # noqa: E731
+    out, h_n, c_n = _LNLSTMSequence.apply(
+        cast(xg), cast(h0), cast(c0), cast(w_hh), cast(ln_hh_w), cast(ln_c_w), cast(ln_c_b),
+        tuple(int(s) for s in batch_sizes), float(eps), bool(reverse),
+    )
+    return out.to(data.dtype), h_n.to(data.dtype), c_n.to(data.dtype)
+
+
+def gru_layer(data: Tensor, batch_sizes: Sequence[int], h0: Tensor,
+              params: Sequence[Optional[Tensor]], eps: float, reverse: bool = False) -> Tuple[Tensor, Tensor]:
+    """Fused equivalent of :func:`normkit.nn.rnn_reference.gru_layer_ref`."""
+    w_ih, w_hh, b_ih, b_hh, ln_ih_w, ln_hh_w = params
+    if data.shape[0] == 0:
+        return data.new_empty((0, w_hh.shape[1])), h0
+    xg = _input_projection(data, w_ih, ln_ih_w, b_ih, eps)
+    acc = _recurrence_dtype(data.dtype)
+    cast = lambda t: None if t is None else t.to(acc)  # noqa: E731
+    out, h_n = _LNGRUSequence.apply(
+        cast(xg), cast(h0), cast(w_hh), cast(ln_hh_w), cast(b_hh),
+        tuple(int(s) for s in batch_sizes), float(eps), bool(reverse),
+    )
+    return out.to(data.dtype), h_n.to(data.dtype)
