@@ -18,8 +18,9 @@ install: $(STAMP)
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# the lab's quick mode: every experiment, 3 seeds, a few minutes; report in lab-report/
 demo: install
-	$(VENV)/bin/normkit demo
+	$(VENV)/bin/normkit lab --quick
 
 bench: install
 	$(VENV)/bin/normkit bench

@@ -1,0 +1,117 @@
+"""Helpers shared by the experiment modules: seeding, curves over seeds, plotting set-up."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from normkit.lab.verdict import Stat
+
+__all__ = ["seeded", "curve_stats", "stat", "stat_dict", "pyplot", "save", "clip_and_step", "Timer", "warm_up", "LABELS"]
+
+#: Human names for arm keys, used in tables, plots and sentences.
+LABELS = {
+    "none": "no norm",
+    "batch": "BatchNorm",
+    "batch_frozen": "BatchNorm (frozen stats)",
+    "torch_layer": "torch LayerNorm",
+    "layer": "LayerNorm",
+    "rms": "RMSNorm",
+    "running": "RunningNormalizer",
+    "lstm": "LSTM",
+    "ln_lstm": "LayerNormLSTM",
+    "gru": "GRU",
+    "ln_gru": "LayerNormGRU",
+    "post_ln": "post-LN",
+    "pre_ln": "pre-LN",
+    "pre_rms": "pre-RMSNorm",
+}
+
+
+def seeded(seed: int) -> torch.Generator:
+    """Seed torch's global generator (initialization, dropout) and return a data-order generator."""
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(10_007 + seed)
+
+
+def stat(values: Sequence[Optional[float]]) -> Stat:
+    return Stat.of(values)
+
+
+def stat_dict(values: Sequence[Optional[float]]) -> Dict[str, float]:
+    return Stat.of(values).to_dict()
+
+
+def curve_stats(curves: Sequence[Sequence[Optional[float]]]) -> Dict[str, List[float]]:
+    """Pointwise mean and std over seeds of equally long curves (non-finite points left out)."""
+    if not curves:
+        return {"mean": [], "std": []}
+    points = [Stat.of(col) for col in zip(*curves)]
+    return {"mean": [p.mean for p in points], "std": [p.std for p in points]}
+
+
+def clip_and_step(model: torch.nn.Module, opt: torch.optim.Optimizer, loss: torch.Tensor, clip: float = 0.0) -> None:
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    opt.step()
+
+
+def warm_up(model: torch.nn.Module, x: torch.Tensor) -> None:
+    """One untimed forward and backward, so that one-time costs (JIT compilation of a kernel,
+    lazy initialization) do not land in the first seed's training time."""
+    model(x).float().sum().backward()
+
+
+class Timer:
+    """Seconds of training only (evaluation excluded): ``with timer: ...``.
+
+    ``seconds`` is wall-clock time; ``cpu_seconds`` the CPU time of this process
+    (:func:`time.process_time`, all its threads). The lab's time comparisons use the CPU time:
+    on a machine shared with other jobs the wall clock mostly measures the neighbours, while
+    the CPU time of a single-threaded run is the compute it needed (on an idle machine the two
+    agree).
+    """
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.cpu_seconds = 0.0
+
+    def __enter__(self) -> "Timer":
+        self._start, self._cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.seconds += time.perf_counter() - self._start
+        self.cpu_seconds += time.process_time() - self._cpu
+
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save(fig, out_dir: Path, name: str) -> Path:
+    path = Path(out_dir) / name
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    pyplot().close(fig)
+    return path
+
+
+def band(ax, x, curve: Dict[str, List[float]], label: str) -> None:
+    """Mean line with a ±1 std band."""
+    mean = [math.nan if m is None else m for m in curve["mean"]]
+    std = [0.0 if (s is None or not math.isfinite(s)) else s for s in curve["std"]]
+    (line,) = ax.plot(x, mean, label=label)
+    ax.fill_between(x, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.2, color=line.get_color())

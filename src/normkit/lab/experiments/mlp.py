@@ -1,0 +1,177 @@
+"""Deep MLP on digits (permutation-invariant, the paper's PI-MNIST setting in miniature).
+
+Every norm (none, BatchNorm, LayerNorm, RMSNorm) at every batch size, the same number of Adam
+steps each. Test accuracy is measured at checkpoints along training (the training curve) and
+at the end, in eval mode (BatchNorm then uses its running statistics). BatchNorm cannot train
+at batch size 1 (a batch of one has no variance): that run is recorded as failed, not crashed.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from normkit.lab.config import MLPConfig
+from normkit.lab.data import digits
+from normkit.lab.experiments._common import LABELS, band, clip_and_step, curve_stats, pyplot, save, seeded, stat_dict, Timer
+from normkit.lab.models import MLP
+from normkit.lab.verdict import Finding, Stat, compare
+
+NAME = "mlp"
+TITLE = "Deep MLP on digits: training speed and batch-size (in)dependence"
+CLAIM = "Layer norm speeds up training, and unlike batch norm does not depend on the batch, so it works at batch size 1."
+
+
+def _key(norm: str, bs: int) -> str:
+    return f"{norm}@{bs}"
+
+
+def _checkpoints(cfg: MLPConfig) -> List[int]:
+    return sorted({max(1, round(cfg.steps * (i + 1) / cfg.evals)) for i in range(cfg.evals)})
+
+
+def _accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    model.eval()
+    with torch.no_grad():
+        acc = (model(x).argmax(-1) == y).float().mean().item()
+    model.train()
+    return acc
+
+
+def train_one(cfg: MLPConfig, norm: str, bs: int, seed: int, tick=lambda n=1: None) -> Dict:
+    """One run: returns the test-accuracy curve, final accuracy, training seconds, or the error."""
+    data = digits()
+    gen = seeded(seed)
+    model = MLP(data.x_train.shape[1], cfg.width, cfg.depth, 10, norm)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    checkpoints, curve, timer = set(_checkpoints(cfg)), [], Timer()
+    try:
+        for step in range(1, cfg.steps + 1):
+            idx = torch.randint(0, data.x_train.shape[0], (bs,), generator=gen)
+            with timer:
+                loss = F.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
+                clip_and_step(model, opt, loss)
+            if step in checkpoints:
+                curve.append(_accuracy(model, data.x_test, data.y_test))
+            tick()
+    except ValueError as exc:  # BatchNorm1d at batch size 1: "Expected more than 1 value per channel"
+        return {"status": "failed", "error": str(exc).splitlines()[0], "curve": [math.nan] * len(checkpoints), "final_acc": None, "seconds": timer.cpu_seconds}
+    return {"status": "ok", "curve": curve, "final_acc": curve[-1], "mean_acc": sum(curve) / len(curve), "seconds": timer.cpu_seconds}
+
+
+def run(cfg: MLPConfig, seeds: Sequence[int], tracker) -> Dict:
+    tracker.experiment(NAME, len(cfg.norms) * len(cfg.batch_sizes) * len(seeds))
+    arms = {}
+    for bs in cfg.batch_sizes:
+        for norm in cfg.norms:
+            runs = []
+            for seed in seeds:
+                with tracker.run(f"{LABELS[norm]}, batch {bs}, seed {seed}", cfg.steps) as tick:
+                    runs.append(train_one(cfg, norm, bs, seed, tick))
+            errors = sorted({r["error"] for r in runs if r["status"] != "ok"})
+            arms[_key(norm, bs)] = {
+                "norm": norm,
+                "batch_size": bs,
+                "final_acc": stat_dict([r["final_acc"] for r in runs]),
+                "mean_acc": stat_dict([r.get("mean_acc") for r in runs]),
+                "seconds": stat_dict([r["seconds"] for r in runs]),
+                "curve": curve_stats([r["curve"] for r in runs]),
+                "errors": errors,
+                "runs": runs,
+            }
+    return {"steps_at": _checkpoints(cfg), "norms": list(cfg.norms), "batch_sizes": list(cfg.batch_sizes), "arms": arms}
+
+
+def _s(result: Dict, norm: str, bs: int, metric: str) -> Stat:
+    arm = result["arms"].get(_key(norm, bs))
+    return Stat(**arm[metric]) if arm else Stat.of([])
+
+
+#: Digits has 10 balanced classes; a run "learned" only if it ends above twice this accuracy.
+CHANCE = 0.1
+
+
+def _works_at(result: Dict, bs: int) -> Finding:
+    """The claim that layer norm works at batch size ``bs`` where batch norm cannot train.
+
+    Per run, a run that raised (BatchNorm on a batch of one) or that ends at or below twice
+    chance accuracy counts as failed; the claim holds if LayerNorm learned where BatchNorm failed.
+    """
+    floor = 2 * CHANCE
+
+    def learned(norm: str) -> Stat:
+        arm = result["arms"].get(_key(norm, bs))
+        if arm is None:
+            return Stat.of([])
+        return Stat.of([a if a is not None and a > floor else math.nan for a in (r["final_acc"] for r in arm["runs"])])
+
+    bn = result["arms"].get(_key("batch", bs))
+    f = compare(
+        NAME, f"Layer norm works at batch size {bs}, where batch norm cannot train", "final test accuracy",
+        "LayerNorm", learned("layer"), "BatchNorm", learned("batch"),
+        context=f"At batch size {bs} (a run counts as failed if it cannot train or ends at or below {floor:.2f}, twice chance),",
+        unit="final test acc",
+    )
+    return f.noted(f"BatchNorm's error: {bn['errors'][0]}") if bn and bn["errors"] else f
+
+
+def findings(result: Dict) -> List[Finding]:
+    bss, norms, out = result["batch_sizes"], result["norms"], []
+    if "layer" not in norms or "none" not in norms:
+        return out
+    mid = 32 if 32 in bss else bss[-1]
+    out.append(compare(
+        NAME, "Layer norm speeds up training of a deep MLP", "test accuracy averaged over the training curve",
+        "LayerNorm", _s(result, "layer", mid, "mean_acc"), "no norm", _s(result, "none", mid, "mean_acc"),
+        context=f"At batch size {mid},", unit="test acc, mean over the curve",
+    ))
+    if "batch" in norms:
+        out.append(_works_at(result, min(bss)))
+        tiny = min((b for b in bss if b > 1), default=None)
+        if tiny is not None:
+            out.append(compare(
+                NAME, f"At batch size {tiny}, layer norm beats batch norm", "final test accuracy",
+                "LayerNorm", _s(result, "layer", tiny, "final_acc"), "BatchNorm", _s(result, "batch", tiny, "final_acc"),
+                context=f"At batch size {tiny},", unit="final test acc",
+            ))
+    return out
+
+
+def table(result: Dict):
+    header = ["norm"] + [f"batch {bs}: final acc" for bs in result["batch_sizes"]]
+    rows = []
+    for norm in result["norms"]:
+        row = [LABELS[norm]]
+        for bs in result["batch_sizes"]:
+            arm = result["arms"][_key(norm, bs)]
+            failed = len(arm["runs"]) - arm["final_acc"]["n"]
+            row.append(f"cannot train ({failed}/{len(arm['runs'])} runs raised)" if arm["errors"] and arm["final_acc"]["n"] == 0 else Stat(**arm["final_acc"]).fmt())
+        rows.append(row)
+    return header, rows
+
+
+def plots(result: Dict, out_dir: Path) -> List[Path]:
+    plt = pyplot()
+    bss = result["batch_sizes"]
+    fig, axes = plt.subplots(1, len(bss) + 1, figsize=(3.2 * (len(bss) + 1), 3.2), squeeze=False)
+    for ax, bs in zip(axes[0], bss):
+        failed = []
+        for norm in result["norms"]:
+            arm = result["arms"][_key(norm, bs)]
+            band(ax, result["steps_at"], arm["curve"], LABELS[norm])
+            if arm["errors"]:
+                failed.append(LABELS[norm])
+        if failed:
+            ax.text(0.03, 0.93, f"{', '.join(failed)}: cannot train", transform=ax.transAxes, fontsize=7, color="0.3")
+        ax.set(title=f"batch size {bs}", xlabel="step", ylabel="test accuracy", ylim=(0, 1))
+    ax = axes[0][-1]
+    for norm in result["norms"]:
+        stats = [Stat(**result["arms"][_key(norm, bs)]["final_acc"]) for bs in bss]
+        ax.errorbar(bss, [s.mean for s in stats], yerr=[0 if math.isnan(s.std) else s.std for s in stats], marker="o", capsize=3, label=LABELS[norm])
+    ax.set(xscale="log", title="final accuracy vs batch size", xlabel="batch size", ylim=(0, 1))
+    ax.legend(fontsize=7)
+    return [save(fig, out_dir, "mlp.png")]

@@ -1,0 +1,105 @@
+"""Pixel-by-pixel digits: a recurrent network reads the 64 pixels of an 8×8 digit one per step
+and classifies it from its last hidden state (the sequential-MNIST task in miniature).
+
+LSTM vs LayerNormLSTM and GRU vs LayerNormGRU, the same steps, Adam learning rate and gradient
+clipping; test accuracy along training and at the end.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from normkit.lab.config import SequentialConfig
+from normkit.lab.data import digits
+from normkit.lab.experiments._common import LABELS, Timer, band, clip_and_step, curve_stats, pyplot, save, seeded, stat_dict, warm_up
+from normkit.lab.experiments.lstm import checkpoints
+from normkit.lab.models import RNNClassifier
+from normkit.lab.verdict import Finding, Stat, compare
+
+NAME = "sequential"
+TITLE = "Pixel-by-pixel digits (64 steps): LSTM/GRU with and without layer norm"
+CLAIM = "Layer norm helps recurrent networks on long sequences."
+
+
+def _accuracy(model, x, y) -> float:
+    model.eval()
+    with torch.no_grad():
+        acc = (model(x).argmax(-1) == y).float().mean().item()
+    model.train()
+    return acc
+
+
+def train_one(cfg: SequentialConfig, arm: str, seed: int, tick=lambda n=1: None) -> Dict:
+    d = digits()
+    x_train, x_test = d.x_train.unsqueeze(-1), d.x_test.unsqueeze(-1)  # (n, 64, 1)
+    gen = seeded(seed)
+    model = RNNClassifier(arm, 1, cfg.hidden, 10)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    marks, curve, timer = set(checkpoints(cfg.steps, cfg.evals)), [], Timer()
+    for step in range(1, cfg.steps + 1):
+        idx = torch.randint(0, x_train.shape[0], (cfg.batch,), generator=gen)
+        with timer:
+            loss = F.cross_entropy(model(x_train[idx]), d.y_train[idx])
+            clip_and_step(model, opt, loss, cfg.clip)
+        if step in marks:
+            curve.append(_accuracy(model, x_test, d.y_test))
+        tick()
+    return {"curve": curve, "final_acc": curve[-1], "train_seconds": timer.cpu_seconds}
+
+
+def run(cfg: SequentialConfig, seeds: Sequence[int], tracker) -> Dict:
+    tracker.experiment(NAME, len(cfg.arms) * len(seeds))
+    arms, skipped = {}, {}
+    for arm in cfg.arms:
+        runs = []
+        for seed in seeds:
+            with tracker.run(f"{LABELS[arm]}, seed {seed}", cfg.steps) as tick:
+                try:
+                    if not runs:
+                        warm_up(RNNClassifier(arm, 1, cfg.hidden, 10), torch.rand(2, 3, 1))
+                    runs.append(train_one(cfg, arm, seed, tick))
+                except ImportError as exc:
+                    skipped[arm] = str(exc)
+                    tracker.log(f"[yellow]{NAME}: skipping {LABELS[arm]}: {exc}[/]")
+                    break
+        if arm not in skipped:
+            arms[arm] = {
+                "final_acc": stat_dict([r["final_acc"] for r in runs]),
+                "train_seconds": stat_dict([r["train_seconds"] for r in runs]),
+                "curve": curve_stats([r["curve"] for r in runs]),
+                "runs": runs,
+            }
+    return {"steps_at": checkpoints(cfg.steps, cfg.evals), "arms": arms, "skipped": skipped}
+
+
+def findings(result: Dict) -> List[Finding]:
+    arms, out = result["arms"], []
+    get = lambda a: Stat(**arms[a]["final_acc"]) if a in arms else Stat.of([])  # noqa: E731
+    for ln, base in (("ln_lstm", "lstm"), ("ln_gru", "gru")):
+        f = compare(NAME, f"Layer norm helps {'an' if base == 'lstm' else 'a'} {LABELS[base]} on 64-step sequences", "final test accuracy",
+                    LABELS[ln], get(ln), LABELS[base], get(base), unit="final test acc")
+        if ln in result["skipped"]:
+            f = f.noted(f"({LABELS[ln]} skipped: {result['skipped'][ln]})")
+        out.append(f)
+    return out
+
+
+def table(result: Dict):
+    header = ["model", "final test accuracy", "training CPU time (s)"]
+    rows = [[LABELS[a], Stat(**r["final_acc"]).fmt(), Stat(**r["train_seconds"]).fmt(1)] for a, r in result["arms"].items()]
+    rows += [[LABELS[a], f"skipped: {why}"[:60], ""] for a, why in result["skipped"].items()]
+    return header, rows
+
+
+def plots(result: Dict, out_dir: Path) -> List[Path]:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for arm, r in result["arms"].items():
+        band(ax, result["steps_at"], r["curve"], LABELS[arm])
+    ax.set(xlabel="step", ylabel="test accuracy", ylim=(0, 1), title="pixel-by-pixel digits")
+    ax.legend(fontsize=8)
+    return [save(fig, out_dir, "sequential.png")]

@@ -1,0 +1,132 @@
+"""The lab's reports, generated from ``results.json``'s contents: ``report.md`` (images beside it),
+a self-contained ``report.html`` (images embedded as base64 data URIs, inline CSS, no external
+resources), and the terminal summary table."""
+
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+from typing import Dict, List
+
+from rich.console import Console
+from rich.table import Table
+
+from normkit.lab.verdict import INCONCLUSIVE, NOT_RUN, REFUTES, SUPPORTS
+
+__all__ = ["write", "markdown", "html_report", "summary_table"]
+
+_CSS = """
+body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }
+h1 { border-bottom: 2px solid #444; } h2 { margin-top: 2em; border-bottom: 1px solid #ccc; }
+table { border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: left; } th { background: #f2f2f2; }
+img { max-width: 100%; } .claim { font-style: italic; } .meta { color: #666; font-size: 0.85em; }
+.supports { color: #1a7f37; font-weight: bold; } .refutes { color: #b42318; font-weight: bold; }
+.inconclusive, .not-measured { color: #9a6700; font-weight: bold; }
+"""
+
+
+def _css_class(verdict: str) -> str:
+    return {SUPPORTS: "supports", REFUTES: "refutes", INCONCLUSIVE: "inconclusive", NOT_RUN: "not-measured"}.get(verdict, "")
+
+
+def _all_findings(results: Dict) -> List[Dict]:
+    return [f for e in results["experiments"].values() for f in e["findings"]]
+
+
+def _header_lines(results: Dict) -> List[str]:
+    m = results["meta"]
+    return [
+        f"Preset `{results['preset']}`, seeds {results['seeds']}, total {results.get('elapsed_s') or 0:.0f} s, {m['date']}.",
+        f"Python {m['python']}, torch {m['torch']}, normkit {m['normkit']} (backends: {', '.join(m['normkit_backends'])}); "
+        f"{m['platform']}, {m['cpu_count']} CPUs, torch threads: {m['torch_threads']}.",
+        "Verdicts are computed from the numbers: a difference larger than the larger of the two arms' "
+        "standard deviations over seeds supports (or, reversed, does not support) the claim; a smaller one is inconclusive.",
+        "Training and step times are the process's CPU time (robust to other jobs on a shared machine; equal to the wall "
+        "clock on an idle one) unless marked wall; section times are wall-clock.",
+    ]
+
+
+def _md_table(header: List[str], rows: List[List[str]]) -> List[str]:
+    esc = lambda c: str(c).replace("|", "\\|")  # noqa: E731
+    return ["| " + " | ".join(map(esc, header)) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(map(esc, r)) + " |" for r in rows]
+
+
+def markdown(results: Dict) -> str:
+    lines = ["# normkit lab report", ""] + _header_lines(results) + ["", "## Summary", ""]
+    lines += _md_table(["experiment", "claim", "measured (mean ± std over seeds)", "verdict"],
+                       [[f["experiment"], f["claim"], f.get("numbers", ""), f["verdict"]] for f in _all_findings(results)])
+    for name, e in results["experiments"].items():
+        lines += ["", f"## {name}: {e['title']}", "", f"*Claim:* {e['claim']}", "", f"Elapsed: {e['elapsed_s']:.1f} s.", ""]
+        lines += [f"![{name}]({p})" for p in e["plots"]] + [""]
+        lines += _md_table(e["table"]["header"], e["table"]["rows"]) + [""]
+        lines += [f"- **{f['verdict']}** — {f['claim']}: {f['sentence']}" for f in e["findings"]]
+    return "\n".join(lines) + "\n"
+
+
+def _html_table(header: List[str], rows: List[List[str]]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def html_report(results: Dict, out: Path) -> str:
+    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>normkit lab report</title><style>{_CSS}</style></head><body>",
+             "<h1>normkit lab report</h1>"]
+    parts += [f"<p class='meta'>{html.escape(line).replace('`', '')}</p>" for line in _header_lines(results)]
+    parts.append("<h2>Summary</h2>")
+    rows = "".join(
+        f"<tr><td>{html.escape(f['experiment'])}</td><td>{html.escape(f['claim'])}</td><td>{html.escape(f.get('numbers', ''))}</td>"
+        f"<td class='{_css_class(f['verdict'])}'>{html.escape(f['verdict'])}</td></tr>"
+        for f in _all_findings(results)
+    )
+    parts.append(f"<table><thead><tr><th>experiment</th><th>claim</th><th>measured (mean ± std over seeds)</th><th>verdict</th></tr></thead><tbody>{rows}</tbody></table>")
+    for name, e in results["experiments"].items():
+        parts.append(f"<h2>{html.escape(name)}: {html.escape(e['title'])}</h2><p class='claim'>Claim: {html.escape(e['claim'])}</p>")
+        parts.append(f"<p class='meta'>Elapsed {e['elapsed_s']:.1f} s.</p>")
+        for p in e["plots"]:
+            data = base64.b64encode((Path(out) / p).read_bytes()).decode("ascii")
+            parts.append(f"<img alt='{html.escape(name)}' src='data:image/png;base64,{data}'>")
+        parts.append(_html_table(e["table"]["header"], e["table"]["rows"]))
+        parts.append("<ul>" + "".join(
+            f"<li><span class='{_css_class(f['verdict'])}'>{html.escape(f['verdict'])}</span> — "
+            f"{html.escape(f['claim'])}: {html.escape(f['sentence'])}</li>" for f in e["findings"]) + "</ul>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+#: Verdicts as the terminal table prints them (the reports carry the full wording).
+_SHORT = {SUPPORTS: "supports", REFUTES: "does not support", INCONCLUSIVE: "inconclusive", NOT_RUN: "not measured"}
+
+
+def summary_table(results: Dict) -> Table:
+    """The terminal's closing table: one row per claim, its two measurements and the verdict."""
+    table = Table(title="normkit lab: the claims, measured",
+                  caption="mean ± std over seeds; inconclusive = difference within one std. Details: report.html")
+    table.add_column("experiment", no_wrap=True)
+    table.add_column("claim", ratio=3)
+    table.add_column("measured", ratio=3)
+    table.add_column("verdict", ratio=1)
+    table.add_column("time (s)", justify="right", no_wrap=True)
+    style = {SUPPORTS: "green", REFUTES: "red", INCONCLUSIVE: "yellow", NOT_RUN: "yellow"}
+    for name, e in results["experiments"].items():
+        for i, f in enumerate(e["findings"]):
+            verdict = f"[{style.get(f['verdict'], '')}]{_SHORT.get(f['verdict'], f['verdict'])}[/]"
+            table.add_row(name if i == 0 else "", f["claim"], f.get("numbers", ""), verdict, f"{e['elapsed_s']:.1f}" if i == 0 else "",
+                          end_section=i == len(e["findings"]) - 1)
+    return table
+
+
+def write(results: Dict, out: Path) -> None:
+    out = Path(out)
+    (out / "report.md").write_text(markdown(results), encoding="utf-8")
+    (out / "report.html").write_text(html_report(results, out), encoding="utf-8")
+
+
+def print_summary(results: Dict, console: Console) -> None:
+    """Print the summary table; when the output is not a terminal (a log, ``make demo | tee``)
+    rich would assume 80 columns, so use a width at which each row fits on about two lines."""
+    if not console.is_terminal:
+        console = Console(file=console.file, width=max(console.width, 140))
+    console.print(summary_table(results))

@@ -1,0 +1,324 @@
+"""``normkit lab``: verdict sentences, data loaders, models, determinism, CLI errors, and every
+experiment end to end at the seconds-long ``smoke`` preset (whose numbers mean nothing)."""
+
+from __future__ import annotations
+
+import json
+import math
+import socket
+
+import pytest
+import torch
+
+from normkit import cli
+from normkit.lab import config, data, models
+from normkit.lab.experiments import EXPERIMENTS, lstm, mlp, online, sequential, transformer
+from normkit.lab.report import summary_table
+from normkit.lab.runner import run_lab
+from normkit.lab.verdict import INCONCLUSIVE, NOT_RUN, REFUTES, SUPPORTS, Stat, compare, verdict
+
+
+# -- verdicts: the report's sentences follow the numbers ------------------------------------
+def test_stat_mean_and_sample_std():
+    s = Stat.of([0.7, 0.9, 0.8, float("nan"), None])
+    assert s.n == 3 and s.failed == 1
+    assert s.mean == pytest.approx(0.8) and s.std == pytest.approx(0.1)
+    assert Stat.of([0.5]).std == 0.0
+
+
+@pytest.mark.parametrize(
+    "a, b, higher, expected",
+    [
+        ([0.91, 0.93, 0.92], [0.80, 0.82, 0.81], True, SUPPORTS),  # clear win
+        ([0.85, 0.95, 0.90], [0.84, 0.92, 0.88], True, INCONCLUSIVE),  # overlapping: |Δ|=0.02 < std 0.05
+        ([0.80, 0.82, 0.81], [0.91, 0.93, 0.92], True, REFUTES),  # reversed
+        ([1.31, 1.29, 1.30], [1.52, 1.48, 1.50], False, SUPPORTS),  # lower is better
+        ([1.52, 1.48, 1.50], [1.31, 1.29, 1.30], False, REFUTES),
+        ([1.3, math.nan, 1.31], [math.nan, math.nan, math.nan], False, SUPPORTS),  # other arm always failed
+        ([math.nan] * 2, [math.nan] * 2, True, INCONCLUSIVE),  # both always failed
+        ([0.9, 0.91], [], True, NOT_RUN),  # an arm was skipped
+    ],
+)
+def test_verdict_rule(a, b, higher, expected):
+    assert verdict(Stat.of(a), Stat.of(b), higher) == expected
+
+
+def test_sentence_states_numbers_and_verdict():
+    win = compare("x", "LN helps", "final accuracy", "LayerNorm", Stat.of([0.91, 0.93, 0.92]), "no norm", Stat.of([0.80, 0.82, 0.81]), context="At batch 32,")
+    assert win.verdict == SUPPORTS
+    assert "0.920 ± 0.010" in win.sentence and "0.810 ± 0.010" in win.sentence and "supports the claim" in win.sentence
+    assert win.sentence.startswith("At batch 32,") and "3 seeds" in win.sentence
+    lose = compare("x", "LN helps", "final accuracy", "LayerNorm", Stat.of([0.80, 0.82, 0.81]), "no norm", Stat.of([0.91, 0.93, 0.92]))
+    assert lose.verdict == REFUTES and "does not support the claim" in lose.sentence and "no norm is better" in lose.sentence
+    tie = compare("x", "LN helps", "final accuracy", "LayerNorm", Stat.of([0.85, 0.95, 0.90]), "no norm", Stat.of([0.84, 0.92, 0.88]))
+    assert tie.verdict == INCONCLUSIVE and "within one std" in tie.sentence and "supports" not in tie.sentence
+
+
+def test_sentence_names_an_arm_that_failed_every_run():
+    f = compare("x", "pre-LN is stable", "final loss", "pre-LN", Stat.of([2.7, 2.72]), "post-LN", Stat.of([math.nan, math.nan]), higher_is_better=False, unit="nats")
+    assert f.verdict == SUPPORTS and "post-LN failed in every run and pre-LN did not" in f.sentence and "n/a (2 failed)" in f.sentence
+    assert f.numbers.endswith("(nats)")
+    g = compare("x", "pre-LN is stable", "final loss", "pre-LN", Stat.of([math.nan]), "post-LN", Stat.of([2.7]), higher_is_better=False)
+    assert g.verdict == REFUTES and "pre-LN failed in every run and post-LN did not" in g.sentence
+
+
+def _mlp_result(ln_acc, bn_error=True):
+    """A hand-made mlp result at batch size 1: LayerNorm's final accuracies, BatchNorm raising."""
+    def arm(norm, accs, errors=()):
+        runs = [{"final_acc": a} for a in accs]
+        return {"norm": norm, "batch_size": 1, "final_acc": Stat.of(accs).to_dict(), "errors": list(errors), "runs": runs}
+
+    return {"batch_sizes": [1], "norms": ["none", "batch", "layer"], "arms": {
+        "none@1": arm("none", [0.3, 0.3]), "layer@1": arm("layer", ln_acc),
+        "batch@1": arm("batch", [None, None], ["Expected more than 1 value per channel"] if bn_error else [])}}
+
+
+def test_works_at_batch_size_one_needs_layer_norm_to_learn():
+    learned = mlp._works_at(_mlp_result([0.6, 0.7]), 1)
+    assert learned.verdict == SUPPORTS and "BatchNorm failed in every run" in learned.sentence
+    assert "Expected more than 1 value per channel" in learned.sentence
+    at_chance = mlp._works_at(_mlp_result([0.12, 0.15]), 1)  # BatchNorm failing is not enough
+    assert at_chance.verdict == INCONCLUSIVE and "both arms failed" in at_chance.sentence
+
+
+# -- data: shipped, deterministic, no network -----------------------------------------------
+@pytest.fixture
+def no_network(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the lab's data must not touch the network")
+
+    monkeypatch.setattr(socket, "socket", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+def test_corpus_is_deterministic_and_offline(no_network):
+    first = data.stdlib_corpus.__wrapped__(5000)  # bypass the cache: really read the files twice
+    second = data.stdlib_corpus.__wrapped__(5000)
+    assert first.sha256 == second.sha256 and first.files == second.files
+    assert torch.equal(first.train, second.train) and torch.equal(first.val, second.val)
+    assert first.train.numel() + first.val.numel() == 5000
+    assert int(first.train.max()) < data.VOCAB_SIZE and first.files == tuple(sorted(first.files))
+    assert 0.0 < data.unigram_nats(first.train) < math.log(data.VOCAB_SIZE)
+
+
+def test_digits_offline_fixed_split(no_network):
+    d = data.digits.__wrapped__()
+    again = data.digits.__wrapped__()
+    assert d.x_train.shape == (1438, 64) and d.x_test.shape == (359, 64)
+    assert torch.equal(d.y_test, again.y_test) and 0.0 <= float(d.x_train.min()) and float(d.x_train.max()) <= 1.0
+
+
+def test_corpus_bad_arguments():
+    with pytest.raises(ValueError, match="chars must be >= 1000, got 10"):
+        data.stdlib_corpus(10)
+    with pytest.raises(ValueError, match=r"val_fraction must be in \(0, 0.5\), got 0.7"):
+        data.stdlib_corpus(5000, 0.7)
+
+
+def test_shifted_stream_second_half_is_transformed():
+    x, y, shift = data.shifted_stream(101, seed=3, scale=3.0, offset=-1.5)
+    assert shift == 50 and x.shape == (101, 64) and y.shape == (101,)
+    assert float(x[:shift].max()) <= 1.0 and float(x[shift:].min()) >= -1.5 and float(x[shift:].max()) > 1.0
+    assert not torch.equal(y, data.shifted_stream(101, seed=4, scale=3.0, offset=-1.5)[1])  # the seed orders the stream
+    d = data.digits()
+    pool = torch.cat([d.x_train, d.x_test])
+    undone = (x[shift:] + 1.5) / 3.0  # each shifted sample is a digit, transformed
+    assert all(torch.isclose(pool, row, atol=1e-6).all(1).any() for row in undone[:5])
+    with pytest.raises(ValueError, match="length must be >= 2, got 1"):
+        data.shifted_stream(1, 0, 1.0, 0.0)
+
+
+# -- models ---------------------------------------------------------------------------------
+def test_make_norm_kinds_and_error():
+    x = torch.randn(5, 3, 7)
+    for kind in models.NORMS:
+        assert models.make_norm(kind, 7)(x).shape == x.shape
+    with pytest.raises(ValueError, match="norm kind must be one of .*got 'group'"):
+        models.make_norm("group", 7)
+
+
+def test_pre_ln_transformer_matches_unfused_formulation():
+    torch.manual_seed(0)
+    model = models.CharTransformer(data.VOCAB_SIZE, 16, 2, 2, 11, "pre_ln").eval()
+    ids = torch.randint(0, data.VOCAB_SIZE, (3, 11))
+    x = model.tok(ids) + model.pos[:11]
+    for f, norm in zip(model.branches, model.norms):  # x = x + f(LN(x)), then a final LN
+        x = x + f(torch.nn.functional.layer_norm(x, (16,), norm.weight, norm.bias, norm.eps))
+    last = model.norms[-1]
+    want = model.head(torch.nn.functional.layer_norm(x, (16,), last.weight, last.bias, last.eps))
+    torch.testing.assert_close(model(ids), want, atol=1e-5, rtol=1e-5)
+    for mode in models.TRANSFORMER_NORMS:
+        assert models.CharTransformer(data.VOCAB_SIZE, 16, 1, 2, 11, mode)(ids).shape == (3, 11, data.VOCAB_SIZE)
+    with pytest.raises(ValueError, match="mode must be one of .*got 'sandwich'"):
+        models.CharTransformer(data.VOCAB_SIZE, 16, 1, 2, 11, "sandwich")
+
+
+def test_lr_schedule_warmup_then_decay():
+    assert models.lr_at(0, 1.0, 10, 100) == pytest.approx(0.1)
+    assert models.lr_at(9, 1.0, 10, 100) == pytest.approx(1.0)
+    assert models.lr_at(10, 1.0, 10, 100) == pytest.approx(1.0)
+    assert models.lr_at(100, 1.0, 10, 100) == pytest.approx(0.1)
+    assert models.lr_at(0, 1.0, 0, 100) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("kind", ["ln_lstm", "ln_gru"])
+def test_layer_norm_rnns_follow_torch_interface(kind):
+    try:
+        net = models.make_rnn(kind, 3, 5)
+    except ImportError as exc:  # until normkit.nn.rnn lands the lab skips these arms, saying why
+        assert "is not available" in str(exc)
+        return
+    out, _ = net(torch.randn(2, 7, 3))
+    assert out.shape == (2, 7, 5)
+
+
+def test_time_to_reach_interpolates_between_checkpoints():
+    from normkit.lab.experiments.lstm import time_to_reach
+
+    run = {"bpc": [5.0, 4.0, 3.0], "seconds": [1.0, 2.0, 3.0]}
+    assert time_to_reach(run, 4.0) == pytest.approx(2.0)
+    assert time_to_reach(run, 3.5) == pytest.approx(2.5)
+    assert time_to_reach(run, 6.5) == pytest.approx(1.0 * (math.log2(data.VOCAB_SIZE) - 6.5) / (math.log2(data.VOCAB_SIZE) - 5.0))
+    assert math.isnan(time_to_reach(run, 2.9))
+    assert time_to_reach(run, math.log2(data.VOCAB_SIZE) + 0.2) == 0.0  # never negative
+
+
+# -- determinism ----------------------------------------------------------------------------
+def test_same_seed_same_numbers():
+    cfg = config.preset("mlp", "smoke")
+    a = mlp.train_one(cfg, "layer", 4, seed=5)
+    torch.manual_seed(123)  # whatever the global state before, a run seeds itself
+    b = mlp.train_one(cfg, "layer", 4, seed=5)
+    assert a["curve"] == b["curve"] and a["final_acc"] == b["final_acc"]
+    o1 = online.stream_one(config.preset("online", "smoke"), "layer", seed=2)
+    o2 = online.stream_one(config.preset("online", "smoke"), "layer", seed=2)
+    assert o1["curve"] == o2["curve"] and o1["after"] == o2["after"]
+
+
+def test_recurrent_and_transformer_runs_are_deterministic():
+    cfg = config.preset("lstm", "smoke")
+    assert lstm.train_one(cfg, "ln_lstm", seed=3)["bpc"] == lstm.train_one(cfg, "ln_lstm", seed=3)["bpc"]
+    assert lstm.train_one(cfg, "ln_lstm", seed=3)["bpc"] != lstm.train_one(cfg, "ln_lstm", seed=4)["bpc"]
+    cfg = config.preset("sequential", "smoke")
+    assert sequential.train_one(cfg, "ln_gru", seed=1)["curve"] == sequential.train_one(cfg, "ln_gru", seed=1)["curve"]
+    cfg = config.preset("transformer", "smoke")
+    a, b = (transformer.train_one(cfg, "pre_ln", 3, seed=2, threshold=10.0) for _ in range(2))
+    assert a["curve"] == b["curve"] and a["max_train_loss"] == b["max_train_loss"]
+
+
+def test_batch_norm_at_batch_size_one_is_reported_not_raised():
+    run = mlp.train_one(config.preset("mlp", "smoke"), "batch", 1, seed=0)
+    assert run["status"] == "failed" and "Expected more than 1 value per channel" in run["error"]
+    assert run["final_acc"] is None
+
+
+# -- CLI ------------------------------------------------------------------------------------
+def test_unknown_experiment_lists_valid_ones(capsys, tmp_path):
+    assert cli.main(["lab", "mlp", "resnet", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown experiment 'resnet'" in err and all(name in err for name in EXPERIMENTS)
+    assert not (tmp_path / "results.json").exists()
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "three"])
+def test_seeds_must_be_positive_int(capsys, value):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["lab", "--seeds", value])
+    assert exc.value.code == 2
+    assert f"--seeds must be an integer >= 1, got {value if value != 'three' else repr(value)}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["0", "x"])
+def test_threads_must_be_positive_int(capsys, value):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["lab", "--threads", value])
+    assert exc.value.code == 2 and "--threads must be an integer >= 1" in capsys.readouterr().err
+
+
+def test_quick_and_full_are_exclusive(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["lab", "--quick", "--full"])
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_run_lab_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="seeds must be an int >= 1, got 0"):
+        run_lab(["mlp"], "smoke", 0, tmp_path)
+    with pytest.raises(ValueError, match="experiment must be one of mlp, .*got 'vit'"):
+        run_lab(["vit"], "smoke", 1, tmp_path)
+    with pytest.raises(ValueError, match="threads must be an int >= 1, got 0"):
+        run_lab(["mlp"], "smoke", 1, tmp_path, threads=0)
+    with pytest.raises(ValueError, match="preset must be one of smoke, quick, full, got 'huge'"):
+        config.preset("mlp", "huge")
+
+
+# -- end to end -----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("lab")
+    threads = torch.get_num_threads()
+    assert cli.main(["lab", "--preset", "smoke", "--seeds", "2", "--out", str(out)]) == 0
+    assert torch.get_num_threads() == threads  # the lab's single thread does not leak
+    return out, json.loads((out / "results.json").read_text())
+
+
+def test_smoke_run_is_deterministic(smoke, tmp_path):
+    """Same seeds, same numbers: a second run of two experiments reproduces the first exactly."""
+    _, first = smoke
+    again = run_lab(["mlp", "transformer"], "smoke", 2, tmp_path)
+    for name in ("mlp", "transformer"):
+        a, b = first["experiments"][name], again["experiments"][name]
+        assert a["table"] == b["table"] and [f["sentence"] for f in a["findings"]] == [f["sentence"] for f in b["findings"]]
+        for key, arm in a["result"]["arms"].items():  # every run's numbers but its wall-clock time
+            for run, other in zip(arm["runs"], b["result"]["arms"][key]["runs"], strict=True):
+                assert {k: v for k, v in run.items() if "seconds" not in k} == {k: v for k, v in other.items() if "seconds" not in k}
+
+
+def test_terminal_summary_lists_every_claim(smoke):
+    from rich.console import Console
+
+    _, results = smoke
+    console = Console(width=200, record=True)
+    console.print(summary_table(results))
+    text = console.export_text()
+    for e in results["experiments"].values():
+        for f in e["findings"]:
+            assert f["claim"] in text
+
+
+def test_results_json_has_everything(smoke):
+    out, results = smoke
+    assert set(results["experiments"]) == set(EXPERIMENTS)
+    for key in ("python", "torch", "normkit", "platform", "cpu_count", "torch_threads", "date"):
+        assert results["meta"][key] not in (None, ""), key
+    assert results["seeds"] == [0, 1] and results["preset"] == "smoke"
+    for name, e in results["experiments"].items():
+        assert {"title", "claim", "config", "elapsed_s", "findings", "table", "plots", "result"} <= set(e), name
+        assert e["findings"] and e["elapsed_s"] > 0 and e["table"]["rows"], name
+        for p in e["plots"]:
+            assert (out / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", p
+    assert results["experiments"]["mlp"]["result"]["arms"]["batch@1"]["errors"]
+
+
+def test_reports_are_readable_and_self_contained(smoke):
+    out, results = smoke
+    md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == sum(len(e["plots"]) for e in results["experiments"].values())
+    assert "http://" not in page and "https://" not in page and "<link" not in page and "<script" not in page
+    for e in results["experiments"].values():
+        for f in e["findings"]:
+            assert f["sentence"] in md and f["verdict"] in md
+    for p in (p for e in results["experiments"].values() for p in e["plots"]):
+        assert f"]({p})" in md
+
+
+def test_report_verdicts_agree_with_stored_numbers(smoke):
+    _, results = smoke
+    arms = results["experiments"]["mlp"]["result"]["arms"]
+    stat = lambda arm, metric: Stat(**{k: (math.nan if v is None else v) for k, v in arms[arm][metric].items()})  # noqa: E731
+    speed = next(f for f in results["experiments"]["mlp"]["findings"] if "speeds up" in f["claim"])
+    bs = max(b for b in results["experiments"]["mlp"]["result"]["batch_sizes"])
+    assert speed["verdict"] == verdict(stat(f"layer@{bs}", "mean_acc"), stat(f"none@{bs}", "mean_acc"))
+    cost = results["experiments"]["cost"]["result"]["arms"]
+    c = next(f for f in results["experiments"]["cost"]["findings"] if f["claim"] == "Layer norm costs compute")
+    assert c["verdict"] == verdict(Stat(**cost["layer"]["step_ms"]), Stat(**cost["none"]["step_ms"]))
