@@ -176,6 +176,48 @@ def test_gradcheck_through_the_custom_op():
         assert torch.autograd.gradcheck(lambda x, r, w: normkit.rms_norm(x, 6, w, 1e-5, residual=r, prenorm=True), (x, r, w))
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_eager_path_gradients_when_only_the_sum_is_used(backend):
+    """The eager autograd Function does not materialize unused gradients: a loss on the
+    prenorm sum alone (y unused) and on y alone must both give the reference's gradients."""
+    from helpers import backend_or_skip
+
+    backend_or_skip(backend)
+    x, r = randn((5, 7), seed=14, requires_grad=True), randn((5, 7), seed=15, requires_grad=True)
+    w, b = (t.requires_grad_(True) for t in params((7,)))
+    for pick in (0, 1):
+        with normkit.use_backend(backend):
+            out = normkit.layer_norm(x, 7, w, b, residual=r, prenorm=True)[pick]
+        expected = ref.layer_norm(x, 7, w, b, residual=r, prenorm=True)[pick]
+        dy = randn((5, 7), seed=16 + pick)
+        got = torch.autograd.grad(out, (x, r, w, b), dy, allow_unused=True)
+        want = torch.autograd.grad(expected, (x, r, w, b), dy, allow_unused=True)
+        for g, e in zip(got, want):
+            if e is None or not e.abs().sum():
+                assert g is None or not g.abs().sum(), "gradient where the reference has none"
+            else:
+                torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+
+def test_eager_path_skips_the_custom_op_and_compile_uses_it(monkeypatch):
+    """Eager calls go through the low-overhead autograd Function; the custom op is what
+    torch.compile sees."""
+    from normkit import ops
+
+    calls = []
+    monkeypatch.setattr(ops, "_norm_fwd", lambda *a: calls.append(a) or torch.ops.normkit.norm_fwd(*a))
+    x = randn((3, 8), seed=17, requires_grad=True)
+    normkit.layer_norm(x, 8).sum().backward()
+    assert not calls and x.grad is not None
+
+
+def test_double_backward_through_the_eager_path_raises():
+    x = randn((3, 8), seed=18, requires_grad=True)
+    (g,) = torch.autograd.grad(normkit.layer_norm(x, 8).pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(g.sum(), x)
+
+
 def test_custom_op_passes_torch_opcheck():
     x, r = randn((4, 9), seed=10), randn((4, 9), seed=11)
     w, b = params((9,))
