@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
+import time
 
 import pytest
 import torch
@@ -20,6 +22,7 @@ import normkit
 WORLD = 2
 STEPS = 3
 BATCH = 10  # 5 rows per rank
+JOIN_TIMEOUT_S = 180  # the run takes ~5 s; past this the workers are hung
 
 
 class Net(torch.nn.Module):
@@ -63,23 +66,37 @@ def _train(model, xs, ts):
         opt.step()
 
 
-def _worker(rank: int, init_file: str, out_dir: str) -> None:
+def _worker(rank: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
     try:
         model = torch.nn.parallel.DistributedDataParallel(_make())
         xs, ts = _data()
         rows = slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD)
         _train(model, xs[:, rows], ts[:, rows])
         torch.save(model.module.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # neither rank tears down the group while the other still uses it
     finally:
         dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def test_ddp_two_processes_match_one_process_on_the_combined_batch(tmp_path):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
-    mp.start_processes(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True, start_method="spawn")
+    ctx = mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=False, start_method="spawn")
+    deadline = time.monotonic() + JOIN_TIMEOUT_S
+    while not ctx.join(timeout=1.0):  # raises if a worker failed
+        if time.monotonic() > deadline:
+            alive = [rank for rank, p in enumerate(ctx.processes) if p.is_alive()]
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"DDP workers {alive} still running after {JOIN_TIMEOUT_S} s: killed (a hang, not a slow run)")
 
     single = _make()
     _train(single, *_data())

@@ -253,3 +253,71 @@ def test_torch_compile_fullgraph(backend):
     gc = torch.autograd.grad(compiled.sum(), (x, model.ln.weight))
     for a, b in zip(ge, gc):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_input_and_residual_gradients_never_share_memory(backend):
+    """dx and dresidual are equal without dropout, but must be separate tensors: a shared one
+    would be accumulated twice by a second backward (gradient accumulation)."""
+    from helpers import backend_or_skip
+
+    backend_or_skip(backend)
+    x, r = randn((4, 8), seed=19, requires_grad=True), randn((4, 8), seed=20, requires_grad=True)
+    dy = randn((4, 8), seed=21)
+    with normkit.use_backend(backend):
+        for _ in range(2):
+            normkit.layer_norm(x, 8, residual=r).backward(dy)
+    assert x.grad.data_ptr() != r.grad.data_ptr()
+    (once,) = torch.autograd.grad(ref.layer_norm(x, 8, residual=r), x, dy)
+    torch.testing.assert_close(x.grad, 2 * once)
+    torch.testing.assert_close(r.grad, 2 * once)
+
+
+@pytest.mark.parametrize("is_rms", [False, True])
+@pytest.mark.parametrize("rows, n", [(1, 3), (5, 256), (256, 256)])
+def test_tiny_cpu_calls_use_aten_with_the_reference_semantics(is_rms, rows, n, monkeypatch):
+    """Unforced tiny float32 CPU calls run ATen's kernel (launch overhead dominates there);
+    the prenorm sum is bit-identical to the reference's and the output and every gradient are
+    as close to the float64 truth as the float32 reference is (the backend suite's rule), with
+    a 1e4 mean offset."""
+    from helpers import assert_close_to_truth
+
+    from normkit import functional as fn
+
+    calls = []
+    real = torch.nn.functional.rms_norm if is_rms else torch.nn.functional.layer_norm
+    monkeypatch.setattr(torch.nn.functional, "rms_norm" if is_rms else "layer_norm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert rows * n <= fn.ATEN_TINY_MAX_ELEMENTS
+    x, r = randn((rows, n), seed=22, offset=1e4, requires_grad=True), randn((rows, n), seed=23, requires_grad=True)
+    w, b = (t.requires_grad_(True) for t in params((n,), seed=24))
+    dy, ds = randn((rows, n), seed=25), randn((rows, n), seed=26)
+
+    def run(f, *leaves):
+        xx, rr, ww, bb = leaves
+        y, s = f(xx, n, ww, residual=rr, prenorm=True) if is_rms else f(xx, n, ww, bb, residual=rr, prenorm=True)
+        used = leaves[:3] if is_rms else leaves
+        return [y, s, *torch.autograd.grad((y * dy).sum() + (s * ds).sum(), used)]
+
+    got = run(normkit.layer_norm if not is_rms else normkit.rms_norm, x, r, w, b)
+    assert bool(calls) == is_rms, "layer norm with gradients must keep normkit's path, RMS norm go to ATen"
+    f_nk, f_ref = (normkit.rms_norm, ref.rms_norm) if is_rms else (normkit.layer_norm, ref.layer_norm)
+    with torch.no_grad():
+        y_inference = f_nk(x, n, w)
+        assert calls, "the tiny inference call did not go to ATen"
+        assert_close_to_truth(y_inference, f_ref(x.double(), n, w.double()), f_ref(x, n, w), what="inference output")
+    f_ref = ref.rms_norm if is_rms else ref.layer_norm
+    baseline = run(f_ref, x, r, w, b)
+    as64 = [t.detach().double().requires_grad_() for t in (x, r, w, b)]
+    truth = run(f_ref, *as64)
+    assert torch.equal(got[1], baseline[1]), "the prenorm sum differs from the reference's"
+    for i, (g, t, base) in enumerate(zip(got, truth, baseline)):
+        assert_close_to_truth(g, t, base, what=f"output {i}")
+
+
+def test_forced_backend_bypasses_the_aten_path(monkeypatch):
+    from helpers import backend_or_skip
+
+    backend_or_skip("cpu")
+    monkeypatch.setattr(torch.nn.functional, "layer_norm", lambda *a, **k: pytest.fail("ATen path taken"))
+    with normkit.use_backend("cpu"):
+        normkit.layer_norm(randn((2, 8), seed=27), 8)

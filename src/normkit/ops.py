@@ -19,7 +19,7 @@ from torch import Tensor
 from normkit.backends import get_backend
 from normkit.reference import compute_dtype
 
-__all__ = ["norm_forward", "norm_forward_no_grad"]
+__all__ = ["norm_forward", "norm_forward_no_grad", "plain_eager"]
 
 _SEED_HIGH = 2**31 - 1
 
@@ -170,6 +170,17 @@ def _backward(ctx, dy, dsum, _dmean, _drstd, _dseed, norm_bwd=None):
 torch.library.register_autograd("normkit::norm_fwd", _backward, setup_context=_setup_context)
 
 
+def plain_eager(x: Tensor) -> bool:
+    """Whether a call on ``x`` runs eagerly on real tensors: not under ``torch.compile``, no
+    tracing or fake-tensor dispatch mode (``make_fx``, ``torch.export``, the ONNX dynamo
+    exporter), and not a tensor subclass. Anything else must see the custom op."""
+    return (
+        type(x) is Tensor
+        and not torch.compiler.is_compiling()
+        and torch._C._len_torch_dispatch_stack() == 0
+    )
+
+
 class _EagerNorm(torch.autograd.Function):
     """The same forward and backward as the custom ops, for eager mode: it calls the backend
     directly, skipping the op dispatcher and ``torch.library``'s autograd wrapper, which cost
@@ -204,7 +215,7 @@ def norm_forward(
     """``(y, s)`` on contiguous ``(M, N)`` tensors through the custom op (differentiable);
     ``s`` is the normalized input when ``prenorm`` (``x`` itself without residual and
     dropout), else ``None``."""
-    op = _norm_fwd if torch.compiler.is_compiling() else _EagerNorm.apply
+    op = _EagerNorm.apply if plain_eager(x) else _norm_fwd
     y, s, _, _, _ = op(x, residual, weight, bias, eps, is_rms, dropout_p, prenorm, backend)
     if not prenorm:
         return y, None
