@@ -11,7 +11,7 @@ from normkit import cli
 from normkit.bench import cases as C
 from normkit.bench import impls as I
 from normkit.bench.copy_bandwidth import copy_bandwidth
-from normkit.bench.report import make_table, notes, print_table
+from normkit.bench.report import make_table, markdown_table, notes, print_table
 from normkit.bench.runner import build_call
 from normkit.bench.timing import measure
 
@@ -184,6 +184,17 @@ def test_table_shows_numbers_ratios_and_notes():
     assert "compile: skipped (--no-compile)" in notes(_fake_doc())
     assert make_table(_fake_doc()).row_count == 1
     assert not any("copy bandwidth changed" in n for n in notes(_fake_doc()))
+
+
+def test_markdown_table_has_the_same_cells_as_the_terminal_table():
+    text = markdown_table(_fake_doc())
+    lines = text.splitlines()
+    assert lines[0].startswith("normkit bench | cpu: Test CPU")
+    header = next(line for line in lines if line.startswith("| op |"))
+    assert "torch GB/s" in header and "compile GB/s" not in header
+    rows = [line for line in lines if line.startswith("| layer_norm |")]
+    assert len(rows) == 1 and "| 10.0 |" in rows[0] and "| 50% |" in rows[0] and "| 3.00 |" in rows[0]
+    assert "[red]" not in text and "note: liger: error in layer_norm fwd 4x8 float32: RuntimeError: boom" in text
 
 
 def test_notes_warn_when_the_copy_bandwidth_drifts():

@@ -15,7 +15,7 @@ Table columns, per case (op, direction, shape, dtype):
 from __future__ import annotations
 
 import json
-from typing import IO, Iterable, List, Optional, Sequence
+from typing import IO, Iterable, List, Optional, Sequence, Tuple
 
 from rich.console import Console
 from rich.table import Table
@@ -50,38 +50,53 @@ def _columns(results: Sequence[dict]) -> List[str]:
     return names
 
 
-def _cell(entry: Optional[dict], key: str, fmt: str) -> str:
+def _cell(entry: Optional[dict], key: str, fmt: str, markup: bool = True) -> str:
     if entry is None or "skipped" in entry:
         return "-"
     if "error" in entry:
-        return "[red]err[/red]"
+        return "[red]err[/red]" if markup else "err"
     return format(entry[key], fmt)
 
 
-def make_table(doc: dict) -> Table:
+def table_rows(doc: dict, markup: bool = True) -> Tuple[List[str], List[List[str]]]:
+    """Column names and one row of cells per case, shared by the terminal and markdown tables."""
     results = doc["results"]
-    table = Table(title=header_line(doc), title_justify="left", show_lines=False)
-    for name, justify in (("op", "left"), ("dir", "left"), ("shape", "right"), ("dtype", "left"),
-                          ("ms", "right"), ("GB/s", "right"), ("%copy", "right")):
-        table.add_column(name, justify=justify)
+    header = ["op", "dir", "shape", "dtype", "ms", "GB/s", "%copy"]
     others = _columns(results)
     for name in others:
-        table.add_column(f"{name} GB/s", justify="right")
-        table.add_column(f"x {name}", justify="right")
+        header += [f"{name} GB/s", f"x {name}"]
+    rows = []
     for row in results:
         mine = row["impls"].get("normkit")
         cells = [
             row["op"], row["direction"], f"{row['rows']}x{row['width']}", row["dtype"],
-            _cell(mine, "ms", ".3f"), _cell(mine, "gbps", ".1f"),
+            _cell(mine, "ms", ".3f", markup), _cell(mine, "gbps", ".1f", markup),
             "-" if mine is None or "frac_copy" not in mine else f"{100 * mine['frac_copy']:.0f}%",
         ]
         speedups = (mine or {}).get("speedup", {})
         for name in others:
-            other = row["impls"].get(name)
-            cells.append(_cell(other, "gbps", ".1f"))
+            cells.append(_cell(row["impls"].get(name), "gbps", ".1f", markup))
             cells.append(f"{speedups[name]:.2f}" if name in speedups else "-")
+        rows.append(cells)
+    return header, rows
+
+
+def make_table(doc: dict) -> Table:
+    table = Table(title=header_line(doc), title_justify="left", show_lines=False)
+    header, rows = table_rows(doc)
+    for i, name in enumerate(header):
+        table.add_column(name, justify="left" if i in (0, 1, 3) else "right")
+    for cells in rows:
         table.add_row(*cells)
     return table
+
+
+def markdown_table(doc: dict) -> str:
+    """The same table as markdown (for BENCHMARKS.md), headed by the machine line."""
+    header, rows = table_rows(doc, markup=False)
+    lines = [header_line(doc), "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
+    return "\n".join(lines + [""] + [f"note: {n}" for n in notes(doc)])
 
 
 def notes(doc: dict) -> List[str]:
