@@ -211,3 +211,26 @@ def test_parameters_in_another_dtype_keep_their_gradient_dtype(cpu):
     torch.testing.assert_close(y, ry, rtol=0, atol=2 ** -5 * ry.abs().max().item())
     torch.testing.assert_close(dw, rdw, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(db, rdb, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_very_wide_rows_with_a_large_mean_stay_accurate(cpu, residual):
+    """A 4M-element row around 1e4: one running float32 sum drifted the mean by 3 (error 5.9
+    in the output); blocked sums must keep output and gradient as accurate as the float32
+    reference (the backend suite's rule: within 2x its error from the float64 truth)."""
+    from helpers import assert_close_to_truth
+
+    n = 1 << 22
+    x = randn((1, n), seed=40, offset=1e4, scale=0.1, requires_grad=True)
+    r = randn((1, n), seed=41) if residual else None
+    dy = randn((1, n), seed=42)
+    with normkit.use_backend("cpu"):
+        y = normkit.layer_norm(x, n, residual=r)
+    (dx,) = torch.autograd.grad(y, x, dy)
+    y32 = ref.layer_norm(x, n, residual=r)
+    (dx32,) = torch.autograd.grad(y32, x, dy)
+    x64 = x.detach().double().requires_grad_()
+    y64 = ref.layer_norm(x64, n, residual=None if r is None else r.double())
+    (dx64,) = torch.autograd.grad(y64, x64, dy.double())
+    assert_close_to_truth(y, y64, y32, what="output")
+    assert_close_to_truth(dx, dx64, dx32, what="dx")

@@ -273,51 +273,64 @@ def test_input_and_residual_gradients_never_share_memory(backend):
     torch.testing.assert_close(r.grad, 2 * once)
 
 
-@pytest.mark.parametrize("is_rms", [False, True])
 @pytest.mark.parametrize("rows, n", [(1, 3), (5, 256), (256, 256)])
-def test_tiny_cpu_calls_use_aten_with_the_reference_semantics(is_rms, rows, n, monkeypatch):
-    """Unforced tiny float32 CPU calls run ATen's kernel (launch overhead dominates there);
-    the prenorm sum is bit-identical to the reference's and the output and every gradient are
-    as close to the float64 truth as the float32 reference is (the backend suite's rule), with
-    a 1e4 mean offset."""
+def test_tiny_cpu_rms_norm_calls_use_aten_with_the_reference_semantics(rows, n, monkeypatch):
+    """Unforced tiny float32 CPU RMS-norm calls run ATen's kernel (launch overhead dominates
+    there); the prenorm sum is bit-identical to the reference's and the output and every
+    gradient are as close to the float64 truth as the float32 reference is (the backend
+    suite's rule), with a 1e4 mean offset."""
     from helpers import assert_close_to_truth
 
     from normkit import functional as fn
 
     calls = []
-    real = torch.nn.functional.rms_norm if is_rms else torch.nn.functional.layer_norm
-    monkeypatch.setattr(torch.nn.functional, "rms_norm" if is_rms else "layer_norm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = torch.nn.functional.rms_norm
+    monkeypatch.setattr(torch.nn.functional, "rms_norm", lambda *a, **k: calls.append(1) or real(*a, **k))
     assert rows * n <= fn.ATEN_TINY_MAX_ELEMENTS
     x, r = randn((rows, n), seed=22, offset=1e4, requires_grad=True), randn((rows, n), seed=23, requires_grad=True)
-    w, b = (t.requires_grad_(True) for t in params((n,), seed=24))
+    w, _ = params((n,), seed=24)
+    w.requires_grad_(True)
     dy, ds = randn((rows, n), seed=25), randn((rows, n), seed=26)
 
-    def run(f, *leaves):
-        xx, rr, ww, bb = leaves
-        y, s = f(xx, n, ww, residual=rr, prenorm=True) if is_rms else f(xx, n, ww, bb, residual=rr, prenorm=True)
-        used = leaves[:3] if is_rms else leaves
-        return [y, s, *torch.autograd.grad((y * dy).sum() + (s * ds).sum(), used)]
+    def run(f, xx, rr, ww):
+        y, s = f(xx, n, ww, residual=rr, prenorm=True)
+        return [y, s, *torch.autograd.grad((y * dy).sum() + (s * ds).sum(), (xx, rr, ww))]
 
-    got = run(normkit.layer_norm if not is_rms else normkit.rms_norm, x, r, w, b)
-    assert bool(calls) == is_rms, "layer norm with gradients must keep normkit's path, RMS norm go to ATen"
-    f_nk, f_ref = (normkit.rms_norm, ref.rms_norm) if is_rms else (normkit.layer_norm, ref.layer_norm)
-    with torch.no_grad():
-        y_inference = f_nk(x, n, w)
-        assert calls, "the tiny inference call did not go to ATen"
-        assert_close_to_truth(y_inference, f_ref(x.double(), n, w.double()), f_ref(x, n, w), what="inference output")
-    f_ref = ref.rms_norm if is_rms else ref.layer_norm
-    baseline = run(f_ref, x, r, w, b)
-    as64 = [t.detach().double().requires_grad_() for t in (x, r, w, b)]
-    truth = run(f_ref, *as64)
+    got = run(normkit.rms_norm, x, r, w)
+    assert calls, "the tiny call did not go to ATen"
+    baseline = run(ref.rms_norm, x, r, w)
+    truth = run(ref.rms_norm, *(t.detach().double().requires_grad_() for t in (x, r, w)))
     assert torch.equal(got[1], baseline[1]), "the prenorm sum differs from the reference's"
     for i, (g, t, base) in enumerate(zip(got, truth, baseline)):
         assert_close_to_truth(g, t, base, what=f"output {i}")
+
+
+def test_tiny_layer_norm_never_goes_to_aten(monkeypatch):
+    """ATen's CPU layer norm loses accuracy on rows with a large mean; with 0.01 spread around
+    1e5 normkit's inference output must match its training output and the reference."""
+    monkeypatch.setattr(torch.nn.functional, "layer_norm", lambda *a, **k: pytest.fail("ATen layer norm used"))
+    x = randn((4, 4096), seed=28, offset=1e5, scale=0.01)
+    with torch.no_grad():
+        inference = normkit.layer_norm(x, 4096)
+    training = normkit.layer_norm(x.clone().requires_grad_(), 4096).detach()
+    assert torch.equal(inference, training)
+    torch.testing.assert_close(inference, ref.layer_norm(x, 4096), rtol=0, atol=1e-3)
 
 
 def test_forced_backend_bypasses_the_aten_path(monkeypatch):
     from helpers import backend_or_skip
 
     backend_or_skip("cpu")
-    monkeypatch.setattr(torch.nn.functional, "layer_norm", lambda *a, **k: pytest.fail("ATen path taken"))
+    monkeypatch.setattr(torch.nn.functional, "rms_norm", lambda *a, **k: pytest.fail("ATen path taken"))
     with normkit.use_backend("cpu"):
-        normkit.layer_norm(randn((2, 8), seed=27), 8)
+        normkit.rms_norm(randn((2, 8), seed=27), 8)
+
+
+def test_torch_jit_trace_records_the_custom_op():
+    """Under torch.jit.trace shapes are traced values: the call must go through the custom op
+    (whose trace is correct on new inputs), not a backend that needs Python ints."""
+    w = params((1024,), seed=29)[0]
+    traced = torch.jit.trace(lambda x: normkit.layer_norm(x, 1024, w), randn((256, 1024), seed=30), check_trace=False)
+    assert "normkit::norm_fwd" in str(traced.graph)
+    x = randn((300, 1024), seed=31)
+    torch.testing.assert_close(traced(x), ref.layer_norm(x, 1024, w), rtol=1e-5, atol=1e-5)

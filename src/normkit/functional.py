@@ -131,7 +131,7 @@ def _norm(
         return _onnx_norm(x, shape, weight, bias, eps, is_rms, residual, prenorm, dropout_p)
 
     n = math.prod(shape)
-    if _use_aten_for_tiny_call(x, residual, weight, bias, dropout_p, is_rms):
+    if _use_aten_for_tiny_call(x, weight, dropout_p, is_rms):
         return _aten_norm(x, shape, weight, bias, eps, is_rms, residual, prenorm)
     rows = x.numel() // n
     if rows == 0:
@@ -153,28 +153,26 @@ def _norm(
     return (y, s2.view(x.shape)) if prenorm else y
 
 
-#: CPU float32 calls of at most this many elements (256 KiB: L2-resident, launch-bound) run
-#: ATen's fused kernel (see below).
+#: CPU float32 RMS-norm calls of at most this many elements (256 KiB: L2-resident,
+#: launch-bound) run ATen's fused kernel (see below).
 ATEN_TINY_MAX_ELEMENTS = 1 << 16
 
 
-def _use_aten_for_tiny_call(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor], dropout_p: float, is_rms: bool) -> bool:
-    """Tiny float32 CPU calls (a few rows: the inference and small-RNN case) cost more in the
-    Python launch of any kernel (~10-20 µs) than in the arithmetic; ATen's own fused kernel
-    does them in 2-5 µs with the same semantics (float32 statistics; the residual sum rounded
-    once, as ``x + residual`` is). Only when no backend is forced, so the backend tests and
-    ``use_backend`` still run exactly what they name, and never under ``torch.compile``.
-    Layer norm only without gradients: ATen's layer-norm backward loses up to 3x more accuracy
-    than normkit's on inputs with a large mean (1e4 offset), so training keeps normkit's."""
-    if not is_rms and torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, residual, weight, bias)):
-        return False
+def _use_aten_for_tiny_call(x: Tensor, weight: Optional[Tensor], dropout_p: float, is_rms: bool) -> bool:
+    """Tiny float32 CPU RMS-norm calls (a few rows: the inference and small-RNN case) cost more
+    in the Python launch of any kernel (~10-20 µs) than in the arithmetic; ATen's own fused
+    kernel does them in 2-5 µs with the same semantics (float32 statistics; the residual sum
+    rounded once, as ``x + residual`` is). Only when no backend is forced, so the backend
+    tests and ``use_backend`` still run exactly what they name, and never while tracing.
+    Not layer norm: ATen's CPU layer-norm statistics lose accuracy on rows with a large mean
+    (error 0.45 against normkit's 0.016 at a 1e5 offset), forward and backward."""
     return (
-        x.device.type == "cpu"
+        is_rms
+        and x.device.type == "cpu"
         and x.dtype is torch.float32
         and x.numel() <= ATEN_TINY_MAX_ELEMENTS
         and dropout_p == 0.0
         and (weight is None or weight.dtype is torch.float32)
-        and (bias is None or bias.dtype is torch.float32)
         and ops.plain_eager(x)
         and forced_backend() is None
     )

@@ -171,12 +171,13 @@ torch.library.register_autograd("normkit::norm_fwd", _backward, setup_context=_s
 
 
 def plain_eager(x: Tensor) -> bool:
-    """Whether a call on ``x`` runs eagerly on real tensors: not under ``torch.compile``, no
-    tracing or fake-tensor dispatch mode (``make_fx``, ``torch.export``, the ONNX dynamo
+    """Whether a call on ``x`` runs eagerly on real tensors: not under ``torch.compile`` or
+    ``torch.jit.trace``, no tracing or fake-tensor dispatch mode (``make_fx``, ``torch.export``, the ONNX dynamo
     exporter), and not a tensor subclass. Anything else must see the custom op."""
     return (
         type(x) is Tensor
         and not torch.compiler.is_compiling()
+        and not torch.jit.is_tracing()
         and torch._C._len_torch_dispatch_stack() == 0
     )
 
