@@ -102,7 +102,7 @@ def _backward_impl(dy, dsum, s, weight, mean, rstd, seed, is_rms, dropout_p, bac
     if not need_dres:
         dres = _empty(dy)
     elif dres is dx:
-        dres = dres.clone()
+        dres = get_backend(backend).empty_like(dx).copy_(dx)
     return dx, dres, dw, db
 
 

@@ -172,6 +172,9 @@ class CpuBackend(Backend):
     def supports(self, x: Tensor, dropout_p: float) -> bool:
         return x.device.type == "cpu" and x.dtype in _DTYPES and dropout_p == 0.0
 
+    def empty_like(self, t: Tensor) -> Tensor:
+        return _empty_like(t)  # huge pages for large buffers, as for the kernels' outputs
+
     def forward(self, x, residual, weight, bias, eps, is_rms, dropout_p, seed, store_sum) -> ForwardResult:
         if dropout_p != 0.0:
             raise ValueError(f"the cpu backend does not implement dropout (got dropout_p={dropout_p}); supports() says so")
