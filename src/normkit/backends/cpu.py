@@ -135,7 +135,9 @@ def _param(p: Optional[Tensor], n: int, fill: float):
 class _Threads:
     """Run numba's pool with at most torch's thread count, handing out row chunks dynamically
     (one at a time: a core busy with another process then delays one chunk, not half the rows);
-    the caller's numba settings are restored on exit."""
+    the caller's numba settings are restored on exit. numba's settings are per calling thread,
+    so each ``with`` gets its own instance (a shared one would let two Python threads restore
+    each other's settings)."""
 
     __slots__ = ("numba", "saved", "saved_chunk")
 
@@ -162,9 +164,6 @@ class _Threads:
 class CpuBackend(Backend):
     name = "cpu"
     default_for = ("cpu",)
-
-    def __init__(self):
-        self._threads = None if numba is None else _Threads(numba)
 
     def unavailable_reason(self) -> Optional[str]:
         return _UNAVAILABLE
@@ -204,7 +203,7 @@ class CpuBackend(Backend):
         if _is_serial(rows, n):
             k.fwd_serial(*args)
         else:
-            with self._threads:
+            with _Threads(numba):
                 k.fwd_parallel(*args, rows_per_chunk(rows, n))
         if store_sum and not has_res:
             s = x  # no residual, no dropout: the normalized input is x itself
@@ -240,7 +239,7 @@ class CpuBackend(Backend):
             chunks = -(-rows // per)
             dw_part = torch.empty((chunks, n), dtype=torch.float32)
             db_part = torch.empty((chunks, n), dtype=torch.float32)
-            with self._threads:
+            with _Threads(numba):
                 k.bwd_parallel(*head, _np(dw_part), _np(db_part), *flags, per)
                 k.sum_partials(_np(dw_part), _np(db_part), _np(dw), _np(db), _REDUCE_COLS)
         # Without dropout the residual's gradient is dx itself; ops.py copies it only if wanted.
