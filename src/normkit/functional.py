@@ -132,7 +132,7 @@ def _norm(
 
     n = math.prod(shape)
     if _use_aten_for_tiny_call(x, weight, dropout_p, is_rms):
-        return _aten_norm(x, shape, weight, bias, eps, is_rms, residual, prenorm)
+        return _aten_rms_norm(x, shape, weight, eps, residual, prenorm)
     rows = x.numel() // n
     if rows == 0:
         y = torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -178,12 +178,9 @@ def _use_aten_for_tiny_call(x: Tensor, weight: Optional[Tensor], dropout_p: floa
     )
 
 
-def _aten_norm(x, shape, weight, bias, eps, is_rms, residual, prenorm):
+def _aten_rms_norm(x, shape, weight, eps, residual, prenorm):
     s = x if residual is None else x + residual
-    if is_rms:
-        y = torch.nn.functional.rms_norm(s, shape, weight, eps)
-    else:
-        y = torch.nn.functional.layer_norm(s, shape, weight, bias, eps)
+    y = torch.nn.functional.rms_norm(s, shape, weight, eps)
     return (y, s) if prenorm else y
 
 

@@ -5,6 +5,11 @@ named by a string argument, so ``torch.compile(fullgraph=True)`` sees one opaque
 fake (meta) implementation whatever the backend, and autograd is wired once. The ops work on
 contiguous 2-D ``(M, N)`` tensors; :mod:`normkit.functional` validates and reshapes.
 
+Eager calls on plain tensors skip the op dispatcher: :class:`_EagerNorm` runs the same
+forward/backward bodies (``_forward_impl``/``_backward_impl``) as an ``autograd.Function``,
+because ``torch.library``'s dispatch and autograd wrapper cost more than the kernels on all
+but large inputs. Whatever traces (compile, export, ``make_fx``, ``jit.trace``) sees the op.
+
 Dropout seeds are drawn *inside* the forward op and returned as a tensor, so a compiled graph
 draws a fresh seed every call instead of baking one in, and backward regenerates the mask.
 """
@@ -172,8 +177,9 @@ torch.library.register_autograd("normkit::norm_fwd", _backward, setup_context=_s
 
 def plain_eager(x: Tensor) -> bool:
     """Whether a call on ``x`` runs eagerly on real tensors: not under ``torch.compile`` or
-    ``torch.jit.trace``, no tracing or fake-tensor dispatch mode (``make_fx``, ``torch.export``, the ONNX dynamo
-    exporter), and not a tensor subclass. Anything else must see the custom op."""
+    ``torch.jit.trace``, no tracing or fake-tensor dispatch mode (``make_fx``,
+    ``torch.export``, the ONNX dynamo exporter), and not a tensor subclass. Anything else
+    must see the custom op."""
     return (
         type(x) is Tensor
         and not torch.compiler.is_compiling()
@@ -213,7 +219,8 @@ def norm_forward(
     prenorm: bool,
     backend: str,
 ) -> Tuple[Tensor, Optional[Tensor]]:
-    """``(y, s)`` on contiguous ``(M, N)`` tensors through the custom op (differentiable);
+    """``(y, s)`` on contiguous ``(M, N)`` tensors, differentiable: through the eager
+    autograd Function when :func:`plain_eager`, else through the custom op;
     ``s`` is the normalized input when ``prenorm`` (``x`` itself without residual and
     dropout), else ``None``."""
     op = _EagerNorm.apply if plain_eager(x) else _norm_fwd
