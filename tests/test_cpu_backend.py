@@ -186,6 +186,20 @@ def test_gradients_are_bit_identical_across_runs_and_thread_counts(cpu, fn):
         assert torch.equal(a, d), "1 thread and the default thread count gave different bits"
 
 
+def test_one_thread_budget_never_wakes_the_numba_pool(cpu, monkeypatch):
+    """With torch.set_num_threads(1) the kernels run in the calling thread: a one-thread
+    launch of numba's OpenMP pool left a worker spinning (twice the CPU time, same wall time)."""
+    from normkit.backends import cpu_kernels
+
+    for name in ("fwd_parallel", "bwd_parallel", "sum_partials"):
+        monkeypatch.setattr(cpu_kernels, name, lambda *a, _n=name: pytest.fail(f"{_n} launched with a one-thread budget"))
+    x = randn((3000, 257), seed=16, requires_grad=True)  # big enough for the parallel path
+    w, b = (t.requires_grad_(True) for t in params((257,), seed=17))
+    with torch_threads(1), normkit.use_backend("cpu"):
+        normkit.layer_norm(x, (257,), w, b).sum().backward()
+    assert x.grad is not None and w.grad is not None
+
+
 def test_numba_thread_setting_is_restored(cpu):
     import numba
 

@@ -132,6 +132,14 @@ def _param(p: Optional[Tensor], n: int, fill: float):
     return _np(p)
 
 
+def _thread_budget() -> int:
+    """Threads a parallel kernel may use: torch's intra-op count, capped by numba's pool. With
+    a budget of one the kernels run in the calling thread: a one-thread launch of numba's
+    OpenMP pool leaves its other worker spinning, which doubled the process's CPU time for
+    the same wall time (measured with ``torch.set_num_threads(1)``)."""
+    return max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+
+
 class _Threads:
     """Run numba's pool with at most torch's thread count, handing out row chunks dynamically
     (one at a time: a core busy with another process then delays one chunk, not half the rows);
@@ -147,7 +155,7 @@ class _Threads:
         self.saved_chunk = 0
 
     def __enter__(self):
-        want = max(1, min(torch.get_num_threads(), self.numba.config.NUMBA_NUM_THREADS))
+        want = _thread_budget()
         self.saved = self.numba.get_num_threads()
         if want != self.saved:
             self.numba.set_num_threads(want)
@@ -200,8 +208,8 @@ class CpuBackend(Backend):
             has_res,
             store,
         )
-        if _is_serial(rows, n):
-            k.fwd_serial(*args)
+        if _is_serial(rows, n) or _thread_budget() == 1:
+            k.fwd_serial(*args)  # rows are independent: the same bits as the parallel kernel
         else:
             with _Threads(numba):
                 k.fwd_parallel(*args, rows_per_chunk(rows, n))
@@ -239,9 +247,13 @@ class CpuBackend(Backend):
             chunks = -(-rows // per)
             dw_part = torch.empty((chunks, n), dtype=torch.float32)
             db_part = torch.empty((chunks, n), dtype=torch.float32)
-            with _Threads(numba):
-                k.bwd_parallel(*head, _np(dw_part), _np(db_part), *flags, per)
-                k.sum_partials(_np(dw_part), _np(db_part), _np(dw), _np(db), _REDUCE_COLS)
+            if _thread_budget() == 1:  # same chunks and summation order as the parallel path
+                k.bwd_chunked_serial(*head, _np(dw_part), _np(db_part), *flags, per)
+                k.sum_partials_serial(_np(dw_part), _np(db_part), _np(dw), _np(db))
+            else:
+                with _Threads(numba):
+                    k.bwd_parallel(*head, _np(dw_part), _np(db_part), *flags, per)
+                    k.sum_partials(_np(dw_part), _np(db_part), _np(dw), _np(db), _REDUCE_COLS)
         # Without dropout the residual's gradient is dx itself; ops.py copies it only if wanted.
         return dx, dx, dw, db
 

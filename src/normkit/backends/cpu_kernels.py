@@ -339,32 +339,51 @@ def bwd_serial(s, dy, dsum, w, mean, rstd, dx, dw, db, is_rms, has_dsum):
     _bwd_rows(0, s.shape[0], s, dy, dsum, w, mean, rstd, dx, dw, db, 0, is_rms, has_dsum)
 
 
+@njit(inline="always", **_JIT)
+def _bwd_chunk(c, s, dy, dsum, w, mean, rstd, dx, dw_part, db_part, is_rms, has_dsum, rows_per_chunk):
+    lo = c * rows_per_chunk
+    hi = min(s.shape[0], lo + rows_per_chunk)
+    _bwd_rows(lo, hi, s, dy, dsum, w, mean, rstd, dx, dw_part, db_part, c, is_rms, has_dsum)
+
+
 @njit(parallel=True, **_JIT)
 def bwd_parallel(s, dy, dsum, w, mean, rstd, dx, dw_part, db_part, is_rms, has_dsum, rows_per_chunk):
     """Backward with chunk ``c`` (rows ``c*rows_per_chunk ...``) writing its ``dw``/``db``
     partial sums to row ``c`` of ``dw_part``/``db_part`` ``(n_chunks, N)`` float32; sum them
     with :func:`sum_partials`."""
-    m_rows = s.shape[0]
-    n_chunks = dw_part.shape[0]
-    for c in prange(n_chunks):
-        lo = c * rows_per_chunk
-        hi = min(m_rows, lo + rows_per_chunk)
-        _bwd_rows(lo, hi, s, dy, dsum, w, mean, rstd, dx, dw_part, db_part, c, is_rms, has_dsum)
+    for c in prange(dw_part.shape[0]):
+        _bwd_chunk(c, s, dy, dsum, w, mean, rstd, dx, dw_part, db_part, is_rms, has_dsum, rows_per_chunk)
+
+
+@njit(**_JIT)
+def bwd_chunked_serial(s, dy, dsum, w, mean, rstd, dx, dw_part, db_part, is_rms, has_dsum, rows_per_chunk):
+    """:func:`bwd_parallel` in the calling thread, same chunks and partial sums (so the same
+    bits): for a one-thread budget, where waking the pool only adds a spinning worker."""
+    for c in range(dw_part.shape[0]):
+        _bwd_chunk(c, s, dy, dsum, w, mean, rstd, dx, dw_part, db_part, is_rms, has_dsum, rows_per_chunk)
 
 
 @njit(parallel=True, **_JIT)
 def sum_partials(dw_part, db_part, dw, db, cols_per_block):
     """``dw = dw_part.sum(0)``, ``db = db_part.sum(0)``, summed in chunk order (deterministic);
     parallel over blocks of columns."""
-    n_chunks, n = dw_part.shape
-    n_blocks = (n + cols_per_block - 1) // cols_per_block
-    for blk in prange(n_blocks):
-        lo = blk * cols_per_block
-        hi = min(n, lo + cols_per_block)
+    n = dw_part.shape[1]
+    for blk in prange((n + cols_per_block - 1) // cols_per_block):
+        _sum_block(blk * cols_per_block, min(n, (blk + 1) * cols_per_block), dw_part, db_part, dw, db)
+
+
+@njit(**_JIT)
+def sum_partials_serial(dw_part, db_part, dw, db):
+    """:func:`sum_partials` in the calling thread, in the same (chunk) order."""
+    _sum_block(0, dw_part.shape[1], dw_part, db_part, dw, db)
+
+
+@njit(inline="always", **_JIT)
+def _sum_block(lo, hi, dw_part, db_part, dw, db):
+    for j in range(lo, hi):
+        dw[j] = dw_part[0, j]
+        db[j] = db_part[0, j]
+    for c in range(1, dw_part.shape[0]):
         for j in range(lo, hi):
-            dw[j] = dw_part[0, j]
-            db[j] = db_part[0, j]
-        for c in range(1, n_chunks):
-            for j in range(lo, hi):
-                dw[j] += dw_part[c, j]
-                db[j] += db_part[c, j]
+            dw[j] += dw_part[c, j]
+            db[j] += db_part[c, j]
