@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -66,6 +66,32 @@ def warm_up(model: torch.nn.Module, x: torch.Tensor) -> None:
     """One untimed forward and backward, so that one-time costs (JIT compilation of a kernel,
     lazy initialization) do not land in the first seed's training time."""
     model(x).float().sum().backward()
+
+
+def run_arms(name: str, arms: Sequence[str], seeds: Sequence[int], ticks: int, tracker, train_one: Callable,
+             warm: Optional[Callable] = None) -> Tuple[Dict[str, List[Dict]], Dict[str, str]]:
+    """``train_one(arm, seed, tick)`` for every arm and seed, each under its own progress bar of
+    ``ticks`` steps. ``warm(arm)``, if given, runs once before an arm's first seed (see
+    :func:`warm_up`). An arm whose model cannot be built (``ImportError``: an optional
+    dependency is missing) is skipped with the reason and its remaining seeds are not run.
+    Returns ``(runs per arm, reason per skipped arm)``, arms in the given order."""
+    runs_by_arm: Dict[str, List[Dict]] = {}
+    skipped: Dict[str, str] = {}
+    for arm in arms:
+        runs: List[Dict] = []
+        for seed in seeds:
+            with tracker.run(f"{LABELS[arm]}, seed {seed}", ticks) as tick:
+                try:
+                    if warm is not None and not runs:
+                        warm(arm)
+                    runs.append(train_one(arm, seed, tick))
+                except ImportError as exc:
+                    skipped[arm] = str(exc)
+                    tracker.log(f"[yellow]{name}: skipping {LABELS[arm]}: {exc}[/]")
+                    break
+        if arm not in skipped:
+            runs_by_arm[arm] = runs
+    return runs_by_arm, skipped
 
 
 class Timer:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from normkit.lab.config import LSTMConfig
 from normkit.lab.data import VOCAB_SIZE, char_batches, stdlib_corpus
-from normkit.lab.experiments._common import LABELS, Timer, band, clip_and_step, curve_stats, pyplot, save, seeded, stat_dict, warm_up
+from normkit.lab.experiments._common import LABELS, Timer, band, clip_and_step, curve_stats, pyplot, run_arms, save, seeded, stat_dict, warm_up
 from normkit.lab.models import CharRNN
 from normkit.lab.verdict import Finding, Stat, compare
 
@@ -63,28 +63,22 @@ def train_one(cfg: LSTMConfig, arm: str, seed: int, tick=lambda n=1: None) -> Di
 def run(cfg: LSTMConfig, seeds: Sequence[int], tracker) -> Dict:
     tracker.experiment(NAME, len(cfg.arms) * len(seeds))
     corpus = stdlib_corpus(cfg.chars)
-    arms, skipped = {}, {}
-    for arm in cfg.arms:
-        runs = []
-        for seed in seeds:
-            with tracker.run(f"{LABELS[arm]}, seed {seed}", cfg.steps) as tick:
-                try:
-                    if not runs:
-                        warm_up(CharRNN(arm, VOCAB_SIZE, cfg.embed, cfg.hidden), torch.zeros(2, 3, dtype=torch.long))
-                    runs.append(train_one(cfg, arm, seed, tick))
-                except ImportError as exc:
-                    skipped[arm] = str(exc)
-                    tracker.log(f"[yellow]{NAME}: skipping {LABELS[arm]}: {exc}[/]")
-                    break
-        if arm not in skipped:
-            arms[arm] = {
-                "final_bpc": stat_dict([r["final_bpc"] for r in runs]),
-                "train_seconds": stat_dict([r["train_seconds"] for r in runs]),
-                "wall_seconds": stat_dict([r["wall_seconds"] for r in runs]),
-                "curve": curve_stats([r["bpc"] for r in runs]),
-                "seconds_curve": curve_stats([r["seconds"] for r in runs]),
-                "runs": runs,
-            }
+    runs_by_arm, skipped = run_arms(
+        NAME, cfg.arms, seeds, cfg.steps, tracker,
+        lambda arm, seed, tick: train_one(cfg, arm, seed, tick),
+        warm=lambda arm: warm_up(CharRNN(arm, VOCAB_SIZE, cfg.embed, cfg.hidden), torch.zeros(2, 3, dtype=torch.long)),
+    )
+    arms = {
+        arm: {
+            "final_bpc": stat_dict([r["final_bpc"] for r in runs]),
+            "train_seconds": stat_dict([r["train_seconds"] for r in runs]),
+            "wall_seconds": stat_dict([r["wall_seconds"] for r in runs]),
+            "curve": curve_stats([r["bpc"] for r in runs]),
+            "seconds_curve": curve_stats([r["seconds"] for r in runs]),
+            "runs": runs,
+        }
+        for arm, runs in runs_by_arm.items()
+    }
     return {
         "steps_at": checkpoints(cfg.steps, cfg.evals),
         "arms": arms,

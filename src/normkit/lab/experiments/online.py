@@ -26,7 +26,7 @@ from torch import nn
 
 from normkit.lab.config import OnlineConfig
 from normkit.lab.data import shifted_stream
-from normkit.lab.experiments._common import LABELS, band, curve_stats, pyplot, save, seeded, stat_dict
+from normkit.lab.experiments._common import LABELS, band, curve_stats, pyplot, run_arms, save, seeded, stat_dict
 from normkit.lab.models import make_norm
 from normkit.lab.verdict import Finding, Stat, compare
 
@@ -87,24 +87,15 @@ def stream_one(cfg: OnlineConfig, arm: str, seed: int, tick=lambda n=1: None) ->
 
 def run(cfg: OnlineConfig, seeds: Sequence[int], tracker) -> Dict:
     tracker.experiment(NAME, len(cfg.arms) * len(seeds))
-    arms, skipped = {}, {}
-    for arm in cfg.arms:
-        runs = []
-        for seed in seeds:
-            with tracker.run(f"{LABELS[arm]}, seed {seed}", cfg.length) as tick:
-                try:
-                    runs.append(stream_one(cfg, arm, seed, tick))
-                except ImportError as exc:
-                    skipped[arm] = str(exc)
-                    tracker.log(f"[yellow]online: skipping {LABELS[arm]}: {exc}[/]")
-                    break
-        if arm in skipped:
-            continue
-        arms[arm] = {
+    runs_by_arm, skipped = run_arms(NAME, cfg.arms, seeds, cfg.length, tracker, lambda arm, seed, tick: stream_one(cfg, arm, seed, tick))
+    arms = {
+        arm: {
             **{f"{win}_{m}": stat_dict([r[win][m] for r in runs]) for win in _WINDOWS for m in ("acc", "loss")},
             "curve": curve_stats([r["curve"] for r in runs]),
             "runs": runs,
         }
+        for arm, runs in runs_by_arm.items()
+    }
     any_run = next(iter(arms.values()))["runs"][0] if arms else {"curve_at": [], "shift": cfg.length // 2}
     return {"arms": arms, "skipped": skipped, "curve_at": any_run["curve_at"], "shift": any_run["shift"], "window": cfg.window}
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from normkit.lab.config import SequentialConfig
 from normkit.lab.data import digits
-from normkit.lab.experiments._common import LABELS, Timer, band, clip_and_step, curve_stats, pyplot, save, seeded, stat_dict, warm_up
+from normkit.lab.experiments._common import LABELS, Timer, band, clip_and_step, curve_stats, pyplot, run_arms, save, seeded, stat_dict, warm_up
 from normkit.lab.experiments.lstm import checkpoints
 from normkit.lab.models import RNNClassifier
 from normkit.lab.verdict import Finding, Stat, compare
@@ -53,26 +53,20 @@ def train_one(cfg: SequentialConfig, arm: str, seed: int, tick=lambda n=1: None)
 
 def run(cfg: SequentialConfig, seeds: Sequence[int], tracker) -> Dict:
     tracker.experiment(NAME, len(cfg.arms) * len(seeds))
-    arms, skipped = {}, {}
-    for arm in cfg.arms:
-        runs = []
-        for seed in seeds:
-            with tracker.run(f"{LABELS[arm]}, seed {seed}", cfg.steps) as tick:
-                try:
-                    if not runs:
-                        warm_up(RNNClassifier(arm, 1, cfg.hidden, 10), torch.rand(2, 3, 1))
-                    runs.append(train_one(cfg, arm, seed, tick))
-                except ImportError as exc:
-                    skipped[arm] = str(exc)
-                    tracker.log(f"[yellow]{NAME}: skipping {LABELS[arm]}: {exc}[/]")
-                    break
-        if arm not in skipped:
-            arms[arm] = {
-                "final_acc": stat_dict([r["final_acc"] for r in runs]),
-                "train_seconds": stat_dict([r["train_seconds"] for r in runs]),
-                "curve": curve_stats([r["curve"] for r in runs]),
-                "runs": runs,
-            }
+    runs_by_arm, skipped = run_arms(
+        NAME, cfg.arms, seeds, cfg.steps, tracker,
+        lambda arm, seed, tick: train_one(cfg, arm, seed, tick),
+        warm=lambda arm: warm_up(RNNClassifier(arm, 1, cfg.hidden, 10), torch.rand(2, 3, 1)),
+    )
+    arms = {
+        arm: {
+            "final_acc": stat_dict([r["final_acc"] for r in runs]),
+            "train_seconds": stat_dict([r["train_seconds"] for r in runs]),
+            "curve": curve_stats([r["curve"] for r in runs]),
+            "runs": runs,
+        }
+        for arm, runs in runs_by_arm.items()
+    }
     return {"steps_at": checkpoints(cfg.steps, cfg.evals), "arms": arms, "skipped": skipped}
 
 
