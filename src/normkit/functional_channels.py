@@ -30,14 +30,12 @@ The reference semantics of both are the composite in :func:`_layer_norm_dim1` /
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from normkit.functional import layer_norm
+from normkit.functional import _check_eps, layer_norm
 from normkit.reference import compute_dtype
 
 __all__ = ["layer_norm_2d", "layer_norm_chw"]
@@ -69,14 +67,6 @@ def _check_param(name: str, p: Optional[Tensor], input: Tensor) -> None:
         raise TypeError(f"{name} must have a floating dtype, got {p.dtype}")
     if p.device != input.device:
         raise ValueError(f"{name} is on {p.device} but input is on {input.device}; move them to one device")
-
-
-def _check_eps(eps: float) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
-        raise TypeError(f"eps must be a real number, got {eps!r}")
-    if not (float(eps) >= 0.0 and math.isfinite(float(eps))):
-        raise ValueError(f"eps must be finite and >= 0, got {eps}")
-    return float(eps)
 
 
 def _sizes(shape) -> tuple:
