@@ -46,9 +46,10 @@ Design (the row is the unit of work, as in the flash-attention / Apex kernels):
 from __future__ import annotations
 
 import numpy as np
-from llvmlite import ir
 from numba import njit, prange, types
-from numba.extending import intrinsic, overload
+from numba.extending import overload
+
+from normkit._numba_bits import f32_as_u32, u32_as_f32
 
 __all__ = [
     "fwd_serial",
@@ -68,45 +69,15 @@ _F32 = np.float32
 # --- float32 <-> bfloat16 bits ---------------------------------------------------------------
 
 
-@intrinsic
-def _u32_as_f32(typingctx, i):
-    """Reinterpret the low 32 bits of an integer as a float32."""
-    if not isinstance(i, types.Integer):
-        return None
-
-    def codegen(context, builder, sig, args):
-        v = args[0]
-        width = sig.args[0].bitwidth
-        if width > 32:
-            v = builder.trunc(v, ir.IntType(32))
-        elif width < 32:
-            v = builder.zext(v, ir.IntType(32))
-        return builder.bitcast(v, ir.FloatType())
-
-    return types.float32(i), codegen
-
-
-@intrinsic
-def _f32_as_u32(typingctx, f):
-    """The bits of a float32 as a uint32."""
-    if not isinstance(f, types.Float) or f.bitwidth != 32:
-        return None
-
-    def codegen(context, builder, sig, args):
-        return builder.bitcast(args[0], ir.IntType(32))
-
-    return types.uint32(f), codegen
-
-
 @njit(inline="always", **_JIT)
 def _bf16_to_f32(h):
-    return _u32_as_f32(np.uint32(h) << np.uint32(16))
+    return u32_as_f32(np.uint32(h) << np.uint32(16))
 
 
 @njit(inline="always", **_JIT)
 def _f32_to_bf16(v):
     """Round-to-nearest-even float32 -> bfloat16 bits; NaN stays NaN (quiet bit set)."""
-    b = _f32_as_u32(v)
+    b = f32_as_u32(v)
     hi = b >> np.uint32(16)
     rounded = (b + np.uint32(0x7FFF) + (hi & np.uint32(1))) >> np.uint32(16)
     is_nan = (b & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)

@@ -25,9 +25,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from llvmlite import ir
-from numba import njit, types
-from numba.extending import intrinsic
+from numba import njit
+
+from normkit._numba_bits import u32_as_f32
 
 __all__ = ["lstm_fwd_step", "lstm_bwd_step", "gru_fwd_step", "gru_bwd_step", "column_dot"]
 
@@ -41,28 +41,13 @@ _HALF, _ONE, _TWO, _ZERO = _F(0.5), _F(1.0), _F(2.0), _F(0.0)
 _jit = dict(cache=True, fastmath=False, error_model="numpy", nogil=True)
 
 
-@intrinsic
-def _bits_as_f32(typingctx, i):
-    """Reinterpret the low 32 bits of an integer as a float32."""
-    if not isinstance(i, types.Integer):
-        return None
-
-    def codegen(context, builder, sig, args):
-        v = args[0]
-        if sig.args[0].bitwidth != 32:
-            v = builder.trunc(v, ir.IntType(32)) if sig.args[0].bitwidth > 32 else builder.zext(v, ir.IntType(32))
-        return builder.bitcast(v, ir.FloatType())
-
-    return types.float32(i), codegen
-
-
 @njit(inline="always", **_jit)
 def _exp(x):
     x = min(max(x, _EXP_LO), _EXP_HI)
     fx = math.floor(x * _LOG2E + _HALF)
     r = x - fx * _LN2_HI - fx * _LN2_LO
     y = (((((_P0 * r + _P1) * r + _P2) * r + _P3) * r + _P4) * r + _P5) * (r * r) + r + _ONE
-    return y * _bits_as_f32((np.int32(fx) + np.int32(127)) << np.int32(23))
+    return y * u32_as_f32((np.int32(fx) + np.int32(127)) << np.int32(23))
 
 
 @njit(inline="always", **_jit)
