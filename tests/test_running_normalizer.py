@@ -81,38 +81,134 @@ def test_streaming_1e7_values_at_offset_1e6_is_float64_accurate():
 
 
 def test_momentum_tracks_a_level_shift_while_cumulative_stays_between():
+    # momentum is per sample: alpha with (1 - alpha)^b = 0.95 forgets 5 % per batch of b.
     m, b, k = 0.05, 33, 6
-    ema, cumulative = RunningNormalizer(4, momentum=m), RunningNormalizer(4)
+    alpha = 1 - (1 - m) ** (1 / b)
+    ema, cumulative = RunningNormalizer(4, momentum=alpha), RunningNormalizer(4)
     for i in range(200):
         x = chunk(i, b, (4,))
         ema(x), cumulative(x)
-    for i in range(200, 200 + int(k / m)):  # k / m = 120 steps at a level shifted by +10
+    for i in range(200, 200 + int(k / m)):  # k / m = 120 batches at a level shifted by +10
         x = chunk(i, b, (4,), offset=10.0)
         ema(x), cumulative(x)
     base = torch.linspace(-4.0, 7.0, 4, dtype=torch.float64)
     sigma = torch.linspace(0.5, 3.0, 4, dtype=torch.float64)
     # what remains of the old level, (1 - m)^(k/m) ≈ e^-k, plus 5 standard deviations of the
-    # EMA's own noise, σ·sqrt(m / ((2 - m)·b))
-    allowed = 10 * (1 - m) ** int(k / m) + 5 * sigma * (m / ((2 - m) * b)) ** 0.5
+    # EW mean's own noise, σ·sqrt(alpha / (2 - alpha))
+    allowed = 10 * (1 - m) ** int(k / m) + 5 * sigma * (alpha / (2 - alpha)) ** 0.5
     assert ((ema.running_mean - (base + 10)).abs() < allowed).all(), ema.running_mean - base
     # the cumulative mean weights old and new data 200:120 — it sits in between, near +3.75
     assert ((cumulative.running_mean - (base + 3.75)).abs() < 0.1).all(), cumulative.running_mean - base
-    # variance: EMA stays the within-level spread; the cumulative one adds the level mixture's
+    # variance: EMA is the within-level spread plus what its small remaining weight e on the old
+    # level adds, e(1 - e)·10² (the per-batch blend never saw that); the cumulative one adds
+    # the whole level mixture's
     spread = sigma**2
-    assert ((ema.running_var / spread - 1).abs() < 0.3).all()
+    e = (1 - m) ** int(k / m)
+    assert ((ema.running_var / (spread + e * (1 - e) * 100) - 1).abs() < 0.3).all(), ema.running_var
     assert (cumulative.running_var > spread + 15).all()
 
 
-def test_momentum_update_is_the_batchnorm_formula_and_first_batch_initializes():
-    norm = RunningNormalizer(3, momentum=0.3)
+def _west_recursion(x: torch.Tensor, alpha: float):
+    """West's (1979) weighted update, one sample at a time, weights (1 - alpha)^age:
+    W <- qW + 1, mu <- mu + d/W, M2 <- qM2 + d(x - mu); variance M2 / (W - W2/W)."""
+    q = 1 - alpha
+    W = W2 = M2 = mu = torch.zeros(x.shape[1:], dtype=torch.float64)
+    for row in x.double():
+        W, W2 = q * W + 1, q * q * W2 + 1
+        d = row - mu
+        mu = mu + d / W
+        M2 = q * M2 + d * (row - mu)
+        dof = W - W2 / W
+    return mu, torch.where(dof > 0, M2 / dof, 0.0)
+
+
+def test_momentum_batch_update_equals_the_per_sample_recursion():
+    """The closed-form batch update is West's per-sample recursion with bias correction, and
+    the direct weighted formula; it replaces the BatchNorm blend of per-batch variances (which
+    gave variance 0 at batch size 1 and (B-1)/B of it at batch size B)."""
+    alpha = 0.3
+    norm = RunningNormalizer(3, momentum=alpha)
     a, b = chunk(1, 11, (3,), dtype=torch.float64), chunk(2, 7, (3,), dtype=torch.float64)
     norm(a)
-    torch.testing.assert_close(norm.running_mean, a.mean(0), rtol=1e-14, atol=1e-14)
-    torch.testing.assert_close(norm.running_var, a.var(0, unbiased=False), rtol=1e-14, atol=1e-14)
     norm(b)
-    torch.testing.assert_close(norm.running_mean, 0.7 * a.mean(0) + 0.3 * b.mean(0), rtol=1e-14, atol=1e-14)
-    torch.testing.assert_close(norm.running_var, 0.7 * a.var(0, unbiased=False) + 0.3 * b.var(0, unbiased=False), rtol=1e-14, atol=1e-14)
+    x = torch.cat([a, b])
+    mu, var = _west_recursion(x, alpha)
+    torch.testing.assert_close(norm.running_mean, mu, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(norm.running_var, var, rtol=1e-12, atol=1e-13)
+    w = (1 - alpha) ** torch.arange(17, -1, -1, dtype=torch.float64)[:, None]
+    direct_mu = (w * x).sum(0) / w.sum()
+    direct_var = (w * (x - direct_mu) ** 2).sum(0) / (w.sum() - (w * w).sum() / w.sum())
+    torch.testing.assert_close(norm.running_var, direct_var, rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(norm.running_mean, direct_mu, rtol=1e-13, atol=1e-13)
     assert (norm.count == 18).all()
+    one = RunningNormalizer(3, momentum=alpha)
+    one(a[:1])
+    assert torch.equal(one.running_mean, a[0]) and (one.running_var == 0).all(), "one sample: its value, variance 0"
+
+
+def test_momentum_single_samples_are_standardized():
+    """A stream of single samples from N(3, 5²): mean ~0 and std ~1 out (the per-batch blend
+    left the variance at 0 here, so the output was only centered: std 5)."""
+    g = torch.Generator().manual_seed(11)
+    x = 3.0 + 5.0 * torch.randn(4000, 1, 2, generator=g, dtype=torch.float64)
+    norm = RunningNormalizer(2, momentum=0.01)
+    y = torch.cat([norm(row) for row in x])[500:]  # after ~5 memory lengths of warm-up
+    assert abs(y.mean().item()) < 0.1, y.mean()
+    assert abs(y.std().item() - 1) < 0.06, y.std()
+    assert ((norm.running_mean - 3).abs() < 4 * 5 * (0.01 / 1.99) ** 0.5).all(), norm.running_mean
+    assert ((norm.running_var / 25 - 1).abs() < 0.4).all(), norm.running_var
+
+
+@pytest.mark.parametrize("nan_policy", ["raise", "omit"])
+def test_momentum_statistics_do_not_depend_on_the_batch_size(nan_policy):
+    x = chunk(21, 800, (3,), offset=1e3, dtype=torch.float64)
+    if nan_policy == "omit":
+        x[torch.rand(x.shape, generator=torch.Generator().manual_seed(22)) < 0.1] = float("nan")
+    ones, eights = RunningNormalizer(3, momentum=0.02, nan_policy=nan_policy), RunningNormalizer(3, momentum=0.02, nan_policy=nan_policy)
+    for row in x:
+        ones(row[None])
+    for batch in x.split(8):
+        eights(batch)
+    for key in ("running_mean", "running_var", "count", "ew_weight", "ew_weight_sq"):
+        torch.testing.assert_close(eights.state_dict()[key], ones.state_dict()[key], rtol=1e-11, atol=1e-11, msg=key)
+
+
+def test_momentum_tracks_a_drifting_stream():
+    """Level 0.002·t, σ = 1, in batches of 8: the EW mean lags by r(1-α)/α and the variance
+    stays σ² (the blend of per-batch variances reported 7/8 of it at B = 8)."""
+    g = torch.Generator().manual_seed(5)
+    alpha, r, n = 0.05, 0.002, 4000
+    level = r * torch.arange(n, dtype=torch.float64)
+    x = (level + torch.randn(n, generator=g, dtype=torch.float64))[:, None]
+    ema, cumulative = RunningNormalizer(1, momentum=alpha), RunningNormalizer(1)
+    variances = []
+    for batch in x.split(8):
+        ema(batch), cumulative(batch)
+        variances.append(ema.running_var.item())
+    lagged = level[-1] - r * (1 - alpha) / alpha
+    assert abs(ema.running_mean.item() - lagged) < 4 * (alpha / (2 - alpha)) ** 0.5, ema.running_mean
+    assert abs(cumulative.running_mean.item() - level.mean()) < 0.1  # the cumulative one lags by ~4
+    mean_var = sum(variances[50:]) / len(variances[50:])
+    assert abs(mean_var - 1) < 0.05, mean_var  # unbiased on average over the stream
+
+
+def test_momentum_state_saved_before_the_weight_buffers_loads():
+    norm = RunningNormalizer(3, momentum=0.1)
+    norm(chunk(1, 40, (3,)))
+    old = {k: v for k, v in norm.state_dict().items() if not k.startswith("ew_")}
+    loaded = RunningNormalizer(3, momentum=0.1)
+    loaded.load_state_dict(old)
+    torch.testing.assert_close(loaded.ew_weight, norm.ew_weight, rtol=1e-12, atol=0)
+    torch.testing.assert_close(loaded.ew_weight_sq, norm.ew_weight_sq, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("momentum", [None, 0.1])
+def test_overflowing_variance_is_an_error_not_a_constant_feature(momentum):
+    x = chunk(3, 50, (3,), dtype=torch.float64)
+    x[:, 1] *= 1e170  # finite values whose squares overflow float64
+    norm = RunningNormalizer(3, momentum=momentum)
+    with pytest.raises(ValueError, match=r"input: the mean or variance of feature\(s\) \[1\] overflows float64"):
+        norm(x)
 
 
 @pytest.mark.parametrize("momentum", [None, 0.1])
@@ -214,8 +310,10 @@ def test_gradient_flows_through_input():
 
 
 @pytest.mark.parametrize("kwargs,exc,match", [
-    (dict(momentum=0.0), ValueError, r"momentum must be None .* in \(0, 1\], got 0.0"),
+    (dict(momentum=0.0), ValueError, r"momentum must be None .* in \(0, 1\) .*got 0.0"),
     (dict(momentum=1.5), ValueError, r"momentum .* got 1.5"),
+    # per-sample forgetting: 1 keeps only the newest sample, whose variance is undefined
+    (dict(momentum=1.0), ValueError, r"momentum .* got 1.0"),
     (dict(eps=-1e-3), ValueError, r"eps must be a number >= 0, got -0.001"),
     (dict(clip=0), ValueError, r"clip must be None or a number > 0, got 0"),
     (dict(nan_policy="skip"), ValueError, r"nan_policy must be one of"),

@@ -298,6 +298,62 @@ def test_input_errors_name_the_argument():
         StandardScaler(feature_dims="1")
 
 
+@pytest.mark.parametrize("kind", CASES)
+@pytest.mark.parametrize("dtype", [">f4", ">f8", ">f2"])
+def test_big_endian_arrays_are_accepted(kind, dtype):
+    """Big-endian floats (FITS files, network data) are floats: converted to native order."""
+    x = data(seed=31)
+    big = x.astype(dtype)
+    assert not big.dtype.isnative
+    ours, ref = CASES[kind][0](), CASES[kind][0]()
+    y = ours.fit_transform(big)
+    want = ref.fit_transform(x.astype(big.dtype.newbyteorder("=")))
+    assert y.dtype == want.dtype and y.dtype.isnative
+    np.testing.assert_array_equal(y, want)
+    np.testing.assert_array_equal(ours.inverse_transform(y.astype(dtype)), ref.inverse_transform(want))
+
+
+def test_overflowing_variance_is_an_error_not_a_constant_feature():
+    """Finite float64 values whose squared deviations overflow: var_ would be inf, which the
+    constant-feature test took for 0 and left the feature unscaled, silently."""
+    x = data(seed=32)
+    x[:, 2] *= 1e170
+    with pytest.raises(ValueError, match=r"X: the mean or variance of feature\(s\) \[2\] overflows float64"):
+        StandardScaler().fit(x)
+    s = StandardScaler().fit(data(seed=33))
+    with pytest.raises(ValueError, match=r"overflows float64"):
+        s.partial_fit(x)
+    y = np.full((5, 2), 1.5e308)
+    y[::2] *= -1
+    with pytest.raises(ValueError, match=r"X: max - min of feature\(s\) \[0, 1\] overflows float64"):
+        MinMaxScaler().fit(y)
+    with pytest.raises(ValueError, match=r"X: the quantile range of feature\(s\) \[0, 1\] overflows"):
+        RobustScaler(quantile_range=(0.0, 100.0)).fit(y)
+
+
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_float32_data_near_1e30_is_standardized(as_tensor):
+    """Statistics are float64, so float32 data at 1e30 (squares 1e60) scales correctly."""
+    x = (data(seed=34) * 1e30).astype(np.float32)
+    s = StandardScaler()
+    y = s.fit_transform(torch.from_numpy(x) if as_tensor else x)
+    y = y.numpy() if as_tensor else y
+    np.testing.assert_allclose(y.mean(0), 0, atol=1e-5)
+    np.testing.assert_allclose(y.astype(np.float64).std(0), 1, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", CASES)
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_zero_features_is_a_clear_error(kind, as_tensor):
+    x = np.empty((5, 0), dtype=np.float32)
+    name = type(CASES[kind][0]()).__name__
+    with pytest.raises(ValueError, match=rf"Found array with 0 feature\(s\) \(shape=\[5, 0\]\) while a minimum of 1 is required by {name}"):
+        CASES[kind][0]().fit(torch.from_numpy(x) if as_tensor else x)
+    fitted = CASES[kind][0]().fit(data(f=3))
+    with pytest.raises(ValueError, match=r"Found array with 0 feature"):
+        fitted.transform(x)
+
+
 def test_wrong_device_is_a_clear_error():
     s = StandardScaler().fit(torch.from_numpy(data(seed=19)))
     with pytest.raises(ValueError, match=r"X is on meta but the fitted statistics.*are on cpu"):

@@ -47,7 +47,8 @@ def to_tensor(X: Any, name: str = "X") -> Tuple[Tensor, bool]:
         t, was_numpy = X, False
     else:
         arr = np.asarray(X)
-        if arr.dtype.kind != "f" or arr.dtype not in (np.float16, np.float32, np.float64):
+        # compare in native byte order: a big-endian '>f4' is a float32 too (a copy makes it native)
+        if arr.dtype.kind != "f" or arr.dtype.newbyteorder("=") not in (np.float16, np.float32, np.float64):
             raise TypeError(
                 f"{name} must have a floating dtype (float16, float32, float64), got {arr.dtype}; "
                 f"convert it first, e.g. {name}.astype(np.float32)"

@@ -22,6 +22,7 @@ two-pass computation over all of them to about 1e-12 relative.
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -34,8 +35,12 @@ __all__ = [
     "Moments",
     "batch_moments",
     "chan_merge",
+    "check_finite_moments",
     "check_values",
+    "ew_batch_moments",
+    "ew_merge",
     "constant_mask",
+    "ew_variance",
     "nan_min_max",
     "nan_quantiles",
     "safe_scale",
@@ -120,6 +125,84 @@ def chan_merge(a: Moments, b: Moments) -> Moments:
     mean = mean_a + delta * (n_b / safe_n)
     m2 = m2_a + m2_b + delta * delta * (n_a * n_b / safe_n)
     return n, mean, m2
+
+
+def check_finite_moments(mean: Tensor, m2: Tensor, rows: Tensor, name: str) -> None:
+    r"""Raise ``ValueError`` when a mean or :math:`M_2` overflowed float64.
+
+    Every value is finite (:func:`check_values`), but :math:`\sum x` or :math:`\sum (x-\mu)^2`
+    can still exceed float64's range (about 1.8e308: values beyond ~1e154 for the squares); an
+    infinite variance would otherwise read as "constant feature" and scale silently by 1.
+    """
+    bad = ~(torch.isfinite(mean) & torch.isfinite(m2))
+    if bool(bad.any()):
+        idx = bad.reshape(-1).nonzero()[:, 0].tolist()
+        big = float(torch.where(torch.isnan(rows), 0.0, rows).abs().max())
+        raise ValueError(
+            f"{name}: the mean or variance of feature(s) {idx[:10]}{' ...' if len(idx) > 10 else ''} "
+            f"overflows float64 (largest |value| {big:.3g}; the sum of squared deviations must stay "
+            f"below 1.8e308); rescale {name} first (e.g. divide it by 1e150)"
+        )
+
+
+# -- exponentially weighted moments (RunningNormalizer with momentum) ---------------------------
+
+EWMoments = Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]  # (count, weight, weight_sq, mean, m2)
+
+
+def ew_batch_moments(rows: Tensor, alpha: float, has_nan: bool = True) -> Tuple[Tensor, EWMoments]:
+    r"""Exponentially weighted moments of the float64 ``rows`` (``(R, *features)``) in row order.
+
+    Row :math:`j` of the :math:`n` present values of a feature gets the weight
+    :math:`w_j = (1-\alpha)^{k_j}`, :math:`k_j` = the number of that feature's present values
+    after it (the newest gets 1): the weights the per-sample update would give them. Returns
+    ``(decay, (n, W, W_2, \mu, M_2))`` with :math:`W = \sum w_j`, :math:`W_2 = \sum w_j^2`,
+    :math:`\mu = \sum w_j x_j / W`, :math:`M_2 = \sum w_j (x_j - \mu)^2` (two-pass) and
+    ``decay`` :math:`= (1-\alpha)^n`, the factor the older statistics' weights take on.
+    NaNs (``has_nan``) get weight 0 and do not count as a step of that feature's clock.
+    """
+    present = ~torch.isnan(rows) if has_nan else torch.ones_like(rows, dtype=torch.bool)
+    p = present.to(FLOAT64)
+    count = p.sum(0)
+    after = p.flip(0).cumsum(0).flip(0) - p  # present values after each row, per feature
+    w = torch.exp(after * math.log1p(-alpha)) * p
+    x = torch.where(present, rows, 0.0)
+    weight = w.sum(0)
+    mean = (w * x).sum(0) / weight.clamp_min(torch.finfo(FLOAT64).tiny)
+    m2 = (w * torch.where(present, rows - mean, 0.0).square()).sum(0)
+    lo, hi = nan_min_max(rows) if has_nan else torch.aminmax(rows, dim=0)
+    constant = (lo == hi) & (count > 0)  # exact value, exactly zero spread (as batch_moments)
+    mean = torch.where(constant, lo, torch.where(count > 0, mean, 0.0))
+    m2 = torch.where(constant | (count == 0), 0.0, m2)
+    decay = torch.exp(count * math.log1p(-alpha))
+    return decay, (count, weight, (w * w).sum(0), mean, m2)
+
+
+def ew_merge(old: EWMoments, decay: Tensor, new: EWMoments) -> EWMoments:
+    r"""Age the ``old`` weighted moments by ``decay`` and merge ``new`` into them.
+
+    Ageing multiplies every old weight by ``decay``: :math:`W \to dW`, :math:`W_2 \to d^2W_2`,
+    :math:`M_2 \to dM_2`. The merge is Chan's formula with weights in place of counts
+    (West 1979): :math:`\mu = \mu_a + \delta W_b / W`,
+    :math:`M_2 = M_{2,a} + M_{2,b} + \delta^2 W_a W_b / W`.
+    """
+    n_a, w_a, w2_a, mean_a, m2_a = old
+    n_b, w_b, w2_b, mean_b, m2_b = new
+    w_a, w2_a, m2_a = w_a * decay, w2_a * decay * decay, m2_a * decay
+    weight = w_a + w_b
+    safe = weight.clamp_min(torch.finfo(FLOAT64).tiny)
+    delta = mean_b - mean_a
+    mean = torch.where(w_a > 0, mean_a + delta * (w_b / safe), mean_b)
+    mean = torch.where(w_b > 0, mean, mean_a)
+    m2 = m2_a + m2_b + delta * delta * (w_a * w_b / safe)
+    return n_a + n_b, weight, w2_a + w2_b, mean, torch.where(w_b > 0, m2, m2_a)
+
+
+def ew_variance(weight: Tensor, weight_sq: Tensor, m2: Tensor) -> Tensor:
+    r"""Unbiased weighted variance :math:`M_2 / (W - W_2/W)` (reliability weights; 0 when a
+    single value carries all the weight, e.g. after one sample)."""
+    dof = weight - weight_sq / weight.clamp_min(torch.finfo(FLOAT64).tiny)
+    return torch.where(dof > 0, m2 / torch.where(dof > 0, dof, 1.0), 0.0)
 
 
 def merge_all(parts: Sequence[Moments]) -> Moments:

@@ -22,8 +22,12 @@ from normkit.data._stats import (
     affine_inverse,
     batch_moments,
     chan_merge,
+    check_finite_moments,
     check_nan_policy,
     check_values,
+    ew_batch_moments,
+    ew_merge,
+    ew_variance,
     merge_all,
 )
 
@@ -61,14 +65,40 @@ class RunningNormalizer(torch.nn.Module):
       :math:`M_2 \leftarrow M_2 + M_{2,b} + \delta^2 n_a n_b / n` (:math:`\delta = \mu_b - \mu`):
       the result equals a float64 two-pass computation over the whole stream to ~1e-12, for any
       batching, even with a large offset.
-    - ``momentum=m`` in (0, 1]: exponential forgetting for non-stationary streams, the
-      ``torch.nn.BatchNorm`` convention :math:`\text{new} = (1 - m)\cdot\text{old} + m\cdot\text{batch}`
-      for both the mean and the (population, ddof = 0) variance; the first batch a feature sees
-      initializes it (BatchNorm would blend it into mean 0 / variance 1, a poor start for raw
-      inputs). A level shift is tracked within a few ``1/m`` batches.
+    - ``momentum=α`` in (0, 1): exponential forgetting *per sample*, for non-stationary
+      streams. The statistics are the exponentially weighted mean and variance of all samples
+      seen, the sample :math:`k` steps before the newest weighted :math:`w = (1-\alpha)^k`:
+
+      .. math::
+          W = \sum_i w_i,\quad \mu = \frac{1}{W}\sum_i w_i x_i,\quad
+          \sigma^2 = \frac{\sum_i w_i (x_i - \mu)^2}{W - \sum_i w_i^2 / W}
+
+      This is the per-sample update of West (1979, "Updating mean and variance estimates: an
+      improved method") and Finch (2009, "Incremental calculation of weighted mean and
+      variance", §5) — :math:`\delta = x - \mu`, :math:`\mu \leftarrow \mu + \alpha\delta`,
+      :math:`S \leftarrow (1-\alpha)(S + \alpha\delta^2)` — with two corrections:
+
+      * *start-up*: the weights are not normalized to include a prior (no initial 0/1 pulls
+        early estimates, Adam's bias correction :math:`\hat m = m / (1 - (1-\alpha)^n)` for the
+        mean), and
+      * *bias*: the variance divides by :math:`W - \sum w_i^2/W`, the reliability-weights
+        correction (Bessel's for equal weights), so it is unbiased for i.i.d. data at every
+        :math:`n` — the plain EW variance underestimates by the factor
+        :math:`2(1-\alpha)/(2-\alpha)` at steady state and by far more at start-up.
+
+      A batch of :math:`B` samples is folded in as :math:`B` consecutive samples in row order,
+      in closed form: the old weights are multiplied by :math:`(1-\alpha)^B` and the batch's
+      weighted moments merged with Chan's formula. So batch size changes nothing (batch size 1
+      works, and a stream gives the same statistics whether fed as 8 × 1 or 1 × 8 rows), and a
+      drift *between* batches is seen exactly as one within a batch. The effective number of
+      samples remembered is :math:`W^2/\sum w^2 \to (2-\alpha)/\alpha`; a level shift is
+      tracked within a few :math:`1/\alpha` samples. With one sample the variance is 0 (the
+      output is then centered, not scaled). Before version 0.2 ``momentum`` blended per-batch
+      variances BatchNorm-style, which gave variance 0 at batch size 1.
 
     Statistics: buffers ``count``, ``running_mean``, ``running_var`` (float64, shape ``shape``;
-    before any data mean 0 and variance 1, so the module is the identity). ``count`` is per
+    before any data mean 0 and variance 1, so the module is the identity). With ``momentum``
+    also ``ew_weight`` :math:`W` and ``ew_weight_sq`` :math:`\sum w^2`. ``count`` is per
     feature because ``nan_policy="omit"`` leaves NaNs out feature by feature. The cumulative
     mode also keeps ``synced_*`` (statistics as of the last :meth:`sync_distributed`, equal on
     all ranks) and ``local_*`` (this rank's data since then), with
@@ -79,7 +109,9 @@ class RunningNormalizer(torch.nn.Module):
 
     Args:
         shape: feature shape (int or tuple): the trailing input dims that are features.
-        momentum: ``None`` for cumulative statistics, else the forgetting factor in (0, 1].
+        momentum: ``None`` for cumulative statistics, else the per-sample forgetting factor
+            :math:`\alpha` in (0, 1) (1 would keep only the newest sample, whose variance is
+            undefined).
         eps: added to the variance, ``>= 0``.
         clip: if given (``> 0``), clamp the output to ``[-clip, clip]`` (not undone by
             :meth:`inverse`).
@@ -101,8 +133,9 @@ class RunningNormalizer(torch.nn.Module):
                  clip: Optional[float] = None, nan_policy: str = "raise", *, device=None) -> None:
         super().__init__()
         self.shape = _as_shape(shape)
-        if momentum is not None and (isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not 0 < momentum <= 1):
-            raise ValueError(f"momentum must be None (cumulative statistics) or a number in (0, 1], got {momentum!r}")
+        if momentum is not None and (isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not 0 < momentum < 1):
+            raise ValueError(f"momentum must be None (cumulative statistics) or a number in (0, 1) (the per-sample "
+                             f"forgetting factor), got {momentum!r}")
         if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps >= 0:
             raise ValueError(f"eps must be a number >= 0, got {eps!r}")
         if clip is not None and (isinstance(clip, bool) or not isinstance(clip, numbers.Real) or not clip > 0):
@@ -115,6 +148,8 @@ class RunningNormalizer(torch.nn.Module):
         names = ["count", "running_mean", "running_var", "synced_count", "local_count"]
         if self.momentum is None:
             names += ["synced_mean", "synced_m2", "local_mean", "local_m2"]
+        else:
+            names += ["ew_weight", "ew_weight_sq"]
         for name in names:
             self.register_buffer(name, torch.zeros(self.shape, dtype=FLOAT64, device=device))
         self.reset_running_stats()
@@ -136,6 +171,16 @@ class RunningNormalizer(torch.nn.Module):
             if old is not None and new is not None and new.dtype != FLOAT64:
                 self._buffers[name] = old.to(device=new.device)
         return out
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A momentum-mode state saved before ew_weight/ew_weight_sq existed: weights as if its
+        # statistics came from ``count`` samples, W = sum_k (1-a)^k, W_2 = sum_k (1-a)^2k.
+        if self.momentum is not None and prefix + "count" in state_dict and prefix + "ew_weight" not in state_dict:
+            n = state_dict[prefix + "count"].to(FLOAT64)
+            q = 1.0 - self.momentum
+            state_dict[prefix + "ew_weight"] = (1.0 - q ** n) / (1.0 - q)
+            state_dict[prefix + "ew_weight_sq"] = (1.0 - q ** (2 * n)) / (1.0 - q * q)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # -- input checks --------------------------------------------------------------------
     def _check(self, x: Tensor, name: str = "input") -> None:
@@ -166,24 +211,34 @@ class RunningNormalizer(torch.nn.Module):
         rows = x.detach().reshape((-1,) + self.shape).to(FLOAT64)
         if rows.shape[0] == 0:
             return
-        n_b, mean_b, m2_b = batch_moments(rows, has_nan)
         if self.momentum is None:
+            n_b, mean_b, m2_b = batch_moments(rows, has_nan)
+            check_finite_moments(mean_b, m2_b, rows, "input")
             local = chan_merge((self.local_count, self.local_mean, self.local_m2), (n_b, mean_b, m2_b))
             for buf, val in zip((self.local_count, self.local_mean, self.local_m2), local):
                 buf.copy_(val)
             self._refresh_cumulative()
             return
-        self.local_count.add_(n_b)
-        m = self.momentum
-        var_b = m2_b / n_b.clamp_min(1.0)
-        fresh = self.count == 0
-        # old + m·(batch − old) == (1 − m)·old + m·batch, and is exact when batch == old.
-        mean = torch.where(fresh, mean_b, self.running_mean + m * (mean_b - self.running_mean))
-        var = torch.where(fresh, var_b, self.running_var + m * (var_b - self.running_var))
-        seen = n_b > 0
-        self.running_mean.copy_(torch.where(seen, mean, self.running_mean))
-        self.running_var.copy_(torch.where(seen, var, self.running_var))
+        self._update_ew(rows, has_nan)
+        self.local_count.add_((~torch.isnan(rows)).sum(0, dtype=FLOAT64) if has_nan else float(rows.shape[0]))
         self.count.copy_(self.synced_count + self.local_count)
+
+    def _update_ew(self, rows: Tensor, has_nan: bool) -> None:
+        decay, batch = ew_batch_moments(rows, self.momentum, has_nan)
+        check_finite_moments(batch[3], batch[4], rows, "input")
+        old = (self.local_count, self.ew_weight, self.ew_weight_sq, self.running_mean, self._ew_m2())
+        _, weight, weight_sq, mean, m2 = ew_merge(old, decay, batch)
+        check_finite_moments(mean, m2, rows, "input")
+        self.ew_weight.copy_(weight)
+        self.ew_weight_sq.copy_(weight_sq)
+        self.running_mean.copy_(mean)
+        self.running_var.copy_(torch.where(weight > 0, ew_variance(weight, weight_sq, m2), self.running_var))
+
+    def _ew_m2(self) -> Tensor:
+        r""":math:`M_2 = \sigma^2 (W - W_2/W)`, the inverse of :func:`ew_variance`."""
+        w = self.ew_weight
+        dof = w - self.ew_weight_sq / w.clamp_min(torch.finfo(FLOAT64).tiny)
+        return torch.where(dof > 0, self.running_var * dof, 0.0)
 
     def _refresh_cumulative(self) -> None:
         n, mean, m2 = chan_merge((self.synced_count, self.synced_mean, self.synced_m2),
@@ -235,11 +290,13 @@ class RunningNormalizer(torch.nn.Module):
         statistics of the last sync. The result equals the statistics of the concatenation of
         all ranks' data, and calling it again later adds only the data seen since.
 
-        Momentum mode: exponentially forgotten statistics have no sample count to weight by,
-        so the ranks are weighted equally: the result is the moments of the equal-weight
-        mixture of the ranks' distributions, :math:`\mu = \frac1R\sum_r \mu_r`,
+        Momentum mode: each rank's statistics describe its own recent stream, so the ranks are
+        weighted equally: the result is the moments of the equal-weight mixture of the ranks'
+        distributions, :math:`\mu = \frac1R\sum_r \mu_r`,
         :math:`\sigma^2 = \frac1R\sum_r \big(\sigma_r^2 + (\mu_r - \mu)^2\big)` over the ranks
-        that have seen data (others do not dilute it). ``count`` becomes the total count.
+        that have seen data (others do not dilute it), with :math:`W` and :math:`\sum w^2` the
+        ranks' averages (the merged state ages like one rank's). Being normalized, repeated
+        syncs never count a rank's past twice. ``count`` becomes the total count.
 
         The buffers must be on a device the process group's backend supports (CPU for gloo,
         CUDA for NCCL). Under ``DistributedDataParallel`` pass ``broadcast_buffers=False`` (DDP
@@ -257,7 +314,8 @@ class RunningNormalizer(torch.nn.Module):
         if self.momentum is None:
             mine = torch.stack([self.local_count, self.local_mean, self.local_m2])
         else:
-            mine = torch.stack([self.count, self.running_mean, self.running_var, self.local_count])
+            mine = torch.stack([self.count, self.running_mean, self.running_var, self.local_count,
+                                self.ew_weight, self.ew_weight_sq])
         gathered = [torch.empty_like(mine) for _ in range(world)]
         dist.all_gather(gathered, mine.contiguous(), group=group)
 
@@ -276,6 +334,10 @@ class RunningNormalizer(torch.nn.Module):
         seen = w > 0
         self.running_mean.copy_(torch.where(seen, mean, self.running_mean))
         self.running_var.copy_(torch.where(seen, m2 / w.clamp_min(1.0), self.running_var))
+        has = [(g[0] > 0).to(FLOAT64) for g in gathered]
+        for buf, row in ((self.ew_weight, 4), (self.ew_weight_sq, 5)):
+            avg = sum(h * g[row] for h, g in zip(has, gathered)) / w.clamp_min(1.0)
+            buf.copy_(torch.where(seen, avg, buf))
         self.synced_count.add_(sum(g[3] for g in gathered))
         self.local_count.zero_()
         self.count.copy_(self.synced_count)

@@ -49,6 +49,7 @@ from normkit.data._stats import (
     affine_inverse,
     batch_moments,
     chan_merge,
+    check_finite_moments,
     check_nan_policy,
     check_values,
     constant_mask,
@@ -198,6 +199,11 @@ class _Scaler:
         t, was_numpy = A.to_tensor(X, name)
         dims = A.resolve_dims(self._dims, t.dim(), name)
         fshape = A.feature_shape(t, dims)
+        if math.prod(fshape) == 0:
+            raise ValueError(
+                f"Found array with 0 feature(s) (shape={list(t.shape)}) while a minimum of 1 is required "
+                f"by {type(self).__name__}: {name}'s feature dims {list(dims)} have sizes {list(fshape)}"
+            )
         if self._fitted and not new_fit:
             if fshape != self._fshape:
                 raise ValueError(
@@ -258,6 +264,17 @@ class _Scaler:
         return self.fit(X).transform(X)
 
 
+def _check_finite_range(width: Tensor, name: str, what: str) -> None:
+    """A range that overflows float64 (values near ±1.8e308) would give scale 0 or inf silently."""
+    bad = torch.isinf(width)
+    if bool(bad.any()):
+        idx = bad.reshape(-1).nonzero()[:, 0].tolist()
+        raise ValueError(
+            f"{name}: {what} of feature(s) {idx[:10]}{' ...' if len(idx) > 10 else ''} overflows "
+            f"float64 (values near ±1.8e308); rescale {name} first"
+        )
+
+
 def _check_bool(name: str, value: Any) -> None:
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be a bool, got {value!r}")
@@ -303,11 +320,10 @@ class MinMaxScaler(_Scaler):
 
     def _update(self, rows: Tensor, has_nan: bool) -> None:
         lo, hi = nan_min_max(rows) if has_nan else torch.aminmax(rows, dim=0)
-        if self._state is None:
-            self._state = {"data_min": lo, "data_max": hi}
-        else:
-            self._state = {"data_min": torch.minimum(self._state["data_min"], lo),
-                           "data_max": torch.maximum(self._state["data_max"], hi)}
+        if self._state is not None:
+            lo, hi = torch.minimum(self._state["data_min"], lo), torch.maximum(self._state["data_max"], hi)
+        _check_finite_range(torch.where(lo <= hi, hi - lo, 0.0), "X", "max - min")  # lo > hi: only NaN seen
+        self._state = {"data_min": lo, "data_max": hi}
 
     def _seen(self, t: Tensor) -> Tensor:
         # +inf/-inf mark a feature that has only seen NaN; sklearn reports NaN there.
@@ -400,8 +416,10 @@ class StandardScaler(_Scaler):
 
     def _update(self, rows: Tensor, has_nan: bool) -> None:
         batch = batch_moments(rows, has_nan)
+        check_finite_moments(batch[1], batch[2], rows, "X")
         if self._state is not None:
             batch = chan_merge((self._state["count"], self._state["mean"], self._state["m2"]), batch)
+            check_finite_moments(batch[1], batch[2], rows, "X")
         self._state = dict(zip(self._STATE_TENSORS, batch))
 
     def _mean_var(self) -> Tuple[Tensor, Tensor]:
@@ -501,6 +519,8 @@ class RobustScaler(_Scaler):
     def _update(self, rows: Tensor, has_nan: bool) -> None:
         q_lo, q_hi = (float(q) / 100.0 for q in self.quantile_range)
         qs, _ = nan_quantiles(rows, (0.5, q_lo, q_hi))
+        width = qs[2] - qs[1]
+        _check_finite_range(torch.where(torch.isnan(width), 0.0, width), "X", "the quantile range")  # NaN: only NaN seen
         self._state = dict(zip(self._STATE_TENSORS, qs.unbind(0)))
         self._fitted_range = tuple(float(q) for q in self.quantile_range)
 
