@@ -158,7 +158,7 @@ def test_layer_norm_chw_is_a_group_norm():
         (lambda: layer_norm_2d(randn((2, 3, 4, 5)), None, torch.ones(2)), ValueError, r"bias of shape \[C\] = \[3\]"),
         (lambda: layer_norm_2d(randn((2, 3, 4, 5)).long()), TypeError, r"floating dtype.*torch.int64"),
         (lambda: layer_norm_2d(randn((2, 3, 4, 5)).numpy()), TypeError, r"input must be a torch.Tensor.*ndarray"),
-        (lambda: layer_norm_2d(randn((2, 3, 4, 5)), eps=-1.0), ValueError, r"eps must be finite and >= 0, got -1.0"),
+        (lambda: layer_norm_2d(randn((2, 3, 4, 5)), eps="0.1"), TypeError, r"eps must be a real number"),
         (lambda: layer_norm_chw(randn((7,))), ValueError, r"\(N, C, \*\).*\[7\] \(1-D\)"),
         (lambda: normkit.nn.LayerNormCHW(5)(randn((2, 3, 4, 4))), ValueError, r"weight of shape \[C\] = \[3\].*\[5\]"),
         (lambda: normkit.nn.LayerNorm2d(0), ValueError, r"num_channels must be positive, got 0"),

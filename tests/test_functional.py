@@ -27,10 +27,9 @@ from helpers import params, randn
         (lambda x: normkit.layer_norm(x, 4, torch.ones(5)), ValueError, r"weight.*\[5\].*\[4\]"),
         (lambda x: normkit.layer_norm(x, 4, None, torch.ones(2, 2)), ValueError, r"bias.*\[2, 2\]"),
         (lambda x: normkit.rms_norm(x, 4, torch.ones(3)), ValueError, r"weight.*\[3\]"),
-        (lambda x: normkit.layer_norm(x, 4, eps=-1e-5), ValueError, r"eps must be .*>= 0.*-1e-05"),
-        (lambda x: normkit.layer_norm(x, 4, eps=float("nan")), ValueError, r"eps"),
         (lambda x: normkit.layer_norm(x, 4, eps="1e-5"), TypeError, r"eps must be a real number"),
-        (lambda x: normkit.layer_norm(x, 0), ValueError, r"empty normalized dimension"),
+        (lambda x: normkit.layer_norm(x, -4), ValueError, r"non-negative sizes, got \[-4\]"),
+        (lambda x: normkit.layer_norm(x, 4, eps=torch.tensor([1e-5, 1e-5])), TypeError, r"eps must be a real number"),
         (lambda x: normkit.layer_norm(x, ()), ValueError, r"at least one dimension"),
         (lambda x: normkit.layer_norm(x, 4.0), TypeError, r"normalized_shape must be an int"),
         (lambda x: normkit.layer_norm(x.long(), 4), TypeError, r"floating dtype.*torch.int64"),
@@ -209,13 +208,6 @@ def test_eager_path_skips_the_custom_op_and_compile_uses_it(monkeypatch):
     x = randn((3, 8), seed=17, requires_grad=True)
     normkit.layer_norm(x, 8).sum().backward()
     assert not calls and x.grad is not None
-
-
-def test_double_backward_through_the_eager_path_raises():
-    x = randn((3, 8), seed=18, requires_grad=True)
-    (g,) = torch.autograd.grad(normkit.layer_norm(x, 8).pow(2).sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError):
-        torch.autograd.grad(g.sum(), x)
 
 
 def test_custom_op_passes_torch_opcheck():

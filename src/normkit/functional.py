@@ -9,101 +9,86 @@ semantics are those of :mod:`normkit.reference`.
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from normkit import ops
+from normkit import reference as ref
 from normkit.backends import forced_backend, select_backend_name
 from normkit.reference import default_rms_eps
-from normkit.reference import rms_norm as _reference_rms_norm
+from normkit.validation import (
+    FLOAT_DTYPES,
+    as_normalized_shape,
+    check_dropout,
+    check_eps,
+    check_input,
+    check_param,
+    check_residual,
+)
 
-__all__ = ["layer_norm", "rms_norm"]
+__all__ = ["layer_norm", "rms_norm", "route"]
 
 ShapeLike = Union[int, Sequence[int], torch.Size]
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+#: The paths a call can take, chosen by :func:`route`; each value says why it is taken.
+ROUTES = {
+    "dtensor": "a DTensor input: run the local shards, re-wrap with the input's placements",
+    "onnx": "inside ONNX export: standard operators the exporter can write",
+    "composite": "torch.func transform, forward-mode AD or an empty input: the reference "
+    "composite, whose torch ops every autograd mode understands",
+    "aten": "a tiny float32 CPU RMS call: PyTorch's own fused kernel costs less to launch",
+    "op": "traced (torch.compile, export, make_fx, jit.trace, a tensor subclass): the "
+    "normkit::norm_fwd custom op",
+    "eager": "eager with gradients: the autograd Function calling the backend",
+    "eager_no_grad": "eager without gradients: the backend directly",
+}
 
 
-def _as_shape(normalized_shape: ShapeLike) -> Tuple[int, ...]:
-    if isinstance(normalized_shape, numbers.Integral) and not isinstance(normalized_shape, bool):
-        shape: Tuple[int, ...] = (int(normalized_shape),)
-    elif isinstance(normalized_shape, (Sequence, torch.Size)) and all(
-        isinstance(d, numbers.Integral) and not isinstance(d, bool) for d in normalized_shape
-    ):
-        shape = tuple(int(d) for d in normalized_shape)
-    else:
-        raise TypeError(
-            f"normalized_shape must be an int or a sequence of ints, got {normalized_shape!r}"
-        )
-    if len(shape) == 0:
-        raise ValueError("normalized_shape must name at least one dimension, got ()")
-    if any(d <= 0 for d in shape):
-        raise ValueError(f"normalized_shape must have positive sizes (an empty normalized dimension cannot be normalized), got {list(shape)}")
-    return shape
+def _in_forward_ad(tensors) -> bool:
+    """Whether any of ``tensors`` carries a forward-mode AD tangent."""
+    from torch.autograd import forward_ad
+
+    if forward_ad._current_level < 0:  # no dual level is open: the cheap common case
+        return False
+    return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
-def _check_input(x: Tensor, shape: Tuple[int, ...]) -> None:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(
-            f"input must have a floating dtype (float16, bfloat16, float32, float64), got {x.dtype}"
-        )
-    if tuple(x.shape[x.dim() - len(shape):]) != shape or x.dim() < len(shape):
-        raise ValueError(
-            f"Given normalized_shape={list(shape)}, expected input with shape [*, "
-            f"{', '.join(map(str, shape))}], but got input of size {list(x.shape)}"
-        )
+def route(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor], is_rms: bool, dropout_p: float) -> str:
+    """The one place that decides how a (validated) call runs: a key of :data:`ROUTES`.
+
+    Order matters: a DTensor is unwrapped first (its local call is routed again); ONNX export
+    needs standard ops; ``torch.func`` transforms and forward AD need ops they can transform,
+    so they take the reference composite (same semantics, plain torch ops); then the fast
+    paths.
+    """
+    tensors = (x, residual, weight, bias)
+    if type(x) is not Tensor and _is_dtensor(x):
+        return "dtensor"
+    if torch.onnx.is_in_onnx_export():
+        return "onnx"
+    if x.numel() == 0:
+        return "composite"
+    if torch.compiler.is_compiling():
+        return "op"
+    if torch._C._are_functorch_transforms_active() or _in_forward_ad(tensors):
+        # (no public API tells whether a functorch transform is active; this one is cheap)
+        return "composite"
+    if not ops.plain_eager(x):
+        return "op"
+    if _use_aten_for_tiny_call(x, weight, dropout_p, is_rms):
+        return "aten"
+    grad_needed = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    return "eager" if grad_needed else "eager_no_grad"
 
 
-def _check_param(name: str, p: Optional[Tensor], x: Tensor, shape: Tuple[int, ...]) -> None:
-    if p is None:
-        return
-    if not isinstance(p, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(p).__name__}")
-    if tuple(p.shape) != shape:
-        raise ValueError(
-            f"Expected {name} to be of same shape as normalized_shape, but got {name} of shape "
-            f"{list(p.shape)} and normalized_shape = {list(shape)}"
-        )
-    if p.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must have a floating dtype, got {p.dtype}")
-    if p.device != x.device:
-        raise ValueError(f"{name} is on {p.device} but input is on {x.device}; move them to one device")
-
-
-def _check_residual(residual: Optional[Tensor], x: Tensor) -> None:
-    if residual is None:
-        return
-    if not isinstance(residual, Tensor):
-        raise TypeError(f"residual must be a torch.Tensor or None, got {type(residual).__name__}")
-    if residual.shape != x.shape:
-        raise ValueError(
-            f"residual must have the input's shape {list(x.shape)}, got {list(residual.shape)}"
-        )
-    if residual.dtype != x.dtype:
-        raise TypeError(f"residual must have the input's dtype {x.dtype}, got {residual.dtype}")
-    if residual.device != x.device:
-        raise ValueError(f"residual is on {residual.device} but input is on {x.device}")
-
-
-def _check_eps(eps: float) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
-        raise TypeError(f"eps must be a real number, got {eps!r}")
-    eps = float(eps)
-    if not (eps >= 0.0 and math.isfinite(eps)):
-        raise ValueError(f"eps must be finite and >= 0, got {eps}")
-    return eps
-
-
-def _check_dropout(dropout_p: float, training: bool) -> float:
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
-        raise TypeError(f"dropout_p must be a real number, got {dropout_p!r}")
-    if not 0.0 <= float(dropout_p) < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    return float(dropout_p) if training else 0.0
+def _is_dtensor(x: Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return False
+    return isinstance(x, DTensor)
 
 
 def _norm(
@@ -118,39 +103,60 @@ def _norm(
     dropout_p: float,
     training: bool,
 ):
-    shape = _as_shape(normalized_shape)
-    _check_input(x, shape)
-    _check_param("weight", weight, x, shape)
-    _check_param("bias", bias, x, shape)
-    _check_residual(residual, x)
-    eps = _check_eps(eps)
-    dropout_p = _check_dropout(dropout_p, training)
-    if torch.onnx.is_in_onnx_export():
-        # The custom op is opaque to ONNX exporters (both the TorchScript and the dynamo one set
-        # this flag): export standard ops instead, see _onnx_norm.
+    shape = as_normalized_shape(normalized_shape)
+    check_input(x, shape)
+    check_param("weight", weight, x, shape)
+    check_param("bias", bias, x, shape)
+    check_residual(residual, x)
+    eps = check_eps(eps)
+    dropout_p = check_dropout(dropout_p, training)
+    path = route(x, residual, weight, bias, is_rms, dropout_p)
+    if path == "dtensor":
+        from normkit.distributed import dtensor_norm
+
+        return dtensor_norm(_norm, x, shape, weight, bias, eps, is_rms, residual, prenorm, dropout_p)
+    if path == "onnx":
         return _onnx_norm(x, shape, weight, bias, eps, is_rms, residual, prenorm, dropout_p)
+    if path == "composite":
+        return _composite_norm(x, shape, weight, bias, eps, is_rms, residual, prenorm, dropout_p)
+    if path == "aten":
+        return _aten_rms_norm(x, shape, weight, eps, residual, prenorm)
 
     n = math.prod(shape)
-    if _use_aten_for_tiny_call(x, weight, dropout_p, is_rms):
-        return _aten_rms_norm(x, shape, weight, eps, residual, prenorm)
     rows = x.numel() // n
-    if rows == 0:
-        y = torch.empty_like(x, memory_format=torch.contiguous_format)
-        return (y, torch.empty_like(y)) if prenorm else y
-
     x2 = x.reshape(rows, n).contiguous()
     r2 = None if residual is None else residual.reshape(rows, n).contiguous()
     w1 = None if weight is None else weight.reshape(n).contiguous()
     b1 = None if bias is None else bias.reshape(n).contiguous()
     backend = select_backend_name(x2, dropout_p)
-
-    grad_needed = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, residual, weight, bias)
-    )
-    run = ops.norm_forward if grad_needed or not ops.plain_eager(x2) else ops.norm_forward_no_grad
+    run = ops.norm_forward_no_grad if path == "eager_no_grad" else ops.norm_forward
     y2, s2 = run(x2, r2, w1, b1, eps, is_rms, dropout_p, prenorm, backend)
-    y = y2.view(x.shape)
-    return (y, s2.view(x.shape)) if prenorm else y
+    y = _layout_like_torch(y2.view(x.shape), x, is_rms)
+    return (y, _layout_like_torch(s2.view(x.shape), x, is_rms)) if prenorm else y
+
+
+def _layout_like_torch(out: Tensor, x: Tensor, is_rms: bool) -> Tensor:
+    """torch's ``rms_norm`` is a composite of elementwise ops, so its output keeps the input's
+    memory format (channels_last, a transposed view); its ``layer_norm`` returns a contiguous
+    tensor. The kernels write contiguous rows; an RMS output is copied to the input's layout."""
+    if not is_rms or x.is_contiguous() or out is x:
+        return out
+    like = torch.empty_like(x)  # preserve_format: x's strides when x is dense
+    return out if like.is_contiguous() else like.copy_(out)
+
+
+def _composite_norm(x, shape, weight, bias, eps, is_rms, residual, prenorm, dropout_p):
+    """The reference composite (:mod:`normkit.reference`), the path for autograd modes the
+    kernels' autograd cannot serve: every op in it has forward-AD, vmap and higher-order
+    rules. Dropout uses the reference backend's mask stream."""
+    keep = None
+    if dropout_p > 0.0:
+        seed = int(torch.randint(0, 2**31 - 1, ()).item())
+        keep = ref.dropout_keep_mask(seed, x.shape, dropout_p, x.device)
+    kwargs = dict(residual=residual, prenorm=prenorm, keep_mask=keep, dropout_p=dropout_p)
+    if is_rms:
+        return ref.rms_norm(x, shape, weight, eps, **kwargs)
+    return ref.layer_norm(x, shape, weight, bias, eps, **kwargs)
 
 
 #: CPU float32 RMS-norm calls of at most this many elements (256 KiB: L2-resident,
@@ -173,7 +179,6 @@ def _use_aten_for_tiny_call(x: Tensor, weight: Optional[Tensor], dropout_p: floa
         and x.numel() <= ATEN_TINY_MAX_ELEMENTS
         and dropout_p == 0.0
         and (weight is None or weight.dtype is torch.float32)
-        and ops.plain_eager(x)
         and forced_backend() is None
     )
 
@@ -263,7 +268,7 @@ def rms_norm(
     input), as :func:`torch.nn.functional.rms_norm` does.
     Other arguments and the return value as :func:`layer_norm`.
     """
-    if eps is None and isinstance(input, Tensor) and input.dtype in _FLOAT_DTYPES:
+    if eps is None and isinstance(input, Tensor) and input.dtype in FLOAT_DTYPES:
         eps = default_rms_eps(input.dtype)
     return _norm(input, normalized_shape, weight, None, eps, True, residual, prenorm, dropout_p, training)
 

@@ -35,19 +35,15 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from normkit.functional import _check_eps, layer_norm
+from normkit.functional import layer_norm
 from normkit.reference import compute_dtype
+from normkit.validation import check_eps, check_floating_tensor
 
 __all__ = ["layer_norm_2d", "layer_norm_chw"]
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
 
 def _check_input(input: Tensor, min_dim: int, exact: bool, what: str) -> None:
-    if not isinstance(input, Tensor):
-        raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
-    if input.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"input must have a floating dtype (float16, bfloat16, float32, float64), got {input.dtype}")
+    check_floating_tensor("input", input)
     if (input.dim() != min_dim) if exact else (input.dim() < min_dim):
         raise ValueError(f"{what}, got input of size {list(input.shape)} ({input.dim()}-D)")
 
@@ -55,16 +51,13 @@ def _check_input(input: Tensor, min_dim: int, exact: bool, what: str) -> None:
 def _check_param(name: str, p: Optional[Tensor], input: Tensor) -> None:
     if p is None:
         return
-    if not isinstance(p, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(p).__name__}")
+    check_floating_tensor(name, p, what=" or None")
     channels = input.shape[1]
     if tuple(p.shape) != (channels,):
         raise ValueError(
             f"Expected {name} of shape [C] = [{channels}] (the input's channel dim 1), but got {name} "
             f"of shape {list(p.shape)} for input of size {list(input.shape)}"
         )
-    if p.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must have a floating dtype, got {p.dtype}")
     if p.device != input.device:
         raise ValueError(f"{name} is on {p.device} but input is on {input.device}; move them to one device")
 
@@ -116,7 +109,7 @@ def layer_norm_2d(
     _check_input(input, 4, True, "layer_norm_2d expects a 4-D (N, C, H, W) input")
     _check_param("weight", weight, input)
     _check_param("bias", bias, input)
-    eps = _check_eps(eps)
+    eps = check_eps(eps)
     if _is_nhwc(input):
         # The NHWC view is contiguous: rows of C channels, exactly what the kernels normalize.
         y = layer_norm(input.permute(0, 2, 3, 1), (int(input.shape[1]),), weight, bias, eps)
@@ -142,7 +135,7 @@ def layer_norm_chw(
     _check_input(input, 2, False, "layer_norm_chw expects an (N, C, *) input with at least 2 dims")
     _check_param("weight", weight, input)
     _check_param("bias", bias, input)
-    eps = _check_eps(eps)
+    eps = check_eps(eps)
     if _is_nhwc(input):
         # Same set of elements per sample in (H, W, C) order: normalize the contiguous NHWC view,
         # with the per-channel affine broadcast along the last dim.

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from normkit.backends import get_backend
+from normkit import reference
 from normkit.reference import compute_dtype
 
 __all__ = ["norm_forward", "norm_forward_no_grad", "plain_eager"]
@@ -141,6 +142,7 @@ def _setup_context(ctx, inputs, output):
     _, s, mean, rstd, seed = output
     ctx.store_sum = _stores_sum(residual, dropout_p)
     ctx.is_rms, ctx.dropout_p, ctx.prenorm, ctx.backend = is_rms, dropout_p, prenorm, backend
+    ctx.eps = eps
     ctx.has_residual = residual is not None
     ctx.weight_dtype = None if weight is None else weight.dtype
     ctx.bias_dtype = None if bias is None else bias.dtype
@@ -148,17 +150,25 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dy, dsum, _dmean, _drstd, _dseed, norm_bwd=None):
+    """Gradients of the forward op's inputs. Under ``create_graph=True`` (autograd runs a
+    backward with grad mode on only then) the gradients are built from differentiable torch
+    ops, so they can be differentiated again; otherwise the backend's kernels run."""
     s, weight, mean, rstd, seed = ctx.saved_tensors
     if dy is None:  # the eager Function does not materialize the gradient of an unused y
         dy = torch.zeros_like(s)
-    # Without residual and dropout the prenorm output is x itself, so its gradient reaches x
-    # directly; the op's placeholder output then gets none (or autograd's zeros of shape (0,)).
-    dsum = dsum.contiguous() if (ctx.prenorm and ctx.store_sum and dsum is not None) else None
+    # Without residual and dropout the sum output is a placeholder (x itself is returned as the
+    # prenorm output, so its gradient reaches x directly): ignore what autograd passes for it.
+    # With them, the sum is a real output whose gradient adds to ds; it arrives even with
+    # prenorm=False when a double backward differentiates through the saved sum.
+    dsum = dsum.contiguous() if (ctx.store_sum and dsum is not None) else None
     needs = ctx.needs_input_grad
     need_dres = bool(ctx.has_residual and needs[1])
-    dx, dres, dw, db = (norm_bwd or _norm_bwd)(
-        dy.contiguous(), dsum, s, weight, mean, rstd, seed, ctx.is_rms, ctx.dropout_p, ctx.backend, need_dres
-    )
+    if torch.is_grad_enabled():
+        dx, dres, dw, db = _differentiable_backward(ctx, dy, dsum, s, weight, mean, rstd, seed)
+    else:
+        dx, dres, dw, db = (norm_bwd or _norm_bwd)(
+            dy.contiguous(), dsum, s, weight, mean, rstd, seed, ctx.is_rms, ctx.dropout_p, ctx.backend, need_dres
+        )
     return (
         dx if needs[0] else None,
         dres if need_dres else None,
@@ -170,6 +180,29 @@ def _backward(ctx, dy, dsum, _dmean, _drstd, _dseed, norm_bwd=None):
         None,
         None,
     )
+
+
+def _differentiable_backward(ctx, dy, dsum, s, weight, mean, rstd, seed):
+    """The backward as composite torch ops (:func:`normkit.reference.norm_backward_differentiable`),
+    for double backward on every backend. ``s`` is the saved sum (an output of this op, so a
+    second differentiation flows back through this op to x and the residual) or x itself.
+    The dropout mask is the backend's own: its backward applied to ``dy = 0, dsum = 1`` returns
+    exactly ``mask / (1 - p)``, whatever random stream the backend uses."""
+    keep_scale = None
+    if ctx.dropout_p > 0.0:
+        with torch.no_grad():
+            keep_scale, _, _, _ = get_backend(ctx.backend).backward(
+                torch.zeros_like(s),
+                torch.ones_like(s),
+                s.detach(),
+                None,
+                None if ctx.is_rms else mean,
+                rstd,
+                ctx.is_rms,
+                ctx.dropout_p,
+                int(seed.item()),
+            )
+    return reference.norm_backward_differentiable(dy, dsum, s, weight, ctx.eps, ctx.is_rms, keep_scale)
 
 
 torch.library.register_autograd("normkit::norm_fwd", _backward, setup_context=_setup_context)
@@ -192,18 +225,21 @@ class _EagerNorm(torch.autograd.Function):
     """The same forward and backward as the custom ops, for eager mode: it calls the backend
     directly, skipping the op dispatcher and ``torch.library``'s autograd wrapper, which cost
     over 100 µs per forward+backward (more than the kernels on inputs up to ~1M elements).
-    The custom ops stay what ``torch.compile`` sees."""
+    The custom ops stay what ``torch.compile`` sees. Its backward is differentiable under
+    ``create_graph=True``; ``torch.func`` transforms and forward-mode AD never reach it
+    (:func:`normkit.functional` routes them to the reference composite)."""
 
     @staticmethod
-    def forward(ctx, x, residual, weight, bias, eps, is_rms, dropout_p, prenorm, backend):
-        out = _forward_impl(x, residual, weight, bias, eps, is_rms, dropout_p, prenorm, backend)
-        _setup_context(ctx, (x, residual, weight, bias, eps, is_rms, dropout_p, prenorm, backend), out)
-        ctx.mark_non_differentiable(*out[2:])
+    def forward(x, residual, weight, bias, eps, is_rms, dropout_p, prenorm, backend):
+        return _forward_impl(x, residual, weight, bias, eps, is_rms, dropout_p, prenorm, backend)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_context(ctx, inputs, output)
+        ctx.mark_non_differentiable(*output[2:])
         ctx.set_materialize_grads(False)  # no zero-filled gradient for an unused sum output
-        return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dy, dsum, dmean, drstd, dseed):
         return _backward(ctx, dy, dsum, dmean, drstd, dseed, norm_bwd=_backward_impl)
 

@@ -62,6 +62,7 @@ __all__ = [
     "rms_norm",
     "norm_forward",
     "norm_backward",
+    "norm_backward_differentiable",
 ]
 
 
@@ -234,10 +235,41 @@ def norm_backward(
     sum_rows(dy * s_hat)`` and ``dbias = sum_rows(dy)``, shape ``(N,)``, in the compute dtype.
     """
     acc = compute_dtype(s.dtype)
-    dy32 = dy.to(acc)
-    s32 = s.to(acc)
     rstd = rstd.to(acc).unsqueeze(-1)
+    s32 = s.to(acc)
     s_hat = (s32 if mean is None else s32 - mean.to(acc).unsqueeze(-1)) * rstd
+    scale = None if keep_mask is None else keep_mask.to(acc) * (1.0 / (1.0 - dropout_p))
+    return _backward_formula(dy, dsum, s_hat, rstd, weight, is_rms, scale)
+
+
+def norm_backward_differentiable(
+    dy: Tensor,
+    dsum: Optional[Tensor],
+    s: Tensor,
+    weight: Optional[Tensor],
+    eps: float,
+    is_rms: bool,
+    keep_scale: Optional[Tensor],
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`norm_backward` as a function of ``(dy, dsum, s, weight)`` that autograd can
+    differentiate again (double backward: gradient penalties, Hessian-vector products).
+
+    The row statistics are recomputed from ``s`` with differentiable ops instead of read from
+    the forward's saved ``mean``/``rstd`` (constants to autograd), so the second derivative
+    includes their dependence on ``s``. ``keep_scale`` is ``mask / (1 - p)`` (a constant), or
+    ``None`` without dropout.
+    """
+    s32 = s.to(compute_dtype(s.dtype))
+    mean, rstd = _statistics(s32, (-1,), eps, is_rms)
+    s_hat = (s32 if mean is None else s32 - mean) * rstd
+    return _backward_formula(dy, dsum, s_hat, rstd, weight, is_rms, keep_scale)
+
+
+def _backward_formula(dy, dsum, s_hat, rstd, weight, is_rms, keep_scale):
+    """The backward of the module docstring from ``s_hat`` and ``rstd`` (``(M, 1)``), in the
+    dtype of ``s_hat``; ``dx`` and ``ds`` are returned in ``dy.dtype``."""
+    acc = s_hat.dtype
+    dy32 = dy.to(acc)
     g_hat = dy32 if weight is None else dy32 * weight.to(acc)
     inner = g_hat - s_hat * (g_hat * s_hat).mean(-1, keepdim=True)
     if not is_rms:
@@ -245,7 +277,7 @@ def norm_backward(
     ds = inner * rstd
     if dsum is not None:
         ds = ds + dsum.to(acc)
-    dx = ds if keep_mask is None else ds * keep_mask.to(acc) * (1.0 / (1.0 - dropout_p))
+    dx = ds if keep_scale is None else ds * keep_scale.to(acc)
     return dx.to(dy.dtype), ds.to(dy.dtype), (dy32 * s_hat).sum(0), dy32.sum(0)
 
 

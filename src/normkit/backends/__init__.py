@@ -145,7 +145,6 @@ def select_backend(x: Tensor, dropout_p: float = 0.0) -> Backend:
     return get_backend("reference")
 
 
-@torch.compiler.assume_constant_result
 def select_backend_name(x: Tensor, dropout_p: float = 0.0) -> str:
     """Name of :func:`select_backend`'s choice; what :mod:`normkit.functional` dispatches on.
 
@@ -153,4 +152,15 @@ def select_backend_name(x: Tensor, dropout_p: float = 0.0) -> str:
     a constant (Dynamo cannot trace the context variable behind :func:`use_backend`): a compiled
     model keeps the backend that was selected when it was compiled.
     """
+    if torch.compiler.is_compiling():
+        dropout = True if dropout_p > 0.0 else False  # a branch: specializes a symbolic rate
+        return _traced_backend_name(x.device, x.dtype, dropout)
     return select_backend(x, dropout_p).name
+
+
+@torch.compiler.assume_constant_result
+def _traced_backend_name(device: torch.device, dtype: torch.dtype, dropout: bool) -> str:
+    # Arguments Dynamo can turn into constants (a tensor with symbolic sizes cannot be); the
+    # backends' ``supports`` look at the device and dtype only.
+    probe = torch.empty(0, dtype=dtype, device=device)
+    return select_backend(probe, 0.5 if dropout else 0.0).name

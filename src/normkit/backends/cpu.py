@@ -3,7 +3,7 @@
 Handles float32 and bfloat16 input without dropout; everything else (float64, float16,
 ``dropout_p > 0``) falls back to the reference. The launchers here do the torch <-> numpy
 plumbing, all zero-copy: inputs are contiguous (``normkit.functional`` made them so once),
-``Tensor.numpy()`` views their memory (bfloat16 as ``uint16`` bits), and outputs are allocated
+a NumPy array interface views their memory (bfloat16 as ``uint16`` bits), and outputs are allocated
 with ``torch.empty`` and filled in place by the kernels. Outputs of 4 MiB or more are advised
 to use transparent huge pages before the first write (as NumPy does for its own arrays): the
 page faults of a fresh 64 MiB tensor otherwise cost several times the kernel.
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -64,11 +65,32 @@ def _is_serial(rows: int, n: int) -> bool:
     return rows == 1 or rows * n <= SERIAL_MAX_ELEMENTS
 
 
+class _ArrayView:
+    """A NumPy array interface over a tensor's memory (see :func:`_np`); the array keeps this
+    object, and so the tensor, alive as its ``base``."""
+
+    __slots__ = ("__array_interface__", "tensor")
+
+
+_TYPESTR = {torch.float32: "<f4", torch.bfloat16: "<u2", torch.float64: "<f8", torch.int64: "<i8"}
+
+
 def _np(t: Tensor):
-    """Zero-copy numpy view of a contiguous CPU tensor (bfloat16 as its uint16 bits)."""
-    if t.requires_grad:
-        t = t.detach()
-    return (t.view(torch.uint16) if t.dtype is torch.bfloat16 else t).numpy()
+    """Zero-copy numpy view of a contiguous CPU tensor (bfloat16 as its uint16 bits).
+
+    Built from the array interface, not ``Tensor.numpy()``: ``numpy()`` marks the tensor's
+    storage non-resizable for the rest of its life, and FSDP2 frees an unsharded parameter by
+    resizing its storage to 0 ("Trying to resize storage that is not resizable"). The view
+    lives only for the kernel call, while the caller holds the tensor."""
+    view = _ArrayView()
+    view.tensor = t
+    view.__array_interface__ = {
+        "data": (t.data_ptr(), False),
+        "shape": tuple(t.shape),
+        "typestr": _TYPESTR[t.dtype],
+        "version": 3,
+    }
+    return np.asarray(view)
 
 
 # Large outputs: ask for transparent huge pages before the kernel first touches them. A fresh

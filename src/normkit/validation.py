@@ -1,0 +1,126 @@
+"""Input checks shared by every public normkit function: done once, at the edge.
+
+Each check raises an error naming the argument, with the expected and the actual value. The
+error types are :mod:`normkit.errors`' (``ValueError``/``TypeError`` that are also
+``RuntimeError`` where torch raises ``RuntimeError`` for the same mistake).
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from normkit.errors import NormDeviceError, NormShapeError, NormTypeError
+
+__all__ = [
+    "FLOAT_DTYPES",
+    "as_normalized_shape",
+    "check_dropout",
+    "check_eps",
+    "check_floating_tensor",
+    "check_param",
+    "check_residual",
+]
+
+ShapeLike = Union[int, Sequence[int], torch.Size]
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _as_int(d) -> Optional[int]:
+    """``d`` as an int if it is one: a Python/NumPy integer, a ``SymInt``, or a 0-dim integer
+    tensor (what sizes are under ``torch.jit.trace``); else ``None``."""
+    if isinstance(d, bool):
+        return None
+    if isinstance(d, (numbers.Integral, torch.SymInt)):
+        return d if isinstance(d, torch.SymInt) else int(d)
+    if isinstance(d, Tensor) and d.dim() == 0 and not d.is_floating_point() and not d.is_complex() and d.dtype != torch.bool:
+        return int(d)
+    return None
+
+
+def as_normalized_shape(normalized_shape: ShapeLike) -> Tuple[int, ...]:
+    """``normalized_shape`` as a tuple of non-negative ints (torch accepts a size-0 dim; the
+    output is then empty)."""
+    single = _as_int(normalized_shape)
+    if single is not None:
+        shape: Tuple[int, ...] = (single,)
+    elif isinstance(normalized_shape, (Sequence, torch.Size)) and all(_as_int(d) is not None for d in normalized_shape):
+        shape = tuple(_as_int(d) for d in normalized_shape)
+    else:
+        raise TypeError(f"normalized_shape must be an int or a sequence of ints, got {normalized_shape!r}")
+    if len(shape) == 0:
+        raise NormShapeError("normalized_shape must name at least one dimension, got ()")
+    if any(d < 0 for d in shape):
+        raise NormShapeError(f"normalized_shape must have non-negative sizes, got {list(shape)}")
+    return shape
+
+
+def check_floating_tensor(name: str, t, *, what: str = "") -> None:
+    """``t`` is a tensor of a floating dtype normkit computes in."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor{what}, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise NormTypeError(f"{name} must have a floating dtype (float16, bfloat16, float32, float64), got {t.dtype}")
+
+
+def check_input(x: Tensor, shape: Tuple[int, ...]) -> None:
+    """``x`` is a floating tensor whose trailing dims are ``shape``."""
+    check_floating_tensor("input", x)
+    if x.dim() < len(shape) or tuple(x.shape[x.dim() - len(shape):]) != shape:
+        raise NormShapeError(
+            f"Given normalized_shape={list(shape)}, expected input with shape [*, "
+            f"{', '.join(map(str, shape))}], but got input of size {list(x.shape)}"
+        )
+
+
+def check_param(name: str, p: Optional[Tensor], x: Tensor, shape: Tuple[int, ...]) -> None:
+    """A gain or bias: ``None``, or a floating tensor of ``shape`` on ``x``'s device."""
+    if p is None:
+        return
+    check_floating_tensor(name, p, what=" or None")
+    if tuple(p.shape) != shape:
+        raise NormShapeError(
+            f"Expected {name} to be of same shape as normalized_shape, but got {name} of shape "
+            f"{list(p.shape)} and normalized_shape = {list(shape)}"
+        )
+    if p.device != x.device:
+        raise NormDeviceError(f"{name} is on {p.device} but input is on {x.device}; move them to one device")
+
+
+def check_residual(residual: Optional[Tensor], x: Tensor) -> None:
+    """The fused residual: ``None``, or a tensor of ``x``'s shape, dtype and device."""
+    if residual is None:
+        return
+    if not isinstance(residual, Tensor):
+        raise TypeError(f"residual must be a torch.Tensor or None, got {type(residual).__name__}")
+    if residual.shape != x.shape:
+        raise NormShapeError(f"residual must have the input's shape {list(x.shape)}, got {list(residual.shape)}")
+    if residual.dtype != x.dtype:
+        raise NormTypeError(f"residual must have the input's dtype {x.dtype}, got {residual.dtype}")
+    if residual.device != x.device:
+        raise NormDeviceError(f"residual is on {residual.device} but input is on {x.device}")
+
+
+def check_eps(eps) -> float:
+    """``eps`` as a float. Like torch, any real value is accepted (negative, 0, inf and NaN
+    included: the result is what the formula gives), and so is a 0-dim real tensor."""
+    if isinstance(eps, Tensor) and eps.dim() == 0 and eps.is_floating_point():
+        return float(eps)
+    if isinstance(eps, torch.SymFloat):
+        return float(eps)  # specializes a symbolic eps under torch.compile(dynamic=True)
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps must be a real number, got {eps!r}")
+    return float(eps)
+
+
+def check_dropout(dropout_p, training: bool) -> float:
+    """The dropout rate actually applied: ``dropout_p`` in ``[0, 1)`` when training, else 0."""
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
+        raise TypeError(f"dropout_p must be a real number, got {dropout_p!r}")
+    p = float(dropout_p)
+    if not 0.0 <= p < 1.0:  # NaN fails this too
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    return p if training else 0.0
