@@ -7,6 +7,7 @@ import torch
 
 import normkit
 from normkit.tools import fold
+from normkit.tools.fold import FoldWarning
 
 from helpers import randn
 
@@ -114,3 +115,113 @@ def test_bad_pairs_get_a_clear_error(pairs, exc, match):
     model = torch.nn.Sequential(torch.nn.LayerNorm(6), torch.nn.Linear(6, 4), torch.nn.ReLU(), torch.nn.Linear(4, 6), torch.nn.LayerNorm((2, 3)), torch.nn.Linear(3, 3))
     with pytest.raises(exc, match=match):
         fold(model, pairs)
+
+
+# --- never a silent change: folds that would change the outputs are refused -----------------------
+
+class TwoNormsOneLinear(torch.nn.Module):
+    """One Linear reads two different norms: no single weight can absorb both gains."""
+
+    def __init__(self, d: int = 10):
+        super().__init__()
+        self.n1, self.n2, self.lin = torch.nn.LayerNorm(d), torch.nn.LayerNorm(d), torch.nn.Linear(d, d)
+
+    def forward(self, x):
+        return self.lin(self.n1(x)) + self.lin(self.n2(x))
+
+
+class SequentialAsContainer(torch.nn.Module):
+    """An nn.Sequential used as a list: its norm's output also feeds the residual add."""
+
+    def __init__(self, d: int = 10):
+        super().__init__()
+        self.seq = torch.nn.Sequential(torch.nn.LayerNorm(d), torch.nn.Linear(d, d))
+
+    def forward(self, x):
+        h = self.seq[0](x)
+        return h + self.seq[1](h)
+
+
+class Untraceable(SequentialAsContainer):
+    """The same, behind data-dependent control flow that torch.fx cannot trace."""
+
+    def forward(self, x):
+        if x.sum() > -1e9:
+            return super().forward(x)
+        return x
+
+
+def _snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_a_linear_reading_two_norms_is_never_folded_twice():
+    model = _randomize(TwoNormsOneLinear(), seed=11)
+    x = randn((4, 10), seed=12)
+    want, state = model(x), _snapshot(model)
+    with pytest.raises(ValueError, match=r"(?s)nothing was folded.*'lin' is paired with another norm too \('n2'\)"):
+        fold(model, [("n1", "lin"), ("n2", "lin")])
+    with pytest.raises(ValueError, match=r"n1 -> lin: Linear 'lin' is also called on module 'n2'"):
+        fold(model, [("n1", "lin")])  # the graph shows the second reader
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items()), "model left as it was"
+    torch.testing.assert_close(model(x), want, rtol=0, atol=0)
+
+
+def test_a_linear_shared_by_two_sequentials_is_skipped_with_a_warning():
+    lin = torch.nn.Linear(10, 10)
+    model = _randomize(torch.nn.Sequential(torch.nn.Sequential(torch.nn.LayerNorm(10), lin),
+                                           torch.nn.Sequential(torch.nn.LayerNorm(10), lin)), seed=13)
+    x = randn((4, 10), seed=14)
+    want = model(x)
+    with pytest.warns(FoldWarning, match=r"paired with another norm"):
+        assert fold(model) == []
+    torch.testing.assert_close(model(x), want, rtol=0, atol=0)
+
+
+def test_a_sequential_used_as_a_container_is_not_folded_as_a_chain():
+    model = _randomize(SequentialAsContainer(), seed=15)
+    x = randn((4, 10), seed=16)
+    want = model(x)
+    with pytest.warns(FoldWarning, match=r"the output of 'seq.0' also goes to add"):
+        assert fold(model) == []
+    torch.testing.assert_close(model(x), want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"seq.0 -> seq.1: the output of 'seq.0' also goes to add"):
+        fold(model, [("seq.0", "seq.1")])
+
+
+def test_untraceable_model_needs_example_inputs_and_they_catch_the_change():
+    model = _randomize(Untraceable(), seed=17)
+    x = randn((4, 10), seed=18)
+    want = model(x)
+    with pytest.warns(FoldWarning, match=r"torch.fx cannot trace the model.*pass example_inputs"):
+        assert fold(model) == []
+    with pytest.raises(ValueError, match=r"cannot trace the model"):
+        fold(model, [("seq.0", "seq.1")])
+    with pytest.warns(FoldWarning, match=r"on example_inputs, output 0 changed by up to"):
+        assert fold(model, example_inputs=x) == []
+    with pytest.raises(ValueError, match=r"on example_inputs, output 0 changed"):
+        fold(model, [("seq.0", "seq.1")], example_inputs=(x,))
+    torch.testing.assert_close(model(x), want, rtol=0, atol=0)
+
+
+def test_untraceable_model_is_folded_when_example_inputs_show_no_change():
+    class Gated(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.seq = torch.nn.Sequential(torch.nn.LayerNorm(8), torch.nn.Linear(8, 3))
+
+        def forward(self, x):
+            return self.seq(x) if x.sum() > -1e9 else x[..., :3]
+
+    model = _randomize(Gated(), seed=19)
+    x = randn((5, 8), seed=20)
+    want = model(x)
+    assert [r.norm for r in fold(model, example_inputs={"x": x})] == ["seq.0"]
+    torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_tied_weights_are_not_folded():
+    model = _randomize(torch.nn.Sequential(torch.nn.LayerNorm(6), torch.nn.Linear(6, 6), torch.nn.Linear(6, 6)), seed=21)
+    model[2].weight = model[1].weight  # a weight tied elsewhere would change there too
+    with pytest.warns(FoldWarning, match=r"parameter of '1' is shared with '2'"):
+        assert fold(model) == []

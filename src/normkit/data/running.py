@@ -93,7 +93,7 @@ class RunningNormalizer(torch.nn.Module):
       drift *between* batches is seen exactly as one within a batch. The effective number of
       samples remembered is :math:`W^2/\sum w^2 \to (2-\alpha)/\alpha`; a level shift is
       tracked within a few :math:`1/\alpha` samples. With one sample the variance is 0 (the
-      output is then centered, not scaled). Before version 0.2 ``momentum`` blended per-batch
+      output is then centered, not scaled). Earlier, ``momentum`` blended per-batch
       variances BatchNorm-style, which gave variance 0 at batch size 1.
 
     Statistics: buffers ``count``, ``running_mean``, ``running_var`` (float64, shape ``shape``;

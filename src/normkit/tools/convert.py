@@ -39,7 +39,7 @@ from torch import nn
 import normkit.nn as nnk
 from normkit.reference import default_rms_eps
 
-__all__ = ["ConversionRecord", "ConversionSummary", "convert", "revert", "is_hf_rms_norm", "is_norm_layer"]
+__all__ = ["ConversionRecord", "ConversionSummary", "convert", "revert", "is_hf_rms_norm", "is_norm_layer", "outputs_differ"]
 
 _TARGETS = (None, "layer_norm", "rms_norm")
 _ORIGINAL = "_normkit_original"  # attribute (outside the module tree) holding the replaced module
@@ -110,19 +110,62 @@ def _hf_eps(module: nn.Module) -> float:
     return float(getattr(module, "eps") if eps is None else eps)
 
 
+def _tensors(value) -> List[torch.Tensor]:
+    """The tensors of a (nested) model output: a tensor, tuple/list, dict, or an object with
+    ``to_tuple()`` (Hugging Face ``ModelOutput``)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    if hasattr(value, "to_tuple"):
+        value = value.to_tuple()
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
+def outputs_differ(before, after) -> Optional[str]:
+    r"""Why two outputs of one computation, before and after a rewrite, are not equal up to the
+    rounding of their dtype (``None`` when they are).
+
+    Floating tensors agree when :math:`\max|a - b| \le \tau (1 + \max|a|)`, with
+    :math:`\tau` = 1e-10 (float64), 1e-5 (float32) or 2e-2 (16-bit); other tensors must be
+    equal. Used by :func:`convert` (a module against its replacement, on a random probe) and
+    :func:`normkit.fold` (the model before and after folding, on example inputs).
+    """
+    a, b = _tensors(before), _tensors(after)
+    if len(a) != len(b) or not a:
+        return f"the outputs have {len(a)} vs {len(b)} tensors"
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x.shape != y.shape or x.dtype != y.dtype:
+            return f"output {i}: {x.dtype}{list(x.shape)} vs {y.dtype}{list(y.shape)}"
+        if not x.is_floating_point():
+            if not torch.equal(x, y):
+                return f"output {i} changed"
+            continue
+        tol = {torch.float64: 1e-10, torch.float32: 1e-5}.get(x.dtype, 2e-2)
+        xd, yd = x.detach().double(), y.detach().double()
+        same_nan = torch.equal(torch.isnan(xd), torch.isnan(yd))
+        xd, yd = torch.nan_to_num(xd, nan=0.0), torch.nan_to_num(yd, nan=0.0)
+        err = float((xd - yd).abs().max()) if x.numel() else 0.0
+        scale = float(xd.abs().max()) if x.numel() else 0.0
+        if not same_nan or not err <= tol * (1.0 + scale):
+            return f"output {i} changed by up to {err:.3g} (values up to {scale:.3g}, tolerance {tol:g} relative)"
+    return None
+
+
 def _probe_agrees(old: nn.Module, new: nn.Module, weight: torch.Tensor) -> bool:
     """Old and new give the same output on a fresh random input (rows of the weight's shape)."""
     if weight.device.type == "meta":
         return False
     generator = torch.Generator().manual_seed(1234)
     probe = torch.randn((3,) + tuple(weight.shape), generator=generator).to(weight.device, weight.dtype)
-    tol = {torch.float64: 1e-10, torch.float32: 1e-5}.get(weight.dtype, 2e-2)
     try:
         with torch.no_grad():
             a, b = old(probe), new(probe)
     except Exception:
         return False
-    return isinstance(a, torch.Tensor) and a.shape == b.shape and torch.allclose(a.float(), b.float(), rtol=tol, atol=tol)
+    return isinstance(a, torch.Tensor) and outputs_differ(a, b) is None
 
 
 def _build(cls: type, *args, **kwargs) -> nn.Module:
