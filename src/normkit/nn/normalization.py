@@ -17,6 +17,21 @@ from normkit import functional as F
 __all__ = ["LayerNorm", "RMSNorm"]
 
 
+def _torch_twin(module: torch.nn.Module, cls: type, **config) -> torch.nn.Module:
+    """A ``cls`` (torch's module) sharing ``module``'s parameters, for TorchScript.
+
+    ``torch.jit.script`` cannot compile normkit's ``forward`` (keyword-only fused options, and
+    kernels launched from Python); it calls ``__prepare_scriptable__`` first, so scripting a
+    model swaps each normkit norm for torch's, with the *same* parameter objects (training the
+    scripted model trains them) and the same semantics up to rounding. The fused options are
+    not available inside TorchScript; ``torch.jit.trace`` and ``torch.compile`` keep normkit.
+    """
+    twin = cls(**config, device="meta")
+    for name, param in module.named_parameters(recurse=False):
+        setattr(twin, name, param)
+    return twin.train(module.training)
+
+
 class LayerNorm(torch.nn.LayerNorm):
     r"""Layer normalization with an optional fused residual add, prenorm output and dropout.
 
@@ -38,6 +53,17 @@ class LayerNorm(torch.nn.LayerNorm):
         >>> y = norm(torch.randn(8, 16, 512))
         >>> y, h = norm(branch_out, residual=h, prenorm=True)   # h + branch_out, normalized
     """
+
+    def __prepare_scriptable__(self) -> torch.nn.LayerNorm:
+        """TorchScript gets a ``torch.nn.LayerNorm`` sharing these parameters (see :func:`_torch_twin`)."""
+        return _torch_twin(
+            self,
+            torch.nn.LayerNorm,
+            normalized_shape=self.normalized_shape,
+            eps=self.eps,
+            elementwise_affine=self.elementwise_affine,
+            bias=self.bias is not None,
+        )
 
     def forward(
         self, input: Tensor, residual: Optional[Tensor] = None, *, prenorm: bool = False, dropout_p: float = 0.0
@@ -69,6 +95,16 @@ class RMSNorm(torch.nn.RMSNorm):
 
     Shape and ``forward`` arguments as :class:`LayerNorm`.
     """
+
+    def __prepare_scriptable__(self) -> torch.nn.RMSNorm:
+        """TorchScript gets a ``torch.nn.RMSNorm`` sharing these parameters (see :func:`_torch_twin`)."""
+        return _torch_twin(
+            self,
+            torch.nn.RMSNorm,
+            normalized_shape=self.normalized_shape,
+            eps=self.eps,
+            elementwise_affine=self.elementwise_affine,
+        )
 
     def forward(
         self, input: Tensor, residual: Optional[Tensor] = None, *, prenorm: bool = False, dropout_p: float = 0.0
