@@ -173,7 +173,9 @@ def test_batch_norm_only_on_request():
     _randomize_norms(cnn, seed=6)
     w2d, b2d = cnn[1].weight, cnn[1].bias
     summary = convert(cnn, batch_norm=True)
-    assert [(r.name, r.new) for r in summary] == [("1", "normkit.nn.LayerNorm2d"), ("4", "normkit.nn.LayerNorm")]
+    # BatchNorm1d becomes a ChannelLayerNorm (over dim 1), no longer a LayerNorm over the last
+    # dim, which was the wrong axis for (N, C, L) input
+    assert [(r.name, r.new) for r in summary] == [("1", "normkit.nn.LayerNorm2d"), ("4", "normkit.tools.convert.ChannelLayerNorm")]
     assert all("outputs change" in r.note for r in summary)
     assert cnn[1].weight is w2d and cnn[1].eps == 1e-5
     x = randn((2, 3, 5, 5), seed=7)
@@ -183,6 +185,29 @@ def test_batch_norm_only_on_request():
     assert cnn(x).shape == (2, 5)
     revert(cnn)
     assert type(cnn[1]) is torch.nn.BatchNorm2d and type(cnn[4]) is torch.nn.BatchNorm1d and cnn[1].weight is w2d
+
+
+@pytest.mark.parametrize("shape", [(3, 7), (3, 7, 7), (2, 7, 5)])
+def test_batch_norm_1d_becomes_a_layer_norm_over_the_channel_dim(shape):
+    """BatchNorm1d takes (N, C) and (N, C, L): the replacement normalizes over C in both,
+    also when L == C, where a last-dim layer norm would silently use the wrong axis."""
+    model = torch.nn.Sequential(torch.nn.BatchNorm1d(7, eps=1e-4))
+    _randomize_norms(model, seed=8)
+    w, b = model[0].weight, model[0].bias
+    convert(model, batch_norm=True)
+    x = randn(shape, seed=9, offset=0.5, scale=2.0)
+    xd = x.double()
+    mean = xd.mean(1, keepdim=True)
+    var = xd.var(1, unbiased=False, keepdim=True)
+    per_channel = (7,) + (1,) * (len(shape) - 2)
+    want = (xd - mean) / (var + 1e-4).sqrt() * w.double().reshape(per_channel) + b.double().reshape(per_channel)
+    y = model(x)
+    assert y.shape == x.shape and y.is_contiguous()
+    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"expected 2D or 3D input \(got 4D input\)"):
+        model(randn((2, 7, 3, 3), seed=10))
+    revert(model)
+    assert type(model[0]) is torch.nn.BatchNorm1d and model[0].weight is w
 
 
 class GemmaStyleRMSNorm(torch.nn.Module):

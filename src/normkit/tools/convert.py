@@ -8,7 +8,8 @@ found                                                  becomes (``to=None``)
 ``torch.nn.LayerNorm`` (exactly that class)            ``normkit.nn.LayerNorm``
 ``torch.nn.RMSNorm`` (exactly that class)              ``normkit.nn.RMSNorm``
 Hugging Face ``*RMSNorm`` (``LlamaRMSNorm``, ...)      ``normkit.nn.RMSNorm``
-``BatchNorm1d`` on ``(N, C)`` (``batch_norm=True``)    ``normkit.nn.LayerNorm(C)``
+``BatchNorm1d`` (``batch_norm=True``)                  :class:`ChannelLayerNorm` ``(C)``: over
+                                                       dim 1 of ``(N, C)`` and ``(N, C, L)``
 ``BatchNorm2d`` on NCHW (``batch_norm=True``)          ``normkit.nn.LayerNorm2d(C)``
 =====================================================  ======================================
 
@@ -39,7 +40,8 @@ from torch import nn
 import normkit.nn as nnk
 from normkit.reference import default_rms_eps
 
-__all__ = ["ConversionRecord", "ConversionSummary", "convert", "revert", "is_hf_rms_norm", "is_norm_layer", "outputs_differ"]
+__all__ = ["ChannelLayerNorm", "ConversionRecord", "ConversionSummary", "convert", "revert", "is_hf_rms_norm",
+           "is_norm_layer", "outputs_differ"]
 
 _TARGETS = (None, "layer_norm", "rms_norm")
 _ORIGINAL = "_normkit_original"  # attribute (outside the module tree) holding the replaced module
@@ -79,13 +81,53 @@ class ConversionSummary(List[ConversionRecord]):
         return "\n".join(lines)
 
 
+class ChannelLayerNorm(nn.Module):
+    r"""Layer norm over the channel dim 1 of ``(N, C)`` or ``(N, C, L)`` input: what
+    :func:`convert` puts in place of a ``BatchNorm1d`` (the two layouts it accepts).
+
+    .. math::
+        y_{n,:,l} = \frac{x_{n,:,l} - \mathrm{E}_c[x_{n,c,l}]}{\sqrt{\mathrm{Var}_c[x_{n,c,l}] + \epsilon}}
+            \odot \gamma + \beta
+
+    A ``LayerNorm(C)`` over the last dim would be right for ``(N, C)`` but would normalize
+    over ``L`` for ``(N, C, L)`` — silently, when ``L == C``. Here the statistics are always
+    taken over ``C``; a 3-D input is normalized as its ``(N, L, C)`` transpose by
+    :func:`normkit.layer_norm` and returned contiguous, as ``BatchNorm1d`` returns it.
+    Parameters ``weight`` and ``bias`` of shape ``(C,)`` (BatchNorm's names and shapes).
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, elementwise_affine: bool = True, bias: bool = True,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        self.num_features, self.eps, self.elementwise_affine = int(num_features), float(eps), bool(elementwise_affine)
+        factory = {"device": device, "dtype": dtype}
+        self.register_parameter("weight", nn.Parameter(torch.ones(self.num_features, **factory)) if elementwise_affine else None)
+        self.register_parameter("bias", nn.Parameter(torch.zeros(self.num_features, **factory)) if elementwise_affine and bias else None)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        from normkit.functional import layer_norm  # normkit.tools imports normkit.nn, not the reverse
+
+        if not isinstance(input, torch.Tensor) or input.dim() not in (2, 3):
+            got = f"{input.dim()}D input" if isinstance(input, torch.Tensor) else type(input).__name__
+            raise ValueError(f"expected 2D or 3D input (got {got})")
+        if input.shape[1] != self.num_features:
+            raise ValueError(f"expected input with {self.num_features} channels in dim 1, got input of size {list(input.shape)}")
+        if input.dim() == 2:
+            return layer_norm(input, (self.num_features,), self.weight, self.bias, self.eps)
+        y = layer_norm(input.transpose(1, 2), (self.num_features,), self.weight, self.bias, self.eps)
+        return y.transpose(1, 2).contiguous()
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
+
+
 def _qualname(cls: type) -> str:
     module = cls.__module__
     if module.startswith("normkit.nn"):
         module = "normkit.nn"
     elif module.startswith("torch.nn"):
         module = "torch.nn"
-    else:
+    elif not module.startswith("normkit."):
         return cls.__name__
     return f"{module}.{cls.__name__}"
 
@@ -101,7 +143,7 @@ def is_hf_rms_norm(module: nn.Module) -> bool:
 def is_norm_layer(module: nn.Module) -> bool:
     """A normalization layer :mod:`normkit.tools` knows: torch's Layer/RMS/Group/BatchNorm
     (and subclasses: normkit's), normkit's channel norms, Hugging Face RMS norms."""
-    known = (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase, nnk.LayerNorm2d)
+    known = (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase, nnk.LayerNorm2d, ChannelLayerNorm)
     return isinstance(module, known) or is_hf_rms_norm(module)
 
 
@@ -208,8 +250,7 @@ def _replacement(module: nn.Module, to: Optional[str], fused: bool, batch_norm: 
         args = dict(eps=module.eps, elementwise_affine=module.affine, bias=module.affine)
         if cls is nn.BatchNorm2d:
             return _take(_build(nnk.LayerNorm2d, module.num_features, **args), module, ("weight", "bias")), note
-        new = _build(classes["layer_norm"], module.num_features, **args)
-        return _take(new, module, ("weight", "bias")), note + "; expects (N, C) input"
+        return _take(_build(ChannelLayerNorm, module.num_features, **args), module, ("weight", "bias")), note
     else:
         return None, ""
 
@@ -268,8 +309,11 @@ def convert(model: nn.Module, to: Optional[str] = None, fused: bool = True, batc
             that does ``norm(x + h)`` keeps its separate add. ``False`` installs the stock
             ``torch.nn.LayerNorm``/``RMSNorm`` instead (to change a layer's kind, or to turn
             Hugging Face RMS norms into torch's, with no normkit dependency left in the model).
-        batch_norm: also turn ``BatchNorm1d`` (assumed ``(N, C)`` input) into a layer norm over
-            ``C`` and ``BatchNorm2d`` into :class:`normkit.nn.LayerNorm2d` (outputs change).
+        batch_norm: also turn ``BatchNorm1d`` into a :class:`ChannelLayerNorm` (layer norm over
+            ``C`` of ``(N, C)`` or ``(N, C, L)`` input) and ``BatchNorm2d`` into
+            :class:`normkit.nn.LayerNorm2d` (outputs change). Either way the statistics are
+            over dim 1, whatever the input layout, and whatever ``fused`` says (torch has no
+            channel-first layer norm).
 
     Returns:
         a :class:`ConversionSummary` (a list of :class:`ConversionRecord`; ``print`` it).
@@ -320,7 +364,7 @@ def _rebuild_plain(module: nn.Module) -> Tuple[Optional[nn.Module], str]:
     if cls is nnk.LayerNormCHW:
         new = _build(nn.GroupNorm, 1, module.num_channels, eps=module.eps, affine=module.affine)
         return _take(new, module, ("weight", "bias")), ""
-    if cls is nnk.LayerNorm2d:
+    if cls in (nnk.LayerNorm2d, ChannelLayerNorm):
         return None, "skipped: torch.nn has no channels-first layer norm"
     return None, ""
 
