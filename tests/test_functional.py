@@ -326,3 +326,25 @@ def test_torch_jit_trace_records_the_custom_op():
     assert "normkit::norm_fwd" in str(traced.graph)
     x = randn((300, 1024), seed=31)
     torch.testing.assert_close(traced(x), ref.layer_norm(x, 1024, w), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("n", [3, 1000, 4097])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_constant_rows_normalize_to_the_bias_like_torch(backend, n, dtype):
+    """A constant row has variance 0: its output is exactly the bias (eps > 0), or NaN at
+    eps = 0 (0 * inf), as torch gives. A rounded row mean would leave residues that rstd
+    (1e6 at eps = 1e-12) amplifies to +-0.06."""
+    from helpers import backend_or_skip
+
+    backend_or_skip(backend)
+    values = torch.tensor([0.1, -3.3, 1e4 + 0.1, 7.0 / 3.0], dtype=torch.float64)
+    x = values[:, None].expand(4, n).to(dtype).contiguous()
+    b = randn((n,), dtype, seed=4)
+    with normkit.use_backend(backend):
+        y = normkit.layer_norm(x, (n,), None, b, eps=1e-12)
+        y0 = normkit.layer_norm(x, (n,), eps=0.0)
+        y_res, _ = normkit.layer_norm(x, (n,), None, b, eps=1e-12, residual=torch.zeros_like(x) + x, prenorm=True)
+    assert torch.equal(y, b.expand(4, n)), f"max deviation {(y.double() - b.double()).abs().max():.3g}"
+    assert torch.equal(y_res, b.expand(4, n))
+    assert torch.isnan(y0).all() and torch.isnan(torch.nn.functional.layer_norm(x.float(), (n,), eps=0.0)).all()

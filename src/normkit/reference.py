@@ -101,6 +101,11 @@ def _statistics(s: Tensor, dims: Tuple[int, ...], eps: float, is_rms: bool):
     if is_rms:
         return None, torch.rsqrt(s.square().mean(dims, keepdim=True) + eps)
     mean = s.mean(dims, keepdim=True)
+    # One refinement step (the corrected two-pass algorithm of Chan, Golub & LeVeque 1983):
+    # the rounded mean of a constant row is off by a few ulps, and rstd (up to 1/sqrt(eps))
+    # would amplify that residue into outputs of +-0.06 at eps = 1e-12; the mean of the
+    # residues s - mean is exact for such a row, so the refined mean is the constant itself.
+    mean = mean + (s - mean).mean(dims, keepdim=True)
     var = (s - mean).square().mean(dims, keepdim=True)  # two-pass: exact at large means
     return mean, torch.rsqrt(var + eps)
 

@@ -176,19 +176,32 @@ def _row_sum(src, si, n):
 
 
 @njit(inline="always", **_JIT)
-def _row_rstd(src, si, n, mean, eps):
-    """``1/sqrt(mean((s - mean)^2) + eps)``: the second pass of the two-pass variance (the
-    row is in cache by now)."""
+def _row_stats(src, si, n, mean, eps, is_rms):
+    """``(mean, 1/sqrt(var + eps))`` from the first pass's ``mean``: the second pass of the
+    corrected two-pass algorithm (Chan, Golub & LeVeque 1983), which also sums the residues
+    ``d = s - mean`` and refines ``mean += sum(d)/n``, ``var = sum(d^2)/n - (sum(d)/n)^2``.
+    A constant row's rounded mean is off by a few ulps; the refinement makes it exact, so the
+    row normalizes to 0 (rstd up to 1/sqrt(eps) would amplify the residue). The row is in
+    cache by now. RMS norm (``mean = 0``) keeps ``var = mean(s^2)``."""
     ss = 0.0
+    sd = 0.0
     n_full = n // _BLOCK
     for k in range(n_full + 1):
         j0 = k * _BLOCK
         blk = _F32(0.0)
+        blk_d = _F32(0.0)
         for jj in range(_BLOCK if k < n_full else n - j0):
             d = _load(src, si, j0 + jj) - mean
             blk += d * d
+            blk_d += d
         ss += np.float64(blk)
-    return _F32(1.0) / np.sqrt(_F32(ss) / _F32(n) + eps)
+        sd += np.float64(blk_d)
+    var = ss / n
+    if not is_rms:
+        c = sd / n
+        mean = _F32(np.float64(mean) + c)
+        var = max(var - c * c, 0.0)
+    return mean, _F32(1.0) / np.sqrt(_F32(var) + eps)
 
 
 @njit(inline="always", **_JIT)
@@ -216,12 +229,12 @@ def _fwd_rows(lo, hi, x, r, w, b, y, s, mean, rstd, buf, eps, is_rms, has_res, s
                     buf[0, j] = _round(_load(x, i, j) + _load(r, i, j), x)
             if not is_rms:
                 mu = _row_sum(buf, 0, n) / _F32(n)  # buf is in cache
-            rs = _row_rstd(buf, 0, n, mu, eps)
+            mu, rs = _row_stats(buf, 0, n, mu, eps, is_rms)
             _write_row(buf, 0, w, b, y, i, n, mu, rs)
         else:
             if not is_rms:
                 mu = _row_sum(x, i, n) / _F32(n)
-            rs = _row_rstd(x, i, n, mu, eps)
+            mu, rs = _row_stats(x, i, n, mu, eps, is_rms)
             _write_row(x, i, w, b, y, i, n, mu, rs)
         if not is_rms:
             mean[i] = mu

@@ -90,6 +90,10 @@ def _norm_fwd_kernel(
             xc = s
         else:
             mean = tl.sum(s, axis=1) / N
+            # Refine the mean by the mean of the residues (corrected two-pass, Chan, Golub &
+            # LeVeque 1983): exact for a constant row, whose rounded mean is off by ulps that
+            # rstd would amplify. (The looped path's shifted chunk sums are exact there already.)
+            mean += tl.sum(tl.where(mask, s - mean[:, None], 0.0), axis=1) / N
             tl.store(MEAN + rows, mean, mask=row_mask)
             xc = tl.where(mask, s - mean[:, None], 0.0)
         var = tl.sum(xc * xc, axis=1) / N
