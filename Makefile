@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench gpu-check gpu-check-dry clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,17 @@ demo: install
 
 bench: install
 	$(VENV)/bin/normkit bench
+
+# The Triton backend on a real GPU in under 5 minutes (benchmarks/gpu_check.py); without a CUDA
+# device it says so in one line and exits 0. Liger-Kernel/QuACK (constraints-gpu.txt) are
+# optional. Report: $(GPU_CHECK_OUT)/gpu-check.json and .md.
+GPU_CHECK_OUT ?= gpu-check
+gpu-check: install
+	$(PY) benchmarks/gpu_check.py --install-optional --out $(GPU_CHECK_OUT)
+
+# The same check on CPU through Triton's interpreter at tiny sizes (tests/test_gpu_check.py runs it too)
+gpu-check-dry: install
+	TRITON_INTERPRET=1 $(PY) benchmarks/gpu_check.py --dry --out $(GPU_CHECK_OUT)
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache
