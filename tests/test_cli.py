@@ -22,6 +22,19 @@ def test_backends_command_lists_reference(capsys):
     assert "reference" in capsys.readouterr().out
 
 
+def test_backends_command_states_the_triton_backends_verified_status(capsys, monkeypatch):
+    from normkit import cli_backends
+
+    assert cli.main(["backends"]) == 0
+    out = capsys.readouterr().out
+    if cli_backends.TRITON_GPU_RUN is None:
+        assert "triton is EXPERIMENTAL" in out and "recorded GPU run (date, device, commit) is in BENCHMARKS.md" in out
+    monkeypatch.setattr(cli_backends, "TRITON_GPU_RUN", ("2027-01-05", "NVIDIA H200", "abc1234"))
+    assert cli.main(["backends"]) == 0
+    out = capsys.readouterr().out
+    assert "EXPERIMENTAL" not in out and "NVIDIA H200, 2027-01-05, commit abc1234" in out
+
+
 def test_demo_trains_and_layer_norm_helps():
     from normkit.demo import train
 

@@ -1,17 +1,48 @@
-"""``normkit backends``: which kernel backends can run here, and why the others cannot."""
+"""``normkit backends``: which kernel backends can run here, and why the others cannot;
+``--explain`` shows the path and backend one call would take, and why."""
 
 from __future__ import annotations
 
 import argparse
 
+import torch
+
 from normkit.backends import _registry, get_backend
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    pass
+    parser.add_argument("--explain", metavar="SHAPE", help="explain the route of a call on an input of this shape, e.g. 8,512 (normalized over the last dim)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--rms", action="store_true", help="rms_norm instead of layer_norm")
+    parser.add_argument("--grad", action="store_true", help="the input requires grad (a training call)")
+    parser.add_argument("--residual", action="store_true", help="with the fused residual")
+    parser.add_argument("--dropout", type=float, default=0.0, metavar="P")
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from normkit.backends import explain_backend
+    from normkit.functional import ROUTES, route
+
+    try:
+        shape = tuple(int(d) for d in args.explain.split(","))
+    except ValueError:
+        print(f"normkit backends: --explain expects sizes like 8,512, got {args.explain!r}")
+        return 2
+    x = torch.empty(shape, dtype=getattr(torch, args.dtype), device=args.device).requires_grad_(args.grad)
+    residual = torch.empty_like(x) if args.residual else None
+    path = route(x, residual, None, None, args.rms, args.dropout)
+    rows = x.numel() // shape[-1] if shape[-1] else 0
+    print(f"{'rms_norm' if args.rms else 'layer_norm'} on {list(shape)} {args.dtype} ({args.device}):")
+    print(f"  path:    {path}: {ROUTES[path]}")
+    if path in ("eager", "eager_no_grad", "op"):
+        print(f"  backend: {explain_backend(x.detach().reshape(rows, shape[-1]), args.dropout)}")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.explain:
+        return _explain(args)
     for name in list(_registry):
         backend = get_backend(name)
         reason = backend.unavailable_reason()
