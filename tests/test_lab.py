@@ -11,17 +11,19 @@ import pytest
 import torch
 
 from normkit import cli
-from normkit.lab import config, data, models
+from normkit.lab import config, data, models, stats
 from normkit.lab.experiments import EXPERIMENTS, lstm, mlp, online, sequential, transformer
 from normkit.lab.report import summary_table
 from normkit.lab.runner import run_lab
-from normkit.lab.verdict import INCONCLUSIVE, NOT_RUN, REFUTES, SUPPORTS, Stat, compare, verdict
+from normkit.lab.verdict import INCONCLUSIVE, NOT_RUN, REFUTES, SUPPORTS, Stat, compare, compare_failures
+
+paired_test = stats.test_claim  # under a name pytest does not collect
 
 
-# -- verdicts: the report's sentences follow the numbers ------------------------------------
+# -- verdicts: the report's sentences follow the tests --------------------------------------
 def test_stat_mean_and_sample_std():
     s = Stat.of([0.7, 0.9, 0.8, float("nan"), None])
-    assert s.n == 3 and s.failed == 1
+    assert s.n == 3 and s.failed == 2
     assert s.mean == pytest.approx(0.8) and s.std == pytest.approx(0.1)
     assert Stat.of([0.5]).std == 0.0
 
@@ -29,56 +31,58 @@ def test_stat_mean_and_sample_std():
 @pytest.mark.parametrize(
     "a, b, higher, expected",
     [
-        ([0.91, 0.93, 0.92], [0.80, 0.82, 0.81], True, SUPPORTS),  # clear win
-        ([0.85, 0.95, 0.90], [0.84, 0.92, 0.88], True, INCONCLUSIVE),  # overlapping: |Δ|=0.02 < std 0.05
-        ([0.80, 0.82, 0.81], [0.91, 0.93, 0.92], True, REFUTES),  # reversed
-        ([1.31, 1.29, 1.30], [1.52, 1.48, 1.50], False, SUPPORTS),  # lower is better
-        ([1.52, 1.48, 1.50], [1.31, 1.29, 1.30], False, REFUTES),
-        ([1.3, math.nan, 1.31], [math.nan, math.nan, math.nan], False, SUPPORTS),  # other arm always failed
-        ([math.nan] * 2, [math.nan] * 2, True, INCONCLUSIVE),  # both always failed
+        ([0.91, 0.93, 0.92, 0.95, 0.90], [0.80, 0.82, 0.81, 0.83, 0.80], True, SUPPORTS),  # clear, consistent win
+        ([0.85, 0.95, 0.90, 0.80, 0.93], [0.88, 0.92, 0.84, 0.86, 0.90], True, INCONCLUSIVE),  # differences of both signs
+        ([0.80, 0.82, 0.81, 0.83, 0.80], [0.91, 0.93, 0.92, 0.95, 0.90], True, REFUTES),  # reversed
+        ([1.31, 1.29, 1.30, 1.28, 1.33], [1.52, 1.48, 1.50, 1.49, 1.51], False, SUPPORTS),  # lower is better
         ([0.9, 0.91], [], True, NOT_RUN),  # an arm was skipped
     ],
 )
-def test_verdict_rule(a, b, higher, expected):
-    assert verdict(Stat.of(a), Stat.of(b), higher) == expected
+def test_compare_verdict_is_the_paired_test(a, b, higher, expected):
+    f = compare("x", "claim", "metric", "A", a, "B", b, higher_is_better=higher)
+    assert f.verdict.startswith(expected)
+    if expected != NOT_RUN:
+        t = paired_test(a, b, higher_is_better=higher)
+        assert f.verdict == t.verdict and f.test["p"] == t.p and f.test["ci_low"] == t.ci_low and f.test["n"] == len(a)
 
 
-def test_sentence_states_numbers_and_verdict():
-    win = compare("x", "LN helps", "final accuracy", "LayerNorm", Stat.of([0.91, 0.93, 0.92]), "no norm", Stat.of([0.80, 0.82, 0.81]), context="At batch 32,")
+def test_sentence_states_numbers_interval_and_verdict():
+    win = compare("x", "LN helps", "final accuracy", "LayerNorm", [0.91, 0.93, 0.92, 0.95, 0.90], "no norm",
+                  [0.80, 0.82, 0.81, 0.83, 0.80], context="At batch 32,")
     assert win.verdict == SUPPORTS
-    assert "0.920 ± 0.010" in win.sentence and "0.810 ± 0.010" in win.sentence and "supports the claim" in win.sentence
-    assert win.sentence.startswith("At batch 32,") and "3 seeds" in win.sentence
-    lose = compare("x", "LN helps", "final accuracy", "LayerNorm", Stat.of([0.80, 0.82, 0.81]), "no norm", Stat.of([0.91, 0.93, 0.92]))
-    assert lose.verdict == REFUTES and "does not support the claim" in lose.sentence and "no norm is better" in lose.sentence
-    tie = compare("x", "LN helps", "final accuracy", "LayerNorm", Stat.of([0.85, 0.95, 0.90]), "no norm", Stat.of([0.84, 0.92, 0.88]))
-    assert tie.verdict == INCONCLUSIVE and "within one std" in tie.sentence and "supports" not in tie.sentence
+    assert "0.922 ± 0.019" in win.sentence and "0.812 ± 0.013" in win.sentence and "supports the claim" in win.sentence
+    assert win.sentence.startswith("At batch 32,") and "5 seeds" in win.sentence and "95 % CI" in win.sentence and "paired t" in win.sentence
+    tie = compare("x", "LN helps", "final accuracy", "LayerNorm", [0.85, 0.95, 0.90, 0.80, 0.93], "no norm", [0.88, 0.92, 0.84, 0.86, 0.90])
+    assert tie.verdict.startswith(INCONCLUSIVE) and "interval contains 0" in tie.sentence and "supports the claim" not in tie.sentence
 
 
-def test_sentence_names_an_arm_that_failed_every_run():
-    f = compare("x", "pre-LN is stable", "final loss", "pre-LN", Stat.of([2.7, 2.72]), "post-LN", Stat.of([math.nan, math.nan]), higher_is_better=False, unit="nats")
-    assert f.verdict == SUPPORTS and "post-LN failed in every run and pre-LN did not" in f.sentence and "n/a (2 failed)" in f.sentence
-    assert f.numbers.endswith("(nats)")
-    g = compare("x", "pre-LN is stable", "final loss", "pre-LN", Stat.of([math.nan]), "post-LN", Stat.of([2.7]), higher_is_better=False)
-    assert g.verdict == REFUTES and "pre-LN failed in every run and post-LN did not" in g.sentence
+def test_failed_runs_are_counted_in_the_sentence():
+    f = compare("x", "pre-LN is better", "final loss", "pre-LN", [2.7, 2.72, 2.71, 2.69], "post-LN", [3.5, math.nan, 3.4, None],
+                higher_is_better=False, unit="nats")
+    assert f.test["failed_b"] == 2 and f.test["n"] == 2
+    assert "post-LN 2/4" in f.sentence and "Fisher" in f.sentence and "n/a" not in f.numbers and f.numbers.endswith("(nats)")
+    g = compare_failures("x", "pre-LN is stable", "pre-LN", 0, 5, "post-LN", 5, 5, what="failed")
+    assert g.verdict == SUPPORTS and "0/5" in g.sentence and "5/5" in g.sentence and g.test["method"] == "Fisher exact"
 
 
-def _mlp_result(ln_acc, bn_error=True):
-    """A hand-made mlp result at batch size 1: LayerNorm's final accuracies, BatchNorm raising."""
+def _mlp_result(ln_acc, none_acc):
+    """A hand-made mlp result at batch size 1: LayerNorm and no norm, BatchNorm raising."""
     def arm(norm, accs, errors=()):
-        runs = [{"final_acc": a} for a in accs]
+        runs = [{"final_acc": a, "mean_acc": a, "status": "ok" if a is not None else "cannot run"} for a in accs]
         return {"norm": norm, "batch_size": 1, "final_acc": Stat.of(accs).to_dict(), "errors": list(errors), "runs": runs}
 
     return {"batch_sizes": [1], "norms": ["none", "batch", "layer"], "arms": {
-        "none@1": arm("none", [0.3, 0.3]), "layer@1": arm("layer", ln_acc),
-        "batch@1": arm("batch", [None, None], ["Expected more than 1 value per channel"] if bn_error else [])}}
+        "none@1": arm("none", none_acc), "layer@1": arm("layer", ln_acc),
+        "batch@1": arm("batch", [None] * len(ln_acc), ["Expected more than 1 value per channel"])}}
 
 
-def test_works_at_batch_size_one_needs_layer_norm_to_learn():
-    learned = mlp._works_at(_mlp_result([0.6, 0.7]), 1)
-    assert learned.verdict == SUPPORTS and "BatchNorm failed in every run" in learned.sentence
-    assert "Expected more than 1 value per channel" in learned.sentence
-    at_chance = mlp._works_at(_mlp_result([0.12, 0.15]), 1)  # BatchNorm failing is not enough
-    assert at_chance.verdict == INCONCLUSIVE and "both arms failed" in at_chance.sentence
+def test_batch_size_one_claim_is_against_no_norm_and_batch_norm_is_not_a_failure():
+    found = mlp.findings(_mlp_result([0.60, 0.70, 0.65, 0.62, 0.68], [0.20, 0.25, 0.22, 0.21, 0.30]))
+    one = next(f for f in found if "batch size 1" in f.claim)
+    assert one.verdict == SUPPORTS and "no norm" in one.sentence and "cannot be run" in one.sentence
+    assert "Expected more than 1 value per channel" in one.sentence and one.test["failed_a"] == one.test["failed_b"] == 0
+    same = mlp.findings(_mlp_result([0.20, 0.25, 0.22, 0.21, 0.30], [0.21, 0.24, 0.23, 0.20, 0.29]))
+    assert next(f for f in same if "batch size 1" in f.claim).verdict.startswith(INCONCLUSIVE)
 
 
 # -- data: shipped, deterministic, no network -----------------------------------------------
@@ -192,7 +196,7 @@ def test_same_seed_same_numbers():
     assert a["curve"] == b["curve"] and a["final_acc"] == b["final_acc"]
     o1 = online.stream_one(config.preset("online", "smoke"), "layer", seed=2)
     o2 = online.stream_one(config.preset("online", "smoke"), "layer", seed=2)
-    assert o1["curve"] == o2["curve"] and o1["after"] == o2["after"]
+    assert o1 == o2 and set(config.preset("online", "smoke").shifts) <= set(o1)
 
 
 def test_recurrent_and_transformer_runs_are_deterministic():
@@ -202,13 +206,13 @@ def test_recurrent_and_transformer_runs_are_deterministic():
     cfg = config.preset("sequential", "smoke")
     assert sequential.train_one(cfg, "ln_gru", seed=1)["curve"] == sequential.train_one(cfg, "ln_gru", seed=1)["curve"]
     cfg = config.preset("transformer", "smoke")
-    a, b = (transformer.train_one(cfg, "pre_ln", 3, seed=2, threshold=10.0) for _ in range(2))
+    a, b = (transformer.train_one(cfg, "pre_ln", 3, 1e-3, seed=2, threshold=10.0) for _ in range(2))
     assert a["curve"] == b["curve"] and a["max_train_loss"] == b["max_train_loss"]
 
 
 def test_batch_norm_at_batch_size_one_is_reported_not_raised():
     run = mlp.train_one(config.preset("mlp", "smoke"), "batch", 1, seed=0)
-    assert run["status"] == "failed" and "Expected more than 1 value per channel" in run["error"]
+    assert run["status"] == "cannot run" and "Expected more than 1 value per channel" in run["error"]
     assert run["final_acc"] is None
 
 
@@ -278,7 +282,7 @@ def test_terminal_summary_lists_every_claim(smoke):
     from rich.console import Console
 
     _, results = smoke
-    console = Console(width=200, record=True)
+    console = Console(width=600, record=True)  # wide enough that no claim wraps
     console.print(summary_table(results))
     text = console.export_text()
     for e in results["experiments"].values():
@@ -313,12 +317,30 @@ def test_reports_are_readable_and_self_contained(smoke):
 
 
 def test_report_verdicts_agree_with_stored_numbers(smoke):
+    """A verdict in results.json is the test of the per-seed numbers stored beside it."""
     _, results = smoke
     arms = results["experiments"]["mlp"]["result"]["arms"]
-    stat = lambda arm, metric: Stat(**{k: (math.nan if v is None else v) for k, v in arms[arm][metric].items()})  # noqa: E731
     speed = next(f for f in results["experiments"]["mlp"]["findings"] if "speeds up" in f["claim"])
     bs = max(b for b in results["experiments"]["mlp"]["result"]["batch_sizes"])
-    assert speed["verdict"] == verdict(stat(f"layer@{bs}", "mean_acc"), stat(f"none@{bs}", "mean_acc"))
+    per_seed = lambda arm, m: [r[m] for r in arms[arm]["runs"]]  # noqa: E731
+    want = paired_test(per_seed(f"layer@{bs}", "mean_acc"), per_seed(f"none@{bs}", "mean_acc"))
+    assert speed["verdict"] == want.verdict and speed["test"]["p"] == pytest.approx(want.p)
     cost = results["experiments"]["cost"]["result"]["arms"]
     c = next(f for f in results["experiments"]["cost"]["findings"] if f["claim"] == "Layer norm costs compute")
-    assert c["verdict"] == verdict(Stat(**cost["layer"]["step_ms"]), Stat(**cost["none"]["step_ms"]))
+    assert c["verdict"] == paired_test([r["median_ms"] for r in cost["layer"]["runs"]], [r["median_ms"] for r in cost["none"]["runs"]]).verdict
+
+
+def test_results_json_claims_list(smoke):
+    """One entry per claim, with the test's numbers, Holm's adjustment and the run's provenance."""
+    _, results = smoke
+    claims = results["claims"]
+    findings = [f for e in results["experiments"].values() for f in e["findings"]]
+    assert len(claims) == len(findings) and {c["experiment"] for c in claims} == set(EXPERIMENTS)
+    for c, f in zip(claims, findings):
+        assert {"experiment", "claim", "verdict", "diff", "ci_low", "ci_high", "p", "n", "p_holm", "verdict_holm", "method"} <= set(c)
+        assert c["claim"] == f["claim"] and c["verdict"] == f["verdict"]
+        if c["p"] is not None:
+            assert c["ci_low"] <= c["diff"] <= c["ci_high"] and 0 <= c["p"] <= c["p_holm"] <= 1
+    ps = [c["p"] for c in claims if c["p"] is not None]
+    assert [c["p_holm"] for c in claims if c["p"] is not None] == pytest.approx(stats.holm(ps))
+    assert results["meta"]["cpu_model"] and "commit" in results["meta"]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from normkit.lab.config import PRESET_NAMES
+from normkit.lab.config import DEFAULT_SEEDS, PRESET_NAMES
 from normkit.lab.experiments import EXPERIMENTS
 
 __all__ = ["add_arguments", "run"]
@@ -41,7 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # tests use a seconds-long preset whose numbers mean nothing
     size.add_argument("--preset", dest="preset", choices=PRESET_NAMES, help=argparse.SUPPRESS)
     parser.set_defaults(preset="quick")
-    parser.add_argument("--seeds", type=_positive("--seeds"), default=3, metavar="N", help="seeds per configuration, >= 1 (default 3)")
+    parser.add_argument("--seeds", type=_positive("--seeds"), default=DEFAULT_SEEDS, metavar="N",
+                        help=f"seeds per arm, >= 1 (default {DEFAULT_SEEDS}; a test needs >= 2, and has little power below 5)")
     parser.add_argument("--out", type=Path, default=Path("lab-report"), metavar="DIR", help="output directory (default lab-report/)")
     parser.add_argument("--threads", type=_positive("--threads"), default=1, metavar="N",
                         help="torch (and normkit kernel) threads (default 1: the lab's models are small, "

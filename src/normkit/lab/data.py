@@ -6,13 +6,15 @@
 - :func:`stdlib_corpus`: a character corpus read from a fixed, sorted list of the running Python's
   standard-library source files (deterministic for a given Python version; its SHA-256 is
   recorded in ``results.json``).
-- :func:`shifted_stream`: a stream of digits whose inputs change scale and offset mid-stream.
+- :func:`shifted_stream`: a stream of digits whose inputs change scale and offset mid-stream;
+  :func:`shift_inputs`: the other input shifts the online experiment applies.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import math
 import string
 import sysconfig
 from dataclasses import dataclass
@@ -22,7 +24,7 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["Digits", "Corpus", "digits", "stdlib_corpus", "encode", "VOCAB", "VOCAB_SIZE", "shifted_stream", "char_batches", "unigram_nats"]
+__all__ = ["Digits", "Corpus", "digits", "stdlib_corpus", "encode", "VOCAB", "VOCAB_SIZE", "shifted_stream", "shift_inputs", "SHIFTS", "char_batches", "unigram_nats"]
 
 # Standard-library modules that exist in every CPython >= 3.10, sorted; a missing one is skipped.
 STDLIB_FILES: Tuple[str, ...] = tuple(sorted((
@@ -148,3 +150,35 @@ def shifted_stream(length: int, seed: int, scale: float, offset: float) -> Tuple
     shift = length // 2
     x[shift:] = scale * x[shift:] + offset
     return x, y, shift
+
+
+#: The input shifts of :func:`shift_inputs`.
+SHIFTS = ("affine", "feature_affine", "permutation", "rotation")
+
+
+def shift_inputs(x: Tensor, kind: str, seed: int, scale: float = 3.0, offset: float = 2.0) -> Tensor:
+    r"""``x`` (``(n, F)``) under a change of the input distribution, drawn from ``seed``:
+
+    - ``affine``: :math:`x \to a x + b` with the scalars ``scale``, ``offset``: a per-sample
+      layer norm cancels it exactly (up to ``eps``);
+    - ``feature_affine``: :math:`x_j \to a_j x_j + b_j`, per-feature gains :math:`\log a_j \sim
+      U(-\log 3, \log 3)` and offsets :math:`b_j \sim U(-1, 1)`: a per-feature standardizer cancels
+      it, a per-sample one does not;
+    - ``permutation``: the features reordered by a random permutation;
+    - ``rotation``: :math:`x \to x Q`, :math:`Q` a random orthogonal matrix (QR of a Gaussian).
+      Norms are kept, so per-sample statistics barely move, but every feature changes meaning.
+    """
+    g = torch.Generator().manual_seed(50_021 + seed)
+    f = x.shape[1]
+    if kind == "affine":
+        return scale * x + offset
+    if kind == "feature_affine":
+        gain = torch.exp((2 * torch.rand(f, generator=g) - 1) * math.log(3.0))
+        return x * gain + (2 * torch.rand(f, generator=g) - 1)
+    if kind == "permutation":
+        return x[:, torch.randperm(f, generator=g)]
+    if kind == "rotation":
+        q, r = torch.linalg.qr(torch.randn(f, f, generator=g, dtype=torch.float64))
+        q = q * torch.sign(torch.diagonal(r))  # Haar-distributed
+        return (x.double() @ q).to(x.dtype)
+    raise ValueError(f"shift kind must be one of {', '.join(SHIFTS)}, got {kind!r}")

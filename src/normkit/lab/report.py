@@ -10,9 +10,12 @@ from pathlib import Path
 from typing import Dict, List
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from normkit.lab.verdict import INCONCLUSIVE, NOT_RUN, REFUTES, SUPPORTS
+import math
+
+from normkit.lab.stats import INCONCLUSIVE, NOT_RUN, REFUTES, SUPPORTS, fmt_p
 
 __all__ = ["write", "markdown", "html_report", "summary_table"]
 
@@ -28,11 +31,33 @@ img { max-width: 100%; } .claim { font-style: italic; } .meta { color: #666; fon
 
 
 def _css_class(verdict: str) -> str:
-    return {SUPPORTS: "supports", REFUTES: "refutes", INCONCLUSIVE: "inconclusive", NOT_RUN: "not-measured"}.get(verdict, "")
+    if verdict.startswith(INCONCLUSIVE):
+        return "inconclusive"
+    return {SUPPORTS: "supports", REFUTES: "refutes", NOT_RUN: "not-measured"}.get(verdict, "")
 
 
-def _all_findings(results: Dict) -> List[Dict]:
-    return [f for e in results["experiments"].values() for f in e["findings"]]
+def _num(x, digits: int = 3) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:+.{digits}g}"
+
+
+def claim_cells(c: Dict) -> List[str]:
+    """The summary row of one entry of ``results["claims"]``: experiment, claim, measured,
+    difference with its interval, p, Holm-adjusted p, n, verdict, verdict after Holm."""
+    if c.get("diff") is None:
+        diff = "n/a"
+    else:
+        diff = f"{_num(c['diff'])} [{_num(c['ci_low'])}, {_num(c['ci_high'])}]"
+    p = "n/a" if c.get("p") is None else fmt_p(c["p"]).replace("p = ", "").replace("p ", "")
+    ph = "n/a" if c.get("p_holm") is None else fmt_p(c["p_holm"]).replace("p = ", "").replace("p ", "")
+    return [c["experiment"], c["claim"], c.get("measured", ""), diff, p, ph, str(c.get("n", "")), c["verdict"], c.get("verdict_holm", "")]
+
+
+CLAIM_HEADER = ["experiment", "claim", "measured (mean ± std over seeds)", "difference in the claim's favour [95 % CI]", "p",
+                "p (Holm)", "n", "verdict", "after Holm"]
+
+
+def _claims(results: Dict) -> List[Dict]:
+    return results.get("claims") or []
 
 
 def _header_lines(results: Dict) -> List[str]:
@@ -41,8 +66,10 @@ def _header_lines(results: Dict) -> List[str]:
         f"Preset `{results['preset']}`, seeds {results['seeds']}, total {results.get('elapsed_s') or 0:.0f} s, {m['date']}.",
         f"Python {m['python']}, torch {m['torch']}, normkit {m['normkit']} (backends: {', '.join(m['normkit_backends'])}); "
         f"{m['platform']}, {m['cpu_count']} CPUs, torch threads: {m['torch_threads']}.",
-        "Verdicts are computed from the numbers: a difference larger than the larger of the two arms' "
-        "standard deviations over seeds supports (or, reversed, does not support) the claim; a smaller one is inconclusive.",
+        "Verdicts are tests (normkit.lab.stats): a paired t interval over seeds of the difference between the claim's arm and "
+        "its baseline, oriented so that > 0 favours the claim; supports when the 95 % interval lies above 0, does not support "
+        "when it lies below, inconclusive otherwise. Failure counts use Fisher's exact test, 'no slower than' a stated "
+        "non-inferiority margin. 'After Holm': the verdict that survives Holm's correction over all claims of this run.",
         "Training and step times are the process's CPU time (robust to other jobs on a shared machine; equal to the wall "
         "clock on an idle one) unless marked wall; section times are wall-clock.",
     ]
@@ -55,8 +82,7 @@ def _md_table(header: List[str], rows: List[List[str]]) -> List[str]:
 
 def markdown(results: Dict) -> str:
     lines = ["# normkit lab report", ""] + _header_lines(results) + ["", "## Summary", ""]
-    lines += _md_table(["experiment", "claim", "measured (mean ± std over seeds)", "verdict"],
-                       [[f["experiment"], f["claim"], f.get("numbers", ""), f["verdict"]] for f in _all_findings(results)])
+    lines += _md_table(CLAIM_HEADER, [claim_cells(c) for c in _claims(results)])
     for name, e in results["experiments"].items():
         lines += ["", f"## {name}: {e['title']}", "", f"*Claim:* {e['claim']}", "", f"Elapsed: {e['elapsed_s']:.1f} s.", ""]
         lines += [f"![{name}]({p})" for p in e["plots"]] + [""]
@@ -76,12 +102,13 @@ def html_report(results: Dict, out: Path) -> str:
              "<h1>normkit lab report</h1>"]
     parts += [f"<p class='meta'>{html.escape(line).replace('`', '')}</p>" for line in _header_lines(results)]
     parts.append("<h2>Summary</h2>")
-    rows = "".join(
-        f"<tr><td>{html.escape(f['experiment'])}</td><td>{html.escape(f['claim'])}</td><td>{html.escape(f.get('numbers', ''))}</td>"
-        f"<td class='{_css_class(f['verdict'])}'>{html.escape(f['verdict'])}</td></tr>"
-        for f in _all_findings(results)
-    )
-    parts.append(f"<table><thead><tr><th>experiment</th><th>claim</th><th>measured (mean ± std over seeds)</th><th>verdict</th></tr></thead><tbody>{rows}</tbody></table>")
+    rows = ""
+    for c in _claims(results):
+        cells = claim_cells(c)
+        rows += "<tr>" + "".join(f"<td>{html.escape(x)}</td>" for x in cells[:-2])
+        rows += "".join(f"<td class='{_css_class(v)}'>{html.escape(v)}</td>" for v in cells[-2:]) + "</tr>"
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in CLAIM_HEADER)
+    parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
     for name, e in results["experiments"].items():
         parts.append(f"<h2>{html.escape(name)}: {html.escape(e['title'])}</h2><p class='claim'>Claim: {html.escape(e['claim'])}</p>")
         parts.append(f"<p class='meta'>Elapsed {e['elapsed_s']:.1f} s.</p>")
@@ -96,25 +123,34 @@ def html_report(results: Dict, out: Path) -> str:
     return "\n".join(parts)
 
 
-#: Verdicts as the terminal table prints them (the reports carry the full wording).
-_SHORT = {SUPPORTS: "supports", REFUTES: "does not support", INCONCLUSIVE: "inconclusive", NOT_RUN: "not measured"}
+def _short(verdict: str) -> str:
+    """Verdicts as the terminal table prints them (the reports carry the full wording)."""
+    return INCONCLUSIVE if verdict.startswith(INCONCLUSIVE) else verdict
 
 
 def summary_table(results: Dict) -> Table:
-    """The terminal's closing table: one row per claim, its two measurements and the verdict."""
+    """The terminal's closing table: one row per claim, its measurements, the test and the verdict."""
     table = Table(title="normkit lab: the claims, measured",
-                  caption="mean ± std over seeds; inconclusive = difference within one std. Details: report.html")
+                  caption="difference > 0 favours the claim; [95 % CI], paired by seed; verdict after Holm's correction "
+                          "over all claims. Details: report.html")
     table.add_column("experiment", no_wrap=True)
     table.add_column("claim", ratio=3)
     table.add_column("measured", ratio=3)
+    table.add_column("difference [CI]", ratio=2)
+    table.add_column("p (Holm)", no_wrap=True)
     table.add_column("verdict", ratio=1)
     table.add_column("time (s)", justify="right", no_wrap=True)
     style = {SUPPORTS: "green", REFUTES: "red", INCONCLUSIVE: "yellow", NOT_RUN: "yellow"}
+    by_exp: Dict[str, List[Dict]] = {}
+    for c in _claims(results):
+        by_exp.setdefault(c["experiment"], []).append(c)
     for name, e in results["experiments"].items():
-        for i, f in enumerate(e["findings"]):
-            verdict = f"[{style.get(f['verdict'], '')}]{_SHORT.get(f['verdict'], f['verdict'])}[/]"
-            table.add_row(name if i == 0 else "", f["claim"], f.get("numbers", ""), verdict, f"{e['elapsed_s']:.1f}" if i == 0 else "",
-                          end_section=i == len(e["findings"]) - 1)
+        claims = by_exp.get(name, [])
+        for i, c in enumerate(claims):
+            cells = claim_cells(c)
+            v = _short(c.get("verdict_holm") or c["verdict"])
+            table.add_row(name if i == 0 else "", escape(c["claim"]), escape(cells[2]), escape(cells[3]), escape(cells[5]), f"[{style.get(v, '')}]{v}[/]",
+                          f"{e['elapsed_s']:.1f}" if i == 0 else "", end_section=i == len(claims) - 1)
     return table
 
 

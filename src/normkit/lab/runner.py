@@ -13,7 +13,7 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Dict, Iterator, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
 from rich.console import Console
@@ -22,14 +22,51 @@ import normkit
 from normkit.lab import report
 from normkit.lab.config import preset
 from normkit.lab.experiments import EXPERIMENTS, load
+from normkit.lab.stats import holm, holm_verdict
 from normkit.lab.tracker import Tracker
 
-__all__ = ["run_lab", "machine_info", "jsonable", "torch_threads", "idle_numba_workers"]
+__all__ = ["run_lab", "machine_info", "claims_table", "jsonable", "torch_threads", "idle_numba_workers"]
+
+#: The keys every entry of ``results["claims"]`` carries first (then the rest of the test).
+CLAIM_KEYS = ("experiment", "claim", "verdict", "diff", "ci_low", "ci_high", "p", "n")
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_commit() -> Optional[str]:
+    """The checkout's commit (``+dirty`` if tracked files changed), or ``None`` outside git."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[3]
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (commit + ("+dirty" if dirty else "")) or None
+
+
+def _load_average() -> Optional[list]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def machine_info() -> Dict:
     """Versions and machine facts recorded with every result."""
     return {
+        "cpu_model": _cpu_model(),
+        "commit": _git_commit(),
+        "load_average_at_start": _load_average(),
         "python": sys.version.split()[0],
         "torch": torch.__version__,
         "normkit": normkit.__version__,
@@ -94,6 +131,24 @@ def idle_numba_workers() -> Optional[str]:
     return "workqueue"
 
 
+def claims_table(results: Dict, alpha: float = 0.05) -> List[Dict]:
+    """One entry per claim of the run: the keys of :data:`CLAIM_KEYS`, then the test's method,
+    failure counts and extras, the Holm-adjusted p-value across all the run's claims and the
+    verdict that survives it, and the report's sentence."""
+    findings = [f for e in results["experiments"].values() for f in e["findings"]]
+    adjusted = holm([f["test"].get("p", math.nan) for f in findings])
+    out = []
+    for f, p_holm in zip(findings, adjusted):
+        t = f["test"]
+        entry = {"experiment": f["experiment"], "claim": f["claim"], "verdict": f["verdict"], "diff": t.get("diff"),
+                 "ci_low": t.get("ci_low"), "ci_high": t.get("ci_high"), "p": t.get("p"), "n": t.get("n")}
+        entry.update(p_holm=p_holm, verdict_holm=holm_verdict(f["verdict"], p_holm, alpha), method=t.get("method"),
+                     alpha=t.get("alpha"), failed_a=t.get("failed_a"), failed_b=t.get("failed_b"), extra=t.get("extra", {}),
+                     metric=f.get("metric", ""), measured=f.get("numbers", ""), sentence=f["sentence"])
+        out.append(entry)
+    return out
+
+
 def run_lab(names: Sequence[str], preset_name: str, seeds: int, out: Path, console: Optional[Console] = None, threads: int = 1) -> Dict:
     """Run ``names`` under ``preset_name`` for seeds ``0 .. seeds-1`` with ``threads`` torch
     threads; write ``results.json``, the plots and the reports to ``out``; return the results."""
@@ -132,6 +187,8 @@ def _run(names: Sequence[str], preset_name: str, seeds: int, out: Path, console:
             }
             tracker.log(f"[bold]{name}[/] done in {elapsed:.1f} s")
     results["elapsed_s"] = time.perf_counter() - total_start
+    results["meta"]["load_average_at_end"] = _load_average()
+    results["claims"] = claims_table(results)
     results = jsonable(results)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     report.write(results, out)

@@ -14,7 +14,7 @@ from types import ModuleType
 
 __all__ = ["EXPERIMENTS", "load"]
 
-EXPERIMENTS = ("mlp", "lstm", "sequential", "transformer", "online", "cost")
+EXPERIMENTS = ("mlp", "lstm", "sequential", "transformer", "online", "cost", "sensitivity", "convnet", "invariance")
 
 
 def load(name: str) -> ModuleType:

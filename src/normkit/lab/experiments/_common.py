@@ -11,7 +11,8 @@ import torch
 
 from normkit.lab.verdict import Stat
 
-__all__ = ["seeded", "curve_stats", "stat", "stat_dict", "pyplot", "save", "clip_and_step", "Timer", "warm_up", "LABELS"]
+__all__ = ["seeded", "curve_stats", "stat", "stat_dict", "pyplot", "save", "clip_and_step", "Timer", "warm_up", "LABELS", "adam",
+           "values", "checkpoints"]
 
 #: Human names for arm keys, used in tables, plots and sentences.
 LABELS = {
@@ -29,7 +30,27 @@ LABELS = {
     "post_ln": "post-LN",
     "pre_ln": "pre-LN",
     "pre_rms": "pre-RMSNorm",
+    "layer2d": "LayerNorm2d (over C)",
+    "layer_chw": "LayerNormCHW (over C,H,W)",
+    "group": "GroupNorm",
+    "weight": "WeightNorm",
 }
+
+
+def adam(params, lr: float, **kwargs) -> torch.optim.Adam:
+    """Adam with PyTorch's fused CPU/GPU implementation: one kernel for all parameters instead
+    of a Python loop over them (the lab's models are small, so the loop was 20-40 % of a step)."""
+    return torch.optim.Adam(params, lr=lr, fused=True, **kwargs)
+
+
+def values(runs: Sequence[Dict], key: str) -> List[Optional[float]]:
+    """``runs[i][key]`` for every run, in seed order (what the paired tests pair on)."""
+    return [r.get(key) for r in runs]
+
+
+def checkpoints(steps: int, evals: int) -> List[int]:
+    """``evals`` evaluation steps spread evenly over ``steps`` (the last one is ``steps``)."""
+    return sorted({max(1, round(steps * (i + 1) / evals)) for i in range(evals)})
 
 
 def seeded(seed: int) -> torch.Generator:

@@ -23,9 +23,9 @@ import torch.nn.functional as F
 import normkit
 from normkit.backends import select_backend_name
 from normkit.lab.config import CostConfig
-from normkit.lab.experiments._common import LABELS, pyplot, save, seeded, stat_dict
+from normkit.lab.experiments._common import LABELS, adam, pyplot, save, seeded, stat_dict, values
 from normkit.lab.models import MLP
-from normkit.lab.verdict import Stat, compare
+from normkit.lab.verdict import Stat, compare, compare_noninferior
 
 NAME = "cost"
 TITLE = "Cost: training-step time of each norm in the same MLP"
@@ -35,7 +35,7 @@ CLAIM = "Normalization costs compute: each norm layer adds time to every trainin
 def time_one(cfg: CostConfig, norm: str, seed: int, tick=lambda n=1: None) -> Dict:
     gen = seeded(seed)
     model = MLP(cfg.width, cfg.width, cfg.depth, 10, norm)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    opt = adam(model.parameters(), 1e-3)
     x = torch.randn(cfg.batch, cfg.width, generator=gen)
     y = torch.randint(0, 10, (cfg.batch,), generator=gen)
 
@@ -79,17 +79,23 @@ def run(cfg: CostConfig, seeds: Sequence[int], tracker) -> Dict:
         "normkit_backend": select_backend_name(probe, 0.0),
         "normkit_backends_available": normkit.backends(),
         "threads": torch.get_num_threads(),
+        "margin": cfg.margin,
     }
 
 
 def findings(result: Dict):
     arms = result["arms"]
-    get = lambda a: Stat(**arms[a]["step_ms"]) if a in arms else Stat.of([])  # noqa: E731
-    ctx = f"Training step of a {result['shape']['depth']}-layer, width-{result['shape']['width']} MLP at batch {result['shape']['batch']} (normkit backend: {result['normkit_backend']}, {result['threads']} torch thread(s)),"
+    get = lambda a: values(arms[a]["runs"], "median_ms") if a in arms else []  # noqa: E731
+    ctx = (f"Training step of a {result['shape']['depth']}-layer, width-{result['shape']['width']} MLP at batch {result['shape']['batch']} "
+           f"(normkit backend: {result['normkit_backend']}, {result['threads']} torch thread(s); arms interleaved within each seed, paired by seed),")
+    margin = result.get("margin", 0.05)
     return [
-        compare(NAME, "Layer norm costs compute", "median CPU time per step in ms", "LayerNorm (normkit)", get("layer"), "no norm", get("none"), context=ctx, better="slower", unit="ms/step"),
-        compare(NAME, "normkit's LayerNorm is no slower than torch's", "median CPU time per step in ms", "LayerNorm (normkit)", get("layer"), "torch LayerNorm", get("torch_layer"), higher_is_better=False, context=ctx, unit="ms/step"),
-        compare(NAME, "RMSNorm is cheaper than LayerNorm", "median CPU time per step in ms", "RMSNorm (normkit)", get("rms"), "LayerNorm (normkit)", get("layer"), higher_is_better=False, context=ctx, unit="ms/step"),
+        compare(NAME, "Layer norm costs compute", "median CPU time per step in ms", "LayerNorm (normkit)", get("layer"), "no norm", get("none"),
+                context=ctx, better="slower", unit="ms/step"),
+        compare_noninferior(NAME, f"normkit's LayerNorm is no slower than torch's (margin {100 * margin:g} %)", "median CPU time per step in ms",
+                            "LayerNorm (normkit)", get("layer"), "torch LayerNorm", get("torch_layer"), margin=margin, context=ctx, unit="ms/step"),
+        compare(NAME, "RMSNorm is cheaper than LayerNorm", "median CPU time per step in ms", "RMSNorm (normkit)", get("rms"),
+                "LayerNorm (normkit)", get("layer"), higher_is_better=False, context=ctx, unit="ms/step"),
     ]
 
 

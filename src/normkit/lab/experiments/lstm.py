@@ -19,17 +19,13 @@ import torch.nn.functional as F
 
 from normkit.lab.config import LSTMConfig
 from normkit.lab.data import VOCAB_SIZE, char_batches, stdlib_corpus
-from normkit.lab.experiments._common import LABELS, Timer, band, clip_and_step, curve_stats, pyplot, run_arms, save, seeded, stat_dict, warm_up
+from normkit.lab.experiments._common import LABELS, Timer, adam, band, checkpoints, clip_and_step, curve_stats, pyplot, run_arms, save, seeded, stat_dict, values, warm_up
 from normkit.lab.models import CharRNN
 from normkit.lab.verdict import Finding, Stat, compare
 
 NAME = "lstm"
 TITLE = "Character language model (stdlib source): LSTM vs LayerNormLSTM"
 CLAIM = "Layer norm especially helps recurrent networks: an LSTM with layer norm trains faster."
-
-
-def checkpoints(steps: int, evals: int) -> List[int]:
-    return sorted({max(1, round(steps * (i + 1) / evals)) for i in range(evals)})
 
 
 def _val_bpc(model, windows) -> float:
@@ -46,7 +42,7 @@ def train_one(cfg: LSTMConfig, arm: str, seed: int, tick=lambda n=1: None) -> Di
     windows = [char_batches(corpus.val, cfg.batch, cfg.seq_len, vgen) for _ in range(cfg.val_batches)]
     gen = seeded(seed)
     model = CharRNN(arm, VOCAB_SIZE, cfg.embed, cfg.hidden)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    opt = adam(model.parameters(), cfg.lr)
     marks, bpc, secs, timer = set(checkpoints(cfg.steps, cfg.evals)), [], [], Timer()
     for step in range(1, cfg.steps + 1):
         x, y = char_batches(corpus.train, cfg.batch, cfg.seq_len, gen)
@@ -103,15 +99,15 @@ def time_to_reach(run: Dict, target: float) -> float:
 
 def findings(result: Dict) -> List[Finding]:
     arms = result["arms"]
-    get = lambda a, m: Stat(**arms[a][m]) if a in arms else Stat.of([])  # noqa: E731
+    get = lambda a, m: values(arms[a]["runs"], m) if a in arms else []  # noqa: E731
     out = [compare(NAME, "Layer norm helps an LSTM language model (per step)", "validation bits per character after the same number of steps",
                    "LayerNormLSTM", get("ln_lstm", "final_bpc"), "LSTM", get("lstm", "final_bpc"), higher_is_better=False,
                    unit="val bits/char")]
     if "lstm" in arms and "ln_lstm" in arms:
         # per second: training time each run needed to reach a bpc that every run reached
         target = max(r["final_bpc"] for a in ("lstm", "ln_lstm") for r in arms[a]["runs"])
-        ln = Stat.of([time_to_reach(r, target) for r in arms["ln_lstm"]["runs"]])
-        base = Stat.of([time_to_reach(r, target) for r in arms["lstm"]["runs"]])
+        ln = [time_to_reach(r, target) for r in arms["ln_lstm"]["runs"]]
+        base = [time_to_reach(r, target) for r in arms["lstm"]["runs"]]
         out.append(compare(NAME, "Layer norm helps an LSTM language model (per second of training)", "training CPU seconds to reach it",
                            "LayerNormLSTM", ln, "LSTM", base, higher_is_better=False, digits=2, unit=f"s to reach {target:.2f} bits/char",
                            context=f"Target: validation {target:.3f} bits/char (the worst final value of any run);"))

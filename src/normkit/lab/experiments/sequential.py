@@ -15,8 +15,7 @@ import torch.nn.functional as F
 
 from normkit.lab.config import SequentialConfig
 from normkit.lab.data import digits
-from normkit.lab.experiments._common import LABELS, Timer, band, clip_and_step, curve_stats, pyplot, run_arms, save, seeded, stat_dict, warm_up
-from normkit.lab.experiments.lstm import checkpoints
+from normkit.lab.experiments._common import LABELS, Timer, adam, band, checkpoints, clip_and_step, curve_stats, pyplot, run_arms, save, seeded, stat_dict, values, warm_up
 from normkit.lab.models import RNNClassifier
 from normkit.lab.verdict import Finding, Stat, compare
 
@@ -38,7 +37,7 @@ def train_one(cfg: SequentialConfig, arm: str, seed: int, tick=lambda n=1: None)
     x_train, x_test = d.x_train.unsqueeze(-1), d.x_test.unsqueeze(-1)  # (n, 64, 1)
     gen = seeded(seed)
     model = RNNClassifier(arm, 1, cfg.hidden, 10)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    opt = adam(model.parameters(), cfg.lr)
     marks, curve, timer = set(checkpoints(cfg.steps, cfg.evals)), [], Timer()
     for step in range(1, cfg.steps + 1):
         idx = torch.randint(0, x_train.shape[0], (cfg.batch,), generator=gen)
@@ -72,7 +71,7 @@ def run(cfg: SequentialConfig, seeds: Sequence[int], tracker) -> Dict:
 
 def findings(result: Dict) -> List[Finding]:
     arms, out = result["arms"], []
-    get = lambda a: Stat(**arms[a]["final_acc"]) if a in arms else Stat.of([])  # noqa: E731
+    get = lambda a: values(arms[a]["runs"], "final_acc") if a in arms else []  # noqa: E731
     for ln, base in (("ln_lstm", "lstm"), ("ln_gru", "gru")):
         f = compare(NAME, f"Layer norm helps {'an' if base == 'lstm' else 'a'} {LABELS[base]} on 64-step sequences", "final test accuracy",
                     LABELS[ln], get(ln), LABELS[base], get(base), unit="final test acc")
