@@ -125,3 +125,15 @@ def test_bad_arguments_get_a_clear_error(kwargs, exc, match, tmp_path):
         export_onnx(normkit.nn.LayerNorm(24), (X,), tmp_path / "x.onnx", **kwargs)
     with pytest.raises(TypeError, match=r"torch.nn.Module as model, got function"):
         export_onnx(lambda x: x, (X,), tmp_path / "x.onnx")
+
+
+@pytest.mark.parametrize("cls", [normkit.nn.LayerNormLSTM, normkit.nn.LayerNormGRU])
+@pytest.mark.parametrize("opset", [17, 18])
+def test_recurrent_modules_export_through_the_reference_path(cls, opset, tmp_path):
+    """The fused numba time loop cannot be traced: exports (TorchScript trace or torch.export)
+    run the per-step reference, unrolled for the traced sequence length."""
+    rnn = cls(6, 5, bidirectional=True, batch_first=True)
+    x = randn((2, 3, 6), seed=7)
+    result = export_onnx(rnn, (x,), tmp_path / "rnn.onnx", opset=opset)
+    assert result.max_abs_error < 1e-5 and {"Sigmoid", "Tanh"} <= set(result.op_types)
+    assert rnn.fast_path and rnn.training, "the module is left as it was"

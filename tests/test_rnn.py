@@ -506,3 +506,45 @@ def test_learns_delayed_recall(kind):
         if len(recent) == 10 and sum(recent) / 10 < 0.1 * math.log(K):
             break
     assert sum(recent) / len(recent) < 0.1 * math.log(K), f"loss {recent} vs chance {math.log(K):.2f}"
+
+
+# --------------------------------------------------------------------------- empty inputs, tracing
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_empty_batch_gives_torch_empty_outputs(kind, batch_first):
+    kw = dict(num_layers=2, bidirectional=True, batch_first=batch_first)
+    ours, theirs = make(kind, 5, 6, **kw), PAIRS[kind][1](5, 6, **kw)
+    x = randn((0, 4, 5) if batch_first else (4, 0, 5), seed=2, requires_grad=True)
+    out, st = ours(x)
+    ref_out, ref_st = theirs(x)
+    assert out.shape == ref_out.shape and out.dtype == ref_out.dtype
+    for a, b in zip(states(kind, st), states(kind, ref_st)):
+        assert a.shape == b.shape
+    weighted_loss([out, *states(kind, st)]).backward()
+    assert x.grad.shape == x.shape and all(p.grad is None or (p.grad == 0).all() for p in ours.parameters())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("shape, batch_first", [((0, 3, 5), False), ((3, 0, 5), True), ((0, 5), False)])
+def test_zero_length_sequence_raises_like_torch(kind, shape, batch_first):
+    x = randn(shape, seed=3)
+    with pytest.raises(RuntimeError) as want:
+        PAIRS[kind][1](5, 6, batch_first=batch_first)(x)
+    with pytest.raises(RuntimeError, match=f"^{want.value}$"):
+        make(kind, 5, 6, batch_first=batch_first)(x)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_jit_trace_runs_the_reference_path_and_matches_eager(kind):
+    """The fused path's numba time loop cannot be traced; under the tracer the per-step
+    reference runs (the loop unrolled for the traced length)."""
+    m = make(kind, 5, 6, num_layers=2, bidirectional=True, batch_first=True, dtype=F64).eval()
+    x = randn((3, 4, 5), F64, seed=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(m, (x,))
+    assert m.fast_path, "tracing does not switch the module's own path"
+    x2 = randn((3, 4, 5), F64, seed=5)
+    for a, b in zip(torch.utils._pytree.tree_leaves(traced(x2)), torch.utils._pytree.tree_leaves(m(x2))):
+        torch.testing.assert_close(a, b, **TIGHT)

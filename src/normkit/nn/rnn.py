@@ -34,8 +34,15 @@ class _LayerNormRNNBase(nn.Module):
     _mode = "RNN"
     _gates = 1
     #: Run each layer through the fused autograd function (``False``: the per-step reference
-    #: implementation of :mod:`normkit.nn.rnn_reference`, differentiated by autograd).
+    #: implementation of :mod:`normkit.nn.rnn_reference`, differentiated by autograd). Under
+    #: ``torch.jit.trace``, ``torch.export`` and ONNX export the reference runs whatever this
+    #: says: the fused function's numba time loop cannot be traced. A trace unrolls the time
+    #: loop, so it holds for the traced sequence length only.
     fast_path: bool = True
+
+    def _fast(self) -> bool:
+        exporting = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
+        return self.fast_path and not exporting
 
     def __init__(
         self,
@@ -137,8 +144,10 @@ class _LayerNormRNNBase(nn.Module):
                 raise ValueError(f"{name}: expected input to be 2-D (unbatched) or 3-D (batched), got {input.dim()}-D")
             batched = input.dim() == 3
             x = input.unsqueeze(1) if not batched else (input.transpose(0, 1) if self.batch_first else input)
-            T, B = x.shape[0], x.shape[1]
-            data = x.reshape(T * B, x.shape[2])
+            T, B = int(x.shape[0]), int(x.shape[1])  # ints, also under the tracer (which unrolls T)
+            if T == 0:  # torch.nn.LSTM/GRU's own error
+                raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+            data = x.reshape(T * B, int(x.shape[2]))
             bs, sorted_indices, unsorted_indices = [B] * T, None, None
         else:
             raise TypeError(f"{name}: input must be a Tensor or a PackedSequence, got {type(input).__name__}")
@@ -192,7 +201,7 @@ class _LayerNormRNNBase(nn.Module):
         if isinstance(input, PackedSequence):
             output = PackedSequence(layer_input, input.batch_sizes, sorted_indices, unsorted_indices)
         else:
-            output = layer_input.reshape(T, B, -1)
+            output = layer_input.reshape(T, B, self.num_directions * self.hidden_size)  # not -1: B may be 0
             if not batched:
                 output = output.squeeze(1)
                 finals_t = [f.squeeze(1) for f in finals_t]
@@ -270,7 +279,7 @@ class LayerNormLSTM(_LayerNormRNNBase):
         ]
 
     def _layer(self, data, bs, state, params, reverse):
-        fn = rnn_fast.lstm_layer if self.fast_path else lstm_layer_ref
+        fn = rnn_fast.lstm_layer if self._fast() else lstm_layer_ref
         return fn(data, bs, state[0], state[1], params, self.eps, reverse)
 
     def forward(self, input, hx: Optional[Tuple[Tensor, Tensor]] = None):
@@ -332,7 +341,7 @@ class LayerNormGRU(_LayerNormRNNBase):
         ]
 
     def _layer(self, data, bs, state, params, reverse):
-        fn = rnn_fast.gru_layer if self.fast_path else gru_layer_ref
+        fn = rnn_fast.gru_layer if self._fast() else gru_layer_ref
         return fn(data, bs, state[0], params, self.eps, reverse)
 
     def forward(self, input, hx: Optional[Tensor] = None):

@@ -324,8 +324,8 @@ def lstm_layer(data: Tensor, batch_sizes: Sequence[int], h0: Tensor, c0: Tensor,
                params: Sequence[Optional[Tensor]], eps: float, reverse: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
     """Fused equivalent of :func:`normkit.nn.rnn_reference.lstm_layer_ref`."""
     w_ih, w_hh, b, ln_ih_w, ln_hh_w, ln_c_w, ln_c_b = params
-    if data.shape[0] == 0:
-        return data.new_empty((0, w_hh.shape[1])), h0, c0
+    if data.shape[0] == 0:  # empty batch: an empty output still attached to the graph, as torch's
+        return F.linear(data, w_ih[: w_hh.shape[1]]), h0, c0
     xg = _input_projection(data, w_ih, ln_ih_w, b, eps)
     acc = _recurrence_dtype(data.dtype)
     cast = lambda t: None if t is None else t.to(acc)  # noqa: E731
@@ -340,8 +340,8 @@ def gru_layer(data: Tensor, batch_sizes: Sequence[int], h0: Tensor,
               params: Sequence[Optional[Tensor]], eps: float, reverse: bool = False) -> Tuple[Tensor, Tensor]:
     """Fused equivalent of :func:`normkit.nn.rnn_reference.gru_layer_ref`."""
     w_ih, w_hh, b_ih, b_hh, ln_ih_w, ln_hh_w = params
-    if data.shape[0] == 0:
-        return data.new_empty((0, w_hh.shape[1])), h0
+    if data.shape[0] == 0:  # empty batch: an empty output still attached to the graph, as torch's
+        return F.linear(data, w_ih[: w_hh.shape[1]]), h0
     xg = _input_projection(data, w_ih, ln_ih_w, b_ih, eps)
     acc = _recurrence_dtype(data.dtype)
     cast = lambda t: None if t is None else t.to(acc)  # noqa: E731
