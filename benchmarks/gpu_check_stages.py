@@ -343,32 +343,52 @@ def run_compile(stage, plan, device, from_src):
 # --- kernel timing ---------------------------------------------------------------------------
 
 
+def _f64(a):
+    return a.double() if torch.is_tensor(a) else a
+
+
 def _spot_check(case: C.Case, device: str) -> dict:
-    """normkit's forward on the timed shape against float64, first and last rows (where an
-    offset overflow would show)."""
+    """normkit's forward on the timed shape against float64, on the first and last rows (where
+    an offset overflow would show), with the correctness stage's tolerance."""
     t = C.make_inputs(case, device, seed=0)
-    is_rms, rows = case.is_rms, case.rows
-    args = (t["weight"], C.EPS) if is_rms else (t["weight"], t["bias"], C.EPS)
-    fn, rfn = (normkit.rms_norm, ref.rms_norm) if is_rms else (normkit.layer_norm, ref.layer_norm)
-    kw = dict(residual=t["residual"], prenorm=case.has_residual)
+    x, r, n, prenorm = t["x"], t["residual"], case.width, case.has_residual
+    args = (t["weight"], C.EPS) if case.is_rms else (t["weight"], t["bias"], C.EPS)
+    fn, rfn = (normkit.rms_norm, ref.rms_norm) if case.is_rms else (normkit.layer_norm, ref.layer_norm)
+    detail: Dict[str, float] = {}
     with torch.no_grad():
-        _assert_triton_runs(t["x"])
-        got = fn(t["x"], (case.width,), *args, **kw)
-        got = got if case.has_residual else (got,)
-        detail = {}
-        for part in (slice(0, min(256, rows)), slice(max(0, rows - 256), rows)):
-            sub = {k: None if v is None else v[part] for k, v in t.items()}
-            sub_kw = dict(residual=sub["residual"], prenorm=case.has_residual)
-            args64 = [a.double() if torch.is_tensor(a) else a for a in args]
-            r64 = None if sub["residual"] is None else sub["residual"].double()
-            truth = rfn(sub["x"].double(), (case.width,), *args64, **{**sub_kw, "residual": r64})
-            base = rfn(sub["x"], (case.width,), *args, **sub_kw)
-            truth = truth if case.has_residual else (truth,)
-            base = base if case.has_residual else (base,)
-            for name, g, tr, bs in zip(("y", "s"), got, truth, base):
+        _assert_triton_runs(x)
+        got = fn(x, (n,), *args, residual=r, prenorm=prenorm)
+        for part in (slice(0, min(256, case.rows)), slice(max(0, case.rows - 256), case.rows)):
+            xs, rs = x[part], None if r is None else r[part]
+            truth = rfn(xs.double(), (n,), *map(_f64, args), residual=_f64(rs), prenorm=prenorm)
+            base = rfn(xs, (n,), *args, residual=rs, prenorm=prenorm)
+            for name, g, tr, bs in zip(("y", "s"), *((o,) if not prenorm else o for o in (got, truth, base))):
                 assert_close_to_truth(g[part], tr, bs, floor=2e-5, what=f"{name} rows {part.start}:{part.stop}")
                 detail[name] = max(detail.get(name, 0.0), max_err(g[part], tr))
     return detail
+
+
+def _time_group(cases, impls, device, copy_gbps, plan, caps, spent) -> List[dict]:
+    """Time one (op, shape, dtype) in every direction, one implementation at a time, so each
+    one's seconds (its compilations included) count against its own cap; one row per direction."""
+    rows: Optional[List[dict]] = None
+    for impl in impls:  # normkit first: its rows carry the case's fields
+        if impl.unavailable is None and spent[impl.name] >= caps.get(impl.name, math.inf):
+            impl.unavailable = f"time budget ({caps[impl.name]:.0f} s of the kernels stage) spent"
+        if impl.unavailable is not None:
+            timed = [{"impls": {impl.name: {"skipped": impl.unavailable}}} for _ in cases]
+        else:
+            t0 = time.perf_counter()
+            timed = run_cases(cases, [impl], device, copy_gbps, warmup=plan.warmup, repeats=plan.repeats)
+            spent[impl.name] += time.perf_counter() - t0
+        if rows is None:
+            rows = timed
+        else:
+            for row, other in zip(rows, timed):
+                row["impls"].update(other["impls"])
+    for row in rows:
+        _add_ratios(row)
+    return rows
 
 
 def run_kernels(stage, plan, device, from_src):
@@ -378,38 +398,21 @@ def run_kernels(stage, plan, device, from_src):
     spent = {i.name: 0.0 for i in impls}
     copy = copy_bandwidth(device, plan.copy_bytes, warmup=max(1, plan.warmup), repeats=max(3, plan.repeats))
     results: List[dict] = []
-    for op in plan.kernel_ops:
-        for dtype_name in plan.kernel_dtypes:
-            for n in plan.kernel_widths:
-                for m in plan.kernel_rows:
-                    cases = C.make_cases([op], C.DIRECTIONS, [(m, n)], DTYPES[dtype_name])
+    groups = [(op, dtype_name, m, n) for ops, row_counts in plan.kernel_sweep for dtype_name in plan.kernel_dtypes
+              for op in ops for n in plan.kernel_widths for m in row_counts]
+    for op, dtype_name, m, n in groups:
+        cases = C.make_cases([op], C.DIRECTIONS, [(m, n)], DTYPES[dtype_name])
 
-                    def run(cases=cases):
-                        detail = {"forward_err": _spot_check(cases[0], device)}
-                        rows = None
-                        for impl in impls:
-                            if impl.unavailable is None and spent[impl.name] >= caps.get(impl.name, math.inf):
-                                impl.unavailable = f"time budget ({caps[impl.name]:.0f} s of the kernels stage) spent"
-                            if impl.unavailable is not None:
-                                timed = [{"impls": {impl.name: {"skipped": impl.unavailable}}} for _ in cases]
-                            else:
-                                t0 = time.perf_counter()
-                                timed = run_cases(cases, [impl], device, copy.gbps, warmup=plan.warmup,
-                                                  repeats=plan.repeats)
-                                spent[impl.name] += time.perf_counter() - t0
-                            if rows is None:
-                                rows = timed  # normkit's rows carry the case's fields
-                            else:
-                                for row, other in zip(rows, timed):
-                                    row["impls"].update(other["impls"])
-                        for row in rows:
-                            _add_ratios(row)
-                            mine = row["impls"]["normkit"]
-                            assert "error" not in mine, f"normkit {row['direction']}: {mine.get('error')}"
-                        results.extend(rows)
-                        return detail
+        def run(cases=cases):
+            detail = {"forward_err": _spot_check(cases[0], device)}
+            rows = _time_group(cases, impls, device, copy.gbps, plan, caps, spent)
+            results.extend(rows)
+            for row in rows:
+                mine = row["impls"]["normkit"]
+                assert "error" not in mine, f"normkit {row['direction']}: {mine.get('error')}"
+            return detail
 
-                    stage.check(f"{op} {m}x{n} {dtype_name}", run)
+        stage.check(f"{op} {m}x{n} {dtype_name}", run)
     copy_end = copy_bandwidth(device, copy.nbytes, warmup=max(1, plan.warmup), repeats=max(3, plan.repeats))
     doc = {
         "command": "python benchmarks/gpu_check.py (kernels stage)",
@@ -489,7 +492,7 @@ def run_suite(stage, plan, device, from_src):
         return None
     cmd = [sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", "tests/test_triton_backend.py"]
     cmd += ["-k", plan.suite_select] if plan.suite_select else []
-    env = dict(os.environ)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")  # what ran before a timeout is still in the pipe
     if from_src:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"), env.get("PYTHONPATH")]))
     try:

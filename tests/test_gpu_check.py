@@ -28,7 +28,7 @@ def run_check(out: Path, *args: str, interpret: bool = True) -> subprocess.Compl
     if interpret:
         env["TRITON_INTERPRET"] = "1"
     return subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=600)
 
 
 def load(out: Path) -> dict:
