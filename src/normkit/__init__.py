@@ -5,8 +5,8 @@ GPU) chosen per call (:mod:`normkit.backends`), drop-in modules (:mod:`normkit.n
 scalers (:mod:`normkit.data`) and practitioner tools (:mod:`normkit.tools`).
 """
 
-from normkit import data, nn, reference
-from normkit.backends import backends, use_backend
+from normkit import backends, data, errors, nn, reference
+from normkit.backends import use_backend  # alias of normkit.backends.use
 from normkit.functional import layer_norm, rms_norm
 from normkit.functional_channels import layer_norm_2d, layer_norm_chw
 from normkit.tools import NormHealthWarning, convert, export_onnx, fold, monitor, revert
@@ -18,6 +18,7 @@ __all__ = [
     "backends",
     "convert",
     "data",
+    "errors",
     "export_onnx",
     "fold",
     "layer_norm",

@@ -9,6 +9,20 @@ import torch
 
 from normkit.backends import _registry, get_backend
 
+#: The recorded GPU run that verifies the Triton backend: ``(date, device, commit)`` of a
+#: ``make gpu-check`` whose table is in BENCHMARKS.md, or ``None`` while there is none.
+TRITON_GPU_RUN = None
+
+
+def _triton_status() -> str:
+    if TRITON_GPU_RUN is None:
+        return (
+            "triton is EXPERIMENTAL: tested only through Triton's interpreter and an ahead-of-time "
+            "compile, until a recorded GPU run (date, device, commit) is in BENCHMARKS.md (make gpu-check)"
+        )
+    date, device, commit = TRITON_GPU_RUN
+    return f"triton verified on a GPU: {device}, {date}, commit {commit} (BENCHMARKS.md)"
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--explain", metavar="SHAPE", help="explain the route of a call on an input of this shape, e.g. 8,512 (normalized over the last dim)")
@@ -49,4 +63,5 @@ def run(args: argparse.Namespace) -> int:
         status = "available" if reason is None else f"unavailable: {reason}"
         default = ", ".join(backend.default_for) or "-"
         print(f"{name:<10} default for: {default:<8} {status}")
+    print(_triton_status())
     return 0

@@ -54,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    print(f"normkit {normkit.__version__}, backends here: {', '.join(normkit.backends())}")
+    print(f"normkit {normkit.__version__}, backends here: {', '.join(normkit.backends.available())}")
     print(f"deep tanh MLP (8 hidden layers), SGD, full-data loss every 50 of {args.steps} steps")
     for norm in ("none", "layer_norm", "rms_norm"):
         start = time.perf_counter()

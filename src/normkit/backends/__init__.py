@@ -1,4 +1,10 @@
-"""Backend registry: which implementation runs a norm call, chosen in exactly one place.
+"""Backend registry: which implementation runs a norm call. A module, like ``torch.backends``:
+
+``normkit.backends.available()`` lists the backends that can run here, ``normkit.backends.use(name)``
+forces one inside a ``with`` block, ``normkit.backends.register(backend)`` plugs in a
+:class:`Backend` subclass, and ``import normkit.backends.cpu`` imports a backend's module.
+(``normkit.backends()``, the 0.1 function this module replaces, still works for one release
+and warns.)
 
 Built-in backends, in priority order:
 
@@ -23,6 +29,9 @@ import contextlib
 import contextvars
 import importlib
 import os
+import sys
+import types
+import warnings
 from typing import Dict, Iterator, List, Optional
 
 import torch
@@ -32,11 +41,14 @@ from normkit.backends.base import Backend
 
 __all__ = [
     "Backend",
-    "backends",
+    "available",
+    "explain_backend",
     "get_backend",
+    "register",
     "register_backend",
     "select_backend",
     "select_backend_name",
+    "use",
     "use_backend",
 ]
 
@@ -94,7 +106,7 @@ def get_backend(name: str) -> Backend:
     return backend
 
 
-def backends() -> List[str]:
+def available() -> List[str]:
     """Names of the backends that can run on this machine, in selection order."""
     return [name for name in _registry if get_backend(name).is_available()]
 
@@ -129,10 +141,22 @@ def forced_backend() -> Optional[str]:
 
 def select_backend(x: Tensor, dropout_p: float = 0.0) -> Backend:
     """The backend that runs a call on ``x`` (already validated)."""
+    return _select(x, dropout_p)[0]
+
+
+def explain_backend(x: Tensor, dropout_p: float = 0.0) -> str:
+    """``"<name>: <why>"`` for the backend :func:`select_backend` picks for ``x``."""
+    backend, why = _select(x, dropout_p)
+    return f"{backend.name}: {why}"
+
+
+def _select(x: Tensor, dropout_p: float):
     forced = forced_backend()
     if forced is not None:
         backend = _require_available(forced)
-        return backend if backend.supports(x, dropout_p) else get_backend("reference")
+        if backend.supports(x, dropout_p):
+            return backend, f"forced ({'use_backend' if _forced.get() else ENV_VAR})"
+        return get_backend("reference"), f"forced {forced!r} does not support {x.dtype} on {x.device.type} (dropout_p={dropout_p}): the reference"
     device = x.device.type
     for name in _registry:
         backend = get_backend(name)
@@ -141,8 +165,8 @@ def select_backend(x: Tensor, dropout_p: float = 0.0) -> Backend:
             and backend.is_available()
             and backend.supports(x, dropout_p)
         ):
-            return backend
-    return get_backend("reference")
+            return backend, f"the first available backend that is a default for {device} and supports {x.dtype} (dropout_p={dropout_p})"
+    return get_backend("reference"), "no other backend supports the call"
 
 
 def select_backend_name(x: Tensor, dropout_p: float = 0.0) -> str:
@@ -164,3 +188,24 @@ def _traced_backend_name(device: torch.device, dtype: torch.dtype, dropout: bool
     # backends' ``supports`` look at the device and dtype only.
     probe = torch.empty(0, dtype=dtype, device=device)
     return select_backend(probe, 0.5 if dropout else 0.0).name
+
+
+use = use_backend
+register = register_backend
+
+
+class _CallableModule(types.ModuleType):
+    """Lets the 0.1 call ``normkit.backends()`` keep working (with a warning) now that
+    ``normkit.backends`` is this module."""
+
+    def __call__(self) -> List[str]:
+        warnings.warn(
+            "normkit.backends() is deprecated and will be removed in normkit 0.3; "
+            "use normkit.backends.available()",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return available()
+
+
+sys.modules[__name__].__class__ = _CallableModule

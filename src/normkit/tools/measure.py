@@ -98,7 +98,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, normkit backends {normkit.backends()}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, normkit backends {normkit.backends.available()}")
     if args.what in ("monitor", "all"):
         for d, tokens in ((128, 32), (256, 128)):
             t = measure_monitor(args.repeats, d, tokens)
