@@ -183,3 +183,27 @@ def test_bad_plot_stat_and_bad_model():
         mon.plot("unused.png", stats=("loss",))
     with pytest.raises(TypeError, match=r"torch.nn.Module as model, got list"):
         monitor([torch.nn.LayerNorm(3)])
+
+
+def test_compiled_fullgraph_model_runs_and_the_monitor_says_it_recorded_nothing():
+    """Under torch.compile(fullgraph=True) the hooks (with their per-step host bookkeeping) used
+    to break the graph: an error. Now they do nothing there, and the monitor warns on reading."""
+    from normkit.tools.monitor import MonitorCompileWarning
+
+    model = _model(seed=4)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = randn((6, 11), seed=5)
+    with monitor(model, step_on="manual") as mon:
+        for _ in range(3):
+            out = compiled(x)
+            out.square().sum().backward()
+        torch.testing.assert_close(out, model(x))  # an eager call is still recorded
+        with pytest.warns(MonitorCompileWarning, match=r"ran under torch.compile.*nothing was recorded for compiled calls"):
+            rows = mon.records()
+        assert [r["calls"] for r in rows] == [1, 1] and all(r["step"] == 0 for r in rows)
+        assert all(r["weight_grad_norm"] is None for r in rows), "no gradient of a compiled step is attributed"
+        mon.step()
+        compiled(x).sum().backward()
+        model(x).sum().backward()  # an eager step after compiled ones records its gradients again
+        rows = [r for r in mon.records() if r["step"] == 1]
+    assert len(rows) == 2 and all(r["weight_grad_norm"] is not None for r in rows), rows

@@ -34,6 +34,13 @@ pending is concatenated per device and copied once. Then the health checks run a
   layer, where :math:`\epsilon` dominates the variance and the layer stops normalizing);
 * ``explosion``: input or output std above ``explode_std``.
 
+Under ``torch.compile`` (``fullgraph=True`` included) the hooks do nothing: their step
+bookkeeping and host copies cannot be part of a graph, and a graph break per norm layer would
+cost more than the monitor is worth. They note that they ran, and the next read of the results
+(or ``step()``, or leaving the ``with`` block) raises a :class:`MonitorCompileWarning` saying
+that compiled calls were not recorded; eager calls under the same monitor still are (the
+gradient norms of a step whose forward was compiled are skipped too).
+
 The input gradient is caught by passing the layer an alias (``x.view_as(x)``, no copy) of its
 input from a forward pre-hook and hooking that alias, so the model code is untouched and only
 this layer's share of the gradient is seen.
@@ -53,7 +60,7 @@ from torch import Tensor, nn
 
 from normkit.tools.convert import is_norm_layer
 
-__all__ = ["NormHealthWarning", "NormMonitor", "monitor"]
+__all__ = ["MonitorCompileWarning", "NormHealthWarning", "NormMonitor", "monitor"]
 
 FORWARD_STATS = ("in_mean", "in_std", "out_std", "weight_mean", "weight_std", "bias_mean", "bias_std")
 GRAD_STATS = ("grad_in_norm", "weight_grad_norm", "bias_grad_norm")
@@ -66,6 +73,10 @@ _Pending = Tuple[int, Tensor, List[Tuple[str, str, bool]]]
 
 class NormHealthWarning(UserWarning):
     """A normalization layer's input collapsed, exploded, or went NaN/Inf."""
+
+
+class MonitorCompileWarning(UserWarning):
+    """The monitored model ran under ``torch.compile``, where the monitor records nothing."""
 
 
 def _first_tensor(value) -> Optional[Tensor]:
@@ -130,6 +141,10 @@ class NormMonitor:
         self._callback_queued = False
         self._warned: set = set()  # (layer, kind) already warned about
         self._seen: set = set()  # (step, layer, kind) already in events
+        self._compiled_calls = False  # a hook ran inside torch.compile (and did nothing)
+        self._compiled_step = False  # the latest forward of the model was compiled
+        self._warned_compiled = False
+        self._active = True  # a plain bool for the hooks to read (Dynamo cannot trace a handle list)
         self._handles: list = [model.register_forward_pre_hook(self._on_model_forward)]
         for name, layer in self.layers.items():
             self._handles.append(layer.register_forward_hook(self._forward_hook(name)))
@@ -162,7 +177,7 @@ class NormMonitor:
         return self._step
 
     def _recording(self) -> bool:
-        return bool(self._handles) and self._step % self.every == 0
+        return self._active and self._step % self.every == 0
 
     def step(self) -> None:
         """End the current step (call once per optimizer step). With ``step_on="auto"``, from
@@ -173,7 +188,18 @@ class NormMonitor:
         self._flush()
         self._step += 1
 
+    def _skip_compiled(self) -> bool:
+        """Inside a ``torch.compile`` graph the hooks do nothing but note it (see the class
+        docstring); Dynamo traces this to a constant and one attribute store."""
+        if torch.compiler.is_compiling():
+            self._compiled_calls = self._compiled_step = True
+            return True
+        return False
+
     def _on_model_forward(self, module, args) -> None:
+        if self._skip_compiled():
+            return
+        self._compiled_step = False
         if not self._manual and self._forwards > 0:
             self._flush()
             self._step += 1
@@ -216,6 +242,8 @@ class NormMonitor:
         keys = [(name, "in_mean", False), (name, "in_std", False), (name, "out_std", False)]
 
         def hook(module, args, output) -> None:
+            if self._skip_compiled():
+                return
             x, y = _first_tensor(args), _first_tensor(output)
             if not self._recording() or x is None or y is None or not x.is_floating_point():
                 return
@@ -230,6 +258,8 @@ class NormMonitor:
         keys = [(name, "grad_in_norm", False)]
 
         def pre_hook(module, args):
+            if self._skip_compiled():
+                return None
             x = args[0] if args and isinstance(args[0], Tensor) else None
             if x is None or not (x.requires_grad and torch.is_grad_enabled()) or not self._recording():
                 return None
@@ -237,7 +267,7 @@ class NormMonitor:
             step = self._step
 
             def grad_hook(grad: Tensor) -> None:
-                if self._handles:  # a late backward still lands in the step of its forward
+                if self._active:  # a late backward still lands in the step of its forward
                     self._pending.append((step, torch.linalg.vector_norm(grad.detach(), dtype=torch.float64).reshape(1), keys))
 
             alias.register_hook(grad_hook)
@@ -247,7 +277,8 @@ class NormMonitor:
 
     def _param_grad_hook(self, name: str, pname: str):
         def hook(p: Tensor) -> None:
-            if not self._recording() or p.grad is None:
+            # a backward of a compiled forward runs eagerly: its forward was not seen, skip it too
+            if self._compiled_step or not self._recording() or p.grad is None:
                 return
             self._grad_params.append((name, pname, p))
             if not self._callback_queued:  # norms of all accumulated gradients once backward ends
@@ -268,6 +299,14 @@ class NormMonitor:
     # --- flushing: one concatenation and one copy per device
 
     def _flush(self) -> None:
+        if self._compiled_calls and not self._warned_compiled:
+            self._warned_compiled = True
+            warnings.warn(
+                "normkit.monitor: the model ran under torch.compile, where the monitor's hooks are "
+                "disabled (their per-step host bookkeeping cannot be part of a graph); nothing was "
+                "recorded for compiled calls. Monitor the uncompiled model, e.g. run every k-th step "
+                "eagerly, or compile only the submodules between norm layers.",
+                MonitorCompileWarning, stacklevel=3)
         if not self._pending:
             return
         pending, self._pending = self._pending, []
@@ -396,6 +435,7 @@ class NormMonitor:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self._active = False
 
     def __enter__(self) -> "NormMonitor":
         return self
@@ -404,7 +444,7 @@ class NormMonitor:
         self.remove()
 
     def __repr__(self) -> str:
-        return f"NormMonitor({len(self.layers)} layers, every={self.every}, step={self._step}, active={self._handles != []})"
+        return f"NormMonitor({len(self.layers)} layers, every={self.every}, step={self._step}, active={self._active})"
 
 
 def monitor(model: nn.Module, every: int = 1, **kwargs) -> NormMonitor:
