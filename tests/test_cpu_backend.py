@@ -14,7 +14,7 @@ import torch
 
 import normkit
 from normkit import reference as ref
-from normkit.backends import get_backend, select_backend
+from normkit.backends import select_backend
 
 from helpers import backend_or_skip, params, randn
 

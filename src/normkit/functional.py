@@ -9,7 +9,7 @@ semantics are those of :mod:`normkit.reference`.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -129,8 +129,10 @@ def _norm(
     w1 = None if weight is None else weight.reshape(n).contiguous()
     b1 = None if bias is None else bias.reshape(n).contiguous()
     backend = select_backend_name(x2, dropout_p)
-    run = ops.norm_forward_no_grad if path == "eager_no_grad" else ops.norm_forward
-    y2, s2 = run(x2, r2, w1, b1, eps, is_rms, dropout_p, prenorm, backend)
+    if path == "eager_no_grad":
+        y2, s2 = ops.norm_forward_no_grad(x2, r2, w1, b1, eps, is_rms, dropout_p, prenorm, backend)
+    else:
+        y2, s2 = ops.norm_forward(x2, r2, w1, b1, eps, is_rms, dropout_p, prenorm, backend, traced=path == "op")
     y = _layout_like_torch(y2.view(x.shape), x, is_rms)
     return (y, _layout_like_torch(s2.view(x.shape), x, is_rms)) if prenorm else y
 
@@ -202,7 +204,7 @@ def _onnx_norm(x, shape, weight, bias, eps, is_rms, residual, prenorm, dropout_p
     if not is_rms:
         y = torch.nn.functional.layer_norm(s, shape, w, None if bias is None else bias.to(x.dtype), eps)
     elif torch.jit.is_tracing():
-        y = _reference_rms_norm(s, shape, w, eps)
+        y = ref.rms_norm(s, shape, w, eps)
     else:
         y = torch.nn.functional.rms_norm(s, shape, w, eps)
     return (y, s) if prenorm else y

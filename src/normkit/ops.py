@@ -217,6 +217,8 @@ def plain_eager(x: Tensor) -> bool:
         type(x) is Tensor
         and not torch.compiler.is_compiling()
         and not torch.jit.is_tracing()
+        # private, but the only cheap test for an active TorchDispatchMode (make_fx, export,
+        # FakeTensorMode), under which the kernels must not run on real data pointers
         and torch._C._len_torch_dispatch_stack() == 0
     )
 
@@ -254,12 +256,14 @@ def norm_forward(
     dropout_p: float,
     prenorm: bool,
     backend: str,
+    *,
+    traced: bool,
 ) -> Tuple[Tensor, Optional[Tensor]]:
-    """``(y, s)`` on contiguous ``(M, N)`` tensors, differentiable: through the eager
-    autograd Function when :func:`plain_eager`, else through the custom op;
+    """``(y, s)`` on contiguous ``(M, N)`` tensors, differentiable: through the custom op
+    when ``traced`` (the caller's route said so), else through the eager autograd Function;
     ``s`` is the normalized input when ``prenorm`` (``x`` itself without residual and
     dropout), else ``None``."""
-    op = _EagerNorm.apply if plain_eager(x) else _norm_fwd
+    op = _norm_fwd if traced else _EagerNorm.apply
     y, s, _, _, _ = op(x, residual, weight, bias, eps, is_rms, dropout_p, prenorm, backend)
     if not prenorm:
         return y, None
