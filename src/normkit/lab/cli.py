@@ -65,5 +65,5 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     results = run_lab(names, args.preset, args.seeds, args.out, console, threads=args.threads)
     print_summary(results, console)
-    console.print(f"total {time.perf_counter() - start:.1f} s; report: {args.out / 'report.html'} (and report.md, results.json)")
+    console.print(f"total {time.perf_counter() - start:.1f} s (this process's CPU time {results.get('cpu_s', 0):.1f} s); report: {args.out / 'report.html'} (and report.md, results.json)")
     return 0

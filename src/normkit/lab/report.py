@@ -65,7 +65,9 @@ def _header_lines(results: Dict) -> List[str]:
     return [
         f"Preset `{results['preset']}`, seeds {results['seeds']}, total {results.get('elapsed_s') or 0:.0f} s, {m['date']}.",
         f"Python {m['python']}, torch {m['torch']}, normkit {m['normkit']} (backends: {', '.join(m['normkit_backends'])}); "
-        f"{m['platform']}, {m['cpu_count']} CPUs, torch threads: {m['torch_threads']}.",
+        f"{m.get('cpu_model', '')}, {m['platform']}, {m['cpu_count']} CPUs, torch threads: {m['torch_threads']}; "
+        f"commit {m.get('commit') or 'unknown'}; the lab process's CPU time {results.get('cpu_s') or 0:.0f} s; "
+        f"load average at the start {m.get('load_average_at_start')}, at the end {m.get('load_average_at_end')}.",
         "Verdicts are tests (normkit.lab.stats): a paired t interval over seeds of the difference between the claim's arm and "
         "its baseline, oriented so that > 0 favours the claim; supports when the 95 % interval lies above 0, does not support "
         "when it lies below, inconclusive otherwise. Failure counts use Fisher's exact test, 'no slower than' a stated "

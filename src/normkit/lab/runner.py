@@ -70,7 +70,7 @@ def machine_info() -> Dict:
         "python": sys.version.split()[0],
         "torch": torch.__version__,
         "normkit": normkit.__version__,
-        "normkit_backends": normkit.backends(),
+        "normkit_backends": normkit.backends.available(),
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
@@ -167,11 +167,11 @@ def _run(names: Sequence[str], preset_name: str, seeds: int, out: Path, console:
     out.mkdir(parents=True, exist_ok=True)
     seed_list = list(range(seeds))
     results: Dict = {"meta": machine_info(), "preset": preset_name, "seeds": seed_list, "experiments": {}}
-    total_start = time.perf_counter()
+    total_start, total_cpu = time.perf_counter(), time.process_time()
     with Tracker(console) as tracker:
         for name in names:
             module, cfg = load(name), preset(name, preset_name)
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             result = module.run(cfg, seed_list, tracker)
             elapsed = time.perf_counter() - start
             header, rows = module.table(result)
@@ -183,10 +183,12 @@ def _run(names: Sequence[str], preset_name: str, seeds: int, out: Path, console:
                 "findings": [f.to_dict() for f in module.findings(result)],
                 "table": {"header": header, "rows": rows},
                 "plots": [p.name for p in module.plots(result, out)],
+                "cpu_s": time.process_time() - start_cpu,  # this process's CPU time: what the run needed, load aside
                 "result": result,
             }
             tracker.log(f"[bold]{name}[/] done in {elapsed:.1f} s")
     results["elapsed_s"] = time.perf_counter() - total_start
+    results["cpu_s"] = time.process_time() - total_cpu
     results["meta"]["load_average_at_end"] = _load_average()
     results["claims"] = claims_table(results)
     results = jsonable(results)

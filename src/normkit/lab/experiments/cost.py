@@ -77,7 +77,7 @@ def run(cfg: CostConfig, seeds: Sequence[int], tracker) -> Dict:
         "arms": arms,
         "shape": {"batch": cfg.batch, "width": cfg.width, "depth": cfg.depth},
         "normkit_backend": select_backend_name(probe, 0.0),
-        "normkit_backends_available": normkit.backends(),
+        "normkit_backends_available": normkit.backends.available(),
         "threads": torch.get_num_threads(),
         "margin": cfg.margin,
     }

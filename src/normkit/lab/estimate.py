@@ -1,0 +1,104 @@
+"""How long a preset takes, estimated from measured steps (``--full`` takes hours: too long to
+time whole on a shared machine before every change).
+
+    python -m normkit.lab.estimate --preset full [--seeds 5] [--steps 10] [--json out.json]
+
+For each experiment, every arm of the preset runs for one seed with the number of training steps
+(stream samples for ``online``, timed steps for ``cost``) cut to ``--steps``, everything else
+(model sizes, evaluations, arms) as in the preset; the measured time is scaled linearly by the
+preset's steps over ``--steps`` and by the number of seeds. Evaluations do not scale with
+steps, so the estimate is an upper bound on them; kernel compilation happens before the timing
+(a smoke run first). One thread, like the lab.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import fields, replace
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from normkit.lab.config import DEFAULT_SEEDS, PRESET_NAMES, preset
+from normkit.lab.experiments import EXPERIMENTS, load
+
+__all__ = ["estimate", "main"]
+
+
+def _shrunk(cfg, k: int):
+    """``cfg`` with its step count cut to ``k``, and the factor that scales the time back."""
+    names = {f.name for f in fields(cfg)}
+    if "steps" in names:
+        evals = {"evals": min(cfg.evals, k)} if "evals" in names else {}
+        warm = {"warmups": tuple(min(w, k // 2) for w in cfg.warmups)} if "warmups" in names else {}
+        return replace(cfg, steps=min(cfg.steps, k), **evals, **warm), cfg.steps / min(cfg.steps, k)
+    if "length" in names:  # online: samples of the stream; the windows must fit in it
+        n = max(2 * k, 8)
+        return replace(cfg, length=min(cfg.length, n), window=min(cfg.window, n // 4)), cfg.length / min(cfg.length, n)
+    if "repeats" in names:  # cost
+        return replace(cfg, repeats=min(cfg.repeats, k)), (cfg.warmup + cfg.repeats) / (cfg.warmup + min(cfg.repeats, k))
+    return cfg, 1.0
+
+
+class _Silent:
+    def experiment(self, *a):
+        pass
+
+    def run(self, *a):
+        import contextlib
+
+        return contextlib.nullcontext(lambda n=1: None)
+
+    def log(self, *a):
+        pass
+
+
+def estimate(preset_name: str, seeds: int = DEFAULT_SEEDS, steps: int = 10, names: Optional[List[str]] = None) -> Dict:
+    """Estimated seconds per experiment of ``preset_name`` at ``seeds`` seeds (see the module doc)."""
+    import torch
+
+    from normkit.lab.runner import torch_threads
+
+    out: Dict[str, Dict] = {}
+    with torch_threads(1):
+        for name in names or EXPERIMENTS:
+            module = load(name)
+            module.run(preset(name, "smoke"), [0], _Silent())  # compile and warm up first
+            cfg, factor = _shrunk(preset(name, preset_name), steps)
+            start, cpu = time.perf_counter(), time.process_time()
+            module.run(cfg, [0], _Silent())
+            wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+            out[name] = {"measured_wall_s": wall, "measured_cpu_s": cpu, "scale": factor * seeds,
+                         "estimate_wall_s": wall * factor * seeds, "estimate_cpu_s": cpu * factor * seeds}
+    total = {k: sum(v[k] for v in out.values()) for k in ("estimate_wall_s", "estimate_cpu_s")}
+    return {"preset": preset_name, "seeds": seeds, "steps_measured": steps, "experiments": out, "total": total,
+            "torch": torch.__version__}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m normkit.lab.estimate", description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=PRESET_NAMES, default="full")
+    parser.add_argument("--seeds", type=int, default=DEFAULT_SEEDS)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("experiments", nargs="*", metavar="EXPERIMENT")
+    args = parser.parse_args(argv)
+    from normkit.lab.runner import idle_numba_workers, machine_info
+
+    idle_numba_workers()
+    result = estimate(args.preset, args.seeds, args.steps, args.experiments or None)
+    result["meta"] = machine_info()
+    for name, e in result["experiments"].items():
+        print(f"{name:12s} measured {e['measured_cpu_s']:7.1f} s CPU ({e['measured_wall_s']:7.1f} s wall) x {e['scale']:7.1f}"
+              f" = {e['estimate_cpu_s'] / 60:7.1f} min CPU ({e['estimate_wall_s'] / 60:7.1f} min wall)")
+    t = result["total"]
+    print(f"total: {t['estimate_cpu_s'] / 3600:.1f} h CPU, {t['estimate_wall_s'] / 3600:.1f} h wall ({args.preset}, {args.seeds} seeds)")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
