@@ -41,7 +41,8 @@ class _LayerNormRNNBase(nn.Module):
     fast_path: bool = True
 
     def _fast(self) -> bool:
-        exporting = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
+        is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # torch >= 2.5
+        exporting = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or is_exporting()
         return self.fast_path and not exporting
 
     def __init__(
