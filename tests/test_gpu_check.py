@@ -103,3 +103,20 @@ def test_without_a_gpu_it_says_so_in_one_line(tmp_path):
 def test_unknown_stage_is_a_usage_error(tmp_path):
     proc = run_check(tmp_path, "--dry", "--stages", "correctness,frobnicate", interpret=False)
     assert proc.returncode == 2 and "frobnicate" in proc.stderr
+
+
+def test_the_gpu_plan_covers_issue_17_in_under_five_minutes(monkeypatch):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    gpu_check = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "gpu_check", gpu_check)  # dataclasses look their module up
+    spec.loader.exec_module(gpu_check)  # the module imports nothing heavy at top level
+    plan = gpu_check.PLANS["gpu"]
+    assert set(plan.stage_budget_s) == set(STAGES) == set(gpu_check.STAGES)
+    assert plan.budget_s <= 300 - 30, "room for one cell that starts before the deadline, and the report"
+    assert 1 in plan.widths and 65536 in plan.widths and plan.wide == 65536
+    plain_rows = dict(plan.kernel_sweep)[("layer_norm", "rms_norm")]
+    assert set(plain_rows) == {4096, 16384, 65536} and set(plan.kernel_widths) == {1024, 4096, 8192, 16384}
+    assert set(plan.kernel_dtypes) == {"bfloat16", "float32"}
+    assert len(plan.rnn_shapes) in (0, 3)  # () means benchmarks/bench_rnn.py's three shapes
