@@ -129,10 +129,11 @@ def _norm(
     w1 = None if weight is None else weight.reshape(n).contiguous()
     b1 = None if bias is None else bias.reshape(n).contiguous()
     backend = select_backend_name(x2, dropout_p)
+    call = ops.NormCall(eps, is_rms, dropout_p, prenorm, backend)
     if path == "eager_no_grad":
-        y2, s2 = ops.norm_forward_no_grad(x2, r2, w1, b1, eps, is_rms, dropout_p, prenorm, backend)
+        y2, s2 = ops.norm_forward_no_grad(x2, r2, w1, b1, call)
     else:
-        y2, s2 = ops.norm_forward(x2, r2, w1, b1, eps, is_rms, dropout_p, prenorm, backend, traced=path == "op")
+        y2, s2 = ops.norm_forward(x2, r2, w1, b1, call, traced=path == "op")
     y = _layout_like_torch(y2.view(x.shape), x, is_rms)
     return (y, _layout_like_torch(s2.view(x.shape), x, is_rms)) if prenorm else y
 

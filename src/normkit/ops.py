@@ -16,6 +16,7 @@ draws a fresh seed every call instead of baking one in, and backward regenerates
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
@@ -25,15 +26,37 @@ from normkit.backends import get_backend
 from normkit import reference
 from normkit.reference import compute_dtype
 
-__all__ = ["norm_forward", "norm_forward_no_grad", "plain_eager"]
+__all__ = ["NormCall", "norm_forward", "norm_forward_no_grad", "plain_eager"]
 
 _SEED_HIGH = 2**31 - 1
 
 
-def _stores_sum(residual: Optional[Tensor], dropout_p: float) -> bool:
-    """The normalized input differs from x (and must be kept for backward) with a residual or
-    dropout."""
-    return residual is not None or dropout_p > 0.0
+@dataclass(frozen=True)
+class NormCall:
+    """The non-tensor arguments of one norm call, as validated by :mod:`normkit.functional`.
+
+    Attributes:
+        eps: added to the variance (to the mean square for RMS norm).
+        is_rms: RMS norm (no centering, no bias) instead of layer norm.
+        dropout_p: dropout rate applied to ``x`` before the residual add (0 outside training).
+        prenorm: also return the normalized sum ``s``.
+        backend: name of the backend that runs the kernels.
+    """
+
+    eps: float
+    is_rms: bool
+    dropout_p: float
+    prenorm: bool
+    backend: str
+
+    def stores_sum(self, residual: Optional[Tensor]) -> bool:
+        """The normalized input differs from ``x`` (and is kept for backward) with a residual
+        or dropout."""
+        return residual is not None or self.dropout_p > 0.0
+
+    def op_args(self) -> tuple:
+        """The custom op's scalar arguments, in its schema's order."""
+        return (self.eps, self.is_rms, self.dropout_p, self.prenorm, self.backend)
 
 
 def _draw_seed(dropout_p: float) -> int:
@@ -45,12 +68,13 @@ def _empty(like: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
     return like.new_empty((0,), dtype=dtype or like.dtype)
 
 
-def _forward_impl(x, residual, weight, bias, eps, is_rms, dropout_p, prenorm, backend):
-    """The forward op's body: the backend's forward, outputs padded to the op's fixed schema."""
-    seed = _draw_seed(dropout_p)
-    store_sum = _stores_sum(residual, dropout_p)
-    y, s, mean, rstd = get_backend(backend).forward(
-        x, residual, weight, bias, eps, is_rms, dropout_p, seed, store_sum
+def _forward_impl(x, residual, weight, bias, call: NormCall):
+    """The forward op's body: the backend's forward, outputs padded to the op's fixed schema
+    ``(y, s, mean, rstd, seed)``."""
+    seed = _draw_seed(call.dropout_p)
+    store_sum = call.stores_sum(residual)
+    y, s, mean, rstd = get_backend(call.backend).forward(
+        x, residual, weight, bias, call.eps, call.is_rms, call.dropout_p, seed, store_sum
     )
     stat = compute_dtype(x.dtype)
     return (
@@ -74,7 +98,7 @@ def _norm_fwd(
     prenorm: bool,
     backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return _forward_impl(x, residual, weight, bias, eps, is_rms, dropout_p, prenorm, backend)
+    return _forward_impl(x, residual, weight, bias, NormCall(eps, is_rms, dropout_p, prenorm, backend))
 
 
 @_norm_fwd.register_fake
@@ -83,7 +107,7 @@ def _norm_fwd_fake(x, residual, weight, bias, eps, is_rms, dropout_p, prenorm, b
     stat = compute_dtype(x.dtype)
     return (
         torch.empty_like(x),
-        torch.empty_like(x) if _stores_sum(residual, dropout_p) else _empty(x),
+        torch.empty_like(x) if NormCall(eps, is_rms, dropout_p, prenorm, backend).stores_sum(residual) else _empty(x),
         x.new_empty((0,) if is_rms else (rows,), dtype=stat),
         x.new_empty((rows,), dtype=stat),
         torch.empty((), dtype=torch.int64),
@@ -137,22 +161,27 @@ def _norm_bwd_fake(dy, dsum, s, weight, mean, rstd, seed, is_rms, dropout_p, bac
     return torch.empty_like(dy), dres, dy.new_empty((n,), dtype=acc), dy.new_empty((n,), dtype=acc)
 
 
-def _setup_context(ctx, inputs, output):
-    x, residual, weight, bias, eps, is_rms, dropout_p, prenorm, backend = inputs
+def _save_for_backward(ctx, x, residual, weight, bias, call: NormCall, output) -> None:
+    """What backward needs, for the custom op's and the eager Function's autograd alike."""
     _, s, mean, rstd, seed = output
-    ctx.store_sum = _stores_sum(residual, dropout_p)
-    ctx.is_rms, ctx.dropout_p, ctx.prenorm, ctx.backend = is_rms, dropout_p, prenorm, backend
-    ctx.eps = eps
+    ctx.call = call
+    ctx.store_sum = call.stores_sum(residual)
     ctx.has_residual = residual is not None
     ctx.weight_dtype = None if weight is None else weight.dtype
     ctx.bias_dtype = None if bias is None else bias.dtype
     ctx.save_for_backward(s if ctx.store_sum else x, weight, mean, rstd, seed)
 
 
-def _backward(ctx, dy, dsum, _dmean, _drstd, _dseed, norm_bwd=None):
-    """Gradients of the forward op's inputs. Under ``create_graph=True`` (autograd runs a
-    backward with grad mode on only then) the gradients are built from differentiable torch
-    ops, so they can be differentiated again; otherwise the backend's kernels run."""
+def _setup_context(ctx, inputs, output):
+    x, residual, weight, bias, *scalars = inputs
+    _save_for_backward(ctx, x, residual, weight, bias, NormCall(*scalars), output)
+
+
+def _input_grads(ctx, dy, dsum, norm_bwd=None):
+    """Gradients of ``(x, residual, weight, bias)``. Under ``create_graph=True`` (autograd runs
+    a backward with grad mode on only then) they are built from differentiable torch ops, so
+    they can be differentiated again; otherwise the backend's kernels run."""
+    call: NormCall = ctx.call
     s, weight, mean, rstd, seed = ctx.saved_tensors
     if dy is None:  # the eager Function does not materialize the gradient of an unused y
         dy = torch.zeros_like(s)
@@ -164,45 +193,45 @@ def _backward(ctx, dy, dsum, _dmean, _drstd, _dseed, norm_bwd=None):
     needs = ctx.needs_input_grad
     need_dres = bool(ctx.has_residual and needs[1])
     if torch.is_grad_enabled():
-        dx, dres, dw, db = _differentiable_backward(ctx, dy, dsum, s, weight, mean, rstd, seed)
+        dx, dres, dw, db = _differentiable_backward(call, dy, dsum, s, weight, mean, rstd, seed)
     else:
         dx, dres, dw, db = (norm_bwd or _norm_bwd)(
-            dy.contiguous(), dsum, s, weight, mean, rstd, seed, ctx.is_rms, ctx.dropout_p, ctx.backend, need_dres
+            dy.contiguous(), dsum, s, weight, mean, rstd, seed, call.is_rms, call.dropout_p, call.backend, need_dres
         )
     return (
         dx if needs[0] else None,
         dres if need_dres else None,
         dw.to(ctx.weight_dtype) if ctx.weight_dtype is not None and needs[2] else None,
         db.to(ctx.bias_dtype) if ctx.bias_dtype is not None and needs[3] else None,
-        None,
-        None,
-        None,
-        None,
-        None,
     )
 
 
-def _differentiable_backward(ctx, dy, dsum, s, weight, mean, rstd, seed):
+def _backward(ctx, dy, dsum, _dmean, _drstd, _dseed):
+    """The custom op's autograd: one gradient per op input (``None`` for the scalars)."""
+    return _input_grads(ctx, dy, dsum) + (None,) * 5
+
+
+def _differentiable_backward(call: NormCall, dy, dsum, s, weight, mean, rstd, seed):
     """The backward as composite torch ops (:func:`normkit.reference.norm_backward_differentiable`),
     for double backward on every backend. ``s`` is the saved sum (an output of this op, so a
     second differentiation flows back through this op to x and the residual) or x itself.
     The dropout mask is the backend's own: its backward applied to ``dy = 0, dsum = 1`` returns
     exactly ``mask / (1 - p)``, whatever random stream the backend uses."""
     keep_scale = None
-    if ctx.dropout_p > 0.0:
+    if call.dropout_p > 0.0:
         with torch.no_grad():
-            keep_scale, _, _, _ = get_backend(ctx.backend).backward(
+            keep_scale, _, _, _ = get_backend(call.backend).backward(
                 torch.zeros_like(s),
                 torch.ones_like(s),
                 s.detach(),
                 None,
-                None if ctx.is_rms else mean,
+                None if call.is_rms else mean,
                 rstd,
-                ctx.is_rms,
-                ctx.dropout_p,
+                call.is_rms,
+                call.dropout_p,
                 int(seed.item()),
             )
-    return reference.norm_backward_differentiable(dy, dsum, s, weight, ctx.eps, ctx.is_rms, keep_scale)
+    return reference.norm_backward_differentiable(dy, dsum, s, weight, call.eps, call.is_rms, keep_scale)
 
 
 torch.library.register_autograd("normkit::norm_fwd", _backward, setup_context=_setup_context)
@@ -229,65 +258,47 @@ class _EagerNorm(torch.autograd.Function):
     over 100 µs per forward+backward (more than the kernels on inputs up to ~1M elements).
     The custom ops stay what ``torch.compile`` sees. Its backward is differentiable under
     ``create_graph=True``; ``torch.func`` transforms and forward-mode AD never reach it
-    (:func:`normkit.functional` routes them to the reference composite)."""
+    (:func:`normkit.functional.route` sends them to the reference composite)."""
 
     @staticmethod
-    def forward(x, residual, weight, bias, eps, is_rms, dropout_p, prenorm, backend):
-        return _forward_impl(x, residual, weight, bias, eps, is_rms, dropout_p, prenorm, backend)
+    def forward(x, residual, weight, bias, call):
+        return _forward_impl(x, residual, weight, bias, call)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _setup_context(ctx, inputs, output)
+        _save_for_backward(ctx, *inputs, output)
         ctx.mark_non_differentiable(*output[2:])
         ctx.set_materialize_grads(False)  # no zero-filled gradient for an unused sum output
 
     @staticmethod
-    def backward(ctx, dy, dsum, dmean, drstd, dseed):
-        return _backward(ctx, dy, dsum, dmean, drstd, dseed, norm_bwd=_backward_impl)
+    def backward(ctx, dy, dsum, _dmean, _drstd, _dseed):
+        return _input_grads(ctx, dy, dsum, norm_bwd=_backward_impl) + (None,)
 
 
-def norm_forward(
-    x: Tensor,
-    residual: Optional[Tensor],
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
-    eps: float,
-    is_rms: bool,
-    dropout_p: float,
-    prenorm: bool,
-    backend: str,
-    *,
-    traced: bool,
-) -> Tuple[Tensor, Optional[Tensor]]:
+def _prenorm_outputs(x, residual, y, s, call: NormCall) -> Tuple[Tensor, Optional[Tensor]]:
+    if not call.prenorm:
+        return y, None
+    return y, (s if call.stores_sum(residual) else x)
+
+
+def norm_forward(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor], call: NormCall, *, traced: bool) -> Tuple[Tensor, Optional[Tensor]]:
     """``(y, s)`` on contiguous ``(M, N)`` tensors, differentiable: through the custom op
     when ``traced`` (the caller's route said so), else through the eager autograd Function;
-    ``s`` is the normalized input when ``prenorm`` (``x`` itself without residual and
+    ``s`` is the normalized input when ``call.prenorm`` (``x`` itself without residual and
     dropout), else ``None``."""
-    op = _norm_fwd if traced else _EagerNorm.apply
-    y, s, _, _, _ = op(x, residual, weight, bias, eps, is_rms, dropout_p, prenorm, backend)
-    if not prenorm:
-        return y, None
-    return y, (s if _stores_sum(residual, dropout_p) else x)
+    if traced:
+        y, s, _, _, _ = _norm_fwd(x, residual, weight, bias, *call.op_args())
+    else:
+        y, s, _, _, _ = _EagerNorm.apply(x, residual, weight, bias, call)
+    return _prenorm_outputs(x, residual, y, s, call)
 
 
-def norm_forward_no_grad(
-    x: Tensor,
-    residual: Optional[Tensor],
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
-    eps: float,
-    is_rms: bool,
-    dropout_p: float,
-    prenorm: bool,
-    backend: str,
-) -> Tuple[Tensor, Optional[Tensor]]:
+def norm_forward_no_grad(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor], call: NormCall) -> Tuple[Tensor, Optional[Tensor]]:
     """Same as :func:`norm_forward` when nothing needs a gradient, calling the backend
     directly: skips the dispatcher and autograd bookkeeping that dominate small inference
     calls. Not for use under ``torch.compile`` (the custom op is what the compiler sees)."""
-    store_sum = _stores_sum(residual, dropout_p)
-    y, s, _, _ = get_backend(backend).forward(
-        x, residual, weight, bias, eps, is_rms, dropout_p, _draw_seed(dropout_p), store_sum and prenorm
+    store_sum = call.stores_sum(residual) and call.prenorm
+    y, s, _, _ = get_backend(call.backend).forward(
+        x, residual, weight, bias, call.eps, call.is_rms, call.dropout_p, _draw_seed(call.dropout_p), store_sum
     )
-    if not prenorm:
-        return y, None
-    return y, (s if store_sum else x)
+    return _prenorm_outputs(x, residual, y, s, call)
