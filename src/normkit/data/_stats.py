@@ -161,21 +161,35 @@ def ew_batch_moments(rows: Tensor, alpha: float, has_nan: bool = True) -> Tuple[
     ``decay`` :math:`= (1-\alpha)^n`, the factor the older statistics' weights take on.
     NaNs (``has_nan``) get weight 0 and do not count as a step of that feature's clock.
     """
-    present = ~torch.isnan(rows) if has_nan else torch.ones_like(rows, dtype=torch.bool)
+    log_q = math.log1p(-alpha)
+    if not has_nan:  # the same weights for every feature: one (R,) vector
+        n = rows.shape[0]
+        full = lambda v: torch.full(rows.shape[1:], v, dtype=FLOAT64, device=rows.device)  # noqa: E731
+        decay, count = full(math.exp(n * log_q)), full(float(n))
+        if n == 1:  # the common streaming case: the sample itself, weight 1
+            return decay, (count, full(1.0), full(1.0), rows[0].clone(), full(0.0))
+        age = torch.arange(n - 1, -1, -1, dtype=FLOAT64, device=rows.device)
+        w = torch.exp(age * log_q).reshape((n,) + (1,) * (rows.dim() - 1))
+        q = math.exp(log_q)  # geometric sums, W = (1 - q^n)/(1 - q), W_2 = (1 - q^2n)/(1 - q^2)
+        weight, weight_sq = full(-math.expm1(n * log_q) / alpha), full(-math.expm1(2 * n * log_q) / (1 - q * q))
+        mean = (w * rows).sum(0) / weight
+        m2 = (w * (rows - mean).square()).sum(0)
+        lo, hi = torch.aminmax(rows, dim=0)
+        constant = lo == hi  # exact value, exactly zero spread (as batch_moments)
+        return decay, (count, weight, weight_sq, torch.where(constant, lo, mean), torch.where(constant, 0.0, m2))
+    present = ~torch.isnan(rows)
     p = present.to(FLOAT64)
     count = p.sum(0)
     after = p.flip(0).cumsum(0).flip(0) - p  # present values after each row, per feature
-    w = torch.exp(after * math.log1p(-alpha)) * p
-    x = torch.where(present, rows, 0.0)
+    w = torch.exp(after * log_q) * p
     weight = w.sum(0)
-    mean = (w * x).sum(0) / weight.clamp_min(torch.finfo(FLOAT64).tiny)
+    mean = (w * torch.where(present, rows, 0.0)).sum(0) / weight.clamp_min(torch.finfo(FLOAT64).tiny)
     m2 = (w * torch.where(present, rows - mean, 0.0).square()).sum(0)
-    lo, hi = nan_min_max(rows) if has_nan else torch.aminmax(rows, dim=0)
-    constant = (lo == hi) & (count > 0)  # exact value, exactly zero spread (as batch_moments)
+    lo, hi = nan_min_max(rows)
+    constant = (lo == hi) & (count > 0)
     mean = torch.where(constant, lo, torch.where(count > 0, mean, 0.0))
     m2 = torch.where(constant | (count == 0), 0.0, m2)
-    decay = torch.exp(count * math.log1p(-alpha))
-    return decay, (count, weight, (w * w).sum(0), mean, m2)
+    return torch.exp(count * log_q), (count, weight, (w * w).sum(0), mean, m2)
 
 
 def ew_merge(old: EWMoments, decay: Tensor, new: EWMoments) -> EWMoments:

@@ -213,8 +213,8 @@ class RunningNormalizer(torch.nn.Module):
             return
         if self.momentum is None:
             n_b, mean_b, m2_b = batch_moments(rows, has_nan)
-            check_finite_moments(mean_b, m2_b, rows, "input")
             local = chan_merge((self.local_count, self.local_mean, self.local_m2), (n_b, mean_b, m2_b))
+            check_finite_moments(local[1], local[2], rows, "input")  # an overflow in the batch propagates here
             for buf, val in zip((self.local_count, self.local_mean, self.local_m2), local):
                 buf.copy_(val)
             self._refresh_cumulative()
@@ -225,10 +225,9 @@ class RunningNormalizer(torch.nn.Module):
 
     def _update_ew(self, rows: Tensor, has_nan: bool) -> None:
         decay, batch = ew_batch_moments(rows, self.momentum, has_nan)
-        check_finite_moments(batch[3], batch[4], rows, "input")
         old = (self.local_count, self.ew_weight, self.ew_weight_sq, self.running_mean, self._ew_m2())
         _, weight, weight_sq, mean, m2 = ew_merge(old, decay, batch)
-        check_finite_moments(mean, m2, rows, "input")
+        check_finite_moments(mean, m2, rows, "input")  # an overflow in the batch propagates here
         self.ew_weight.copy_(weight)
         self.ew_weight_sq.copy_(weight_sq)
         self.running_mean.copy_(mean)
