@@ -416,10 +416,9 @@ class StandardScaler(_Scaler):
 
     def _update(self, rows: Tensor, has_nan: bool) -> None:
         batch = batch_moments(rows, has_nan)
-        check_finite_moments(batch[1], batch[2], rows, "X")
         if self._state is not None:
             batch = chan_merge((self._state["count"], self._state["mean"], self._state["m2"]), batch)
-            check_finite_moments(batch[1], batch[2], rows, "X")
+        check_finite_moments(batch[1], batch[2], rows, "X")  # an overflow in the batch propagates to the merge
         self._state = dict(zip(self._STATE_TENSORS, batch))
 
     def _mean_var(self) -> Tuple[Tensor, Tensor]:
