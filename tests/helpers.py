@@ -68,3 +68,29 @@ def backend_or_skip(name: str):
 def forced(name: str) -> Iterator[None]:
     with normkit.use_backend(name):
         yield
+
+
+def run_two_gloo_processes(worker, args: tuple = (), *, world: int = 2, timeout_s: float = 240.0) -> None:
+    """Run ``worker(rank, port, *args)`` in ``world`` spawned processes that form a gloo group on
+    a free loopback port. A worker's exception fails the caller with its traceback; a worker
+    still running after ``timeout_s`` is killed and fails the test (a hang, not a slow run)."""
+    import socket
+    import time
+
+    import pytest
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = mp.start_processes(worker, args=(port, *args), nprocs=world, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout_s
+    while not ctx.join(timeout=1.0):  # raises (with the worker's traceback) if a worker failed
+        if time.monotonic() > deadline:
+            alive = [rank for rank, p in enumerate(ctx.processes) if p.is_alive()]
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"workers {alive} still running after {timeout_s} s: killed (a hang, not a slow run)")

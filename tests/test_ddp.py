@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
-import time
 
-import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import normkit
+
+from helpers import run_two_gloo_processes
 
 WORLD = 2
 STEPS = 3
@@ -80,23 +78,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_ddp_two_processes_match_one_process_on_the_combined_batch(tmp_path):
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
-    ctx = mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=False, start_method="spawn")
-    deadline = time.monotonic() + JOIN_TIMEOUT_S
-    while not ctx.join(timeout=1.0):  # raises if a worker failed
-        if time.monotonic() > deadline:
-            alive = [rank for rank, p in enumerate(ctx.processes) if p.is_alive()]
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"DDP workers {alive} still running after {JOIN_TIMEOUT_S} s: killed (a hang, not a slow run)")
+    run_two_gloo_processes(_worker, (str(tmp_path),), timeout_s=JOIN_TIMEOUT_S)
 
     single = _make()
     _train(single, *_data())

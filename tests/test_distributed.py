@@ -8,15 +8,13 @@ worker's traceback, and a deadline turns a hang into a failure.
 from __future__ import annotations
 
 import datetime
-import socket
-import time
 
-import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import normkit
+
+from helpers import run_two_gloo_processes
 
 WORLD = 2
 JOIN_TIMEOUT_S = 240  # the run takes ~15 s; past this the workers are hung
@@ -121,20 +119,5 @@ def _worker(rank: int, port: int) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_fsdp2_and_dtensor_match_torch_nn():
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
-    ctx = mp.start_processes(_worker, args=(_free_port(),), nprocs=WORLD, join=False, start_method="spawn")
-    deadline = time.monotonic() + JOIN_TIMEOUT_S
-    while not ctx.join(timeout=1.0):  # raises (with the worker's traceback) if a worker failed
-        if time.monotonic() > deadline:
-            alive = [rank for rank, p in enumerate(ctx.processes) if p.is_alive()]
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"workers {alive} still running after {JOIN_TIMEOUT_S} s: killed (a hang, not a slow run)")
+    run_two_gloo_processes(_worker, timeout_s=JOIN_TIMEOUT_S)
