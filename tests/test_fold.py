@@ -225,3 +225,11 @@ def test_tied_weights_are_not_folded():
     model[2].weight = model[1].weight  # a weight tied elsewhere would change there too
     with pytest.warns(FoldWarning, match=r"parameter of '1' is shared with '2'"):
         assert fold(model) == []
+
+
+def test_a_linear_absorbs_at_most_one_norm_across_calls():
+    first = _randomize(torch.nn.Sequential(torch.nn.LayerNorm(6), torch.nn.Linear(6, 6)), seed=22)
+    assert len(fold(first)) == 1
+    second = _randomize(torch.nn.Sequential(torch.nn.LayerNorm(6)), seed=23).append(first[1])  # the folded Linear reused
+    with pytest.raises(ValueError, match=r"Linear '1' already absorbed the affine of '0'"):
+        fold(second, [("0", "1")])
