@@ -1,5 +1,12 @@
 """``normkit bench``: kernel speed against the memory bandwidth and against PyTorch.
 
+Two suites:
+
+* ``kernels`` (the default): each op's kernel on 64 MiB tensors, GB/s against the copy
+  bandwidth and against torch eager / ``torch.compile`` (:mod:`normkit.bench.runner`);
+* ``shapes``: ``normkit.nn`` modules against ``torch.nn``'s at the shapes models use, 1 to 4096
+  rows, 1 and 2 threads, interleaved pairs (:mod:`normkit.bench.shapes`).
+
 Examples::
 
     normkit bench                                   # CPU sweep, float32, widths 256..16384
@@ -8,6 +15,9 @@ Examples::
     normkit bench --rows 1,8 --widths 256,4096      # the inference case
     normkit bench --device cuda --json gpu.json --plot gpu.png
     normkit bench --backend reference               # force a normkit backend
+    normkit bench --suite shapes --json shapes.json # module vs module, the whole grid (~3 min)
+    normkit bench --suite shapes --quick            # the same in seconds (a smoke test)
+    normkit bench --suite shapes --ops layer_norm --modes inference --rows 1,8 --threads 1
 
 The same harness runs from ``benchmarks/bench_norm.py``. See :mod:`normkit.bench` for what
 is measured and how.
@@ -17,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import sys
 import time
 from typing import List, Optional, Sequence
@@ -24,9 +35,16 @@ from typing import List, Optional, Sequence
 import torch
 
 from normkit.bench import cases as C
+from normkit.bench import shapes as S
 from normkit.bench.copy_bandwidth import copy_bandwidth, default_nbytes
 from normkit.bench.impls import implementations
-from normkit.bench.report import print_table, write_json, write_plot
+from normkit.bench.report import (
+    print_shapes,
+    print_table,
+    render_markdown,
+    write_json,
+    write_plot,
+)
 from normkit.bench.runner import machine_info, run_cases
 
 DESCRIPTION = "measure kernel speed against the memory bandwidth and PyTorch"
@@ -35,6 +53,10 @@ DEFAULTS = {  # device -> (dtypes, warmup, repeats)
     "cuda": (("bfloat16", "float32"), 10, 30),
 }
 QUICK_WARMUP, QUICK_REPEATS = 1, 3
+SUITES = ("kernels", "shapes")
+# Options that only one suite reads: naming one with the other suite is an error, not a no-op.
+KERNELS_ONLY = ("directions", "plot", "no_compile", "no_third_party")
+SHAPES_ONLY = ("threads", "modes", "cell_seconds")
 
 
 class UsageError(ValueError):
@@ -67,28 +89,45 @@ def _choices(text: str, allowed: Sequence[str], what: str) -> List[str]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--suite", default="kernels",
+                        help="kernels (default): each kernel's GB/s against the copy bandwidth and torch; "
+                             "shapes: normkit.nn modules against torch.nn's at rows 1..4096 x widths "
+                             "768, 1024, 4096, 1 and 2 threads, interleaved pairs (cpu)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="where to run (default: cpu); cuda also compares Liger-Kernel and QuACK when installed")
     parser.add_argument("--dtype", default=None,
                         help="comma-separated dtypes: float32, bfloat16, float16 "
                              "(default: float32 on cpu; bfloat16,float32 on cuda)")
-    parser.add_argument("--ops", default="all", help=f"comma-separated subset of {', '.join(C.OPS)} (default: all)")
-    parser.add_argument("--directions", default="all",
-                        help=f"comma-separated subset of {', '.join(C.DIRECTIONS)} (default: all)")
+    parser.add_argument("--ops", default="all",
+                        help=f"comma-separated subset of {', '.join(C.OPS)} (default: all; "
+                             f"--suite shapes: {', '.join(S.OPS)})")
+    parser.add_argument("--directions", default=None,
+                        help=f"comma-separated subset of {', '.join(C.DIRECTIONS)} (default: all; kernels suite)")
+    parser.add_argument("--modes", default=None,
+                        help=f"shapes suite: comma-separated subset of {', '.join(S.MODES)} (default: all)")
+    parser.add_argument("--threads", default=None,
+                        help="shapes suite: comma-separated torch thread counts (default: 1,2)")
+    parser.add_argument("--cell-seconds", type=float, default=None,
+                        help=f"shapes suite: seconds of timed pairs per cell (default {S.Settings.cell_seconds}, "
+                             f"at least {S.Settings.min_pairs} pairs)")
     parser.add_argument("--widths", default=None,
                         help="comma-separated widths N (default: cpu 256,1024,4096,16384; "
-                             "cuda 1024,2048,...,65536)")
+                             "cuda 1024,2048,...,65536; shapes suite 768,1024,4096)")
     parser.add_argument("--rows", default=None,
                         help="comma-separated row counts M, crossed with the widths (default: cpu "
-                             "2**24/N rows, i.e. 64 MiB per fp32 tensor; cuda 4096..32768 up to 2**28 elements)")
+                             "2**24/N rows, i.e. 64 MiB per fp32 tensor; cuda 4096..32768 up to 2**28 elements; "
+                             "shapes suite 1,8,128,1024,4096)")
     parser.add_argument("--repeats", type=int, default=None,
-                        help="timed samples per measurement; the median is reported (default: cpu 10, cuda 30)")
+                        help="timed samples per measurement; the median is reported (default: cpu 10, cuda 30; "
+                             "shapes suite: exactly this many pairs per cell instead of --cell-seconds)")
     parser.add_argument("--warmup", type=int, default=None,
                         help="untimed calls before timing, compilation included (default: cpu 3, cuda 10)")
     parser.add_argument("--backend", default=None,
                         help="force a normkit backend (e.g. cpu, triton, reference); default: the device's default")
     parser.add_argument("--json", metavar="PATH", default=None,
                         help="write all results as JSON to PATH ('-' for stdout; the table then goes to stderr)")
+    parser.add_argument("--markdown", metavar="PATH", default=None,
+                        help="write the tables as markdown to PATH (as benchmarks/json_to_markdown.py renders them)")
     parser.add_argument("--plot", metavar="PATH.png", default=None, help="write a plot of GB/s against width")
     parser.add_argument("--quick", action="store_true",
                         help="a few tiny shapes, 1 warm-up and 3 repeats: a smoke test in seconds")
@@ -131,7 +170,7 @@ def build_plan(args: argparse.Namespace):
     if not dtypes:
         raise UsageError("--dtype: empty list")
     ops = _choices(args.ops, C.OPS, "ops")
-    directions = _choices(args.directions, C.DIRECTIONS, "directions")
+    directions = _choices(args.directions or "all", C.DIRECTIONS, "directions")
     widths = _ints(args.widths, "widths") if args.widths else None
     rows = _ints(args.rows, "rows") if args.rows else None
     warmup = args.warmup if args.warmup is not None else (QUICK_WARMUP if args.quick else d_warmup)
@@ -169,11 +208,13 @@ def _progress(total: int, out):
 
 def command_line(args: argparse.Namespace) -> str:
     """The ``normkit bench`` command that reproduces ``args`` (recorded in the JSON)."""
-    parts = ["normkit bench", f"--device {args.device}"]
-    for opt in ("dtype", "ops", "directions", "widths", "rows", "repeats", "warmup", "backend", "json", "plot"):
-        value = getattr(args, opt)
+    suite = getattr(args, "suite", "kernels")
+    parts = ["normkit bench"] + ([f"--suite {suite}"] if suite != "kernels" else []) + [f"--device {args.device}"]
+    for opt in ("dtype", "ops", "directions", "modes", "threads", "cell_seconds", "widths", "rows", "repeats",
+                "warmup", "backend", "json", "markdown", "plot"):
+        value = getattr(args, opt, None)
         if value is not None and not (opt in ("ops", "directions") and value == "all"):
-            parts.append(f"--{opt} {value}")
+            parts.append(f"--{opt.replace('_', '-')} {value}")
     if args.seed:
         parts.append(f"--seed {args.seed}")
     parts += [f"--{flag.replace('_', '-')}" for flag in ("quick", "no_compile", "no_third_party") if getattr(args, flag)]
@@ -188,7 +229,21 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
 
+def _check_suite_options(args: argparse.Namespace) -> str:
+    suite = getattr(args, "suite", "kernels")
+    if suite not in SUITES:
+        raise UsageError(f"--suite: unknown {suite!r}; expected one of {', '.join(SUITES)}")
+    other, foreign = ("shapes", SHAPES_ONLY) if suite == "kernels" else ("kernels", KERNELS_ONLY)
+    for opt in foreign:
+        value = getattr(args, opt, None)
+        if value not in (None, False):
+            raise UsageError(f"--{opt.replace('_', '-')} applies to --suite {other}, not --suite {suite}")
+    return suite
+
+
 def _run(args: argparse.Namespace) -> int:
+    if _check_suite_options(args) == "shapes":
+        return _run_shapes(args)
     _check_device(args.device)
     cases, warmup, repeats, _ = build_plan(args)
     if args.plot:
@@ -220,10 +275,101 @@ def _run(args: argparse.Namespace) -> int:
     print_table(doc, file=table_out)
     if args.json:
         write_json(doc, args.json)
+    _write_markdown(doc, getattr(args, "markdown", None))
     if args.plot:
         write_plot(doc, args.plot)
         print(f"plot written to {args.plot}", file=sys.stderr)
     return 0
+
+
+def _write_markdown(doc: dict, path: Optional[str]) -> None:
+    if path:
+        with open(path, "w") as fh:
+            fh.write(render_markdown(doc) + "\n")
+
+
+def build_shapes_plan(args: argparse.Namespace):
+    """Validated ``(cells, settings, dtype)`` for ``--suite shapes``."""
+    if args.device != "cpu":
+        raise UsageError("--suite shapes measures the CPU path (module against module, 1 and 2 threads); "
+                         "use --device cpu, or --suite kernels for CUDA")
+    dtypes = _csv(args.dtype) if args.dtype else ["float32"]
+    if len(dtypes) != 1:
+        raise UsageError(f"--dtype: --suite shapes takes one dtype, got {args.dtype!r}")
+    try:
+        dtype = C.parse_dtype(dtypes[0])
+    except ValueError as exc:
+        raise UsageError(f"--dtype: {exc}") from None
+    ops = _choices(args.ops, S.OPS, "ops")
+    modes = _choices(args.modes or "all", S.MODES, "modes")
+    threads = _ints(args.threads, "threads") if args.threads else list(S.THREADS)
+    rows = _ints(args.rows, "rows") if args.rows else list(S.QUICK_ROWS if args.quick else S.ROWS)
+    widths = _ints(args.widths, "widths") if args.widths else list(S.QUICK_WIDTHS if args.quick else S.WIDTHS)
+    settings = S.QUICK if args.quick else S.Settings()
+    changes = {}
+    if args.cell_seconds is not None:
+        if not args.cell_seconds > 0:
+            raise UsageError(f"--cell-seconds must be > 0, got {args.cell_seconds}")
+        changes["cell_seconds"] = args.cell_seconds
+    if args.repeats is not None:
+        if args.repeats < 1:
+            raise UsageError(f"--repeats (pairs per cell) must be >= 1, got {args.repeats}")
+        changes["pairs"] = args.repeats
+    if args.warmup is not None:
+        if args.warmup < 0:
+            raise UsageError(f"--warmup must be >= 0, got {args.warmup}")
+        changes["warmup"] = args.warmup
+    settings = dataclasses.replace(settings, **changes)
+    return S.make_cells(ops, modes, rows, widths, threads), settings, dtype
+
+
+def _shapes_progress(total: int, out):
+    state = {"i": 0, "t0": time.perf_counter()}
+
+    def on_result(c: dict) -> None:
+        state["i"] += 1
+        print(f"[{state['i']}/{total} {time.perf_counter() - state['t0']:.0f}s] {S.SHORT_OP[c['op']]} {c['mode']} "
+              f"{c['rows']}x{c['width']} {c['threads']}t: {c['ratio']:.2f}x ({c['ci_low']:.2f}-{c['ci_high']:.2f}), "
+              f"torch {c['torch_ms']:.4f} ms, normkit {c['normkit_ms']:.4f} ms, {c['pairs']} pairs",
+              file=out, flush=True)
+
+    return on_result
+
+
+def _run_shapes(args: argparse.Namespace) -> int:
+    cells, settings, dtype = build_shapes_plan(args)
+    table_out = sys.stderr if args.json == "-" else sys.stdout
+    with _backend_context(args.backend):
+        load_start = S.load_average()
+        if not args.quiet:
+            print(f"measuring {len(cells)} cells, module against module, interleaved pairs "
+                  f"(load average {load_start})", file=sys.stderr, flush=True)
+        results = S.run_suite(cells, settings, dtype=dtype, seed=args.seed,
+                              on_result=None if args.quiet else _shapes_progress(len(cells), sys.stderr))
+        load_end = S.load_average()
+    doc = {
+        "suite": "shapes",
+        "command": command_line(args),
+        "date": S.utc_now(),
+        "git": S.git_commit(),
+        "machine": {**machine_info("cpu"), "load_average_start": load_start, "load_average_end": load_end},
+        "config": {"dtype": C.dtype_name(dtype), "ops": _unique([c.op for c in cells]),
+                   "modes": _unique([c.mode for c in cells]), "rows": _unique([c.rows for c in cells]),
+                   "widths": _unique([c.width for c in cells]), "threads": _unique([c.threads for c in cells]),
+                   "backend": args.backend, "quick": args.quick, "seed": args.seed,
+                   **dataclasses.asdict(settings)},
+        "cells": results,
+        "summary": S.summarize(results),
+    }
+    print_shapes(doc, file=table_out)
+    if args.json:
+        write_json(doc, args.json, inline_lists=True)
+    _write_markdown(doc, args.markdown)
+    return 0
+
+
+def _unique(values: list) -> list:
+    return list(dict.fromkeys(values))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

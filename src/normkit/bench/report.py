@@ -129,8 +129,20 @@ def print_table(doc: dict, file: Optional[IO[str]] = None) -> None:
         console.print(f"  note: {line}", markup=False, highlight=False)
 
 
-def write_json(doc: dict, path: str, stdout: Optional[IO[str]] = None) -> None:
-    text = json.dumps(doc, indent=2, sort_keys=False)
+def _dumps_inline_lists(obj, level: int = 0) -> str:
+    """JSON indented like ``json.dumps(indent=2)``, but a list of numbers/strings on one line
+    (per-sample timings would otherwise take one line per number)."""
+    pad, inner = "  " * level, "  " * (level + 1)
+    if isinstance(obj, dict) and obj:
+        items = [f"{inner}{json.dumps(str(k))}: {_dumps_inline_lists(v, level + 1)}" for k, v in obj.items()]
+        return "{\n" + ",\n".join(items) + "\n" + pad + "}"
+    if isinstance(obj, (list, tuple)) and obj and any(isinstance(v, (dict, list, tuple)) for v in obj):
+        return "[\n" + ",\n".join(inner + _dumps_inline_lists(v, level + 1) for v in obj) + "\n" + pad + "]"
+    return json.dumps(obj)
+
+
+def write_json(doc: dict, path: str, stdout: Optional[IO[str]] = None, inline_lists: bool = False) -> None:
+    text = _dumps_inline_lists(doc) if inline_lists else json.dumps(doc, indent=2, sort_keys=False)
     if path == "-":
         import sys
 
@@ -205,3 +217,109 @@ def _unique(items: Iterable) -> list:
         if item not in out:
             out.append(item)
     return out
+
+
+# --- the shapes suite (normkit.bench.shapes) ----------------------------------------------------
+# One table per op: a row per shape, a column per (mode, threads), each cell the median of the
+# per-pair ratios torch time / normkit time.
+
+OP_TITLES = {"layer_norm": "LayerNorm", "rms_norm": "RMSNorm"}
+
+
+def shapes_header_line(doc: dict) -> str:
+    m, cfg = doc["machine"], doc["config"]
+    git = doc.get("git") or {}
+    commit = git.get("commit", "unknown") + (" (+ uncommitted changes in src/)" if git.get("dirty") else "")
+    load = " -> ".join(f"{la[0]:.2f}" for la in (m.get("load_average_start"), m.get("load_average_end")) if la)
+    parts = [f"normkit bench --suite shapes | {m['device']}: {m.get('cpu')} ({m.get('cpu_count')} logical CPUs)",
+             f"torch {m['torch']}", f"numba {m.get('numba', '-')}", cfg["dtype"], f"commit {commit}", doc["date"]]
+    if load:
+        parts.append(f"load average (1 min) {load}")
+    return " | ".join(parts)
+
+
+def _unique_sorted(values: Iterable, order: Sequence = ()) -> list:
+    seen = _unique(values)
+    return sorted(seen, key=lambda v: (order.index(v), v) if v in order else (len(order), v))
+
+
+def shapes_table_rows(doc: dict, op: str) -> Tuple[List[str], List[List[str]]]:
+    """Column names and one row per shape for ``op``: the issue's table."""
+    cells = [c for c in doc["cells"] if c["op"] == op]
+    modes = _unique_sorted((c["mode"] for c in cells), ("inference", "fwd+bwd", "add+norm"))
+    threads = _unique_sorted(c["threads"] for c in cells)
+    columns = [(mode, t) for mode in modes for t in threads]
+    shapes = _unique_sorted((c["rows"], c["width"]) for c in cells)
+    by_key = {(c["rows"], c["width"], c["mode"], c["threads"]): c for c in cells}
+    header = ["rows x width"] + [f"{mode}, {t} thread{'s' if t > 1 else ''}" for mode, t in columns]
+    rows = []
+    for m, n in shapes:
+        row = [f"{m} x {n}"]
+        for mode, t in columns:
+            c = by_key.get((m, n, mode, t))
+            row.append("-" if c is None else f"{c['ratio']:.2f}x")
+        rows.append(row)
+    return header, rows
+
+
+def shapes_summary_lines(doc: dict) -> List[str]:
+    """The done-when statistics: slowest cell, median over cells, 4096 x 4096 cells, targets."""
+    s = doc["summary"]
+    if not s.get("cells"):
+        return ["no cells measured"]
+
+    def name(c: dict) -> str:
+        return (f"{OP_TITLES.get(c['op'], c['op'])} {c['mode']} {c['rows']} x {c['width']}, {c['threads']} "
+                f"thread{'s' if c['threads'] > 1 else ''}")
+
+    w = s["min"]
+    lines = [f"slowest cell: {w['ratio']:.2f}x ({name(w)}; 95 % interval {w['ci_low']:.2f}-{w['ci_high']:.2f})",
+             f"median over {s['cells']} cells: {s['median']:.2f}x"]
+    if s["large"]:
+        lines.append("4096 x 4096: " + "; ".join(f"{name(c)} {c['ratio']:.2f}x" for c in s["large"]))
+    for t in s["targets"]:
+        verdict = {True: "met", False: "MISSED", None: "not measured"}[t["met"]]
+        measured = "" if t["measured"] is None else f" (measured {t['measured']:.2f}x" + (
+            f"; {t['failing']} cells below" if t.get("failing") else "") + ")"
+        lines.append(f"target {t['target']}: {verdict}{measured}")
+    return lines
+
+
+def print_shapes(doc: dict, file: Optional[IO[str]] = None) -> None:
+    console = Console(file=file, width=200 if file is not None and not file.isatty() else None)
+    console.print(shapes_header_line(doc), markup=False, highlight=False)
+    for op in _unique(c["op"] for c in doc["cells"]):
+        table = Table(title=f"{OP_TITLES.get(op, op)}: speed ratio torch / normkit (median of interleaved pairs; "
+                            "above 1: normkit is faster)", title_justify="left")
+        header, rows = shapes_table_rows(doc, op)
+        for i, col in enumerate(header):
+            table.add_column(col, justify="left" if i == 0 else "right")
+        for cells in rows:
+            table.add_row(*[f"[red]{v}[/red]" if v.endswith("x") and float(v[:-1]) < 0.9 else v for v in cells])
+        console.print(table)
+    for line in shapes_summary_lines(doc):
+        console.print(line, markup=False, highlight=False)
+
+
+def shapes_markdown(doc: dict) -> str:
+    """The shapes suite's tables, statistics and per-cell details as markdown."""
+    out = [shapes_header_line(doc), ""]
+    for op in _unique(c["op"] for c in doc["cells"]):
+        header, rows = shapes_table_rows(doc, op)
+        out += [f"**{OP_TITLES.get(op, op)}** (torch time / normkit time)", "",
+                "| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+        out += ["| " + " | ".join(cells) + " |" for cells in rows] + [""]
+    out += [f"- {line}" for line in shapes_summary_lines(doc)] + [""]
+    out += ["<details><summary>Every cell: median ms per call, ratio, 95 % interval, pairs, normkit's path</summary>",
+            "", "| op | mode | shape | threads | torch ms | normkit ms | ratio | 95 % interval | pairs | path |",
+            "|---|---|---|---:|---:|---:|---:|---|---:|---|"]
+    for c in doc["cells"]:
+        out.append(f"| {c['op']} | {c['mode']} | {c['rows']} x {c['width']} | {c['threads']} | {c['torch_ms']:.4f} | "
+                   f"{c['normkit_ms']:.4f} | {c['ratio']:.2f} | {c['ci_low']:.2f}-{c['ci_high']:.2f} | {c['pairs']} | "
+                   f"{c.get('normkit_path') or '-'} |")
+    return "\n".join(out + ["", "</details>"])
+
+
+def render_markdown(doc: dict) -> str:
+    """Markdown for any ``normkit bench --json`` record, whichever suite wrote it."""
+    return shapes_markdown(doc) if doc.get("suite") == "shapes" else markdown_table(doc)
