@@ -80,6 +80,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 REPO = Path(__file__).resolve().parents[1]
+NVIDIA_DEVICE = "/dev/nvidia0"  # present where an NVIDIA driver exposes a GPU, whatever torch sees
 STAGES = ("correctness", "determinism", "gradcheck", "compile", "kernels", "rnn", "suite")
 
 
@@ -345,6 +346,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not args.dry:
         if not torch.cuda.is_available():
             build = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "cpu build"
+            if os.path.exists(NVIDIA_DEVICE):  # a GPU this torch cannot use: the check did not run
+                print(f"gpu-check: {NVIDIA_DEVICE} exists but torch {torch.__version__} ({build}) sees no CUDA "
+                      f"device; install torch's CUDA build (see benchmarks/gpu_check.py); nothing checked",
+                      file=sys.stderr)
+                return 1
             print(f"gpu-check: no CUDA device here (torch {torch.__version__}, {build}); nothing to check. "
                   f"`make gpu-check-dry` runs the same check on CPU.")
             return 0

@@ -100,18 +100,36 @@ def test_without_a_gpu_it_says_so_in_one_line(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_unknown_stage_is_a_usage_error(tmp_path):
-    proc = run_check(tmp_path, "--dry", "--stages", "correctness,frobnicate", interpret=False)
-    assert proc.returncode == 2 and "frobnicate" in proc.stderr
-
-
-def test_the_gpu_plan_covers_issue_17_in_under_five_minutes(monkeypatch):
+def _load_script(monkeypatch):
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
     gpu_check = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "gpu_check", gpu_check)  # dataclasses look their module up
     spec.loader.exec_module(gpu_check)  # the module imports nothing heavy at top level
+    return gpu_check
+
+
+def test_a_gpu_that_torch_cannot_use_fails_in_one_line(tmp_path, monkeypatch, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    gpu_check = _load_script(monkeypatch)
+    monkeypatch.setattr(gpu_check, "NVIDIA_DEVICE", str(tmp_path))  # a path that exists
+    assert gpu_check.main(["--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "sees no CUDA device; install torch's CUDA build" in err[0], err
+    monkeypatch.setattr(gpu_check, "NVIDIA_DEVICE", str(tmp_path / "absent"))
+    assert gpu_check.main(["--out", str(tmp_path / "out")]) == 0
+    assert capsys.readouterr().out.startswith("gpu-check: no CUDA device here")
+
+
+def test_unknown_stage_is_a_usage_error(tmp_path):
+    proc = run_check(tmp_path, "--dry", "--stages", "correctness,frobnicate", interpret=False)
+    assert proc.returncode == 2 and "frobnicate" in proc.stderr
+
+
+def test_the_gpu_plan_covers_issue_17_in_under_five_minutes(monkeypatch):
+    gpu_check = _load_script(monkeypatch)
     plan = gpu_check.PLANS["gpu"]
     assert set(plan.stage_budget_s) == set(STAGES) == set(gpu_check.STAGES)
     assert plan.budget_s <= 300 - 30, "room for one cell that starts before the deadline, and the report"
