@@ -3,9 +3,10 @@ r"""``RunningNormalizer``: standardize a stream with statistics kept as the data
 Design: all statistics live in float64 buffers (``module.half()`` does not touch them) and are
 updated under ``no_grad`` in training mode only. The normalization runs in float32 for
 float32/16-bit inputs with the mean split into two float32 parts, so a stream at offset 1e6
-normalizes within ~2 float32 ulps of float64 math at float32 speed (float64 input: float64). Updates merge per-batch two-pass moments with Chan's
-formula (:mod:`normkit.data._stats`), the form that also merges ranks in
-:meth:`RunningNormalizer.sync_distributed`.
+normalizes within ~2 float32 ulps of float64 math at float32 speed (float64 input: float64).
+Updates merge per-batch two-pass moments with Chan's formula (:mod:`normkit.data._stats`),
+the form that also merges ranks in :meth:`RunningNormalizer.sync_distributed`; with
+``momentum`` the moments are exponentially weighted and the formula takes weights for counts.
 """
 
 from __future__ import annotations
