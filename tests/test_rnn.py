@@ -30,7 +30,7 @@ from torch.func import functional_call
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 import normkit
-from normkit.nn import rnn_fast
+from normkit.backends import get_backend
 
 from helpers import randn
 
@@ -421,7 +421,7 @@ FP32_CONFIGS = [  # (T, B, I, H, num_layers, bidirectional, packed lengths or No
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("step", ["numba", "torch"])
 @pytest.mark.parametrize("config", FP32_CONFIGS, ids=lambda c: "x".join(map(str, c[:6])) + ("-packed" if c[6] else ""))
-def test_fast_float32_matches_float64_as_well_as_the_reference(kind, step, config, monkeypatch):
+def test_fast_float32_matches_float64_as_well_as_the_reference(kind, step, config):
     """The fused float32 path's error against a float64 run is within a few times what the problem
     itself allows in float32: the larger of (a) the float32 per-step reference path's error and
     (b) how far the float64 result moves when inputs and parameters move by one float32 rounding
@@ -430,14 +430,16 @@ def test_fast_float32_matches_float64_as_well_as_the_reference(kind, step, confi
     The baseline is one sample of the float32 error of this problem and the fast path's error is
     another, so their ratio scatters: over 8 seeds x 3 configs x 2 kinds x 2 steps it reached 4.4
     (LSTM, torch step, a layer-norm gain's gradient), median about 1. The slack, 8, is twice that."""
-    monkeypatch.setattr(rnn_fast, "STEP_IMPL", step)
+    backend = {"numba": "cpu", "torch": "reference"}[step]  # the registry picks the step kernels
+    assert (get_backend(backend).rnn_steps(torch.ones(1)) is not None) == (step == "numba")
     T, B, I, H, L, bi, lengths = config
     m = make(kind, I, H, num_layers=L, bidirectional=bi, seed=T + B + I + H)
     x = randn((T, B, I), seed=10)
     hx = states(kind, make_hx(kind, m, B))
     truth = _run_all(m, kind, x, hx, False, torch.float64, lengths)
     ref32 = _run_all(m, kind, x, hx, False, torch.float32, lengths)
-    fast32 = _run_all(m, kind, x, hx, True, torch.float32, lengths)
+    with normkit.use_backend(backend):
+        fast32 = _run_all(m, kind, x, hx, True, torch.float32, lengths)
     moved = []
     for seed in (1, 2):
         m_p, x_p, hx_p = _perturbed(m, x, hx, EPS32 / 2, seed)
@@ -548,3 +550,22 @@ def test_jit_trace_runs_the_reference_path_and_matches_eager(kind):
     x2 = randn((3, 4, 5), F64, seed=5)
     for a, b in zip(torch.utils._pytree.tree_leaves(traced(x2)), torch.utils._pytree.tree_leaves(m(x2))):
         torch.testing.assert_close(a, b, **TIGHT)
+
+
+def test_rnn_step_kernels_are_chosen_by_the_backend_registry(monkeypatch):
+    """The numba steps run by default on float32 CPU input, never under
+    ``normkit.backends.use("reference")``; and they leave the parameters' storages resizable
+    (FSDP2 frees an unsharded parameter by resizing its storage to 0)."""
+    from normkit.backends import cpu_rnn_kernels
+
+    calls = []
+    real = cpu_rnn_kernels.lstm_fwd_step
+    monkeypatch.setattr(cpu_rnn_kernels, "lstm_fwd_step", lambda *a: calls.append(1) or real(*a))
+    m = normkit.nn.LayerNormLSTM(4, 5)
+    x = randn((3, 2, 4), seed=1)
+    with normkit.backends.use("reference"):
+        m(x)[0].sum().backward()
+    assert not calls
+    m(x)[0].sum().backward()
+    assert calls
+    assert all(p.untyped_storage().resizable() for p in m.parameters())

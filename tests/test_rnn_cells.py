@@ -2,8 +2,8 @@
 
 The cells are the per-step reference equations behind an nn.LSTMCell-style interface; stepping
 one over a sequence must give what the sequence module gives. The numba kernels
-(:mod:`normkit.nn.rnn_kernels`) must compute what the plain-torch steps of
-:mod:`normkit.nn.rnn_fast` compute, row for row, and touch no row outside the active block.
+(:mod:`normkit.backends.cpu_rnn_kernels`) must compute what the plain-torch steps of
+:mod:`normkit.nn.rnn.sequence` compute, row for row, and touch no row outside the active block.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import normkit
-from normkit.nn import rnn_fast, rnn_kernels
+from normkit.backends import cpu_rnn_kernels as rnn_kernels
+from normkit.nn.rnn import sequence as rnn_fast
 
 from helpers import randn
 

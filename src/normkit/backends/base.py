@@ -77,6 +77,13 @@ class Backend:
         ``dweight``/``dbias`` of shape ``(N,)`` in float32 (float64 for float64 input)."""
         raise NotImplementedError
 
+    def rnn_steps(self, x: Tensor):
+        """The compiled fused LN-LSTM/GRU steps for buffers like ``x`` (a module with
+        ``lstm_fwd_step``, ``lstm_bwd_step``, ``gru_fwd_step``, ``gru_bwd_step``, ``column_sum``
+        and ``column_dot`` on NumPy views, as :mod:`normkit.backends.cpu_rnn_kernels`), or
+        ``None``: the plain-torch steps of :mod:`normkit.nn.rnn.sequence` run."""
+        return None
+
     def empty_like(self, t: Tensor) -> Tensor:
         """An uninitialized buffer like ``t`` for a full-size output made outside the kernels
         (the residual gradient when it must be a copy of dx); a backend may allocate it the

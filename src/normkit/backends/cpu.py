@@ -25,11 +25,11 @@ from __future__ import annotations
 
 from typing import Optional
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from normkit.backends.base import Backend, BackwardResult, ForwardResult
+from normkit.backends.numpy_view import as_numpy
 
 try:  # numba is a hard dependency, but a broken install must fall back, not fail the import
     import numba
@@ -65,32 +65,9 @@ def _is_serial(rows: int, n: int) -> bool:
     return rows == 1 or rows * n <= SERIAL_MAX_ELEMENTS
 
 
-class _ArrayView:
-    """A NumPy array interface over a tensor's memory (see :func:`_np`); the array keeps this
-    object, and so the tensor, alive as its ``base``."""
-
-    __slots__ = ("__array_interface__", "tensor")
-
-
-_TYPESTR = {torch.float32: "<f4", torch.bfloat16: "<u2", torch.float64: "<f8", torch.int64: "<i8"}
-
-
 def _np(t: Tensor):
-    """Zero-copy numpy view of a contiguous CPU tensor (bfloat16 as its uint16 bits).
-
-    Built from the array interface, not ``Tensor.numpy()``: ``numpy()`` marks the tensor's
-    storage non-resizable for the rest of its life, and FSDP2 frees an unsharded parameter by
-    resizing its storage to 0 ("Trying to resize storage that is not resizable"). The view
-    lives only for the kernel call, while the caller holds the tensor."""
-    view = _ArrayView()
-    view.tensor = t
-    view.__array_interface__ = {
-        "data": (t.data_ptr(), False),
-        "shape": tuple(t.shape),
-        "typestr": _TYPESTR[t.dtype],
-        "version": 3,
-    }
-    return np.asarray(view)
+    """Zero-copy numpy view of a contiguous CPU tensor (bfloat16 as its uint16 bits)."""
+    return as_numpy(t)
 
 
 # Large outputs: ask for transparent huge pages before the kernel first touches them. A fresh
@@ -202,7 +179,14 @@ class CpuBackend(Backend):
         return x.device.type == "cpu" and x.dtype in _DTYPES and dropout_p == 0.0
 
     def empty_like(self, t: Tensor) -> Tensor:
-        return _empty_like(t)  # huge pages for large buffers, as for the kernels' outputs
+        return _empty_like(t)
+
+    def rnn_steps(self, x: Tensor):
+        if x.device.type != "cpu" or x.dtype != torch.float32:
+            return None
+        from normkit.backends import cpu_rnn_kernels  # numba compiles on first use
+
+        return cpu_rnn_kernels  # huge pages for large buffers, as for the kernels' outputs
 
     def forward(self, x, residual, weight, bias, eps, is_rms, dropout_p, seed, store_sum) -> ForwardResult:
         if dropout_p != 0.0:

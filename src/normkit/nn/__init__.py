@@ -1,9 +1,8 @@
-"""normkit modules: drop-in normalization layers (and, as they land, recurrent networks)."""
+"""normkit modules: drop-in normalization layers and layer-normalized recurrent networks."""
 
 from normkit.nn.normalization import LayerNorm, RMSNorm
 from normkit.nn.channels import LayerNorm2d, LayerNormCHW
-from normkit.nn.rnn import LayerNormGRU, LayerNormLSTM
-from normkit.nn.rnn_cells import LayerNormGRUCell, LayerNormLSTMCell
+from normkit.nn.rnn import LayerNormGRU, LayerNormGRUCell, LayerNormLSTM, LayerNormLSTMCell
 
 __all__ = ["LayerNorm", "RMSNorm", "LayerNorm2d", "LayerNormCHW",
            "LayerNormLSTM", "LayerNormGRU", "LayerNormLSTMCell", "LayerNormGRUCell"]

@@ -2,7 +2,7 @@ r"""Single-step layer-normalized recurrent cells: :class:`LayerNormLSTMCell`, :c
 
 Same constructor and call interface as :class:`torch.nn.LSTMCell` / :class:`torch.nn.GRUCell`
 (plus a keyword-only ``eps``). The step is the reference step of
-:mod:`normkit.nn.rnn_reference`; for whole sequences use :class:`normkit.nn.LayerNormLSTM` /
+:mod:`normkit.nn.rnn.reference`; for whole sequences use :class:`normkit.nn.LayerNormLSTM` /
 :class:`~normkit.nn.LayerNormGRU`, whose fused path is much faster than a Python loop over a cell.
 """
 
@@ -14,7 +14,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from normkit.nn.rnn_reference import gru_cell_ref, lstm_cell_ref
+from normkit.nn.rnn.reference import gru_cell_ref, lstm_cell_ref
 
 __all__ = ["LayerNormLSTMCell", "LayerNormGRUCell"]
 

@@ -15,10 +15,10 @@ One layer, one direction, as one :class:`torch.autograd.Function` over the whole
    ``(G, N) x (N, H)`` product, the gains and biases as column sums (numba, float64
    accumulators, on the numba path).
 
-The fused step is a numba kernel (:mod:`normkit.nn.rnn_kernels`) for float32 CPU tensors, and
+The fused step is a numba kernel (:mod:`normkit.backends.cpu_rnn_kernels`) for float32 CPU tensors, and
 the plain-torch ``*_step_torch`` functions below (same buffers, same quantities) otherwise.
 float16/bfloat16 layers run the recurrence in float32. Sequences use the packed layout
-described in :mod:`normkit.nn.rnn_reference`; a dense ``(T, B)`` batch is ``batch_sizes = [B]*T``.
+described in :mod:`normkit.nn.rnn.reference`; a dense ``(T, B)`` batch is ``batch_sizes = [B]*T``.
 
 The layer-norm backward used in both steps, for ``y = x_hat * w (+ b)``, ``x_hat = (x - mean) * rstd``:
 
@@ -29,7 +29,6 @@ The layer-norm backward used in both steps, for ``y = x_hat * w (+ b)``, ``x_hat
 
 from __future__ import annotations
 
-import os
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -39,33 +38,16 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 import normkit
+from normkit.backends import select_backend
+from normkit.backends.numpy_view import as_numpy
 
-__all__ = ["lstm_layer", "gru_layer", "STEP_IMPL"]
-
-#: Which fused step runs: ``"auto"`` (numba for float32 CPU tensors, else torch), ``"numba"``
-#: (where it applies), or ``"torch"``. ``NORMKIT_RNN_STEP`` sets the initial value.
-STEP_IMPL = os.environ.get("NORMKIT_RNN_STEP", "auto")
-
-_kernels = None
+__all__ = ["lstm_layer", "gru_layer"]
 
 
-def _numba_kernels():
-    """Import the numba kernels on first use (keeps ``import normkit`` light)."""
-    global _kernels
-    if _kernels is None:
-        try:
-            from normkit.nn import rnn_kernels
-        except Exception:  # pragma: no cover - numba missing or broken: torch step
-            _kernels = False
-        else:
-            _kernels = rnn_kernels
-    return _kernels
-
-
-def _use_numba(x: Tensor) -> bool:
-    if STEP_IMPL == "torch" or x.device.type != "cpu" or x.dtype != torch.float32:
-        return False
-    return bool(_numba_kernels())
+def _step_kernels(x: Tensor):
+    """The compiled fused steps of the backend that runs ``x`` (the backend registry decides,
+    so ``normkit.backends.use("reference")`` forces the plain-torch steps below), or ``None``."""
+    return select_backend(x).rnn_steps(x)
 
 
 def _offsets(batch_sizes: Sequence[int]) -> List[int]:
@@ -162,15 +144,15 @@ def gru_bwd_step_torch(off, bs, dout, dh_state, ahat, rstd_a, gates, hprev, w_h,
 # --- the sequence functions
 
 
-def _column_dot(u: Tensor, v: Optional[Tensor], use_numba: bool) -> Tensor:
+def _column_dot(u: Tensor, v: Optional[Tensor], kernels) -> Tensor:
     """``(u * v).sum(0)`` (``u.sum(0)`` when ``v`` is None): a gain or bias gradient over all rows."""
-    if not use_numba:
+    if kernels is None:
         return (u * v).sum(0) if v is not None else u.sum(0)
     out = u.new_empty(u.shape[1])
     if v is None:
-        _numba_kernels().column_sum(u.numpy(), out.numpy())
+        kernels.column_sum(as_numpy(u), as_numpy(out))
     else:
-        _numba_kernels().column_dot(u.numpy(), v.numpy(), out.numpy())
+        kernels.column_dot(as_numpy(u), as_numpy(v), as_numpy(out))
     return out
 
 
@@ -186,7 +168,7 @@ class _Stepper:
     def __init__(self, numba_fn, torch_fn, use_numba: bool, buffers: Sequence, eps: Optional[float]):
         if use_numba:
             self.fn = numba_fn
-            self.args = tuple(b.detach().numpy() if isinstance(b, Tensor) else b for b in buffers)
+            self.args = tuple(as_numpy(b) if isinstance(b, Tensor) else b for b in buffers)
             if eps is not None:
                 self.args += (np.float32(eps),)
         else:
@@ -204,7 +186,8 @@ class _LNLSTMSequence(torch.autograd.Function):
     def forward(ctx, xg, h0, c0, w_hh, ln_hh_w, ln_c_w, ln_c_b, batch_sizes, eps, reverse):
         N, G = xg.shape
         H = G // 4
-        use_numba = _use_numba(xg)
+        kernels = _step_kernels(xg)
+        use_numba = kernels is not None
         new = lambda *shape: xg.new_empty(shape)  # noqa: E731
         a, gates = new(N, G), new(N, G)
         rstd_a, rstd_c = new(N), new(N)
@@ -212,7 +195,6 @@ class _LNLSTMSequence(torch.autograd.Function):
         h_state, c_state = h0.contiguous().clone(), c0.contiguous().clone()
         b_c = ln_c_b if ln_c_b is not None else xg.new_zeros(H)
         w_t = w_hh.t()
-        kernels = _numba_kernels() if use_numba else None
         step = _Stepper(
             kernels and kernels.lstm_fwd_step, lstm_fwd_step_torch, use_numba,
             (xg.contiguous(), a, rstd_a, gates, chat, rstd_c, tc, out, hprev, cprev, h_state, c_state,
@@ -223,14 +205,15 @@ class _LNLSTMSequence(torch.autograd.Function):
             torch.mm(h_state[:bs], w_t, out=a[off : off + bs])
             step(off, bs)
         ctx.save_for_backward(w_hh, ln_hh_w, ln_c_w, a, rstd_a, gates, chat, rstd_c, tc, hprev, cprev)
-        ctx.meta = (batch_sizes, reverse, use_numba, ln_c_b is not None)
+        ctx.meta = (batch_sizes, reverse, kernels, ln_c_b is not None)
         return out, h_state, c_state
 
     @staticmethod
     @once_differentiable  # the hand-written BPTT is not itself differentiable
     def backward(ctx, dout, dh_n, dc_n):
         w_hh, ln_hh_w, ln_c_w, ahat, rstd_a, gates, chat, rstd_c, tc, hprev, cprev = ctx.saved_tensors
-        batch_sizes, reverse, use_numba, has_c_bias = ctx.meta
+        batch_sizes, reverse, kernels, has_c_bias = ctx.meta
+        use_numba = kernels is not None
         N, G = ahat.shape
         H = G // 4
         B = batch_sizes[0] if batch_sizes else 0
@@ -238,7 +221,6 @@ class _LNLSTMSequence(torch.autograd.Function):
         dh_state = ahat.new_zeros(B, H) if dh_n is None else dh_n.contiguous().clone()
         dc_state = ahat.new_zeros(B, H) if dc_n is None else dc_n.contiguous().clone()
         dxg, da, dchat, tmp = ahat.new_empty(N, G), ahat.new_empty(N, G), ahat.new_empty(N, H), ahat.new_empty(H)
-        kernels = _numba_kernels() if use_numba else None
         step = _Stepper(
             kernels and kernels.lstm_bwd_step, lstm_bwd_step_torch, use_numba,
             (dout, dh_state, dc_state, ahat, rstd_a, gates, chat, rstd_c, tc, cprev,
@@ -249,9 +231,9 @@ class _LNLSTMSequence(torch.autograd.Function):
             step(off, bs)
             torch.mm(da[off : off + bs], w_hh, out=dh_state[:bs])
         dw_hh = da.t().mm(hprev)
-        d_ln_hh_w = _column_dot(dxg, ahat, use_numba)
-        d_ln_c_w = _column_dot(dchat, chat, use_numba)
-        d_ln_c_b = _column_dot(dchat, None, use_numba) if has_c_bias else None
+        d_ln_hh_w = _column_dot(dxg, ahat, kernels)
+        d_ln_c_w = _column_dot(dchat, chat, kernels)
+        d_ln_c_b = _column_dot(dchat, None, kernels) if has_c_bias else None
         return dxg, dh_state, dc_state, dw_hh, d_ln_hh_w, d_ln_c_w, d_ln_c_b, None, None, None
 
 
@@ -262,13 +244,13 @@ class _LNGRUSequence(torch.autograd.Function):
     def forward(ctx, xg, h0, w_hh, ln_hh_w, b_hh, batch_sizes, eps, reverse):
         N, G = xg.shape
         H = G // 3
-        use_numba = _use_numba(xg)
+        kernels = _step_kernels(xg)
+        use_numba = kernels is not None
         a, gates, rstd_a = xg.new_empty(N, G), xg.new_empty(N, G), xg.new_empty(N)
         out, hprev = xg.new_empty(N, H), xg.new_empty(N, H)
         h_state = h0.contiguous().clone()
         b_h = b_hh if b_hh is not None else xg.new_zeros(G)
         w_t = w_hh.t()
-        kernels = _numba_kernels() if use_numba else None
         step = _Stepper(
             kernels and kernels.gru_fwd_step, gru_fwd_step_torch, use_numba,
             (xg.contiguous(), a, rstd_a, gates, out, hprev, h_state, ln_hh_w.contiguous(), b_h.contiguous()),
@@ -278,21 +260,21 @@ class _LNGRUSequence(torch.autograd.Function):
             torch.mm(h_state[:bs], w_t, out=a[off : off + bs])
             step(off, bs)
         ctx.save_for_backward(w_hh, ln_hh_w, b_h, a, rstd_a, gates, hprev)
-        ctx.meta = (batch_sizes, reverse, use_numba, b_hh is not None)
+        ctx.meta = (batch_sizes, reverse, kernels, b_hh is not None)
         return out, h_state
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dout, dh_n):
         w_hh, ln_hh_w, b_h, ahat, rstd_a, gates, hprev = ctx.saved_tensors
-        batch_sizes, reverse, use_numba, has_bias = ctx.meta
+        batch_sizes, reverse, kernels, has_bias = ctx.meta
+        use_numba = kernels is not None
         N, G = ahat.shape
         H = G // 3
         B = batch_sizes[0] if batch_sizes else 0
         dout = ahat.new_zeros(N, H) if dout is None else dout.contiguous()
         dh_state = ahat.new_zeros(B, H) if dh_n is None else dh_n.contiguous().clone()
         dxg, dgh, da = ahat.new_empty(N, G), ahat.new_empty(N, G), ahat.new_empty(N, G)
-        kernels = _numba_kernels() if use_numba else None
         step = _Stepper(
             kernels and kernels.gru_bwd_step, gru_bwd_step_torch, use_numba,
             (dout, dh_state, ahat, rstd_a, gates, hprev, ln_hh_w.contiguous(), b_h.contiguous(), dxg, dgh, da),
@@ -302,8 +284,8 @@ class _LNGRUSequence(torch.autograd.Function):
             step(off, bs)
             dh_state[:bs].addmm_(da[off : off + bs], w_hh)
         dw_hh = da.t().mm(hprev)
-        d_ln_hh_w = _column_dot(dgh, ahat, use_numba)
-        d_b_hh = _column_dot(dgh, None, use_numba) if has_bias else None
+        d_ln_hh_w = _column_dot(dgh, ahat, kernels)
+        d_b_hh = _column_dot(dgh, None, kernels) if has_bias else None
         return dxg, dh_state, dw_hh, d_ln_hh_w, d_b_hh, None, None, None
 
 
@@ -322,7 +304,7 @@ def _input_projection(data: Tensor, w_ih: Tensor, ln_w: Tensor, b: Optional[Tens
 
 def lstm_layer(data: Tensor, batch_sizes: Sequence[int], h0: Tensor, c0: Tensor,
                params: Sequence[Optional[Tensor]], eps: float, reverse: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
-    """Fused equivalent of :func:`normkit.nn.rnn_reference.lstm_layer_ref`."""
+    """Fused equivalent of :func:`normkit.nn.rnn.reference.lstm_layer_ref`."""
     w_ih, w_hh, b, ln_ih_w, ln_hh_w, ln_c_w, ln_c_b = params
     if data.shape[0] == 0:  # empty batch: an empty output still attached to the graph, as torch's
         return F.linear(data, w_ih[: w_hh.shape[1]]), h0, c0
@@ -338,7 +320,7 @@ def lstm_layer(data: Tensor, batch_sizes: Sequence[int], h0: Tensor, c0: Tensor,
 
 def gru_layer(data: Tensor, batch_sizes: Sequence[int], h0: Tensor,
               params: Sequence[Optional[Tensor]], eps: float, reverse: bool = False) -> Tuple[Tensor, Tensor]:
-    """Fused equivalent of :func:`normkit.nn.rnn_reference.gru_layer_ref`."""
+    """Fused equivalent of :func:`normkit.nn.rnn.reference.gru_layer_ref`."""
     w_ih, w_hh, b_ih, b_hh, ln_ih_w, ln_hh_w = params
     if data.shape[0] == 0:  # empty batch: an empty output still attached to the graph, as torch's
         return F.linear(data, w_ih[: w_hh.shape[1]]), h0

@@ -3,8 +3,8 @@ r"""Layer-normalized recurrent networks with the :class:`torch.nn.LSTM` / :class
 :class:`LayerNormLSTM` and :class:`LayerNormGRU` take the constructor arguments of their torch
 counterparts and accept the same inputs — batched ``(T, B, I)`` (``(B, T, I)`` with
 ``batch_first``), unbatched ``(T, I)``, or a :class:`~torch.nn.utils.rnn.PackedSequence` — and
-return the same outputs. The equations are in :mod:`normkit.nn.rnn_reference`; each layer and
-direction runs as one fused autograd function (:mod:`normkit.nn.rnn_fast`): the input
+return the same outputs. The equations are in :mod:`normkit.nn.rnn.reference`; each layer and
+direction runs as one fused autograd function (:mod:`normkit.nn.rnn.sequence`): the input
 projections and their layer norm for all time steps in one matrix product and one
 :func:`normkit.layer_norm` call, then a time loop doing only the small recurrent product and a
 fused step, and a hand-written backward through time.
@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from normkit.nn import rnn_fast
-from normkit.nn.rnn_cells import check_input_dtype, check_positive_size, reset_rnn_parameters
-from normkit.nn.rnn_reference import gru_layer_ref, lstm_layer_ref
+from normkit.nn.rnn import sequence
+from normkit.nn.rnn.cells import check_input_dtype, check_positive_size, reset_rnn_parameters
+from normkit.nn.rnn.reference import gru_layer_ref, lstm_layer_ref
 
 __all__ = ["LayerNormLSTM", "LayerNormGRU"]
 
@@ -34,7 +34,7 @@ class _LayerNormRNNBase(nn.Module):
     _mode = "RNN"
     _gates = 1
     #: Run each layer through the fused autograd function (``False``: the per-step reference
-    #: implementation of :mod:`normkit.nn.rnn_reference`, differentiated by autograd). Under
+    #: implementation of :mod:`normkit.nn.rnn.reference`, differentiated by autograd). Under
     #: ``torch.jit.trace``, ``torch.export`` and ONNX export the reference runs whatever this
     #: says: the fused function's numba time loop cannot be traced. A trace unrolls the time
     #: loop, so it holds for the traced sequence length only.
@@ -280,7 +280,7 @@ class LayerNormLSTM(_LayerNormRNNBase):
         ]
 
     def _layer(self, data, bs, state, params, reverse):
-        fn = rnn_fast.lstm_layer if self._fast() else lstm_layer_ref
+        fn = sequence.lstm_layer if self._fast() else lstm_layer_ref
         return fn(data, bs, state[0], state[1], params, self.eps, reverse)
 
     def forward(self, input, hx: Optional[Tuple[Tensor, Tensor]] = None):
@@ -342,7 +342,7 @@ class LayerNormGRU(_LayerNormRNNBase):
         ]
 
     def _layer(self, data, bs, state, params, reverse):
-        fn = rnn_fast.gru_layer if self._fast() else gru_layer_ref
+        fn = sequence.gru_layer if self._fast() else gru_layer_ref
         return fn(data, bs, state[0], params, self.eps, reverse)
 
     def forward(self, input, hx: Optional[Tensor] = None):

@@ -2,7 +2,7 @@ r"""Reference layer-normalized LSTM and GRU: the equations, one time step at a t
 
 Plain PyTorch ops differentiated by autograd, written to be read against the paper (Ba, Kiros
 & Hinton 2016, section 3.1 and the LN-LSTM equations of the supplementary material). The fast
-path (:mod:`normkit.nn.rnn_fast`) is tested against these functions, and is replaced by them
+path (:mod:`normkit.nn.rnn.sequence`) is tested against these functions, and is replaced by them
 when a module's ``fast_path`` attribute is set to ``False`` (a debugging run, or a check of the
 fast path).
 
