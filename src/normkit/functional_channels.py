@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from normkit.functional import layer_norm
-from normkit.reference import compute_dtype
+from normkit.reference import compute_dtype, normalize
 from normkit.validation import check_eps, check_floating_tensor
 
 __all__ = ["layer_norm_2d", "layer_norm_chw"]
@@ -72,20 +72,18 @@ def _is_nhwc(x: Tensor) -> bool:
     return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
+def _per_channel(p: Optional[Tensor]) -> Optional[Tensor]:
+    """A ``(C,)`` gain or bias shaped to broadcast over ``(N, C, H, W)``."""
+    return None if p is None else p[:, None, None]
+
+
 def _layer_norm_dim1(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> Tensor:
     """Layer norm over dim 1 of an NCHW tensor by reductions over that dim (no layout change).
 
     Two-pass variance in the compute dtype (float32, float64 for float64 input), as
     :mod:`normkit.reference` does; differentiable by autograd.
     """
-    acc = compute_dtype(x.dtype)
-    s = x.to(acc)
-    centered = s - s.mean(1, keepdim=True)
-    y = centered * torch.rsqrt(centered.square().mean(1, keepdim=True) + eps)
-    if weight is not None:
-        y = y * weight.to(acc)[:, None, None]
-    if bias is not None:
-        y = y + bias.to(acc)[:, None, None]
+    y, _, _ = normalize(x.to(compute_dtype(x.dtype)), (1,), _per_channel(weight), _per_channel(bias), eps, False)
     return y.to(x.dtype)
 
 

@@ -63,6 +63,9 @@ __all__ = [
     "norm_forward",
     "norm_backward",
     "norm_backward_differentiable",
+    "normalize",
+    "normalized_gradient",
+    "statistics",
 ]
 
 
@@ -96,8 +99,10 @@ def _dropped_sum(
     return s.to(x.dtype).to(acc)
 
 
-def _statistics(s: Tensor, dims: Tuple[int, ...], eps: float, is_rms: bool):
-    """Row mean (``None`` for RMS norm) and reciprocal std of ``s`` over ``dims``."""
+def statistics(s: Tensor, dims: Tuple[int, ...], eps: float, is_rms: bool):
+    """Row mean (``None`` for RMS norm) and reciprocal std of ``s`` over ``dims`` (kept as
+    size-1 dims), in ``s``'s dtype. Every torch-side layer norm in normkit (this module, the
+    LN-LSTM/GRU steps, the channels-first norms) takes its statistics from here."""
     if is_rms:
         return None, torch.rsqrt(s.square().mean(dims, keepdim=True) + eps)
     mean = s.mean(dims, keepdim=True)
@@ -110,7 +115,7 @@ def _statistics(s: Tensor, dims: Tuple[int, ...], eps: float, is_rms: bool):
     return mean, torch.rsqrt(var + eps)
 
 
-def _normalize(
+def normalize(
     s: Tensor,
     dims: Tuple[int, ...],
     weight: Optional[Tensor],
@@ -118,7 +123,9 @@ def _normalize(
     eps: float,
     is_rms: bool,
 ):
-    mean, rstd = _statistics(s, dims, eps, is_rms)
+    """``(y, mean, rstd)``: ``s`` normalized over ``dims`` by :func:`statistics`, then scaled
+    by ``weight`` and shifted by ``bias`` (each broadcast against ``s``), in ``s``'s dtype."""
+    mean, rstd = statistics(s, dims, eps, is_rms)
     s_hat = (s if mean is None else s - mean) * rstd
     y = s_hat
     if weight is not None:
@@ -143,7 +150,7 @@ def _norm(
     ndim = 1 if isinstance(normalized_shape, int) else len(normalized_shape)
     dims = tuple(range(-ndim, 0))
     s = _dropped_sum(x, residual, keep_mask, dropout_p)
-    y, _, _ = _normalize(s, dims, weight, bias, eps, is_rms)
+    y, _, _ = normalize(s, dims, weight, bias, eps, is_rms)
     y = y.to(x.dtype)
     return (y, s.to(x.dtype)) if prenorm else y
 
@@ -212,7 +219,7 @@ def norm_forward(
     of shape ``(M,)`` in the compute dtype.
     """
     s = _dropped_sum(x, residual, keep_mask, dropout_p)
-    y, mean, rstd = _normalize(s, (-1,), weight, bias, eps, is_rms)
+    y, mean, rstd = normalize(s, (-1,), weight, bias, eps, is_rms)
     return (
         y.to(x.dtype),
         s.to(x.dtype) if store_sum else None,
@@ -265,9 +272,19 @@ def norm_backward_differentiable(
     ``None`` without dropout.
     """
     s32 = s.to(compute_dtype(s.dtype))
-    mean, rstd = _statistics(s32, (-1,), eps, is_rms)
+    mean, rstd = statistics(s32, (-1,), eps, is_rms)
     s_hat = (s32 if mean is None else s32 - mean) * rstd
     return _backward_formula(dy, dsum, s_hat, rstd, weight, is_rms, keep_scale)
+
+
+def normalized_gradient(g_hat: Tensor, s_hat: Tensor, rstd: Tensor, is_rms: bool) -> Tensor:
+    """The gradient reaching the normalized input from ``g_hat = dy * g`` (last dim):
+    ``rstd * (g_hat - mean(g_hat) - s_hat * mean(g_hat * s_hat))``, without the
+    ``mean(g_hat)`` term for RMS norm. ``rstd`` broadcasts against the rows (``(M, 1)``)."""
+    inner = g_hat - s_hat * (g_hat * s_hat).mean(-1, keepdim=True)
+    if not is_rms:
+        inner = inner - g_hat.mean(-1, keepdim=True)
+    return inner * rstd
 
 
 def _backward_formula(dy, dsum, s_hat, rstd, weight, is_rms, keep_scale):
@@ -276,10 +293,7 @@ def _backward_formula(dy, dsum, s_hat, rstd, weight, is_rms, keep_scale):
     acc = s_hat.dtype
     dy32 = dy.to(acc)
     g_hat = dy32 if weight is None else dy32 * weight.to(acc)
-    inner = g_hat - s_hat * (g_hat * s_hat).mean(-1, keepdim=True)
-    if not is_rms:
-        inner = inner - g_hat.mean(-1, keepdim=True)
-    ds = inner * rstd
+    ds = normalized_gradient(g_hat, s_hat, rstd, is_rms)
     if dsum is not None:
         ds = ds + dsum.to(acc)
     dx = ds if keep_scale is None else ds * keep_scale.to(acc)

@@ -9,15 +9,18 @@ Heavy optional dependencies (pandas, matplotlib, onnx, onnxruntime) are imported
 functions that need them, so importing this package stays cheap.
 """
 
-from normkit.tools.convert import ConversionRecord, ConversionSummary, convert, revert
-from normkit.tools.fold import FoldRecord, fold
-from normkit.tools.monitor import NormHealthWarning, NormMonitor, monitor
+from normkit.tools.convert import ChannelLayerNorm, ConversionRecord, ConversionSummary, convert, revert
+from normkit.tools.fold import FoldRecord, FoldWarning, fold
+from normkit.tools.monitor import MonitorCompileWarning, NormHealthWarning, NormMonitor, monitor
 from normkit.tools.onnx_export import OnnxExport, export_onnx, onnx_op_types
 
 __all__ = [
+    "ChannelLayerNorm",
     "ConversionRecord",
     "ConversionSummary",
     "FoldRecord",
+    "FoldWarning",
+    "MonitorCompileWarning",
     "NormHealthWarning",
     "NormMonitor",
     "OnnxExport",

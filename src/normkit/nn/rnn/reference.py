@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from normkit.reference import compute_dtype
+from normkit.reference import compute_dtype, normalize
 
 __all__ = [
     "layer_norm_ref",
@@ -65,15 +65,7 @@ __all__ = [
 
 def layer_norm_ref(v: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> Tensor:
     """``LN(v; weight, bias)`` over the last dim, statistics in the compute dtype."""
-    acc = compute_dtype(v.dtype)
-    v32 = v.to(acc)
-    mean = v32.mean(-1, keepdim=True)
-    var = (v32 - mean).square().mean(-1, keepdim=True)
-    y = (v32 - mean) * torch.rsqrt(var + eps)
-    if weight is not None:
-        y = y * weight.to(acc)
-    if bias is not None:
-        y = y + bias.to(acc)
+    y, _, _ = normalize(v.to(compute_dtype(v.dtype)), (-1,), weight, bias, eps, False)
     return y.to(v.dtype)
 
 

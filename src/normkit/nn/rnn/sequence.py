@@ -40,6 +40,7 @@ from torch.autograd.function import once_differentiable
 import normkit
 from normkit.backends import select_backend
 from normkit.backends.numpy_view import as_numpy
+from normkit.reference import normalized_gradient, statistics
 
 __all__ = ["lstm_layer", "gru_layer"]
 
@@ -60,14 +61,13 @@ def _offsets(batch_sizes: Sequence[int]) -> List[int]:
 
 def _normalize_rows_(v: Tensor, eps: float) -> Tensor:
     """``v <- (v - mean) * rstd`` over the last dim, in place; returns ``rstd`` ``(rows,)``."""
-    v.sub_(v.mean(-1, keepdim=True))
-    rstd = torch.rsqrt(v.square().mean(-1, keepdim=True) + eps)
-    v.mul_(rstd)
+    mean, rstd = statistics(v, (-1,), eps, False)
+    v.sub_(mean).mul_(rstd)
     return rstd.squeeze(-1)
 
 
 def _norm_backward(g: Tensor, x_hat: Tensor, rstd: Tensor) -> Tensor:
-    return rstd.unsqueeze(-1) * (g - g.mean(-1, keepdim=True) - x_hat * (g * x_hat).mean(-1, keepdim=True))
+    return normalized_gradient(g, x_hat, rstd.unsqueeze(-1), False)
 
 
 # --- plain-torch fused steps: the same arguments and buffers as the numba kernels
