@@ -2,6 +2,9 @@
 
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from normkit import cli
 
@@ -35,11 +38,17 @@ def test_backends_command_states_the_triton_backends_verified_status(capsys, mon
     assert "EXPERIMENTAL" not in out and "NVIDIA H200, 2027-01-05, commit abc1234" in out
 
 
-def test_demo_trains_and_layer_norm_helps():
-    from normkit.demo import train
+def test_demo_is_what_make_demo_runs(capsys):
+    """``normkit demo`` is the lab's quick preset, the same command as ``make demo``."""
+    from normkit import demo
+    from normkit.lab import cli as lab_cli
 
-    none, ln = train("none", steps=150), train("layer_norm", steps=150)
-    assert ln[-1] < 0.8 * none[-1], f"LayerNorm final loss {ln[-1]:.3f} vs none {none[-1]:.3f}"
+    assert demo.run is lab_cli.run and demo.add_arguments is lab_cli.add_arguments
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--help"])
+    assert "--quick" in capsys.readouterr().out
+    makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
+    assert "normkit demo" in makefile or "normkit lab --quick" in makefile
 
 
 def test_console_script_entry_point():

@@ -18,7 +18,7 @@ SUBCOMMANDS = {
     "backends": ("normkit.cli_backends", "list the kernel backends available on this machine"),
     "bench": ("normkit.bench.cli", "measure kernel speed against the memory bandwidth and PyTorch"),
     "lab": ("normkit.lab.cli", "reproduce the layer-norm paper's claims on shipped data"),
-    "demo": ("normkit.demo", "train a tiny model with and without LayerNorm"),
+    "demo": ("normkit.demo", "what `make demo` runs: the lab's quick preset (= normkit lab --quick)"),
 }
 
 
