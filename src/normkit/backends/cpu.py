@@ -35,6 +35,9 @@ try:  # numba is a hard dependency, but a broken install must fall back, not fai
     import numba
 
     from normkit.backends import cpu_kernels as _kernels
+    from normkit.backends.cpu_runtime import Threads as _Threads
+    from normkit.backends.cpu_runtime import empty_like as _empty_like
+    from normkit.backends.cpu_runtime import thread_budget as _thread_budget
 
     _UNAVAILABLE: Optional[str] = None
 except Exception as _exc:  # ImportError, or numba refusing this numpy/llvmlite
@@ -70,48 +73,6 @@ def _np(t: Tensor):
     return as_numpy(t)
 
 
-# Large outputs: ask for transparent huge pages before the kernel first touches them. A fresh
-# 64 MiB tensor otherwise takes 16k page faults on first write, which on the project's VM cost
-# ~5x the kernel itself (4096x4096 float32 layer norm: ~45 ms of faults vs ~8 ms of work).
-# NumPy does the same for its own allocations >= 4 MiB.
-_HUGE_MIN_BYTES = 4 << 20
-_HUGE = 1 << 21
-_madvise = None
-
-
-def _init_madvise():
-    global _madvise
-    _madvise = False
-    try:
-        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
-            if "[never]" in f.read():
-                return
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.madvise
-        fn.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-        fn.restype = ctypes.c_int
-        _madvise = fn
-    except (OSError, AttributeError):  # not Linux, or no THP: plain pages
-        pass
-
-
-def _empty_like(t: Tensor) -> Tensor:
-    """``torch.empty_like``, with large buffers advised to use huge pages (MADV_HUGEPAGE = 14)."""
-    out = torch.empty_like(t)
-    nbytes = out.numel() * out.element_size()
-    if nbytes >= _HUGE_MIN_BYTES:
-        if _madvise is None:
-            _init_madvise()
-        if _madvise:
-            ptr = out.data_ptr()
-            lo, hi = (ptr + _HUGE - 1) & ~(_HUGE - 1), (ptr + nbytes) & ~(_HUGE - 1)
-            if hi > lo:
-                _madvise(lo, hi - lo, 14)  # advice only: failure leaves plain pages
-    return out
-
-
 _IDENTITY: dict = {}
 
 
@@ -129,43 +90,6 @@ def _param(p: Optional[Tensor], n: int, fill: float):
     if p.dtype != torch.float32 or not p.is_contiguous():
         p = p.to(torch.float32).contiguous()
     return _np(p)
-
-
-def _thread_budget() -> int:
-    """Threads a parallel kernel may use: torch's intra-op count, capped by numba's pool. With
-    a budget of one the kernels run in the calling thread: a one-thread launch of numba's
-    OpenMP pool leaves its other worker spinning, which doubled the process's CPU time for
-    the same wall time (measured with ``torch.set_num_threads(1)``)."""
-    return max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-
-
-class _Threads:
-    """Run numba's pool with at most torch's thread count, handing out row chunks dynamically
-    (one at a time: a core busy with another process then delays one chunk, not half the rows);
-    the caller's numba settings are restored on exit. numba's settings are per calling thread,
-    so each ``with`` gets its own instance (a shared one would let two Python threads restore
-    each other's settings)."""
-
-    __slots__ = ("numba", "saved", "saved_chunk")
-
-    def __init__(self, numba_module):
-        self.numba = numba_module
-        self.saved = 0
-        self.saved_chunk = 0
-
-    def __enter__(self):
-        want = _thread_budget()
-        self.saved = self.numba.get_num_threads()
-        if want != self.saved:
-            self.numba.set_num_threads(want)
-        self.saved_chunk = self.numba.set_parallel_chunksize(1)
-        return self
-
-    def __exit__(self, *exc):
-        self.numba.set_parallel_chunksize(self.saved_chunk)
-        if self.numba.get_num_threads() != self.saved:
-            self.numba.set_num_threads(self.saved)
-        return False
 
 
 class CpuBackend(Backend):

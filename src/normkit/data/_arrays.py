@@ -18,10 +18,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from normkit.validation import FLOAT_DTYPES as _FLOAT_DTYPES
+
 __all__ = ["DimsLike", "as_dims", "broadcast_shape", "feature_shape", "from_tensor", "resolve_dims", "to_rows", "to_tensor"]
 
 DimsLike = Union[int, Sequence[int]]
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def as_dims(feature_dims: DimsLike) -> Tuple[int, ...]:

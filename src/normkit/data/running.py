@@ -31,10 +31,9 @@ from normkit.data._stats import (
     ew_variance,
     merge_all,
 )
+from normkit.validation import FLOAT_DTYPES as _FLOAT_DTYPES
 
 __all__ = ["RunningNormalizer"]
-
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _as_shape(shape: Union[int, Sequence[int]]) -> Tuple[int, ...]:

@@ -31,7 +31,6 @@ __all__ = ["LayerNormLSTM", "LayerNormGRU"]
 class _LayerNormRNNBase(nn.Module):
     """Shared constructor, validation, layering, bidirectionality and packing."""
 
-    _mode = "RNN"
     _gates = 1
     #: Run each layer through the fused autograd function (``False``: the per-step reference
     #: implementation of :mod:`normkit.nn.rnn.reference`, differentiated by autograd). Under
@@ -264,7 +263,6 @@ class LayerNormLSTM(_LayerNormRNNBase):
         >>> output, (h_n, c_n) = rnn(torch.randn(5, 3, 10))
     """
 
-    _mode = "LSTM"
     _gates = 4
 
     def _layer_shapes(self, G, H, layer_in):
@@ -327,7 +325,6 @@ class LayerNormGRU(_LayerNormRNNBase):
         >>> output, h_n = rnn(torch.randn(3, 5, 10))
     """
 
-    _mode = "GRU"
     _gates = 3
 
     def _layer_shapes(self, G, H, layer_in):
