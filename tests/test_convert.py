@@ -175,7 +175,7 @@ def test_batch_norm_only_on_request():
     summary = convert(cnn, batch_norm=True)
     # BatchNorm1d becomes a ChannelLayerNorm (over dim 1), no longer a LayerNorm over the last
     # dim, which was the wrong axis for (N, C, L) input
-    assert [(r.name, r.new) for r in summary] == [("1", "normkit.nn.LayerNorm2d"), ("4", "normkit.tools.convert.ChannelLayerNorm")]
+    assert [(r.name, r.new) for r in summary] == [("1", "normkit.nn.LayerNorm2d"), ("4", "normkit.nn.ChannelLayerNorm")]
     assert all("outputs change" in r.note for r in summary)
     assert cnn[1].weight is w2d and cnn[1].eps == 1e-5
     x = randn((2, 3, 5, 5), seed=7)

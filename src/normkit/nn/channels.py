@@ -15,11 +15,12 @@ from __future__ import annotations
 import numbers
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from normkit.functional import layer_norm
 from normkit.functional_channels import layer_norm_2d, layer_norm_chw
 
-__all__ = ["LayerNorm2d", "LayerNormCHW"]
+__all__ = ["ChannelLayerNorm", "LayerNorm2d", "LayerNormCHW"]
 
 
 class LayerNorm2d(torch.nn.Module):
@@ -115,3 +116,41 @@ class LayerNormCHW(torch.nn.GroupNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         return layer_norm_chw(input, self.weight, self.bias, self.eps)
+
+
+class ChannelLayerNorm(nn.Module):
+    r"""Layer norm over the channel dim 1 of ``(N, C)`` or ``(N, C, L)`` input: what
+    :func:`convert` puts in place of a ``BatchNorm1d`` (the two layouts it accepts).
+
+    .. math::
+        y_{n,:,l} = \frac{x_{n,:,l} - \mathrm{E}_c[x_{n,c,l}]}{\sqrt{\mathrm{Var}_c[x_{n,c,l}] + \epsilon}}
+            \odot \gamma + \beta
+
+    A ``LayerNorm(C)`` over the last dim would be right for ``(N, C)`` but would normalize
+    over ``L`` for ``(N, C, L)`` — silently, when ``L == C``. Here the statistics are always
+    taken over ``C``; a 3-D input is normalized as its ``(N, L, C)`` transpose by
+    :func:`normkit.layer_norm` and returned contiguous, as ``BatchNorm1d`` returns it.
+    Parameters ``weight`` and ``bias`` of shape ``(C,)`` (BatchNorm's names and shapes).
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, elementwise_affine: bool = True, bias: bool = True,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        self.num_features, self.eps, self.elementwise_affine = int(num_features), float(eps), bool(elementwise_affine)
+        factory = {"device": device, "dtype": dtype}
+        self.register_parameter("weight", nn.Parameter(torch.ones(self.num_features, **factory)) if elementwise_affine else None)
+        self.register_parameter("bias", nn.Parameter(torch.zeros(self.num_features, **factory)) if elementwise_affine and bias else None)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not isinstance(input, torch.Tensor) or input.dim() not in (2, 3):
+            got = f"{input.dim()}D input" if isinstance(input, torch.Tensor) else type(input).__name__
+            raise ValueError(f"expected 2D or 3D input (got {got})")
+        if input.shape[1] != self.num_features:
+            raise ValueError(f"expected input with {self.num_features} channels in dim 1, got input of size {list(input.shape)}")
+        if input.dim() == 2:
+            return layer_norm(input, (self.num_features,), self.weight, self.bias, self.eps)
+        y = layer_norm(input.transpose(1, 2), (self.num_features,), self.weight, self.bias, self.eps)
+        return y.transpose(1, 2).contiguous()
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"

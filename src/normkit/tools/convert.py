@@ -38,6 +38,9 @@ import torch
 from torch import nn
 
 import normkit.nn as nnk
+from normkit.nn.channels import ChannelLayerNorm
+from normkit.tools.layers import is_hf_rms_norm, is_norm_layer
+from normkit.tools.probe import outputs_differ
 from normkit.reference import default_rms_eps
 
 __all__ = ["ChannelLayerNorm", "ConversionRecord", "ConversionSummary", "convert", "revert", "is_hf_rms_norm",
@@ -81,46 +84,6 @@ class ConversionSummary(List[ConversionRecord]):
         return "\n".join(lines)
 
 
-class ChannelLayerNorm(nn.Module):
-    r"""Layer norm over the channel dim 1 of ``(N, C)`` or ``(N, C, L)`` input: what
-    :func:`convert` puts in place of a ``BatchNorm1d`` (the two layouts it accepts).
-
-    .. math::
-        y_{n,:,l} = \frac{x_{n,:,l} - \mathrm{E}_c[x_{n,c,l}]}{\sqrt{\mathrm{Var}_c[x_{n,c,l}] + \epsilon}}
-            \odot \gamma + \beta
-
-    A ``LayerNorm(C)`` over the last dim would be right for ``(N, C)`` but would normalize
-    over ``L`` for ``(N, C, L)`` — silently, when ``L == C``. Here the statistics are always
-    taken over ``C``; a 3-D input is normalized as its ``(N, L, C)`` transpose by
-    :func:`normkit.layer_norm` and returned contiguous, as ``BatchNorm1d`` returns it.
-    Parameters ``weight`` and ``bias`` of shape ``(C,)`` (BatchNorm's names and shapes).
-    """
-
-    def __init__(self, num_features: int, eps: float = 1e-5, elementwise_affine: bool = True, bias: bool = True,
-                 device=None, dtype=None) -> None:
-        super().__init__()
-        self.num_features, self.eps, self.elementwise_affine = int(num_features), float(eps), bool(elementwise_affine)
-        factory = {"device": device, "dtype": dtype}
-        self.register_parameter("weight", nn.Parameter(torch.ones(self.num_features, **factory)) if elementwise_affine else None)
-        self.register_parameter("bias", nn.Parameter(torch.zeros(self.num_features, **factory)) if elementwise_affine and bias else None)
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        from normkit.functional import layer_norm  # normkit.tools imports normkit.nn, not the reverse
-
-        if not isinstance(input, torch.Tensor) or input.dim() not in (2, 3):
-            got = f"{input.dim()}D input" if isinstance(input, torch.Tensor) else type(input).__name__
-            raise ValueError(f"expected 2D or 3D input (got {got})")
-        if input.shape[1] != self.num_features:
-            raise ValueError(f"expected input with {self.num_features} channels in dim 1, got input of size {list(input.shape)}")
-        if input.dim() == 2:
-            return layer_norm(input, (self.num_features,), self.weight, self.bias, self.eps)
-        y = layer_norm(input.transpose(1, 2), (self.num_features,), self.weight, self.bias, self.eps)
-        return y.transpose(1, 2).contiguous()
-
-    def extra_repr(self) -> str:
-        return f"{self.num_features}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
-
-
 def _qualname(cls: type) -> str:
     module = cls.__module__
     if module.startswith("normkit.nn"):
@@ -132,68 +95,9 @@ def _qualname(cls: type) -> str:
     return f"{module}.{cls.__name__}"
 
 
-def is_hf_rms_norm(module: nn.Module) -> bool:
-    """Duck-typed Hugging Face-style RMS norm: class name ends with ``RMSNorm``, it has a
-    ``weight`` tensor and a ``variance_epsilon`` or ``eps``, and it is not a torch/normkit one."""
-    if isinstance(module, nn.RMSNorm) or not type(module).__name__.endswith("RMSNorm"):
-        return False
-    return isinstance(getattr(module, "weight", None), nn.Parameter) and (hasattr(module, "variance_epsilon") or hasattr(module, "eps"))
-
-
-def is_norm_layer(module: nn.Module) -> bool:
-    """A normalization layer :mod:`normkit.tools` knows: torch's Layer/RMS/Group/BatchNorm
-    (and subclasses: normkit's), normkit's channel norms, Hugging Face RMS norms."""
-    known = (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase, nnk.LayerNorm2d, ChannelLayerNorm)
-    return isinstance(module, known) or is_hf_rms_norm(module)
-
-
 def _hf_eps(module: nn.Module) -> float:
     eps = getattr(module, "variance_epsilon", None)
     return float(getattr(module, "eps") if eps is None else eps)
-
-
-def _tensors(value) -> List[torch.Tensor]:
-    """The tensors of a (nested) model output: a tensor, tuple/list, dict, or an object with
-    ``to_tuple()`` (Hugging Face ``ModelOutput``)."""
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, dict):
-        return [t for v in value.values() for t in _tensors(v)]
-    if hasattr(value, "to_tuple"):
-        value = value.to_tuple()
-    if isinstance(value, (tuple, list)):
-        return [t for v in value for t in _tensors(v)]
-    return []
-
-
-def outputs_differ(before, after) -> Optional[str]:
-    r"""Why two outputs of one computation, before and after a rewrite, are not equal up to the
-    rounding of their dtype (``None`` when they are).
-
-    Floating tensors agree when :math:`\max|a - b| \le \tau (1 + \max|a|)`, with
-    :math:`\tau` = 1e-10 (float64), 1e-5 (float32) or 2e-2 (16-bit); other tensors must be
-    equal. Used by :func:`convert` (a module against its replacement, on a random probe) and
-    :func:`normkit.fold` (the model before and after folding, on example inputs).
-    """
-    a, b = _tensors(before), _tensors(after)
-    if len(a) != len(b) or not a:
-        return f"the outputs have {len(a)} vs {len(b)} tensors"
-    for i, (x, y) in enumerate(zip(a, b)):
-        if x.shape != y.shape or x.dtype != y.dtype:
-            return f"output {i}: {x.dtype}{list(x.shape)} vs {y.dtype}{list(y.shape)}"
-        if not x.is_floating_point():
-            if not torch.equal(x, y):
-                return f"output {i} changed"
-            continue
-        tol = {torch.float64: 1e-10, torch.float32: 1e-5}.get(x.dtype, 2e-2)
-        xd, yd = x.detach().double(), y.detach().double()
-        same_nan = torch.equal(torch.isnan(xd), torch.isnan(yd))
-        xd, yd = torch.nan_to_num(xd, nan=0.0), torch.nan_to_num(yd, nan=0.0)
-        err = float((xd - yd).abs().max()) if x.numel() else 0.0
-        scale = float(xd.abs().max()) if x.numel() else 0.0
-        if not same_nan or not err <= tol * (1.0 + scale):
-            return f"output {i} changed by up to {err:.3g} (values up to {scale:.3g}, tolerance {tol:g} relative)"
-    return None
 
 
 def _probe_agrees(old: nn.Module, new: nn.Module, weight: torch.Tensor) -> bool:

@@ -48,7 +48,8 @@ import torch
 from torch import nn
 
 import normkit.nn as nnk
-from normkit.tools.convert import is_hf_rms_norm, outputs_differ
+from normkit.tools.layers import is_hf_rms_norm
+from normkit.tools.probe import outputs_differ
 
 __all__ = ["FoldRecord", "FoldWarning", "fold"]
 

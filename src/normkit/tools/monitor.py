@@ -58,7 +58,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Un
 import torch
 from torch import Tensor, nn
 
-from normkit.tools.convert import is_norm_layer
+from normkit.tools.layers import is_norm_layer
 
 __all__ = ["MonitorCompileWarning", "NormHealthWarning", "NormMonitor", "monitor"]
 
