@@ -36,8 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"experiments to run (default: all): {', '.join(EXPERIMENTS)}")
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", dest="preset", action="store_const", const="quick",
-                      help="small models, few steps: all experiments in a few minutes on 2 CPU cores (default)")
-    size.add_argument("--full", dest="preset", action="store_const", const="full", help="larger models and more steps")
+                      help="small models, few steps, 5 seeds: all nine experiments in about 7 minutes of one core (default)")
+    size.add_argument("--full", dest="preset", action="store_const", const="full",
+                      help="larger models, more steps, wider sweeps: hours (python -m normkit.lab.estimate --preset full)")
     # tests use a seconds-long preset whose numbers mean nothing
     size.add_argument("--preset", dest="preset", choices=PRESET_NAMES, help=argparse.SUPPRESS)
     parser.set_defaults(preset="quick")

@@ -184,8 +184,9 @@ _FULL: Dict[str, object] = {
     "mlp": MLPConfig(norms=("none", "batch", "layer", "rms"), batch_sizes=(1, 4, 32, 128), depth=8, width=256, steps=2000, evals=10),
     "lstm": LSTMConfig(chars=300_000, seq_len=64, batch=64, embed=64, hidden=256, steps=1500, evals=10),
     "sequential": SequentialConfig(hidden=128, batch=64, steps=1000, evals=10),
-    "transformer": TransformerConfig(modes=("post_ln", "pre_ln", "pre_rms", "none"), chars=300_000, d=128, layers=6, heads=4,
-                                     seq_len=128, batch=32, steps=1500, warmups=(0, 300), lrs=(1e-3, 3e-3, 1e-2, 3e-2), evals=10),
+    # 4 placements x 2 warm-ups x 4 rates x 5 seeds = 160 runs: a CPU-sized model (d=128, 6 layers, 1500 steps: 67 h, estimated)
+    "transformer": TransformerConfig(modes=("post_ln", "pre_ln", "pre_rms", "none"), chars=300_000, d=64, layers=4, heads=4,
+                                     seq_len=64, batch=16, steps=400, warmups=(0, 100), lrs=(1e-3, 3e-3, 1e-2, 3e-2), evals=8),
     "online": OnlineConfig(shifts=("affine", "feature_affine", "permutation", "rotation"), length=6000, hidden=128, window=1000),
     "cost": CostConfig(width=1024, batch=512, repeats=100),
     "sensitivity": SensitivityConfig(gains=(0.1, 0.3, 3.0, 10.0), biases=(-1.0, 1.0), eps=(1e-12, 1e-3, 1e-1), lrs=(3e-3, 1e-2, 3e-2, 1e-1),

@@ -6,9 +6,10 @@ time whole on a shared machine before every change).
 For each experiment, every arm of the preset runs for one seed with the number of training steps
 (stream samples for ``online``, timed steps for ``cost``) cut to ``--steps``, everything else
 (model sizes, evaluations, arms) as in the preset; the measured time is scaled linearly by the
-preset's steps over ``--steps`` and by the number of seeds. Evaluations do not scale with
-steps, so the estimate is an upper bound on them; kernel compilation happens before the timing
-(a smoke run first). One thread, like the lab.
+preset's steps over ``--steps`` and by the number of seeds. The shortened run evaluates once,
+and that evaluation is scaled with the steps, so the estimate counts more evaluations than the
+preset runs: an upper bound (by about one evaluation per ``--steps`` steps). Kernel compilation
+happens before the timing (a smoke run first). One thread, like the lab.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def _shrunk(cfg, k: int):
     """``cfg`` with its step count cut to ``k``, and the factor that scales the time back."""
     names = {f.name for f in fields(cfg)}
     if "steps" in names:
-        evals = {"evals": min(cfg.evals, k)} if "evals" in names else {}
+        evals = {"evals": 1} if "evals" in names else {}  # one evaluation per k steps, scaled with them: an upper bound
         warm = {"warmups": tuple(min(w, k // 2) for w in cfg.warmups)} if "warmups" in names else {}
         return replace(cfg, steps=min(cfg.steps, k), **evals, **warm), cfg.steps / min(cfg.steps, k)
     if "length" in names:  # online: samples of the stream; the windows must fit in it
@@ -72,6 +73,7 @@ def estimate(preset_name: str, seeds: int = DEFAULT_SEEDS, steps: int = 10, name
             wall, cpu = time.perf_counter() - start, time.process_time() - cpu
             out[name] = {"measured_wall_s": wall, "measured_cpu_s": cpu, "scale": factor * seeds,
                          "estimate_wall_s": wall * factor * seeds, "estimate_cpu_s": cpu * factor * seeds}
+            print(f"{name}: measured {cpu:.1f} s CPU, x {factor * seeds:.1f}", file=sys.stderr, flush=True)
     total = {k: sum(v[k] for v in out.values()) for k in ("estimate_wall_s", "estimate_cpu_s")}
     return {"preset": preset_name, "seeds": seeds, "steps_measured": steps, "experiments": out, "total": total,
             "torch": torch.__version__}
@@ -90,7 +92,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     idle_numba_workers()
     result = estimate(args.preset, args.seeds, args.steps, args.experiments or None)
     result["meta"] = machine_info()
-    for name, e in result["experiments"].items():
+    for name, e in result["experiments"].items():  # noqa: B007
         print(f"{name:12s} measured {e['measured_cpu_s']:7.1f} s CPU ({e['measured_wall_s']:7.1f} s wall) x {e['scale']:7.1f}"
               f" = {e['estimate_cpu_s'] / 60:7.1f} min CPU ({e['estimate_wall_s'] / 60:7.1f} min wall)")
     t = result["total"]
