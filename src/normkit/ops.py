@@ -260,15 +260,16 @@ class _EagerNorm(torch.autograd.Function):
     ``create_graph=True``; ``torch.func`` transforms and forward-mode AD never reach it
     (:func:`normkit.functional.route` sends them to the reference composite)."""
 
+    # The ctx-in-forward style on purpose: with a separate ``setup_context`` torch binds the
+    # arguments through ``inspect.signature`` on every call (~10 µs), and the transforms that
+    # style exists for are routed to the reference composite before they reach this Function.
     @staticmethod
-    def forward(x, residual, weight, bias, call):
-        return _forward_impl(x, residual, weight, bias, call)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _save_for_backward(ctx, *inputs, output)
+    def forward(ctx, x, residual, weight, bias, call):
+        output = _forward_impl(x, residual, weight, bias, call)
+        _save_for_backward(ctx, x, residual, weight, bias, call, output)
         ctx.mark_non_differentiable(*output[2:])
         ctx.set_materialize_grads(False)  # no zero-filled gradient for an unused sum output
+        return output
 
     @staticmethod
     def backward(ctx, dy, dsum, _dmean, _drstd, _dseed):
