@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
-import string
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path

@@ -43,8 +43,12 @@ def _num(x, digits: int = 3) -> str:
 def claim_cells(c: Dict) -> List[str]:
     """The summary row of one entry of ``results["claims"]``: experiment, claim, measured,
     difference with its interval, p, Holm-adjusted p, n, verdict, verdict after Holm."""
+    extra = c.get("extra") or {}
     if c.get("diff") is None:
         diff = "n/a"
+    elif "ratio" in extra:  # non-inferiority: the ratio and its interval read better than a log difference
+        diff = (f"ratio {extra['ratio']:.3f} [{extra['ratio_ci_low']:.3f}, {extra['ratio_ci_high']:.3f}], "
+                f"margin {1 + extra['margin']:g}")
     else:
         diff = f"{_num(c['diff'])} [{_num(c['ci_low'])}, {_num(c['ci_high'])}]"
     p = "n/a" if c.get("p") is None else fmt_p(c["p"]).replace("p = ", "").replace("p ", "")

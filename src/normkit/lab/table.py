@@ -40,7 +40,7 @@ def markdown_table(results: Dict, source: str) -> str:
         f"(the lab process's CPU time {results.get('cpu_s', 0):.0f} s), "
         f"on {m.get('cpu_model', m.get('processor'))} ({m['cpu_count']} CPUs, {m['torch_threads']} torch thread), "
         f"{m['date']}, commit `{(m.get('commit') or 'unknown')[:12]}`"
-        + (f", load average {load[0]:.1f} at the start and {load_end[0]:.1f} at the end (1-minute; other jobs shared the machine)" if load and load_end else "")
+        + (f", 1-minute load average {load[0]:.1f} at the start and {load_end[0]:.1f} at the end" if load and load_end else "")
         + ". Accuracies and losses are deterministic per machine but not across machines (floating-point "
         "reductions and the kernels chosen differ); timings vary from run to run. Rerun `make demo` to get this machine's figures.",
         "",
