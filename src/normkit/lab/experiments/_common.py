@@ -53,6 +53,16 @@ def checkpoints(steps: int, evals: int) -> List[int]:
     return sorted({max(1, round(steps * (i + 1) / evals)) for i in range(evals)})
 
 
+def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Fraction of rows of ``x`` whose argmax prediction is ``y``, in eval mode (train mode is
+    restored afterwards)."""
+    model.eval()
+    with torch.no_grad():
+        acc = (model(x).argmax(-1) == y).float().mean().item()
+    model.train()
+    return acc
+
+
 def seeded(seed: int) -> torch.Generator:
     """Seed torch's global generator (initialization, dropout) and return a data-order generator."""
     torch.manual_seed(seed)

@@ -31,7 +31,7 @@ from torch import nn
 import normkit
 from normkit.lab.config import ConvNetConfig
 from normkit.lab.data import digits
-from normkit.lab.experiments._common import LABELS, Timer, adam, band, checkpoints, clip_and_step, curve_stats, pyplot, save, seeded, stat_dict, values
+from normkit.lab.experiments._common import LABELS, Timer, accuracy, adam, band, checkpoints, clip_and_step, curve_stats, pyplot, save, seeded, stat_dict, values
 from normkit.lab.verdict import Finding, Stat, compare
 
 NAME = "convnet"
@@ -76,14 +76,6 @@ def _key(norm: str, bs: int) -> str:
     return f"{norm}@{bs}"
 
 
-def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    model.eval()
-    with torch.no_grad():
-        acc = (model(x).argmax(-1) == y).float().mean().item()
-    model.train()
-    return acc
-
-
 def train_one(cfg: ConvNetConfig, norm: str, bs: int, seed: int, tick=lambda n=1: None) -> Dict:
     d = digits()
     x_train, x_test = d.x_train.view(-1, 1, 8, 8), d.x_test.view(-1, 1, 8, 8)
@@ -96,7 +88,7 @@ def train_one(cfg: ConvNetConfig, norm: str, bs: int, seed: int, tick=lambda n=1
         with timer:
             clip_and_step(model, opt, F.cross_entropy(model(x_train[idx]), d.y_train[idx]))
         if step in marks:
-            curve.append(_accuracy(model, x_test, d.y_test))
+            curve.append(accuracy(model, x_test, d.y_test))
         tick()
     final = curve[-1] if math.isfinite(curve[-1]) else None
     return {"curve": curve, "final_acc": final, "train_seconds": timer.cpu_seconds}

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from normkit.lab.config import MLPConfig
 from normkit.lab.data import digits
-from normkit.lab.experiments._common import LABELS, Timer, adam, band, checkpoints, clip_and_step, curve_stats, pyplot, save, seeded, stat_dict, values
+from normkit.lab.experiments._common import LABELS, Timer, accuracy, adam, band, checkpoints, clip_and_step, curve_stats, pyplot, save, seeded, stat_dict, values
 from normkit.lab.models import MLP
 from normkit.lab.verdict import Finding, Stat, compare, not_measured
 
@@ -39,14 +39,6 @@ def _checkpoints(cfg: MLPConfig) -> List[int]:
     return checkpoints(cfg.steps, cfg.evals)
 
 
-def _accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    model.eval()
-    with torch.no_grad():
-        acc = (model(x).argmax(-1) == y).float().mean().item()
-    model.train()
-    return acc
-
-
 def train_one(cfg: MLPConfig, norm: str, bs: int, seed: int, tick=lambda n=1: None) -> Dict:
     """One run: returns the test-accuracy curve, final accuracy, training seconds, or the error."""
     data = digits()
@@ -61,7 +53,7 @@ def train_one(cfg: MLPConfig, norm: str, bs: int, seed: int, tick=lambda n=1: No
                 loss = F.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
                 clip_and_step(model, opt, loss)
             if step in checkpoints:
-                curve.append(_accuracy(model, data.x_test, data.y_test))
+                curve.append(accuracy(model, data.x_test, data.y_test))
             tick()
     except ValueError as exc:  # BatchNorm1d at batch size 1: "Expected more than 1 value per channel"
         return {"status": "cannot run", "error": str(exc).splitlines()[0], "curve": [math.nan] * len(checkpoints), "final_acc": None, "seconds": timer.cpu_seconds}

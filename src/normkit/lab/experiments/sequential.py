@@ -15,21 +15,13 @@ import torch.nn.functional as F
 
 from normkit.lab.config import SequentialConfig
 from normkit.lab.data import digits
-from normkit.lab.experiments._common import LABELS, Timer, adam, band, checkpoints, clip_and_step, curve_stats, pyplot, run_arms, save, seeded, stat_dict, values, warm_up
+from normkit.lab.experiments._common import LABELS, Timer, accuracy, adam, band, checkpoints, clip_and_step, curve_stats, pyplot, run_arms, save, seeded, stat_dict, values, warm_up
 from normkit.lab.models import RNNClassifier
 from normkit.lab.verdict import Finding, Stat, compare
 
 NAME = "sequential"
 TITLE = "Pixel-by-pixel digits (64 steps): LSTM/GRU with and without layer norm"
 CLAIM = "Layer norm helps recurrent networks on long sequences."
-
-
-def _accuracy(model, x, y) -> float:
-    model.eval()
-    with torch.no_grad():
-        acc = (model(x).argmax(-1) == y).float().mean().item()
-    model.train()
-    return acc
 
 
 def train_one(cfg: SequentialConfig, arm: str, seed: int, tick=lambda n=1: None) -> Dict:
@@ -45,7 +37,7 @@ def train_one(cfg: SequentialConfig, arm: str, seed: int, tick=lambda n=1: None)
             loss = F.cross_entropy(model(x_train[idx]), d.y_train[idx])
             clip_and_step(model, opt, loss, cfg.clip)
         if step in marks:
-            curve.append(_accuracy(model, x_test, d.y_test))
+            curve.append(accuracy(model, x_test, d.y_test))
         tick()
     return {"curve": curve, "final_acc": curve[-1], "train_seconds": timer.cpu_seconds}
 
