@@ -7,16 +7,14 @@ the parallel one with several row chunks (so the backward's partial sums are exe
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
+from helpers import backend_or_skip, params, randn
 
 import normkit
 from normkit import reference as ref
+from normkit._machine import torch_threads
 from normkit.backends import select_backend
-
-from helpers import backend_or_skip, params, randn
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -24,16 +22,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 @pytest.fixture(scope="module")
 def cpu():
     return backend_or_skip("cpu")
-
-
-@contextlib.contextmanager
-def torch_threads(n: int):
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def _grads(fn, x, w, b, dy, r=None, ds=None, prenorm=False):

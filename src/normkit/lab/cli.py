@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -57,9 +58,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"normkit lab: unknown experiment {', '.join(map(repr, unknown))}; expected one of {', '.join(EXPERIMENTS)}", file=sys.stderr)
         return 2
     from normkit.lab.report import print_summary
-    from normkit.lab.runner import idle_numba_workers, run_lab
+    with contextlib.suppress(ImportError):  # no numba: nothing to idle
+        from normkit.backends.cpu_runtime import idle_numba_workers
 
-    idle_numba_workers()
+        idle_numba_workers()
+    from normkit.lab.runner import run_lab
+
     console = Console()
     console.print(f"normkit lab: {', '.join(names)} — preset {args.preset}, {args.seeds} seed(s), "
                   f"{args.threads} thread(s), output {args.out}/")

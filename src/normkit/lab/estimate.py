@@ -15,6 +15,7 @@ happens before the timing (a smoke run first). One thread, like the lab.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -60,7 +61,7 @@ def estimate(preset_name: str, seeds: int = DEFAULT_SEEDS, steps: int = 10, name
     """Estimated seconds per experiment of ``preset_name`` at ``seeds`` seeds (see the module doc)."""
     import torch
 
-    from normkit.lab.runner import torch_threads
+    from normkit._machine import torch_threads
 
     out: Dict[str, Dict] = {}
     with torch_threads(1):
@@ -87,9 +88,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--json", type=Path)
     parser.add_argument("experiments", nargs="*", metavar="EXPERIMENT")
     args = parser.parse_args(argv)
-    from normkit.lab.runner import idle_numba_workers, machine_info
+    with contextlib.suppress(ImportError):  # no numba: nothing to idle
+        from normkit.backends.cpu_runtime import idle_numba_workers
 
-    idle_numba_workers()
+        idle_numba_workers()
+    from normkit.lab.runner import machine_info
+
     result = estimate(args.preset, args.seeds, args.steps, args.experiments or None)
     result["meta"] = machine_info()
     for name, e in result["experiments"].items():  # noqa: B007

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import base64
 import html
+import math
 from pathlib import Path
 from typing import Dict, List
 
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
-
-import math
 
 from normkit.lab.stats import INCONCLUSIVE, NOT_RUN, REFUTES, SUPPORTS, fmt_p
 

@@ -3,7 +3,6 @@ the plots and the reports into the output directory."""
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import json
 import math
@@ -13,60 +12,31 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from rich.console import Console
 
 import normkit
+from normkit._machine import cpu_model, git_commit, load_average, torch_threads
 from normkit.lab import report
 from normkit.lab.config import preset
 from normkit.lab.experiments import EXPERIMENTS, load
 from normkit.lab.stats import holm, holm_verdict
 from normkit.lab.tracker import Tracker
 
-__all__ = ["run_lab", "machine_info", "claims_table", "jsonable", "torch_threads", "idle_numba_workers"]
+__all__ = ["run_lab", "machine_info", "claims_table", "jsonable"]
 
 #: The keys every entry of ``results["claims"]`` carries first (then the rest of the test).
 CLAIM_KEYS = ("experiment", "claim", "verdict", "diff", "ci_low", "ci_high", "p", "n")
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _git_commit() -> Optional[str]:
-    """The checkout's commit (``+dirty`` if tracked files changed), or ``None`` outside git."""
-    import subprocess
-
-    root = Path(__file__).resolve().parents[3]
-    try:
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return (commit + ("+dirty" if dirty else "")) or None
-
-
-def _load_average() -> Optional[list]:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
-
 def machine_info() -> Dict:
     """Versions and machine facts recorded with every result."""
     return {
-        "cpu_model": _cpu_model(),
-        "commit": _git_commit(),
-        "load_average_at_start": _load_average(),
+        "cpu_model": cpu_model(),
+        "commit": git_commit(),
+        "load_average_at_start": load_average(),
         "python": sys.version.split()[0],
         "torch": torch.__version__,
         "normkit": normkit.__version__,
@@ -89,46 +59,6 @@ def jsonable(obj):
     if isinstance(obj, (list, tuple)):
         return [jsonable(v) for v in obj]
     return obj
-
-
-@contextlib.contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """Run the body with ``torch.set_num_threads(n)`` (normkit's numba kernels follow torch's
-    count), restoring the previous count afterwards.
-
-    The lab's models are small: one thread is about as fast as two on an idle machine, and on a
-    shared one it is many times faster, because a multi-threaded op waits at a barrier for a
-    thread that the OS has descheduled (measured: 25-50x per training step under load).
-    """
-    saved = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
-
-
-def idle_numba_workers() -> Optional[str]:
-    """Ask numba for its ``workqueue`` threading layer when the process has not launched a
-    numba thread pool yet and the user did not choose one (``NUMBA_THREADING_LAYER``).
-
-    Why: numba's default OpenMP pool keeps its workers spin-waiting after every parallel
-    kernel, so after the first large normalization the process burns a second core for the rest
-    of the run (measured: CPU time per training step doubled, wall time unchanged on an idle
-    machine, worse on a shared one). ``workqueue`` workers sleep. Results do not change: the
-    CPU backend's work split depends on the shape only. Returns the layer chosen, or ``None``.
-    """
-    if "NUMBA_THREADING_LAYER" in os.environ:
-        return None
-    try:
-        import numba
-        from numba.np.ufunc import parallel
-    except Exception:  # numba missing or broken: the CPU backend falls back anyway
-        return None
-    if getattr(parallel, "_is_initialized", True):
-        return None
-    numba.config.THREADING_LAYER = "workqueue"
-    return "workqueue"
 
 
 def claims_table(results: Dict, alpha: float = 0.05) -> List[Dict]:
@@ -189,7 +119,7 @@ def _run(names: Sequence[str], preset_name: str, seeds: int, out: Path, console:
             tracker.log(f"[bold]{name}[/] done in {elapsed:.1f} s")
     results["elapsed_s"] = time.perf_counter() - total_start
     results["cpu_s"] = time.process_time() - total_cpu
-    results["meta"]["load_average_at_end"] = _load_average()
+    results["meta"]["load_average_at_end"] = load_average()
     results["claims"] = claims_table(results)
     results = jsonable(results)
     (out / "results.json").write_text(json.dumps(results, indent=1))

@@ -17,7 +17,14 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Dict, Iterable, Optional, Sequence
 
 from normkit.lab.stats import (
-    INCONCLUSIVE, NOT_RUN, REFUTES, SUPPORTS, ClaimTest, test_claim, test_failures, test_noninferiority,
+    INCONCLUSIVE,
+    NOT_RUN,
+    REFUTES,
+    SUPPORTS,
+    ClaimTest,
+    test_claim,
+    test_failures,
+    test_noninferiority,
 )
 
 __all__ = ["Stat", "Finding", "SUPPORTS", "REFUTES", "INCONCLUSIVE", "NOT_RUN", "compare", "compare_failures",

@@ -31,7 +31,21 @@ from torch import nn
 import normkit
 from normkit.lab.config import ConvNetConfig
 from normkit.lab.data import digits
-from normkit.lab.experiments._common import LABELS, Timer, accuracy, adam, band, checkpoints, clip_and_step, curve_stats, pyplot, save, seeded, stat_dict, values
+from normkit.lab.experiments._common import (
+    LABELS,
+    Timer,
+    accuracy,
+    adam,
+    band,
+    checkpoints,
+    clip_and_step,
+    curve_stats,
+    pyplot,
+    save,
+    seeded,
+    stat_dict,
+    values,
+)
 from normkit.lab.verdict import Finding, Stat, compare
 
 NAME = "convnet"

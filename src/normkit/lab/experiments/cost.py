@@ -23,7 +23,15 @@ import torch.nn.functional as F
 import normkit
 from normkit.backends import select_backend_name
 from normkit.lab.config import CostConfig
-from normkit.lab.experiments._common import LABELS, adam, pyplot, save, seeded, stat_dict, values
+from normkit.lab.experiments._common import (
+    LABELS,
+    adam,
+    pyplot,
+    save,
+    seeded,
+    stat_dict,
+    values,
+)
 from normkit.lab.models import MLP
 from normkit.lab.verdict import Stat, compare, compare_noninferior
 

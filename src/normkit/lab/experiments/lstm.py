@@ -19,7 +19,22 @@ import torch.nn.functional as F
 
 from normkit.lab.config import LSTMConfig
 from normkit.lab.data import VOCAB_SIZE, char_batches, stdlib_corpus
-from normkit.lab.experiments._common import LABELS, Timer, adam, band, checkpoints, clip_and_step, curve_stats, pyplot, run_arms, save, seeded, stat_dict, values, warm_up
+from normkit.lab.experiments._common import (
+    LABELS,
+    Timer,
+    adam,
+    band,
+    checkpoints,
+    clip_and_step,
+    curve_stats,
+    pyplot,
+    run_arms,
+    save,
+    seeded,
+    stat_dict,
+    values,
+    warm_up,
+)
 from normkit.lab.models import CharRNN
 from normkit.lab.verdict import Finding, Stat, compare
 

@@ -22,7 +22,21 @@ import torch.nn.functional as F
 
 from normkit.lab.config import MLPConfig
 from normkit.lab.data import digits
-from normkit.lab.experiments._common import LABELS, Timer, accuracy, adam, band, checkpoints, clip_and_step, curve_stats, pyplot, save, seeded, stat_dict, values
+from normkit.lab.experiments._common import (
+    LABELS,
+    Timer,
+    accuracy,
+    adam,
+    band,
+    checkpoints,
+    clip_and_step,
+    curve_stats,
+    pyplot,
+    save,
+    seeded,
+    stat_dict,
+    values,
+)
 from normkit.lab.models import MLP
 from normkit.lab.verdict import Finding, Stat, compare, not_measured
 

@@ -34,7 +34,17 @@ from torch import nn
 
 from normkit.lab.config import OnlineConfig
 from normkit.lab.data import shift_inputs, shifted_stream
-from normkit.lab.experiments._common import LABELS, adam, band, curve_stats, pyplot, run_arms, save, seeded, stat_dict
+from normkit.lab.experiments._common import (
+    LABELS,
+    adam,
+    band,
+    curve_stats,
+    pyplot,
+    run_arms,
+    save,
+    seeded,
+    stat_dict,
+)
 from normkit.lab.models import make_norm
 from normkit.lab.verdict import Finding, Stat, compare
 

@@ -28,7 +28,17 @@ import torch.nn.functional as F
 import normkit
 from normkit.lab.config import SensitivityConfig
 from normkit.lab.data import digits
-from normkit.lab.experiments._common import LABELS, Timer, adam, clip_and_step, pyplot, save, seeded, stat_dict, values
+from normkit.lab.experiments._common import (
+    LABELS,
+    Timer,
+    adam,
+    clip_and_step,
+    pyplot,
+    save,
+    seeded,
+    stat_dict,
+    values,
+)
 from normkit.lab.models import MLP
 from normkit.lab.verdict import Finding, Stat, compare, not_measured
 

@@ -15,7 +15,23 @@ import torch.nn.functional as F
 
 from normkit.lab.config import SequentialConfig
 from normkit.lab.data import digits
-from normkit.lab.experiments._common import LABELS, Timer, accuracy, adam, band, checkpoints, clip_and_step, curve_stats, pyplot, run_arms, save, seeded, stat_dict, values, warm_up
+from normkit.lab.experiments._common import (
+    LABELS,
+    Timer,
+    accuracy,
+    adam,
+    band,
+    checkpoints,
+    clip_and_step,
+    curve_stats,
+    pyplot,
+    run_arms,
+    save,
+    seeded,
+    stat_dict,
+    values,
+    warm_up,
+)
 from normkit.lab.models import RNNClassifier
 from normkit.lab.verdict import Finding, Stat, compare
 

@@ -24,7 +24,17 @@ import torch.nn.functional as F
 
 from normkit.lab.config import TransformerConfig
 from normkit.lab.data import VOCAB_SIZE, char_batches, stdlib_corpus, unigram_nats
-from normkit.lab.experiments._common import LABELS, Timer, adam, checkpoints, pyplot, save, seeded, stat_dict, values
+from normkit.lab.experiments._common import (
+    LABELS,
+    Timer,
+    adam,
+    checkpoints,
+    pyplot,
+    save,
+    seeded,
+    stat_dict,
+    values,
+)
 from normkit.lab.models import CharTransformer, lr_at
 from normkit.lab.verdict import Finding, Stat, compare, compare_failures, not_measured
 
