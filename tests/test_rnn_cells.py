@@ -239,3 +239,15 @@ def test_column_reductions(shape):
     assert torch.all((out.double() - exact).abs() <= EPS32 * (u.double() * v.double()).abs().sum(0))
     rnn_kernels.column_sum(u.numpy(), out.numpy())
     assert torch.all((out.double() - u.double().sum(0)).abs() <= EPS32 * u.double().abs().sum(0))
+
+
+@pytest.mark.parametrize("value", [0.1, -3.3, 1e4 + 0.1])
+def test_constant_row_centres_to_exactly_zero_in_both_steps(value):
+    """A constant gate row (variance 0) normalizes to 0, not to rounding residues amplified by
+    rstd = 1/sqrt(eps): the numba step and the torch step refine the mean alike."""
+    row = np.full(1000, value, dtype=np.float32)
+    rnn_kernels._normalize_inplace(row, 1000, np.float32(1e-12))
+    assert not row.any(), f"max residue {np.abs(row).max():.3g}"
+    t = torch.full((2, 1000), value)
+    rnn_fast._normalize_rows_(t, 1e-12)
+    assert not t.any()

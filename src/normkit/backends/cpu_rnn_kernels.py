@@ -102,10 +102,15 @@ def _dot(u, v, n):
 
 @njit(inline="always", **_jit)
 def _normalize_inplace(v, n, eps):
-    """v <- (v - mean) * rstd in place (two-pass variance); returns rstd."""
+    """v <- (v - mean) * rstd in place (two-pass variance); returns rstd. The mean is refined
+    by the mean of the residues (corrected two-pass, Chan, Golub & LeVeque 1983, as
+    :func:`normkit.reference.statistics` does), so a constant row centres to exactly 0."""
     mean = _sum(v, n) / _F(n)
     for j in range(n):
         v[j] -= mean
+    residue = _sum(v, n) / _F(n)
+    for j in range(n):
+        v[j] -= residue
     rstd = _ONE / math.sqrt(_dot(v, v, n) / _F(n) + eps)
     for j in range(n):
         v[j] *= rstd
