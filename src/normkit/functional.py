@@ -14,8 +14,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from normkit import ops
-from normkit import reference as ref
+from normkit import ops, paths
 from normkit.backends import forced_backend, select_backend_name
 from normkit.reference import default_rms_eps
 from normkit.validation import (
@@ -116,11 +115,11 @@ def _norm(
 
         return dtensor_norm(_norm, x, shape, weight, bias, eps, is_rms, residual, prenorm, dropout_p)
     if path == "onnx":
-        return _onnx_norm(x, shape, weight, bias, eps, is_rms, residual, prenorm, dropout_p)
+        return paths.onnx_norm(x, shape, weight, bias, eps, is_rms, residual, prenorm, dropout_p)
     if path == "composite":
-        return _composite_norm(x, shape, weight, bias, eps, is_rms, residual, prenorm, dropout_p)
+        return paths.composite_norm(x, shape, weight, bias, eps, is_rms, residual, prenorm, dropout_p)
     if path == "aten":
-        return _aten_rms_norm(x, shape, weight, eps, residual, prenorm)
+        return paths.aten_rms_norm(x, shape, weight, eps, residual, prenorm)
 
     n = math.prod(shape)
     rows = x.numel() // n
@@ -148,20 +147,6 @@ def _layout_like_torch(out: Tensor, x: Tensor, is_rms: bool) -> Tensor:
     return out if like.is_contiguous() else like.copy_(out)
 
 
-def _composite_norm(x, shape, weight, bias, eps, is_rms, residual, prenorm, dropout_p):
-    """The reference composite (:mod:`normkit.reference`), the path for autograd modes the
-    kernels' autograd cannot serve: every op in it has forward-AD, vmap and higher-order
-    rules. Dropout uses the reference backend's mask stream."""
-    keep = None
-    if dropout_p > 0.0:
-        seed = int(torch.randint(0, 2**31 - 1, ()).item())
-        keep = ref.dropout_keep_mask(seed, x.shape, dropout_p, x.device)
-    kwargs = dict(residual=residual, prenorm=prenorm, keep_mask=keep, dropout_p=dropout_p)
-    if is_rms:
-        return ref.rms_norm(x, shape, weight, eps, **kwargs)
-    return ref.layer_norm(x, shape, weight, bias, eps, **kwargs)
-
-
 #: CPU float32 RMS-norm calls of at most this many elements (256 KiB: L2-resident,
 #: launch-bound) run ATen's fused kernel (see below).
 ATEN_TINY_MAX_ELEMENTS = 1 << 16
@@ -184,31 +169,6 @@ def _use_aten_for_tiny_call(x: Tensor, weight: Optional[Tensor], dropout_p: floa
         and (weight is None or weight.dtype is torch.float32)
         and forced_backend() is None
     )
-
-
-def _aten_rms_norm(x, shape, weight, eps, residual, prenorm):
-    s = x if residual is None else x + residual
-    y = torch.nn.functional.rms_norm(s, shape, weight, eps)
-    return (y, s) if prenorm else y
-
-
-def _onnx_norm(x, shape, weight, bias, eps, is_rms, residual, prenorm, dropout_p):
-    """The op as ONNX exporters see it: the fused residual add (+ dropout) as separate ops, then
-    ``F.layer_norm`` (exported as ``LayerNormalization``, opset >= 17) or, for RMS norm,
-    ``F.rms_norm`` (the dynamo exporter writes ``RMSNormalization`` at opset >= 23, else a
-    ``Pow/ReduceMean/Sqrt`` graph). The TorchScript exporter has no ``aten::rms_norm``, so under
-    it (``torch.jit.is_tracing()``) RMS norm is the reference composite of plain ops."""
-    s = torch.nn.functional.dropout(x, dropout_p, True) if dropout_p > 0.0 else x
-    if residual is not None:
-        s = s + residual
-    w = None if weight is None else weight.to(x.dtype)
-    if not is_rms:
-        y = torch.nn.functional.layer_norm(s, shape, w, None if bias is None else bias.to(x.dtype), eps)
-    elif torch.jit.is_tracing():
-        y = ref.rms_norm(s, shape, w, eps)
-    else:
-        y = torch.nn.functional.rms_norm(s, shape, w, eps)
-    return (y, s) if prenorm else y
 
 
 def layer_norm(

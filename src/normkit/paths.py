@@ -1,0 +1,51 @@
+"""The paths of a norm call that do not launch normkit's kernels, each chosen by
+:func:`normkit.functional.route`: the reference composite (autograd modes the kernels' autograd
+cannot serve), PyTorch's own RMS kernel for tiny calls, and the standard operators ONNX
+exporters write. Inputs are validated already; each returns ``y`` or ``(y, s)``."""
+
+from __future__ import annotations
+
+import torch
+
+from normkit import reference as ref
+
+__all__ = ["aten_rms_norm", "composite_norm", "onnx_norm"]
+
+
+def composite_norm(x, shape, weight, bias, eps, is_rms, residual, prenorm, dropout_p):
+    """The reference composite (:mod:`normkit.reference`), the path for autograd modes the
+    kernels' autograd cannot serve: every op in it has forward-AD, vmap and higher-order
+    rules. Dropout uses the reference backend's mask stream."""
+    keep = None
+    if dropout_p > 0.0:
+        seed = int(torch.randint(0, 2**31 - 1, ()).item())
+        keep = ref.dropout_keep_mask(seed, x.shape, dropout_p, x.device)
+    kwargs = dict(residual=residual, prenorm=prenorm, keep_mask=keep, dropout_p=dropout_p)
+    if is_rms:
+        return ref.rms_norm(x, shape, weight, eps, **kwargs)
+    return ref.layer_norm(x, shape, weight, bias, eps, **kwargs)
+
+
+def aten_rms_norm(x, shape, weight, eps, residual, prenorm):
+    s = x if residual is None else x + residual
+    y = torch.nn.functional.rms_norm(s, shape, weight, eps)
+    return (y, s) if prenorm else y
+
+
+def onnx_norm(x, shape, weight, bias, eps, is_rms, residual, prenorm, dropout_p):
+    """The op as ONNX exporters see it: the fused residual add (+ dropout) as separate ops, then
+    ``F.layer_norm`` (exported as ``LayerNormalization``, opset >= 17) or, for RMS norm,
+    ``F.rms_norm`` (the dynamo exporter writes ``RMSNormalization`` at opset >= 23, else a
+    ``Pow/ReduceMean/Sqrt`` graph). The TorchScript exporter has no ``aten::rms_norm``, so under
+    it (``torch.jit.is_tracing()``) RMS norm is the reference composite of plain ops."""
+    s = torch.nn.functional.dropout(x, dropout_p, True) if dropout_p > 0.0 else x
+    if residual is not None:
+        s = s + residual
+    w = None if weight is None else weight.to(x.dtype)
+    if not is_rms:
+        y = torch.nn.functional.layer_norm(s, shape, w, None if bias is None else bias.to(x.dtype), eps)
+    elif torch.jit.is_tracing():
+        y = ref.rms_norm(s, shape, w, eps)
+    else:
+        y = torch.nn.functional.rms_norm(s, shape, w, eps)
+    return (y, s) if prenorm else y
