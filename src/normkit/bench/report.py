@@ -229,7 +229,7 @@ OP_TITLES = {"layer_norm": "LayerNorm", "rms_norm": "RMSNorm"}
 def shapes_header_line(doc: dict) -> str:
     m, cfg = doc["machine"], doc["config"]
     git = doc.get("git") or {}
-    commit = git.get("commit", "unknown") + (" (+ uncommitted changes in src/)" if git.get("dirty") else "")
+    commit = git.get("commit", "unknown") + (" (+ uncommitted changes)" if git.get("dirty") else "")
     load = " -> ".join(f"{la[0]:.2f}" for la in (m.get("load_average_start"), m.get("load_average_end")) if la)
     parts = [f"normkit bench --suite shapes | {m['device']}: {m.get('cpu')} ({m.get('cpu_count')} logical CPUs)",
              f"torch {m['torch']}", f"numba {m.get('numba', '-')}", cfg["dtype"], f"commit {commit}", doc["date"]]

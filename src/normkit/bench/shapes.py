@@ -23,19 +23,20 @@ median of the per-pair ratios *torch time / normkit time* (above 1: normkit is f
 
 from __future__ import annotations
 
-import contextlib
 import datetime
-import os
 import random
 import statistics
-import subprocess
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from normkit import _machine
+from normkit._machine import load_average, torch_threads
 from normkit.bench.paired import estimate_ratio, measure_pairs
+
+__all__ = ["Cell", "Settings", "make_cells", "run_suite", "summarize", "git_commit", "load_average",
+           "torch_threads"]
 
 OPS: Tuple[str, ...] = ("layer_norm", "rms_norm")
 MODES: Tuple[str, ...] = ("inference", "fwd+bwd", "add+norm")
@@ -95,18 +96,6 @@ def make_cells(ops: Sequence[str] = OPS, modes: Sequence[str] = MODES, rows: Seq
         if bad:
             raise ValueError(f"unknown {name} {bad[0]!r}; expected one of {', '.join(allowed)}")
     return [Cell(op, mode, m, n, t) for t in threads for m in rows for n in widths for op in ops for mode in modes]
-
-
-@contextlib.contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """``torch.set_num_threads(n)`` for the body (normkit's numba kernels follow torch's count),
-    restored afterwards."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
 
 
 def make_modules(op: str, width: int, dtype: torch.dtype, seed: int) -> Tuple[torch.nn.Module, torch.nn.Module]:
@@ -263,24 +252,13 @@ def summarize(cells: Sequence[dict]) -> dict:
 
 
 def git_commit() -> Optional[dict]:
-    """``{"commit": short hash, "dirty": tracked changes under src/}`` of the checkout this
-    file is in, or ``None`` outside a git checkout."""
-    root = Path(__file__).resolve().parents[3]
-    try:
-        run = dict(capture_output=True, text=True, timeout=10, check=True)
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], **run).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--", "src"],
-                               **run).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
+    """``{"commit": short hash, "dirty": tracked files changed}`` of this checkout (from
+    :func:`normkit._machine.git_commit`), or ``None`` outside a git checkout."""
+    full = _machine.git_commit()
+    if not full:
         return None
-    return {"commit": commit, "dirty": bool(dirty)} if commit else None
-
-
-def load_average() -> Optional[List[float]]:
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except (OSError, AttributeError):
-        return None
+    commit, _, dirty = full.partition("+")
+    return {"commit": commit[:7], "dirty": bool(dirty)}
 
 
 def utc_now() -> str:
