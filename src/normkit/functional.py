@@ -57,25 +57,26 @@ def _in_forward_ad(tensors) -> bool:
 def route(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor], is_rms: bool, dropout_p: float) -> str:
     """The one place that decides how a (validated) call runs: a key of :data:`ROUTES`.
 
-    Order matters: a DTensor is unwrapped first (its local call is routed again); ONNX export
-    needs standard ops; ``torch.func`` transforms and forward AD need ops they can transform,
-    so they take the reference composite (same semantics, plain torch ops); then the fast
-    paths.
+    Order matters: a DTensor is unwrapped first (its local call is routed again); empty inputs
+    take the composite; what traces gets the custom op, or standard ops under ONNX export;
+    ``torch.func`` transforms and forward AD need ops they can transform, so they take the
+    reference composite (same semantics, plain torch ops); then the fast paths.
     """
     tensors = (x, residual, weight, bias)
     if type(x) is not Tensor and _is_dtensor(x):
         return "dtensor"
-    if torch.onnx.is_in_onnx_export():
-        return "onnx"
     if x.numel() == 0:
         return "composite"
+    # ONNX exporters trace (jit tracing, or torch.export's Dynamo and dispatch modes), so the
+    # export flag is asked only when something traces: it costs more than the rest of this
+    # function on a plain eager call.
     if torch.compiler.is_compiling():
-        return "op"
+        return "onnx" if torch.onnx.is_in_onnx_export() else "op"
     if torch._C._are_functorch_transforms_active() or _in_forward_ad(tensors):
         # (no public API tells whether a functorch transform is active; this one is cheap)
         return "composite"
     if not ops.plain_eager(x):
-        return "op"
+        return "onnx" if torch.onnx.is_in_onnx_export() else "op"
     if _use_aten_for_tiny_call(x, weight, dropout_p, is_rms):
         return "aten"
     grad_needed = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)

@@ -44,6 +44,9 @@ def _as_int(d) -> Optional[int]:
 def as_normalized_shape(normalized_shape: ShapeLike) -> Tuple[int, ...]:
     """``normalized_shape`` as a tuple of non-negative ints (torch accepts a size-0 dim; the
     output is then empty)."""
+    if type(normalized_shape) in (tuple, list, torch.Size) and all(type(d) is int and d >= 0 for d in normalized_shape):
+        if normalized_shape:  # the common case, checked cheaply (it runs on every call)
+            return tuple(normalized_shape)
     single = _as_int(normalized_shape)
     if single is not None:
         shape: Tuple[int, ...] = (single,)
