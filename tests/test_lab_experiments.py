@@ -10,14 +10,21 @@ import torch
 
 import normkit
 from normkit.lab import config, data
-from normkit.lab.experiments import convnet, invariance, online, sensitivity, transformer
+from normkit.lab.experiments import (
+    convnet,
+    invariance,
+    online,
+    sensitivity,
+    transformer,
+)
 from normkit.lab.stats import SUPPORTS
+from normkit.lab.tracker import SilentTracker
 
 
 # -- invariance: the measured table is the paper's -----------------------------------------
 def test_invariance_matches_the_papers_table_one():
     cfg = config.preset("invariance", "quick")
-    result = invariance.run(cfg, [0, 1], _Silent())
+    result = invariance.run(cfg, [0, 1], SilentTracker())
     differ = [k for k, c in result["cells"].items() if c["invariant"] != c["expected"]]
     assert not differ, differ
     assert result["matches"] == result["cells_total"] == len(cfg.norms) * len(invariance.TRANSFORMS)
@@ -30,7 +37,7 @@ def test_invariance_eps_breaks_exact_scale_invariance():
     """With a large eps the same measurement sees layer norm move under re-scaling: what
     the table measures is the normalization, not an artefact of the set-up."""
     cfg = replace(config.preset("invariance", "quick"), eps=1.0, norms=("layer",))
-    result = invariance.run(cfg, [0], _Silent())
+    result = invariance.run(cfg, [0], SilentTracker())
     assert not result["cells"]["layer|dataset re-scaling"]["invariant"]
 
 
@@ -164,19 +171,3 @@ def test_transformer_sweep_summary_and_findings():
     assert need.verdict == SUPPORTS and "lr 0.01" in need.sentence and "lr 0.001" in need.sentence
     header, rows = transformer.table(result)
     assert "largest stable lr" in header and len(rows) == 6
-
-
-class _Silent:
-    """A tracker that draws nothing."""
-
-    def experiment(self, *a):
-        pass
-
-    def run(self, *a):
-        import contextlib
-
-        return contextlib.nullcontext(lambda n=1: None)
-
-    def log(self, *a):
-        pass
-

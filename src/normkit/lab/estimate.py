@@ -25,6 +25,7 @@ from typing import Dict, List, Optional
 
 from normkit.lab.config import DEFAULT_SEEDS, PRESET_NAMES, preset
 from normkit.lab.experiments import EXPERIMENTS, load
+from normkit.lab.tracker import SilentTracker
 
 __all__ = ["estimate", "main"]
 
@@ -44,19 +45,6 @@ def _shrunk(cfg, k: int):
     return cfg, 1.0
 
 
-class _Silent:
-    def experiment(self, *a):
-        pass
-
-    def run(self, *a):
-        import contextlib
-
-        return contextlib.nullcontext(lambda n=1: None)
-
-    def log(self, *a):
-        pass
-
-
 def estimate(preset_name: str, seeds: int = DEFAULT_SEEDS, steps: int = 10, names: Optional[List[str]] = None) -> Dict:
     """Estimated seconds per experiment of ``preset_name`` at ``seeds`` seeds (see the module doc)."""
     import torch
@@ -67,10 +55,10 @@ def estimate(preset_name: str, seeds: int = DEFAULT_SEEDS, steps: int = 10, name
     with torch_threads(1):
         for name in names or EXPERIMENTS:
             module = load(name)
-            module.run(preset(name, "smoke"), [0], _Silent())  # compile and warm up first
+            module.run(preset(name, "smoke"), [0], SilentTracker())  # compile and warm up first
             cfg, factor = _shrunk(preset(name, preset_name), steps)
             start, cpu = time.perf_counter(), time.process_time()
-            module.run(cfg, [0], _Silent())
+            module.run(cfg, [0], SilentTracker())
             wall, cpu = time.perf_counter() - start, time.process_time() - cpu
             out[name] = {"measured_wall_s": wall, "measured_cpu_s": cpu, "scale": factor * seeds,
                          "estimate_wall_s": wall * factor * seeds, "estimate_cpu_s": cpu * factor * seeds}
