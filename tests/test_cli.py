@@ -54,3 +54,13 @@ def test_demo_is_what_make_demo_runs(capsys):
 def test_console_script_entry_point():
     out = subprocess.run([sys.executable, "-m", "normkit.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "COMMAND" in out.stdout
+
+
+def test_backends_explain_prints_a_calls_path_and_backend(capsys):
+    assert cli.main(["backends", "--explain", "8,512", "--grad"]) == 0
+    out = capsys.readouterr().out
+    assert "path:    eager:" in out and "backend: cpu: the first available backend" in out
+    assert cli.main(["backends", "--explain", "0,512"]) == 0
+    assert "path:    composite:" in capsys.readouterr().out  # an empty input: no backend runs
+    assert cli.main(["backends", "--explain", "8,x"]) == 2
+    assert "--explain expects sizes like 8,512, got '8,x'" in capsys.readouterr().out

@@ -142,7 +142,7 @@ def _layout_like_torch(out: Tensor, x: Tensor, is_rms: bool) -> Tensor:
     """torch's ``rms_norm`` is a composite of elementwise ops, so its output keeps the input's
     memory format (channels_last, a transposed view); its ``layer_norm`` returns a contiguous
     tensor. The kernels write contiguous rows; an RMS output is copied to the input's layout."""
-    if not is_rms or x.is_contiguous() or out is x:
+    if not is_rms or x.is_contiguous():
         return out
     like = torch.empty_like(x)  # preserve_format: x's strides when x is dense
     return out if like.is_contiguous() else like.copy_(out)

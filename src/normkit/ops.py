@@ -28,9 +28,6 @@ from normkit.reference import compute_dtype
 
 __all__ = ["NormCall", "norm_forward", "norm_forward_no_grad", "plain_eager"]
 
-_SEED_HIGH = 2**31 - 1
-
-
 @dataclass(frozen=True)
 class NormCall:
     """The non-tensor arguments of one norm call, as validated by :mod:`normkit.functional`.
@@ -59,11 +56,6 @@ class NormCall:
         return (self.eps, self.is_rms, self.dropout_p, self.prenorm, self.backend)
 
 
-def _draw_seed(dropout_p: float) -> int:
-    # From torch's default CPU generator, so torch.manual_seed makes dropout reproducible.
-    return int(torch.randint(0, _SEED_HIGH, ()).item()) if dropout_p > 0.0 else 0
-
-
 def _empty(like: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
     return like.new_empty((0,), dtype=dtype or like.dtype)
 
@@ -71,7 +63,7 @@ def _empty(like: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
 def _forward_impl(x, residual, weight, bias, call: NormCall):
     """The forward op's body: the backend's forward, outputs padded to the op's fixed schema
     ``(y, s, mean, rstd, seed)``."""
-    seed = _draw_seed(call.dropout_p)
+    seed = reference.draw_dropout_seed(call.dropout_p)
     store_sum = call.stores_sum(residual)
     y, s, mean, rstd = get_backend(call.backend).forward(
         x, residual, weight, bias, call.eps, call.is_rms, call.dropout_p, seed, store_sum
@@ -300,6 +292,6 @@ def norm_forward_no_grad(x: Tensor, residual: Optional[Tensor], weight: Optional
     calls. Not for use under ``torch.compile`` (the custom op is what the compiler sees)."""
     store_sum = call.stores_sum(residual) and call.prenorm
     y, s, _, _ = get_backend(call.backend).forward(
-        x, residual, weight, bias, call.eps, call.is_rms, call.dropout_p, _draw_seed(call.dropout_p), store_sum
+        x, residual, weight, bias, call.eps, call.is_rms, call.dropout_p, reference.draw_dropout_seed(call.dropout_p), store_sum
     )
     return _prenorm_outputs(x, residual, y, s, call)

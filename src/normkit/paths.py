@@ -18,8 +18,7 @@ def composite_norm(x, shape, weight, bias, eps, is_rms, residual, prenorm, dropo
     rules. Dropout uses the reference backend's mask stream."""
     keep = None
     if dropout_p > 0.0:
-        seed = int(torch.randint(0, 2**31 - 1, ()).item())
-        keep = ref.dropout_keep_mask(seed, x.shape, dropout_p, x.device)
+        keep = ref.dropout_keep_mask(ref.draw_dropout_seed(dropout_p), x.shape, dropout_p, x.device)
     kwargs = dict(residual=residual, prenorm=prenorm, keep_mask=keep, dropout_p=dropout_p)
     if is_rms:
         return ref.rms_norm(x, shape, weight, eps, **kwargs)

@@ -57,6 +57,7 @@ ShapeLike = Union[int, Sequence[int], torch.Size]
 
 __all__ = [
     "compute_dtype",
+    "draw_dropout_seed",
     "dropout_keep_mask",
     "layer_norm",
     "rms_norm",
@@ -72,6 +73,12 @@ __all__ = [
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype statistics and accumulations use: float64 for float64 input, else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def draw_dropout_seed(dropout_p: float) -> int:
+    """A seed for one call's dropout mask (0 without dropout), drawn from torch's default
+    generator, so ``torch.manual_seed`` makes dropout reproducible."""
+    return int(torch.randint(0, 2**31 - 1, ()).item()) if dropout_p > 0.0 else 0
 
 
 def dropout_keep_mask(seed: int, shape: Sequence[int], p: float, device: torch.device) -> Tensor:

@@ -44,9 +44,12 @@ def _as_int(d) -> Optional[int]:
 def as_normalized_shape(normalized_shape: ShapeLike) -> Tuple[int, ...]:
     """``normalized_shape`` as a tuple of non-negative ints (torch accepts a size-0 dim; the
     output is then empty)."""
-    if type(normalized_shape) in (tuple, list, torch.Size) and all(type(d) is int and d >= 0 for d in normalized_shape):
-        if normalized_shape:  # the common case, checked cheaply (it runs on every call)
-            return tuple(normalized_shape)
+    if (  # the common form, checked without ABC isinstance tests (this runs on every call)
+        type(normalized_shape) in (tuple, list, torch.Size)
+        and normalized_shape
+        and all(type(d) is int and d >= 0 for d in normalized_shape)
+    ):
+        return tuple(normalized_shape)
     single = _as_int(normalized_shape)
     if single is not None:
         shape: Tuple[int, ...] = (single,)

@@ -147,16 +147,25 @@ def select_backend(x: Tensor, dropout_p: float = 0.0) -> Backend:
 def explain_backend(x: Tensor, dropout_p: float = 0.0) -> str:
     """``"<name>: <why>"`` for the backend :func:`select_backend` picks for ``x``."""
     backend, why = _select(x, dropout_p)
-    return f"{backend.name}: {why}"
+    call = f"{x.dtype} on {x.device.type} (dropout_p={dropout_p})"
+    reasons = {
+        "forced": f"forced ({'use_backend' if _forced.get() else ENV_VAR})",
+        "forced_unsupported": f"forced {forced_backend()!r} does not support {call}: the reference",
+        "default": f"the first available backend that is a default for {x.device.type} and supports {call}",
+        "fallback": "no other backend supports the call",
+    }
+    return f"{backend.name}: {reasons[why]}"
 
 
 def _select(x: Tensor, dropout_p: float):
+    """``(backend, why)``, ``why`` a key that :func:`explain_backend` turns into a sentence (the
+    sentence is not built on the hot path)."""
     forced = forced_backend()
     if forced is not None:
         backend = _require_available(forced)
         if backend.supports(x, dropout_p):
-            return backend, f"forced ({'use_backend' if _forced.get() else ENV_VAR})"
-        return get_backend("reference"), f"forced {forced!r} does not support {x.dtype} on {x.device.type} (dropout_p={dropout_p}): the reference"
+            return backend, "forced"
+        return get_backend("reference"), "forced_unsupported"
     device = x.device.type
     for name in _registry:
         backend = get_backend(name)
@@ -165,8 +174,8 @@ def _select(x: Tensor, dropout_p: float):
             and backend.is_available()
             and backend.supports(x, dropout_p)
         ):
-            return backend, f"the first available backend that is a default for {device} and supports {x.dtype} (dropout_p={dropout_p})"
-    return get_backend("reference"), "no other backend supports the call"
+            return backend, "default"
+    return get_backend("reference"), "fallback"
 
 
 def select_backend_name(x: Tensor, dropout_p: float = 0.0) -> str:

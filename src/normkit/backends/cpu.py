@@ -68,9 +68,8 @@ def _is_serial(rows: int, n: int) -> bool:
     return rows == 1 or rows * n <= SERIAL_MAX_ELEMENTS
 
 
-def _np(t: Tensor):
-    """Zero-copy numpy view of a contiguous CPU tensor (bfloat16 as its uint16 bits)."""
-    return as_numpy(t)
+#: Zero-copy numpy view of a contiguous CPU tensor (bfloat16 as its uint16 bits).
+_np = as_numpy
 
 
 _IDENTITY: dict = {}
