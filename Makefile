@@ -8,9 +8,13 @@ PYTEST_ARGS ?=
 
 .PHONY: install test demo bench gpu-check gpu-check-dry clean
 
-$(STAMP): pyproject.toml constraints.txt
+# Two steps: the pinned stack first, then normkit itself without build isolation, so its C++
+# kernels (normkit._C, setup.py) compile against the torch just installed (~1 min; without a
+# compiler the install still succeeds and normkit runs its numba kernels).
+$(STAMP): pyproject.toml constraints.txt setup.py $(wildcard src/normkit/csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev]"
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt torch setuptools ninja
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev]" --no-build-isolation
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -38,4 +42,4 @@ gpu-check-dry: install
 	TRITON_INTERPRET=1 $(PY) benchmarks/gpu_check.py --dry --out $(GPU_CHECK_OUT)
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache src/normkit/*.so

@@ -20,8 +20,8 @@ from normkit.backends import select_backend
 
 from helpers import backend_or_skip, randn
 
-BACKENDS = ["reference", "cpu", "triton"]
-DTYPE = {"reference": torch.float64, "cpu": torch.float32, "triton": torch.float32}
+BACKENDS = ["reference", "cpu", "numba", "triton"]
+DTYPE = {"reference": torch.float64, "cpu": torch.float64, "numba": torch.float32, "triton": torch.float32}
 # float32 kernels against a float64 truth: second derivatives carry rstd^2 factors.
 TOL = {torch.float64: dict(rtol=1e-8, atol=1e-8), torch.float32: dict(rtol=2e-4, atol=2e-4)}
 

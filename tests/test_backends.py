@@ -19,7 +19,7 @@ from normkit.backends import select_backend
 
 from helpers import assert_close_to_truth, backend_or_skip, params, randn
 
-BACKENDS = ["reference", "cpu", "triton"]
+BACKENDS = ["reference", "cpu", "numba", "triton"]
 WIDTHS = [1, 3, 1000, 4097]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 VARIANTS = ["plain", "residual_prenorm", "no_affine"]

@@ -211,7 +211,7 @@ def test_batch_norm_1d_becomes_a_layer_norm_over_the_channel_dim(shape):
 
 
 class GemmaStyleRMSNorm(torch.nn.Module):
-    """Duck-types as an HF RMS norm but scales by (1 + weight): must not be converted."""
+    """Duck-types as an HF RMS norm but scales by (1 + weight): becomes a zero-centred RMSNorm."""
 
     def __init__(self, d: int, eps: float = 1e-6):
         super().__init__()
@@ -227,24 +227,32 @@ class PlainRMSNorm(GemmaStyleRMSNorm):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
 
 
+class OffsetRMSNorm(GemmaStyleRMSNorm):
+    """Neither gain: must not be converted."""
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight + 1.0
+
+
 class MyLayerNorm(torch.nn.LayerNorm):
     def forward(self, x):
         return super().forward(x) * 2
 
 
 def test_duck_typed_rms_norms_are_checked_and_subclasses_skipped():
-    model = torch.nn.Sequential(GemmaStyleRMSNorm(8), PlainRMSNorm(8), MyLayerNorm(8))
+    model = torch.nn.Sequential(GemmaStyleRMSNorm(8), PlainRMSNorm(8), MyLayerNorm(8), OffsetRMSNorm(8))
     _randomize_norms(model, seed=8)
     x = randn((3, 8), seed=9)
     want = model(x)
     summary = convert(model)
     by_name = {r.name: r for r in summary}
-    assert by_name["0"].new is None and "(1 + weight)" in by_name["0"].note
-    assert by_name["1"].new == "normkit.nn.RMSNorm"
+    assert by_name["0"].new == "normkit.nn.RMSNorm" and model[0].zero_centered_weight
+    assert by_name["1"].new == "normkit.nn.RMSNorm" and not model[1].zero_centered_weight
     assert by_name["2"].new is None and "subclass of torch.nn.LayerNorm" in by_name["2"].note
-    assert type(model[0]) is GemmaStyleRMSNorm and type(model[2]) is MyLayerNorm
+    assert by_name["3"].new is None and "gain weight and with gain (1 + weight)" in by_name["3"].note
+    assert type(model[2]) is MyLayerNorm and type(model[3]) is OffsetRMSNorm
     torch.testing.assert_close(model(x), want)
-    assert "1 module(s) replaced, 2 skipped" in str(summary)
+    assert "2 module(s) replaced, 2 skipped" in str(summary)
 
 
 def test_a_shared_norm_stays_shared():
@@ -265,7 +273,7 @@ def test_revert_turns_hand_built_normkit_modules_into_torch_ones():
 @pytest.mark.parametrize(
     "call, exc, match",
     [
-        (lambda: convert(Block(), to="batch_norm"), ValueError, r"to must be None, 'layer_norm' or 'rms_norm', got 'batch_norm'"),
+        (lambda: convert(Block(), to="batch_norm"), ValueError, r"to must be None, 'layer_norm', 'rms_norm' or 'dyt', got 'batch_norm'"),
         (lambda: convert("model"), TypeError, r"torch.nn.Module as model, got str"),
         (lambda: convert(torch.nn.LayerNorm(3)), ValueError, r"model is itself a LayerNorm; wrap it"),
         (lambda: convert(Block(), fused=1), TypeError, r"fused and batch_norm must be bools"),

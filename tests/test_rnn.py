@@ -556,11 +556,11 @@ def test_rnn_step_kernels_are_chosen_by_the_backend_registry(monkeypatch):
     """The numba steps run by default on float32 CPU input, never under
     ``normkit.backends.use("reference")``; and they leave the parameters' storages resizable
     (FSDP2 frees an unsharded parameter by resizing its storage to 0)."""
-    from normkit.backends import cpu_rnn_kernels
+    from normkit.backends import numba_rnn_kernels
 
     calls = []
-    real = cpu_rnn_kernels.lstm_fwd_step
-    monkeypatch.setattr(cpu_rnn_kernels, "lstm_fwd_step", lambda *a: calls.append(1) or real(*a))
+    real = numba_rnn_kernels.lstm_fwd_step
+    monkeypatch.setattr(numba_rnn_kernels, "lstm_fwd_step", lambda *a: calls.append(1) or real(*a))
     m = normkit.nn.LayerNormLSTM(4, 5)
     x = randn((3, 2, 4), seed=1)
     with normkit.backends.use("reference"):

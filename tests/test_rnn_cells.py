@@ -2,7 +2,7 @@
 
 The cells are the per-step reference equations behind an nn.LSTMCell-style interface; stepping
 one over a sequence must give what the sequence module gives. The numba kernels
-(:mod:`normkit.backends.cpu_rnn_kernels`) must compute what the plain-torch steps of
+(:mod:`normkit.backends.numba_rnn_kernels`) must compute what the plain-torch steps of
 :mod:`normkit.nn.rnn.sequence` compute, row for row, and touch no row outside the active block.
 """
 
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import normkit
-from normkit.backends import cpu_rnn_kernels as rnn_kernels
+from normkit.backends import numba_rnn_kernels as rnn_kernels
 from normkit.nn.rnn import sequence as rnn_fast
 
 from helpers import randn

@@ -2,8 +2,8 @@
 
 LLVM ``bitcast`` intrinsics: numba has no ``view`` for scalars, and going through a one-element
 array defeats vectorization. Shared by the CPU backend's bfloat16 conversion
-(:mod:`normkit.backends.cpu_kernels`) and the fast ``exp`` of the recurrent step kernels
-(:mod:`normkit.backends.cpu_rnn_kernels`).
+(:mod:`normkit.backends.numba_kernels`) and the fast ``exp`` of the recurrent step kernels
+(:mod:`normkit.backends.numba_rnn_kernels`).
 """
 
 from __future__ import annotations

@@ -9,13 +9,18 @@ semantics are those of :mod:`normkit.reference`.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Union
+import os
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
+from torch.autograd import forward_ad as _forward_ad
+
 from normkit import ops, paths
-from normkit.backends import forced_backend, select_backend_name
+from normkit.backends import _forced, select_backend_name
+from normkit.backends import ENV_VAR as _ENV_VAR
+from normkit.backends import cpu as _cpu
 from normkit.reference import default_rms_eps
 from normkit.validation import (
     FLOAT_DTYPES,
@@ -27,7 +32,15 @@ from normkit.validation import (
     check_residual,
 )
 
-__all__ = ["layer_norm", "rms_norm", "route"]
+__all__ = ["layer_norm", "rms_norm", "route", "native_call"]
+
+# os.environ.get costs ~1.4 us on a miss (it raises and catches KeyError inside); the bytes-keyed
+# dict behind it (CPython's POSIX os.environ._data, kept in sync by os.environ) costs ~50 ns.
+_environ_data = getattr(os.environ, "_data", None)
+if isinstance(_environ_data, dict) and os.name == "posix":
+    _environ_get, _ENV_KEY = _environ_data.get, os.fsencode(_ENV_VAR)
+else:  # pragma: no cover - other platforms
+    _environ_get, _ENV_KEY = os.environ.get, _ENV_VAR
 
 ShapeLike = Union[int, Sequence[int], torch.Size]
 
@@ -37,7 +50,8 @@ ROUTES = {
     "onnx": "inside ONNX export: standard operators the exporter can write",
     "composite": "torch.func transform, forward-mode AD or an empty input: the reference "
     "composite, whose torch ops every autograd mode understands",
-    "aten": "a tiny float32 CPU RMS call: PyTorch's own fused kernel costs less to launch",
+    "native": "a plain eager call on contiguous CPU tensors: the compiled kernels and their "
+    "autograd node, all in C++ (normkit._C.norm), launched straight from here",
     "op": "traced (torch.compile, export, make_fx, jit.trace, a tensor subclass): the "
     "normkit::norm_fwd custom op",
     "eager": "eager with gradients: the autograd Function calling the backend",
@@ -47,22 +61,34 @@ ROUTES = {
 
 def _in_forward_ad(tensors) -> bool:
     """Whether any of ``tensors`` carries a forward-mode AD tangent."""
-    from torch.autograd import forward_ad
-
-    if forward_ad._current_level < 0:  # no dual level is open: the cheap common case
+    if _forward_ad._current_level < 0:  # no dual level is open: the cheap common case
         return False
-    return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+    return any(t is not None and _forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
-def route(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor], is_rms: bool, dropout_p: float) -> str:
+def route(
+    x: Tensor,
+    residual: Optional[Tensor],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    is_rms: bool,
+    dropout_p: float,
+    shape: Optional[Tuple[int, ...]] = None,
+) -> str:
     """The one place that decides how a (validated) call runs: a key of :data:`ROUTES`.
 
-    Order matters: a DTensor is unwrapped first (its local call is routed again); empty inputs
+    Order matters: a plain eager call on contiguous CPU tensors goes to the compiled kernels
+    (:func:`native_call` says when; :func:`_norm` asks it before validating, since it accepts
+    only valid calls, and the check is what such a call costs); a DTensor is unwrapped first
+    (its local call is routed again); empty inputs
     take the composite; what traces gets the custom op, or standard ops under ONNX export;
     ``torch.func`` transforms and forward AD need ops they can transform, so they take the
     reference composite (same semantics, plain torch ops); then the fast paths.
     """
     tensors = (x, residual, weight, bias)
+    shape = tuple(x.shape[-1:] if weight is None else weight.shape) if shape is None else shape
+    if native_call(x, shape, weight, bias, 0.0, residual, dropout_p, True):
+        return "native"
     if type(x) is not Tensor and _is_dtensor(x):
         return "dtensor"
     if x.numel() == 0:
@@ -77,8 +103,6 @@ def route(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias:
         return "composite"
     if not ops.plain_eager(x):
         return "onnx" if torch.onnx.is_in_onnx_export() else "op"
-    if _use_aten_for_tiny_call(x, weight, dropout_p, is_rms):
-        return "aten"
     grad_needed = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     return "eager" if grad_needed else "eager_no_grad"
 
@@ -103,6 +127,12 @@ def _norm(
     dropout_p: float,
     training: bool,
 ):
+    if _native_preconditions():  # route "native" (see native_call), checked and run in one C++ call
+        out = _cpu.extension.try_norm(x, normalized_shape, weight, bias, eps, is_rms, residual, prenorm, dropout_p if training else 0.0)
+        if out is not None:
+            return out
+    elif _cpu.extension is None and type(x) is Tensor and x.is_cpu:
+        _cpu.warn_once_if_missing()
     shape = as_normalized_shape(normalized_shape)
     check_input(x, shape)
     check_param("weight", weight, x, shape)
@@ -110,7 +140,9 @@ def _norm(
     check_residual(residual, x)
     eps = check_eps(eps)
     dropout_p = check_dropout(dropout_p, training)
-    path = route(x, residual, weight, bias, is_rms, dropout_p)
+    path = route(x, residual, weight, bias, is_rms, dropout_p, shape)
+    if path == "native":  # valid now (eps made a float, a list shape a tuple, ...)
+        return _native(x, shape, weight, bias, eps, is_rms, residual, prenorm)
     if path == "dtensor":
         from normkit.distributed import dtensor_norm
 
@@ -119,8 +151,6 @@ def _norm(
         return paths.onnx_norm(x, shape, weight, bias, eps, is_rms, residual, prenorm, dropout_p)
     if path == "composite":
         return paths.composite_norm(x, shape, weight, bias, eps, is_rms, residual, prenorm, dropout_p)
-    if path == "aten":
-        return paths.aten_rms_norm(x, shape, weight, eps, residual, prenorm)
 
     n = math.prod(shape)
     rows = x.numel() // n
@@ -138,6 +168,14 @@ def _norm(
     return (y, _layout_like_torch(s2.view(x.shape), x, is_rms)) if prenorm else y
 
 
+def _native(x, shape, weight, bias, eps, is_rms, residual, prenorm):
+    n = shape if type(shape) is int else math.prod(shape)
+    out = _cpu.extension.norm(x, n, weight, bias, eps, is_rms, residual)
+    if not prenorm:
+        return out[0]
+    return out[0], (out[1] if residual is not None else x)
+
+
 def _layout_like_torch(out: Tensor, x: Tensor, is_rms: bool) -> Tensor:
     """torch's ``rms_norm`` is a composite of elementwise ops, so its output keeps the input's
     memory format (channels_last, a transposed view); its ``layer_norm`` returns a contiguous
@@ -148,27 +186,31 @@ def _layout_like_torch(out: Tensor, x: Tensor, is_rms: bool) -> Tensor:
     return out if like.is_contiguous() else like.copy_(out)
 
 
-#: CPU float32 RMS-norm calls of at most this many elements (256 KiB: L2-resident,
-#: launch-bound) run ATen's fused kernel (see below).
-ATEN_TINY_MAX_ELEMENTS = 1 << 16
-
-
-def _use_aten_for_tiny_call(x: Tensor, weight: Optional[Tensor], dropout_p: float, is_rms: bool) -> bool:
-    """Tiny float32 CPU RMS-norm calls (a few rows: the inference and small-RNN case) cost more
-    in the Python launch of any kernel (~10-20 µs) than in the arithmetic; ATen's own fused
-    kernel does them in 2-5 µs with the same semantics (float32 statistics; the residual sum
-    rounded once, as ``x + residual`` is). Only when no backend is forced, so the backend
-    tests and ``use_backend`` still run exactly what they name, and never while tracing.
-    Not layer norm: ATen's CPU layer-norm statistics lose accuracy on rows with a large mean
-    (error 0.45 against normkit's 0.016 at a 1e5 offset), forward and backward."""
+def _native_preconditions() -> bool:
+    """What only Python knows about a "native" call: the compiled kernels are built, nothing
+    compiles or transforms it (``torch.compile`` must see the custom op, ``torch.func`` and
+    forward AD the reference composite), and no backend but ``"cpu"`` is forced. The rest
+    (tensor types, dtypes, shapes, layout, eps, dropout, dispatch modes, jit tracing) is
+    checked in C++ by ``normkit._C.try_norm`` / ``accepts``."""
     return (
-        is_rms
-        and x.device.type == "cpu"
-        and x.dtype is torch.float32
-        and x.numel() <= ATEN_TINY_MAX_ELEMENTS
-        and dropout_p == 0.0
-        and (weight is None or weight.dtype is torch.float32)
-        and forced_backend() is None
+        _cpu.extension is not None
+        and not torch.compiler.is_compiling()
+        and _forward_ad._current_level < 0
+        # no public API tells whether a functorch transform is active; this one is cheap
+        and not torch._C._are_functorch_transforms_active()
+        and (_forced.get() or _environ_get(_ENV_KEY)) in (None, "cpu", b"cpu")
+    )
+
+
+def native_call(x, normalized_shape, weight, bias, eps, residual, dropout_p, training) -> bool:
+    """Whether a call takes the ``"native"`` route (the compiled CPU kernels with their C++
+    autograd node, ``normkit._C.norm``): :func:`_native_preconditions`, then the C++ checks.
+    They accept only valid calls: anything else is validated, and refused with a clear error,
+    on the general path."""
+    if _cpu.extension is None and type(x) is Tensor and x.is_cpu:
+        _cpu.warn_once_if_missing()
+    return _native_preconditions() and _cpu.extension.accepts(
+        x, normalized_shape, weight, bias, eps, residual, dropout_p if training else 0.0
     )
 
 
@@ -183,12 +225,14 @@ def layer_norm(
     prenorm: bool = False,
     dropout_p: float = 0.0,
     training: bool = True,
+    zero_centered_weight: bool = False,
 ):
     r"""Layer normalization (Ba, Kiros & Hinton 2016) over the trailing ``normalized_shape`` dims.
 
     .. math::
         s = \operatorname{dropout}(x) + r, \qquad
-        y = \frac{s - \mathrm{E}[s]}{\sqrt{\mathrm{Var}[s] + \epsilon}} \cdot g + b
+        y = \frac{s - \mathrm{E}[s]}{\sqrt{\mathrm{Var}[s] + \epsilon}} \cdot g + b,
+        \qquad g = \begin{cases} 1 + w & \text{zero\_centered\_weight} \\ w & \text{else} \end{cases}
 
     with the biased variance, statistics in float32 (float64 for float64 input).
 
@@ -204,10 +248,21 @@ def layer_norm(
         dropout_p: dropout rate in ``[0, 1)`` applied to ``input`` before the add, when
             ``training`` is true.
         training: apply dropout (as :func:`torch.nn.functional.dropout`'s ``training``).
+        zero_centered_weight: scale by ``1 + weight`` instead of ``weight`` (Gemma's gain,
+            flash-attn's ``zero_centered_weight``, Liger's ``offset=1.0``): a weight initialized
+            to zeros is the identity gain, and weight decay pulls the gain towards 1, not 0.
+            The gain is ``1.0 + weight.float()`` (in float64 for float64 input), as Gemma
+            computes it; gradients reach ``weight`` through that sum. Needs a ``weight``.
 
     Returns:
         ``y`` with the input's shape and dtype, or ``(y, s)`` if ``prenorm``.
     """
+    if zero_centered_weight is not False:  # imported here: the default path pays nothing
+        from normkit.reference import zero_centered_gain
+        from normkit.validation import check_zero_centered
+
+        check_zero_centered(zero_centered_weight, input, weight)
+        weight = zero_centered_gain(weight, input.dtype)
     return _norm(input, normalized_shape, weight, bias, eps, False, residual, prenorm, dropout_p, training)
 
 
@@ -221,6 +276,8 @@ def rms_norm(
     prenorm: bool = False,
     dropout_p: float = 0.0,
     training: bool = True,
+    zero_centered_weight: bool = False,
+    casting_mode: str = "gemma",
 ):
     r"""RMS normalization (Zhang & Sennrich 2019) over the trailing ``normalized_shape`` dims.
 
@@ -230,9 +287,42 @@ def rms_norm(
 
     ``eps=None`` uses the machine epsilon of the compute dtype (float32 for float16/bfloat16
     input), as :func:`torch.nn.functional.rms_norm` does.
-    Other arguments and the return value as :func:`layer_norm`.
+
+    ``casting_mode`` says where a float16/bfloat16 result is rounded (Liger-Kernel's names;
+    for float32 and float64 input the three modes compute the same thing):
+
+    - ``"gemma"`` (the default, and normkit's semantics since 0.1; Hugging Face
+      ``GemmaRMSNorm``, ``torch.nn.functional.rms_norm`` on CPU): statistics, normalization and
+      gain in float32, the output rounded once, ``(x_hat * g.float()).to(dtype)``.
+    - ``"llama"`` (Hugging Face ``LlamaRMSNorm``, Liger's default): ``x_hat`` is rounded to the
+      input dtype, then multiplied by the gain, ``(g * x_hat.to(dtype)).to(dtype)``. The
+      kernel runs without the gain and the product is a second elementwise pass. With a gain
+      of the input's dtype this is Hugging Face's formula; with a float32 gain Hugging Face
+      returns float32, normkit rounds the product to the input dtype (as Liger does).
+    - ``"none"``: Liger computes everything in the input dtype. normkit never takes statistics
+      in 16 bits (a bfloat16 sum of squares keeps 8 bits), so ``"none"`` is accepted for
+      Liger compatibility and computes exactly as ``"gemma"``.
+
+    ``zero_centered_weight=True`` (Gemma) uses the gain ``g = 1 + weight``, formed in float32
+    in every mode. Other arguments and the return value as :func:`layer_norm`.
     """
     if eps is None and isinstance(input, Tensor) and input.dtype in FLOAT_DTYPES:
         eps = default_rms_eps(input.dtype)
+    if zero_centered_weight is not False:  # imported here: the default path pays nothing
+        from normkit.reference import zero_centered_gain
+        from normkit.validation import check_zero_centered
+
+        check_zero_centered(zero_centered_weight, input, weight)
+        weight = zero_centered_gain(weight, input.dtype)
+    if casting_mode != "gemma":
+        from normkit.validation import check_casting_mode
+
+        if check_casting_mode(casting_mode) == "llama" and weight is not None:
+            shape = as_normalized_shape(normalized_shape)
+            check_input(input, shape)
+            check_param("weight", weight, input, shape)  # _norm below never sees the weight
+            out = _norm(input, shape, None, None, eps, True, residual, prenorm, dropout_p, training)
+            y = (weight * (out[0] if prenorm else out)).to(input.dtype)
+            return (y, out[1]) if prenorm else y
     return _norm(input, normalized_shape, weight, None, eps, True, residual, prenorm, dropout_p, training)
 

@@ -67,12 +67,22 @@ __all__ = [
     "normalize",
     "normalized_gradient",
     "statistics",
+    "zero_centered_gain",
 ]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype statistics and accumulations use: float64 for float64 input, else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def zero_centered_gain(weight: Tensor, dtype: torch.dtype) -> Tensor:
+    """The gain ``1 + weight`` of a zero-centred norm (Gemma; Liger's ``offset=1.0``, flash-attn's
+    ``zero_centered_weight``) for an input of ``dtype``, computed as Gemma does,
+    ``1.0 + weight.float()`` (in float64 for float64 input). The sum must not be taken in a
+    16-bit weight dtype: near 1 bfloat16 steps by 2**-7, so a learned offset of 0.003 would vanish.
+    Gradients reach ``weight`` through the sum (autograd casts them back to its dtype)."""
+    return 1.0 + weight.to(compute_dtype(dtype))
 
 
 def draw_dropout_seed(dropout_p: float) -> int:

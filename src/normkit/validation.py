@@ -16,13 +16,16 @@ from torch import Tensor
 from normkit.errors import NormDeviceError, NormShapeError, NormTypeError
 
 __all__ = [
+    "CASTING_MODES",
     "FLOAT_DTYPES",
     "as_normalized_shape",
+    "check_casting_mode",
     "check_dropout",
     "check_eps",
     "check_floating_tensor",
     "check_param",
     "check_residual",
+    "check_zero_centered",
 ]
 
 ShapeLike = Union[int, Sequence[int], torch.Size]
@@ -130,3 +133,31 @@ def check_dropout(dropout_p, training: bool) -> float:
     if not 0.0 <= p < 1.0:  # NaN fails this too
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     return p if training else 0.0
+
+
+#: The ``casting_mode`` values of :func:`normkit.rms_norm`, named as Liger-Kernel names them.
+CASTING_MODES = ("gemma", "llama", "none")
+
+
+def check_casting_mode(casting_mode) -> str:
+    """``casting_mode`` is one of :data:`CASTING_MODES`."""
+    if not isinstance(casting_mode, str) or casting_mode not in CASTING_MODES:
+        allowed = ", ".join(repr(m) for m in CASTING_MODES)
+        raise ValueError(f"casting_mode must be one of {allowed}, got {casting_mode!r}")
+    return casting_mode
+
+
+def check_zero_centered(zero_centered_weight, x, weight) -> None:
+    """``zero_centered_weight`` is a bool and, when true, there is a floating ``weight`` to add 1 to
+    (and a floating input, whose dtype sets the gain's)."""
+    if not isinstance(zero_centered_weight, bool):
+        raise TypeError(f"zero_centered_weight must be a bool, got {zero_centered_weight!r}")
+    if not zero_centered_weight:
+        return
+    if weight is None:
+        raise ValueError(
+            "zero_centered_weight=True scales by (1 + weight), so it needs a weight, but got weight=None "
+            "(without a weight the gain is 1 already: leave zero_centered_weight=False)"
+        )
+    check_floating_tensor("input", x)
+    check_floating_tensor("weight", weight, what=" or None")

@@ -13,7 +13,11 @@ name           runs on                                     module
 =============  ==========================================  ===============================
 ``triton``     CUDA tensors (CPU tensors under             :mod:`normkit.backends.triton`
                ``TRITON_INTERPRET=1``, when forced)
-``cpu``        CPU tensors, float32 / bfloat16 (numba)     :mod:`normkit.backends.cpu`
+``cpu``        CPU tensors, float32/64, bfloat16, float16  :mod:`normkit.backends.cpu`
+               (compiled C++ kernels, ``normkit._C``)
+``numba``      CPU tensors, float32 / bfloat16 (numba;     :mod:`normkit.backends.numba`
+               the CPU default when ``normkit._C`` is
+               not built)
 ``reference``  anything (plain PyTorch)                    :mod:`normkit.backends.reference`
 =============  ==========================================  ===============================
 
@@ -56,6 +60,7 @@ __all__ = [
 _BUILTIN_MODULES = {
     "triton": "normkit.backends.triton",
     "cpu": "normkit.backends.cpu",
+    "numba": "normkit.backends.numba",
     "reference": "normkit.backends.reference",
 }
 _registry: Dict[str, Optional[Backend]] = {name: None for name in _BUILTIN_MODULES}

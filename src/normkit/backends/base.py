@@ -80,7 +80,7 @@ class Backend:
     def rnn_steps(self, x: Tensor):
         """The compiled fused LN-LSTM/GRU steps for buffers like ``x`` (a module with
         ``lstm_fwd_step``, ``lstm_bwd_step``, ``gru_fwd_step``, ``gru_bwd_step``, ``column_sum``
-        and ``column_dot`` on NumPy views, as :mod:`normkit.backends.cpu_rnn_kernels`), or
+        and ``column_dot`` on NumPy views, as :mod:`normkit.backends.numba_rnn_kernels`), or
         ``None``: the plain-torch steps of :mod:`normkit.nn.rnn.sequence` run."""
         return None
 

@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     from normkit.lab.report import print_summary
     with contextlib.suppress(ImportError):  # no numba: nothing to idle
-        from normkit.backends.cpu_runtime import idle_numba_workers
+        from normkit.backends.numba_runtime import idle_numba_workers
 
         idle_numba_workers()
     from normkit.lab.runner import run_lab

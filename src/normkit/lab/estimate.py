@@ -77,7 +77,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("experiments", nargs="*", metavar="EXPERIMENT")
     args = parser.parse_args(argv)
     with contextlib.suppress(ImportError):  # no numba: nothing to idle
-        from normkit.backends.cpu_runtime import idle_numba_workers
+        from normkit.backends.numba_runtime import idle_numba_workers
 
         idle_numba_workers()
     from normkit.lab.runner import machine_info

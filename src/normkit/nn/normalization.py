@@ -1,8 +1,12 @@
 """Drop-in ``LayerNorm`` and ``RMSNorm`` modules backed by normkit's kernels.
 
-Each subclasses its ``torch.nn`` counterpart and overrides only ``forward``: the constructor,
-parameter names, initialization, ``extra_repr`` and ``state_dict`` keys are torch's own, so
-a state_dict loads both ways and ``isinstance(m, torch.nn.LayerNorm)`` still holds.
+Each subclasses its ``torch.nn`` counterpart and overrides ``forward``: the constructor
+arguments, parameter names, initialization, ``extra_repr`` and ``state_dict`` keys are torch's
+own, so a state_dict loads both ways and ``isinstance(m, torch.nn.LayerNorm)`` still holds.
+The keyword-only options torch lacks (``zero_centered_weight``, RMS norm's ``casting_mode``)
+add to the constructor and, when not at their defaults, to ``extra_repr``; they are not state
+(the state_dict keys stay torch's), so a state_dict records a zero-centred weight ``w``, not
+the gain ``1 + w``.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import torch
 from torch import Tensor
 
 from normkit import functional as F
+from normkit.nn._script import ScriptLayerNorm, ScriptRMSNorm
+from normkit.validation import check_casting_mode
 
 __all__ = ["LayerNorm", "RMSNorm"]
 
@@ -32,6 +38,16 @@ def _torch_twin(module: torch.nn.Module, cls: type, **config) -> torch.nn.Module
     return twin.train(module.training)
 
 
+def _check_zero_centered(zero_centered_weight, elementwise_affine: bool) -> None:
+    if not isinstance(zero_centered_weight, bool):
+        raise TypeError(f"zero_centered_weight must be a bool, got {zero_centered_weight!r}")
+    if zero_centered_weight and not elementwise_affine:
+        raise ValueError(
+            "zero_centered_weight=True scales by (1 + weight), so it needs elementwise_affine=True "
+            "(without a weight the gain is 1 already)"
+        )
+
+
 class LayerNorm(torch.nn.LayerNorm):
     r"""Layer normalization with an optional fused residual add, prenorm output and dropout.
 
@@ -42,6 +58,9 @@ class LayerNorm(torch.nn.LayerNorm):
     Args:
         normalized_shape, eps, elementwise_affine, bias, device, dtype: as
             :class:`torch.nn.LayerNorm` (``weight`` initialized to ones, ``bias`` to zeros).
+        zero_centered_weight: scale by ``1 + weight`` (Gemma's gain; see
+            :func:`normkit.layer_norm`); ``weight`` is then initialized to zeros, so the
+            initial gain is 1.
 
     Shape:
         - Input: ``(*, *normalized_shape)``; residual (optional): same as input.
@@ -54,8 +73,38 @@ class LayerNorm(torch.nn.LayerNorm):
         >>> y, h = norm(branch_out, residual=h, prenorm=True)   # h + branch_out, normalized
     """
 
-    def __prepare_scriptable__(self) -> torch.nn.LayerNorm:
-        """TorchScript gets a ``torch.nn.LayerNorm`` sharing these parameters (see :func:`_torch_twin`)."""
+    zero_centered_weight = False  # class defaults: a module pickled before the option existed
+
+    def __init__(
+        self,
+        normalized_shape,
+        eps: float = 1e-5,
+        elementwise_affine: bool = True,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        zero_centered_weight: bool = False,
+    ) -> None:
+        _check_zero_centered(zero_centered_weight, elementwise_affine)
+        super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype)
+        if zero_centered_weight:
+            self.zero_centered_weight = True
+            self.reset_parameters()  # torch's __init__ ran it before the flag was set
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if self.zero_centered_weight and self.weight is not None:
+            torch.nn.init.zeros_(self.weight)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", zero_centered_weight=True" if self.zero_centered_weight else "")
+
+    def __prepare_scriptable__(self) -> torch.nn.Module:
+        """TorchScript gets a ``torch.nn.LayerNorm`` sharing these parameters (see :func:`_torch_twin`);
+        a zero-centred one gets :class:`~normkit.nn._script.ScriptLayerNorm` (torch has no such gain)."""
+        if self.zero_centered_weight:
+            return ScriptLayerNorm(self)
         return _torch_twin(
             self,
             torch.nn.LayerNorm,
@@ -79,6 +128,7 @@ class LayerNorm(torch.nn.LayerNorm):
             prenorm=prenorm,
             dropout_p=dropout_p,
             training=self.training,
+            zero_centered_weight=self.zero_centered_weight,
         )
 
 
@@ -92,12 +142,62 @@ class RMSNorm(torch.nn.RMSNorm):
         normalized_shape, eps, elementwise_affine, device, dtype: as :class:`torch.nn.RMSNorm`
             (``eps=None`` means the compute dtype's machine epsilon, as torch does; ``weight``
             initialized to ones).
+        zero_centered_weight: scale by ``1 + weight`` (Gemma's ``GemmaRMSNorm``); ``weight`` is
+            then initialized to zeros, so the initial gain is 1.
+        casting_mode: ``"gemma"`` (default: one rounding at the end), ``"llama"`` (``x_hat``
+            rounded to the input dtype before the gain, as Hugging Face ``LlamaRMSNorm``) or
+            ``"none"`` (as ``"gemma"``); see :func:`normkit.rms_norm`.
 
     Shape and ``forward`` arguments as :class:`LayerNorm`.
+
+    Examples::
+
+        >>> norm = normkit.nn.RMSNorm(2048, eps=1e-6, zero_centered_weight=True)  # GemmaRMSNorm
+        >>> norm = normkit.nn.RMSNorm(4096, eps=1e-6, casting_mode="llama")        # LlamaRMSNorm
     """
 
-    def __prepare_scriptable__(self) -> torch.nn.RMSNorm:
-        """TorchScript gets a ``torch.nn.RMSNorm`` sharing these parameters (see :func:`_torch_twin`)."""
+    zero_centered_weight = False  # class defaults: a module pickled before the options existed
+    casting_mode = "gemma"
+
+    def __init__(
+        self,
+        normalized_shape,
+        eps: Optional[float] = None,
+        elementwise_affine: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        zero_centered_weight: bool = False,
+        casting_mode: str = "gemma",
+    ) -> None:
+        _check_zero_centered(zero_centered_weight, elementwise_affine)
+        casting_mode = check_casting_mode(casting_mode)
+        super().__init__(normalized_shape, eps, elementwise_affine, device, dtype)
+        if casting_mode != "gemma":
+            self.casting_mode = casting_mode
+        if zero_centered_weight:
+            self.zero_centered_weight = True
+            self.reset_parameters()  # torch's __init__ ran it before the flag was set
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if self.zero_centered_weight and self.weight is not None:
+            torch.nn.init.zeros_(self.weight)
+
+    def extra_repr(self) -> str:
+        extra = super().extra_repr()
+        if self.zero_centered_weight:
+            extra += ", zero_centered_weight=True"
+        if self.casting_mode != "gemma":
+            extra += f", casting_mode={self.casting_mode!r}"
+        return extra
+
+    def __prepare_scriptable__(self) -> torch.nn.Module:
+        """TorchScript gets a ``torch.nn.RMSNorm`` sharing these parameters (see :func:`_torch_twin`);
+        a zero-centred gain or ``casting_mode="llama"`` (which torch's module cannot express) gets
+        :class:`~normkit.nn._script.ScriptRMSNorm`."""
+        if self.weight is not None and (self.zero_centered_weight or self.casting_mode == "llama"):
+            return ScriptRMSNorm(self)
         return _torch_twin(
             self,
             torch.nn.RMSNorm,
@@ -119,4 +219,6 @@ class RMSNorm(torch.nn.RMSNorm):
             prenorm=prenorm,
             dropout_p=dropout_p,
             training=self.training,
+            zero_centered_weight=self.zero_centered_weight,
+            casting_mode=self.casting_mode,
         )

@@ -74,7 +74,10 @@ class FoldRecord:
 
 def _is_foldable_norm(module: nn.Module) -> bool:
     """Exactly torch's or normkit's LayerNorm/RMSNorm (a subclass may override forward), or a
-    Hugging Face RMS norm."""
+    Hugging Face RMS norm. Not a zero-centred normkit norm: its gain is ``1 + weight``, and the
+    fold reads ``weight`` as the gain."""
+    if getattr(module, "zero_centered_weight", False) is True:
+        return False
     return type(module) in (nn.LayerNorm, nn.RMSNorm, nnk.LayerNorm, nnk.RMSNorm) or is_hf_rms_norm(module)
 
 
@@ -114,7 +117,8 @@ def _validate(model: nn.Module, pairs: Iterable[Sequence[str]]) -> "OrderedDict[
         norm_name, linear_name = pair
         norm, linear = _lookup(model, norm_name, "norm"), _lookup(model, linear_name, "linear")
         if not _is_foldable_norm(norm):
-            raise TypeError(f"pairs: {norm_name!r} must be a LayerNorm/RMSNorm (torch, normkit or Hugging Face RMS norm), got {type(norm).__name__}")
+            raise TypeError(f"pairs: {norm_name!r} must be a LayerNorm/RMSNorm (torch, normkit or Hugging Face RMS norm; "
+                            f"not zero-centred), got {type(norm).__name__}")
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"pairs: {linear_name!r} must be an nn.Linear, got {type(linear).__name__}")
         width = _width(norm)

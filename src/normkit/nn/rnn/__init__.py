@@ -9,7 +9,7 @@ module                    what it holds
 :mod:`.reference`         the equations, step by step in plain torch (the semantics)
 ========================  ======================================================================
 
-The numba step kernels live with the other CPU kernels (:mod:`normkit.backends.cpu_rnn_kernels`)
+The numba step kernels live with the other CPU kernels (:mod:`normkit.backends.numba_rnn_kernels`)
 and are chosen through the backend registry: ``normkit.backends.use("reference")`` runs the
 plain-torch steps.
 """

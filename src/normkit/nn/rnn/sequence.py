@@ -15,7 +15,7 @@ One layer, one direction, as one :class:`torch.autograd.Function` over the whole
    ``(G, N) x (N, H)`` product, the gains and biases as column sums (numba, float64
    accumulators, on the numba path).
 
-The fused step is a numba kernel (:mod:`normkit.backends.cpu_rnn_kernels`) for float32 CPU tensors, and
+The fused step is a numba kernel (:mod:`normkit.backends.numba_rnn_kernels`) for float32 CPU tensors, and
 the plain-torch ``*_step_torch`` functions below (same buffers, same quantities) otherwise.
 float16/bfloat16 layers run the recurrence in float32. Sequences use the packed layout
 described in :mod:`normkit.nn.rnn.reference`; a dense ``(T, B)`` batch is ``batch_sizes = [B]*T``.

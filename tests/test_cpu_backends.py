@@ -1,5 +1,6 @@
-"""What is specific to the numba ``"cpu"`` backend; its correctness against the float64 truth
-is covered by the shared suite (tests/test_backends.py, which runs every case on "cpu" too).
+"""What is specific to the two CPU backends, ``"cpu"`` (compiled C++, normkit._C) and ``"numba"``;
+their correctness against the float64 truth is covered by the shared suite
+(tests/test_backends.py, which runs every case on both too).
 
 Shapes are chosen to reach both launch paths: the serial kernel (few elements or one row) and
 the parallel one with several row chunks (so the backward's partial sums are exercised).
@@ -19,9 +20,15 @@ from normkit.backends import select_backend
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
+@pytest.fixture(scope="module", params=["cpu", "numba"])
+def cpu(request):
+    """Each CPU backend in turn (tests of what both must do)."""
+    return backend_or_skip(request.param)
+
+
 @pytest.fixture(scope="module")
-def cpu():
-    return backend_or_skip("cpu")
+def numba_backend():
+    return backend_or_skip("numba")
 
 
 def _grads(fn, x, w, b, dy, r=None, ds=None, prenorm=False):
@@ -45,20 +52,30 @@ def _rms(x, w, b, r, prenorm=False):
 # --- selection -------------------------------------------------------------------------------
 
 
-def test_is_the_default_for_float32_and_bfloat16_on_cpu(cpu):
-    assert cpu.unavailable_reason() is None
-    assert "cpu" in normkit.backends()
-    for dtype in (torch.float32, torch.bfloat16):
+def test_the_compiled_backend_is_the_cpu_default_and_numba_the_next():
+    from normkit.backends import cpu as compiled
+
+    if compiled.extension is None:
+        pytest.skip(f"normkit._C not built: {compiled.BACKEND.unavailable_reason()}")
+    assert normkit.backends.available()[:2] in (["cpu", "numba"], ["triton", "cpu"])
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         assert select_backend(torch.ones(2, 3, dtype=dtype)).name == "cpu", dtype
-    for dtype in (torch.float64, torch.float16):
-        assert select_backend(torch.ones(2, 3, dtype=dtype)).name == "reference", dtype
     assert select_backend(torch.ones(2, 3), dropout_p=0.1).name == "reference"
-    assert not cpu.supports(torch.ones(2, 3, device="meta"), 0.0)
+    assert not compiled.BACKEND.supports(torch.ones(2, 3, device="meta"), 0.0)
 
 
-def test_unsupported_calls_fall_back_to_the_reference(cpu):
+def test_numba_handles_float32_and_bfloat16(numba_backend):
+    with normkit.use_backend("numba"):
+        for dtype in (torch.float32, torch.bfloat16):
+            assert select_backend(torch.ones(2, 3, dtype=dtype)).name == "numba", dtype
+        for dtype in (torch.float64, torch.float16):
+            assert select_backend(torch.ones(2, 3, dtype=dtype)).name == "reference", dtype
+    assert not numba_backend.supports(torch.ones(2, 3, device="meta"), 0.0)
+
+
+def test_unsupported_calls_fall_back_to_the_reference(numba_backend):
     x = randn((4, 33), torch.float64, seed=1)
-    with normkit.use_backend("cpu"):
+    with normkit.use_backend("numba"):
         assert select_backend(x).name == "reference"
         y = normkit.layer_norm(x, (33,))
     torch.testing.assert_close(y, ref.layer_norm(x, (33,)), rtol=1e-12, atol=1e-12)
@@ -67,8 +84,8 @@ def test_unsupported_calls_fall_back_to_the_reference(cpu):
 # --- bfloat16 conversion ---------------------------------------------------------------------
 
 
-def test_float32_to_bfloat16_rounds_like_torch(cpu):
-    from normkit.backends import cpu_kernels as k
+def test_float32_to_bfloat16_rounds_like_torch(numba_backend):
+    from normkit.backends import numba_kernels as k
 
     special = torch.tensor(
         [0.0, -0.0, 1.0, -1.0, float("inf"), float("-inf"), 3.4028235e38, -3.4028235e38, 1e-40, -1e-45, 1.17549435e-38],
@@ -93,8 +110,8 @@ def test_float32_to_bfloat16_rounds_like_torch(cpu):
     assert torch.isnan(out.view(torch.bfloat16)).all(), out
 
 
-def test_bfloat16_to_float32_is_exact_for_every_bit_pattern(cpu):
-    from normkit.backends import cpu_kernels as k
+def test_bfloat16_to_float32_is_exact_for_every_bit_pattern(numba_backend):
+    from normkit.backends import numba_kernels as k
 
     bits = torch.arange(2**16, dtype=torch.int32).to(torch.uint16)
     out = torch.empty(2**16, dtype=torch.float32)
@@ -104,7 +121,7 @@ def test_bfloat16_to_float32_is_exact_for_every_bit_pattern(cpu):
 
 def test_bfloat16_fused_sum_is_rounded_once_exactly(cpu):
     x, r = randn((64, 700), torch.bfloat16, seed=4), randn((64, 700), torch.bfloat16, seed=5)
-    with normkit.use_backend("cpu"):
+    with normkit.use_backend(cpu.name):
         y, s = normkit.layer_norm(x, (700,), residual=r, prenorm=True)
     assert torch.equal(s, (x.float() + r.float()).to(torch.bfloat16))
     y_ref = ref.layer_norm(x, (700,), residual=r)
@@ -143,13 +160,13 @@ def test_shapes_match_the_reference_in_float32(cpu, fn, rows, n):
 
 
 def test_serial_and_parallel_paths_agree(cpu):
-    from normkit.backends.cpu import SERIAL_MAX_ELEMENTS
+    from normkit.backends.numba import SERIAL_MAX_ELEMENTS  # the C++ kernels use the same threshold
 
     n = 512
     rows = 4 * SERIAL_MAX_ELEMENTS // n  # parallel path, several chunks
     x = randn((rows, n), seed=10)
     w, b = params((n,), seed=11)
-    with normkit.use_backend("cpu"):
+    with normkit.use_backend(cpu.name):
         whole = normkit.layer_norm(x, (n,), w, b)
         head = normkit.layer_norm(x[:3], (n,), w, b)  # serial path
     torch.testing.assert_close(whole[:3], head, rtol=1e-6, atol=1e-6)
@@ -164,7 +181,7 @@ def test_gradients_are_bit_identical_across_runs_and_thread_counts(cpu, fn):
     x, dy = randn((rows, n), seed=12), randn((rows, n), seed=13)
     w, b = params((n,), seed=14)
     b = None if fn is _rms else b
-    with normkit.use_backend("cpu"):
+    with normkit.use_backend(cpu.name):
         first = _grads(fn, x, w, b, dy)
         second = _grads(fn, x, w, b, dy)
         with torch_threads(1):
@@ -174,26 +191,26 @@ def test_gradients_are_bit_identical_across_runs_and_thread_counts(cpu, fn):
         assert torch.equal(a, d), "1 thread and the default thread count gave different bits"
 
 
-def test_one_thread_budget_never_wakes_the_numba_pool(cpu, monkeypatch):
+def test_one_thread_budget_never_wakes_the_numba_pool(numba_backend, monkeypatch):
     """With torch.set_num_threads(1) the kernels run in the calling thread: a one-thread
     launch of numba's OpenMP pool left a worker spinning (twice the CPU time, same wall time)."""
-    from normkit.backends import cpu_kernels
+    from normkit.backends import numba_kernels
 
     for name in ("fwd_parallel", "bwd_parallel", "sum_partials"):
-        monkeypatch.setattr(cpu_kernels, name, lambda *a, _n=name: pytest.fail(f"{_n} launched with a one-thread budget"))
+        monkeypatch.setattr(numba_kernels, name, lambda *a, _n=name: pytest.fail(f"{_n} launched with a one-thread budget"))
     x = randn((3000, 257), seed=16, requires_grad=True)  # big enough for the parallel path
     w, b = (t.requires_grad_(True) for t in params((257,), seed=17))
-    with torch_threads(1), normkit.use_backend("cpu"):
+    with torch_threads(1), normkit.use_backend("numba"):
         normkit.layer_norm(x, (257,), w, b).sum().backward()
     assert x.grad is not None and w.grad is not None
 
 
-def test_numba_thread_setting_is_restored(cpu):
+def test_numba_thread_setting_is_restored(numba_backend):
     import numba
 
     before = numba.get_num_threads()
     x = randn((2000, 300), seed=15)
-    with torch_threads(1), normkit.use_backend("cpu"):
+    with torch_threads(1), normkit.use_backend("numba"):
         normkit.layer_norm(x, (300,))
     assert numba.get_num_threads() == before
 
@@ -204,7 +221,7 @@ def test_numba_thread_setting_is_restored(cpu):
 def test_parameters_in_another_dtype_keep_their_gradient_dtype(cpu):
     x, dy = randn((50, 96), torch.bfloat16, seed=16), randn((50, 96), seed=17)
     w, b = (p.double() for p in params((96,), seed=18))
-    with normkit.use_backend("cpu"):
+    with normkit.use_backend(cpu.name):
         y, dx, dw, db = _grads(_ln, x, w, b, dy)
     assert y.dtype == torch.bfloat16 and dx.dtype == torch.bfloat16
     assert dw.dtype == torch.float64 and db.dtype == torch.float64
@@ -226,7 +243,7 @@ def test_very_wide_rows_with_a_large_mean_stay_accurate(cpu, residual):
     x = randn((1, n), seed=40, offset=1e4, scale=0.1, requires_grad=True)
     r = randn((1, n), seed=41) if residual else None
     dy = randn((1, n), seed=42)
-    with normkit.use_backend("cpu"):
+    with normkit.use_backend(cpu.name):
         y = normkit.layer_norm(x, n, residual=r)
     (dx,) = torch.autograd.grad(y, x, dy)
     y32 = ref.layer_norm(x, n, residual=r)

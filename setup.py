@@ -1,0 +1,50 @@
+"""Build of normkit's optional compiled CPU kernels (``normkit._C``).
+
+Everything else is in pyproject.toml. The extension needs torch at build time, so it is built
+when torch is importable in the build environment (``pip install --no-build-isolation``, as
+``make install`` does); without torch or a C++ compiler the install still succeeds and normkit
+runs its numba kernels instead (and says so once, on first use).
+"""
+
+import os
+import sys
+
+from setuptools import setup
+
+ext_modules = []
+cmdclass = {}
+if os.environ.get("NORMKIT_NO_EXTENSION") != "1":
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except ImportError:
+        print("normkit: torch is not importable at build time; skipping the compiled kernels", file=sys.stderr)
+    else:
+
+        class OptionalBuildExtension(BuildExtension):
+            """A failed compile skips the extension instead of failing the install."""
+
+            def build_extensions(self):
+                self._failed = []
+                super().build_extensions()
+                # nothing to copy or install for what failed (editable installs copy every listed one)
+                self.extensions = [e for e in self.extensions if e not in self._failed]
+
+            def build_extension(self, ext):
+                try:
+                    super().build_extension(ext)
+                except Exception as exc:  # no compiler, missing headers, ...
+                    self._failed.append(ext)
+                    print(f"normkit: building {ext.name} failed ({exc}); normkit will use its numba kernels", file=sys.stderr)
+
+        ext_modules = [
+            CppExtension(
+                "normkit._C",
+                ["src/normkit/csrc/norm_cpu.cpp"],
+                include_dirs=[os.path.abspath("src/normkit/csrc")],
+                extra_compile_args=["-O3", "-fopenmp", "-fno-math-errno", "-Wno-unused-function"],
+                extra_link_args=["-fopenmp"],
+            )
+        ]
+        cmdclass = {"build_ext": OptionalBuildExtension.with_options(use_ninja=True)}
+
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -1,0 +1,605 @@
+// normkit._C: the CPU backend's compiled kernels and its eager launch path.
+//
+//  * forward / backward: layer norm and RMS norm on contiguous (M, N) tensors, with the fused
+//    residual add and prenorm output, exactly the contract of normkit.backends.base.Backend
+//    (semantics: normkit.reference). Rows are spread over torch's intra-op thread pool
+//    (at::parallel_for, so torch.set_num_threads is the knob) in chunks that depend on the
+//    shape only; the gain/bias gradients are summed per chunk and the chunk partials added in
+//    chunk order, so every result is bit-identical for any thread count.
+//  * norm: the whole eager call (reshape, kernels, autograd node) in C++, for the Python fast
+//    path of normkit.functional: a launch costs what a native torch op costs. Under
+//    create_graph=True its backward is built from differentiable ATen ops (double backward).
+//
+// The hot functions are compiled for several instruction sets (target_clones: AVX-512, AVX2,
+// baseline x86-64) and the loader picks the best this CPU has, so the extension built on one
+// x86 machine runs on any other.
+#include <ATen/Parallel.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
+#include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/jit/frontend/tracer.h>
+#include <torch/extension.h>
+
+#include <sys/mman.h>
+
+#include <atomic>
+#include <vector>
+
+#include "row_math.h"
+
+namespace normkit {
+namespace {
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define NORMKIT_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define NORMKIT_CLONES
+#endif
+
+using at::Tensor;
+
+// --- work split ---------------------------------------------------------------------------------
+
+constexpr int64_t kSerialMaxElements = 1 << 15;  // smaller calls run in the calling thread
+constexpr int64_t kMaxChunks = 64;
+constexpr int64_t kMinChunkRows = 8;
+constexpr int64_t kMinChunkElements = 1 << 14;
+
+int64_t rows_per_chunk(int64_t rows, int64_t n) {
+  int64_t per = std::max({(rows + kMaxChunks - 1) / kMaxChunks, kMinChunkRows, (kMinChunkElements + n - 1) / n});
+  return std::min(per, rows);
+}
+
+bool is_serial(int64_t rows, int64_t n) { return rows == 1 || rows * n <= kSerialMaxElements; }
+
+// f(chunk) for chunks 0..n_chunks-1, handed out one at a time to torch's threads (a core busy
+// with another process then delays one chunk, not half the rows).
+template <typename F>
+void for_each_chunk(int64_t n_chunks, bool serial, const F& f) {
+  const int64_t threads = at::get_num_threads();
+  if (serial || n_chunks == 1 || threads == 1 || at::in_parallel_region()) {
+    for (int64_t c = 0; c < n_chunks; ++c) f(c);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min(threads, n_chunks), 1, [&](int64_t, int64_t) {
+    for (int64_t c = next.fetch_add(1); c < n_chunks; c = next.fetch_add(1)) f(c);
+  });
+}
+
+// Outputs of 4 MiB or more are advised to use transparent huge pages before the first write:
+// a fresh 64 MiB tensor otherwise takes 16k page faults (several times the kernel's time).
+Tensor empty_output(const Tensor& like) {
+  Tensor out = at::empty_like(like, at::MemoryFormat::Contiguous);
+  const size_t nbytes = out.numel() * out.element_size();
+  constexpr size_t kHuge = 1 << 21, kMin = 4 << 20;
+  if (nbytes >= kMin) {
+    uintptr_t p = reinterpret_cast<uintptr_t>(out.data_ptr());
+    uintptr_t lo = (p + kHuge - 1) & ~(kHuge - 1), hi = (p + nbytes) & ~(kHuge - 1);
+    if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);  // advice only
+  }
+  return out;
+}
+
+// A gain/bias as a contiguous Acc (N,) tensor, or an undefined tensor for none.
+Tensor as_param(const c10::optional<Tensor>& p, at::ScalarType acc) {
+  if (!p.has_value() || !p->defined()) return Tensor();
+  if (p->scalar_type() == acc && p->is_contiguous()) return *p;  // read as (N,) through its pointer
+  return p->to(acc).contiguous();
+}
+
+template <typename Acc>
+const Acc* ptr_or_null(const Tensor& t) {
+  return t.defined() ? t.data_ptr<Acc>() : nullptr;
+}
+
+at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// --- forward ------------------------------------------------------------------------------------
+
+template <typename T, typename Acc>
+struct FwdArgs {
+  const T* x;
+  const T* r;  // residual or null
+  const Acc* w;
+  const Acc* b;
+  T* y;
+  T* s;  // prenorm sum or null
+  Acc* mean;  // null for RMS norm (or when not wanted)
+  Acc* rstd;  // null when not wanted (no backward)
+  int64_t n;
+  Acc eps;
+  bool is_rms;
+};
+
+template <typename T, typename Acc>
+NORMKIT_INLINE void fwd_rows_impl(const FwdArgs<T, Acc>& a, int64_t lo, int64_t hi, Acc* buf) {
+  const int64_t n = a.n;
+  for (int64_t i = lo; i < hi; ++i) {
+    RowStats<Acc> st;
+    T* yi = a.y + i * n;
+    const T* xi = a.x + i * n;
+    if (a.r) {
+      // the sum rounded once to the input dtype, as the unfused x + r is
+      const T* ri = a.r + i * n;
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j)
+        buf[j] = load<T, Acc>(store<T>(load<T, Acc>(xi[j]) + load<T, Acc>(ri[j])));
+      if (a.s) {
+        T* si = a.s + i * n;
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) si[j] = store<T>(buf[j]);
+      }
+      st = row_stats<Acc, Acc>(buf, n, a.eps, a.is_rms);
+      write_row<T, Acc, Acc>(buf, yi, n, st, a.w, a.b);
+    } else {
+      st = row_stats<T, Acc>(xi, n, a.eps, a.is_rms);
+      write_row<T, T, Acc>(xi, yi, n, st, a.w, a.b);
+    }
+    if (a.mean) a.mean[i] = st.mean;
+    if (a.rstd) a.rstd[i] = st.rstd;
+  }
+}
+
+#define NORMKIT_FWD_ROWS(NAME, T, ACC) \
+  NORMKIT_CLONES void NAME(const FwdArgs<T, ACC>& a, int64_t lo, int64_t hi, ACC* buf) { fwd_rows_impl<T, ACC>(a, lo, hi, buf); }
+NORMKIT_FWD_ROWS(fwd_rows, float, float)
+NORMKIT_FWD_ROWS(fwd_rows, double, double)
+NORMKIT_FWD_ROWS(fwd_rows, c10::BFloat16, float)
+NORMKIT_FWD_ROWS(fwd_rows, c10::Half, float)
+
+template <typename T, typename Acc>
+void forward_typed(const FwdArgs<T, Acc>& a, int64_t rows) {
+  const int64_t per = rows_per_chunk(rows, a.n);
+  const int64_t n_chunks = (rows + per - 1) / per;
+  const bool need_buf = a.r != nullptr;
+  for_each_chunk(n_chunks, is_serial(rows, a.n), [&](int64_t c) {
+    std::vector<Acc> buf(need_buf ? a.n : 0);
+    fwd_rows(a, c * per, std::min(rows, (c + 1) * per), buf.data());
+  });
+}
+
+void check_2d(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 2 && t.is_contiguous() && t.device().is_cpu(), "normkit._C: ", name,
+              " must be a contiguous 2-D CPU tensor, got sizes ", t.sizes(), " strides ", t.strides());
+}
+
+// (y, s, mean, rstd) on a contiguous (M, N) x: s is undefined unless store_sum and a residual,
+// mean undefined for RMS norm. y_out, when defined, receives y (a contiguous buffer like x).
+std::vector<Tensor> forward(const Tensor& x, const c10::optional<Tensor>& residual, const c10::optional<Tensor>& weight,
+                            const c10::optional<Tensor>& bias, double eps, bool is_rms, bool store_sum,
+                            const c10::optional<Tensor>& y_out, bool want_stats = true) {
+  check_2d(x, "x");
+  const bool has_res = residual.has_value() && residual->defined();
+  if (has_res) {
+    check_2d(*residual, "residual");
+    TORCH_CHECK(residual->sizes() == x.sizes() && residual->scalar_type() == x.scalar_type(),
+                "normkit._C: residual must match x");
+  }
+  const int64_t rows = x.size(0), n = x.size(1);
+  const auto acc = acc_type(x.scalar_type());
+  Tensor w = as_param(weight, acc), b = as_param(bias, acc);
+  TORCH_CHECK(!w.defined() || w.numel() == n, "normkit._C: weight must have N elements");
+  TORCH_CHECK(!b.defined() || b.numel() == n, "normkit._C: bias must have N elements");
+  Tensor y;
+  if (y_out.has_value() && y_out->defined()) {
+    y = *y_out;
+    check_2d(y, "out");
+    TORCH_CHECK(y.sizes() == x.sizes() && y.scalar_type() == x.scalar_type(), "normkit._C: out must match x");
+  } else {
+    y = empty_output(x);
+  }
+  Tensor s = (store_sum && has_res) ? empty_output(x) : Tensor();
+  Tensor rstd = want_stats ? at::empty({rows}, x.options().dtype(acc)) : Tensor();
+  Tensor mean = (is_rms || !want_stats) ? Tensor() : at::empty({rows}, x.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "normkit_forward", [&] {
+    using Acc = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    FwdArgs<scalar_t, Acc> a{x.const_data_ptr<scalar_t>(),
+                             has_res ? residual->const_data_ptr<scalar_t>() : nullptr,
+                             ptr_or_null<Acc>(w),
+                             ptr_or_null<Acc>(b),
+                             y.data_ptr<scalar_t>(),
+                             s.defined() ? s.data_ptr<scalar_t>() : nullptr,
+                             mean.defined() ? mean.data_ptr<Acc>() : nullptr,
+                             rstd.defined() ? rstd.data_ptr<Acc>() : nullptr,
+                             n,
+                             static_cast<Acc>(eps),
+                             is_rms};
+    forward_typed(a, rows);
+  });
+  return {y, s, mean, rstd};
+}
+
+// --- backward -----------------------------------------------------------------------------------
+
+template <typename T, typename Acc>
+struct BwdArgs {
+  const T* s;
+  const T* dy;
+  const T* dsum;  // gradient of the prenorm output, or null
+  const Acc* w;  // never null (ones for no gain)
+  const Acc* mean;  // null for RMS norm
+  const Acc* rstd;
+  T* dx;
+  int64_t n;
+};
+
+// ds of rows lo..hi into dx; their dy * s_hat and dy summed into dwp / dbp (N,).
+template <typename T, typename Acc>
+NORMKIT_INLINE void bwd_rows_impl(const BwdArgs<T, Acc>& a, int64_t lo, int64_t hi, Acc* dwp, Acc* dbp) {
+  const int64_t n = a.n;
+  std::fill(dwp, dwp + n, Acc(0));
+  std::fill(dbp, dbp + n, Acc(0));
+  for (int64_t i = lo; i < hi; ++i) {
+    const RowStats<Acc> st{a.mean ? a.mean[i] : Acc(0), a.rstd[i]};
+    const T* si = a.s + i * n;
+    const T* dyi = a.dy + i * n;
+    T* dxi = a.dx + i * n;
+    const auto m = grad_means<T, Acc>(si, dyi, n, st, a.w);
+    const Acc c_g = a.mean ? m.g : Acc(0), c_gx = m.g_shat, mu = st.mean, rs = st.rstd;
+    const Acc* w = a.w;
+    // two copies of the loop, so neither tests for dsum per element
+    auto row = [&](auto dsum_of) {
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) {
+        const Acc xh = (load<T, Acc>(si[j]) - mu) * rs;
+        const Acc d = load<T, Acc>(dyi[j]);
+        dxi[j] = store<T>((d * w[j] - xh * c_gx - c_g) * rs + dsum_of(j));
+        dwp[j] += d * xh;
+        dbp[j] += d;
+      }
+    };
+    if (a.dsum) {
+      const T* dsi = a.dsum + i * n;
+      row([&](int64_t j) __attribute__((always_inline)) { return load<T, Acc>(dsi[j]); });
+    } else {
+      row([](int64_t) __attribute__((always_inline)) { return Acc(0); });
+    }
+  }
+}
+
+#define NORMKIT_BWD_ROWS(NAME, T, ACC)                                                                  \
+  NORMKIT_CLONES void NAME(const BwdArgs<T, ACC>& a, int64_t lo, int64_t hi, ACC* dwp, ACC* dbp) { \
+    bwd_rows_impl<T, ACC>(a, lo, hi, dwp, dbp);                                                      \
+  }
+NORMKIT_BWD_ROWS(bwd_rows, float, float)
+NORMKIT_BWD_ROWS(bwd_rows, double, double)
+NORMKIT_BWD_ROWS(bwd_rows, c10::BFloat16, float)
+NORMKIT_BWD_ROWS(bwd_rows, c10::Half, float)
+
+// out[j] = sum_c part[c, j], in chunk order, for columns lo..hi.
+template <typename Acc>
+NORMKIT_CLONES void sum_partials(const Acc* part, int64_t chunks, int64_t n, int64_t lo, int64_t hi, Acc* out) {
+  std::copy(part + lo, part + hi, out + lo);
+  for (int64_t c = 1; c < chunks; ++c) {
+    const Acc* pc = part + c * n;
+#pragma omp simd
+    for (int64_t j = lo; j < hi; ++j) out[j] += pc[j];
+  }
+}
+
+template <typename T, typename Acc>
+void backward_typed(const BwdArgs<T, Acc>& a, int64_t rows, Acc* dw, Acc* db, const at::TensorOptions& acc_opts) {
+  const int64_t n = a.n;
+  if (is_serial(rows, n)) {
+    bwd_rows(a, 0, rows, dw, db);
+    return;
+  }
+  const int64_t per = rows_per_chunk(rows, n);
+  const int64_t chunks = (rows + per - 1) / per;
+  Tensor dw_part = at::empty({chunks, n}, acc_opts), db_part = at::empty({chunks, n}, acc_opts);
+  Acc* dwp = dw_part.data_ptr<Acc>();
+  Acc* dbp = db_part.data_ptr<Acc>();
+  for_each_chunk(chunks, false, [&](int64_t c) { bwd_rows(a, c * per, std::min(rows, (c + 1) * per), dwp + c * n, dbp + c * n); });
+  constexpr int64_t kCols = 1024;
+  for_each_chunk((n + kCols - 1) / kCols, n <= kCols, [&](int64_t blk) {
+    const int64_t lo = blk * kCols, hi = std::min(n, lo + kCols);
+    sum_partials<Acc>(dwp, chunks, n, lo, hi, dw);
+    sum_partials<Acc>(dbp, chunks, n, lo, hi, db);
+  });
+}
+
+// (dx, dweight, dbias) on contiguous (M, N) tensors; dweight/dbias (N,) in the compute dtype.
+std::vector<Tensor> backward(const Tensor& dy, const c10::optional<Tensor>& dsum, const Tensor& s,
+                             const c10::optional<Tensor>& weight, const c10::optional<Tensor>& mean, const Tensor& rstd,
+                             bool is_rms) {
+  check_2d(dy, "dy");
+  check_2d(s, "s");
+  TORCH_CHECK(s.sizes() == dy.sizes() && s.scalar_type() == dy.scalar_type(), "normkit._C: dy must match s");
+  const bool has_dsum = dsum.has_value() && dsum->defined();
+  if (has_dsum) {
+    check_2d(*dsum, "dsum");
+    TORCH_CHECK(dsum->sizes() == dy.sizes() && dsum->scalar_type() == dy.scalar_type(), "normkit._C: dsum must match dy");
+  }
+  TORCH_CHECK(is_rms || (mean.has_value() && mean->defined()), "normkit._C: layer norm backward needs the saved means");
+  const int64_t rows = dy.size(0), n = dy.size(1);
+  const auto acc = acc_type(dy.scalar_type());
+  Tensor w = as_param(weight, acc);
+  if (!w.defined()) w = at::ones({n}, dy.options().dtype(acc));
+  Tensor mean_c = is_rms ? Tensor() : mean->to(acc).contiguous();
+  Tensor rstd_c = rstd.to(acc).contiguous();
+  Tensor dx = empty_output(dy);
+  Tensor dw = at::empty({n}, dy.options().dtype(acc)), db = at::empty({n}, dy.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dy.scalar_type(), "normkit_backward", [&] {
+    using Acc = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    BwdArgs<scalar_t, Acc> a{s.const_data_ptr<scalar_t>(),
+                             dy.const_data_ptr<scalar_t>(),
+                             has_dsum ? dsum->const_data_ptr<scalar_t>() : nullptr,
+                             ptr_or_null<Acc>(w),
+                             is_rms ? nullptr : mean_c.const_data_ptr<Acc>(),
+                             rstd_c.const_data_ptr<Acc>(),
+                             dx.data_ptr<scalar_t>(),
+                             n};
+    backward_typed(a, rows, dw.data_ptr<Acc>(), db.data_ptr<Acc>(), dy.options().dtype(acc));
+  });
+  return {dx, dw, db};
+}
+
+// The forward without anything to differentiate: x (..., N) contiguous; outputs shaped like
+// x (no views, no statistics stored).
+std::vector<Tensor> forward_nd(const Tensor& x, int64_t n, const c10::optional<Tensor>& r,
+                               const c10::optional<Tensor>& w, const c10::optional<Tensor>& b, double eps, bool is_rms) {
+  const int64_t rows = x.numel() / n;
+  const auto acc = acc_type(x.scalar_type());
+  Tensor w_a = as_param(w, acc), b_a = as_param(b, acc);
+  Tensor y = empty_output(x);
+  Tensor s = r.has_value() ? empty_output(x) : Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "normkit_forward_nd", [&] {
+    using Acc = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    FwdArgs<scalar_t, Acc> a{x.const_data_ptr<scalar_t>(),
+                             r.has_value() ? r->const_data_ptr<scalar_t>() : nullptr,
+                             ptr_or_null<Acc>(w_a),
+                             ptr_or_null<Acc>(b_a),
+                             y.data_ptr<scalar_t>(),
+                             s.defined() ? s.data_ptr<scalar_t>() : nullptr,
+                             nullptr,
+                             nullptr,
+                             n,
+                             static_cast<Acc>(eps),
+                             is_rms};
+    forward_typed(a, rows);
+  });
+  return {y, s};
+}
+
+// --- the eager call with autograd ---------------------------------------------------------------
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// The backward as differentiable ATen ops (normkit.reference.norm_backward_differentiable),
+// for create_graph=True: statistics recomputed from s, so the second derivative sees them.
+std::vector<Tensor> differentiable_backward(const Tensor& dy, const Tensor& dsum, const Tensor& s, const Tensor& weight,
+                                            double eps, bool is_rms) {
+  const auto acc = acc_type(s.scalar_type());
+  Tensor s_a = s.to(acc);
+  Tensor s_hat, rstd;
+  if (is_rms) {
+    rstd = at::rsqrt(s_a.square().mean(-1, true) + eps);
+    s_hat = s_a * rstd;
+  } else {
+    Tensor mean = s_a.mean(-1, true);
+    mean = mean + (s_a - mean).mean(-1, true);
+    Tensor d = s_a - mean;
+    rstd = at::rsqrt(d.square().mean(-1, true) + eps);
+    s_hat = d * rstd;
+  }
+  Tensor dy_a = dy.to(acc);
+  Tensor g = weight.defined() ? dy_a * weight.reshape({-1}).to(acc) : dy_a;
+  Tensor inner = g - s_hat * (g * s_hat).mean(-1, true);
+  if (!is_rms) inner = inner - g.mean(-1, true);
+  Tensor ds = inner * rstd;
+  if (dsum.defined()) ds = ds + dsum.to(acc);
+  return {ds.to(dy.scalar_type()), (dy_a * s_hat).sum(0), dy_a.sum(0)};
+}
+
+Tensor cast(const Tensor& t, at::ScalarType dtype) { return t.scalar_type() == dtype ? t : t.to(dtype); }
+
+Tensor shaped(const Tensor& db, AutogradContext* ctx) {
+  auto it = ctx->saved_data.find("bias_shape");
+  return it == ctx->saved_data.end() ? db : db.view(it->second.toIntVector());
+}
+
+struct NormFunction : public torch::autograd::Function<NormFunction> {
+  // x and residual: contiguous (..., N), viewed as (M, N) inside (a view made here costs no
+  // autograd node); weight / bias (N,) or none. The outputs have x's shape.
+  // (Optional tensors are std::optional: autograd records device and dtype of every Tensor argument.)
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, const c10::optional<Tensor>& residual,
+                               const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias, int64_t n,
+                               double eps, bool is_rms) {
+    const bool has_res = residual.has_value();
+    const int64_t rows = x.numel() / n;
+    const bool flat = x.dim() == 2 && x.size(1) == n;  // (M, N) already: no views (each is a dispatcher call)
+    auto as_2d = [&](const Tensor& t) { return flat ? t : t.view({rows, n}); };
+    auto r2 = has_res ? c10::optional<Tensor>(as_2d(*residual)) : c10::nullopt;
+    auto out = normkit::forward(as_2d(x), r2, weight, bias, eps, is_rms, has_res, c10::nullopt);
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["is_rms"] = is_rms;
+    ctx->saved_data["n"] = n;
+    ctx->saved_data["bias_dtype"] = bias.has_value() ? static_cast<int64_t>(bias->scalar_type()) : int64_t(-1);
+    if (bias.has_value() && bias->dim() != 1) ctx->saved_data["bias_shape"] = bias->sizes().vec();
+    ctx->saved_data["mean"] = out[2];
+    ctx->saved_data["rstd"] = out[3];
+    ctx->set_materialize_grads(false);
+    Tensor y = flat ? out[0] : out[0].view(x.sizes());
+    if (has_res) {
+      Tensor s = flat ? out[1] : out[1].view(x.sizes());
+      ctx->save_for_backward({s, weight.value_or(Tensor())});  // s, an output: double backward reaches x via it
+      return {y, s};
+    }
+    ctx->save_for_backward({x, weight.value_or(Tensor())});
+    return {y};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const int64_t n = ctx->saved_data["n"].toInt();
+    const bool flat = saved[0].dim() == 2 && saved[0].size(1) == n;
+    const Tensor s = flat ? saved[0] : saved[0].view({-1, n});
+    const Tensor& weight = saved[1];
+    const bool is_rms = ctx->saved_data["is_rms"].toBool();
+    const bool has_res = grads.size() > 1;
+    auto flat_grad = [&](const Tensor& g) {
+      if (!g.defined()) return Tensor();
+      return (g.dim() == 2 && g.size(1) == n ? g : g.reshape({-1, n})).contiguous();
+    };
+    Tensor dy = grads[0].defined() ? flat_grad(grads[0]) : at::zeros_like(s);
+    Tensor dsum = has_res ? flat_grad(grads[1]) : Tensor();
+    std::vector<Tensor> g;
+    if (at::GradMode::is_enabled()) {
+      g = differentiable_backward(dy, dsum, s, weight, ctx->saved_data["eps"].toDouble(), is_rms);
+    } else {
+      Tensor mean = ctx->saved_data["mean"].toTensor();
+      g = normkit::backward(dy, dsum, s, weight, mean.defined() ? c10::optional<Tensor>(mean) : c10::nullopt,
+                            ctx->saved_data["rstd"].toTensor(), is_rms);
+    }
+    Tensor dx = flat ? g[0] : g[0].view(saved[0].sizes());
+    // needs_input_grad counts the tensor inputs that were given: x, then residual, weight, bias
+    int64_t edge = 0;
+    const bool need_x = ctx->needs_input_grad(edge++);
+    const bool need_res = has_res && ctx->needs_input_grad(edge++);
+    const bool need_w = weight.defined() && ctx->needs_input_grad(edge++);
+    const int64_t bias_dtype = ctx->saved_data["bias_dtype"].toInt();
+    const bool need_b = bias_dtype >= 0 && ctx->needs_input_grad(edge++);
+    return {need_x ? dx : Tensor(),
+            need_res ? dx : Tensor(),
+            need_w ? cast(g[1], weight.scalar_type()).view(weight.sizes()) : Tensor(),
+            need_b ? shaped(cast(g[2], static_cast<at::ScalarType>(bias_dtype)), ctx) : Tensor(),
+            Tensor(),
+            Tensor(),
+            Tensor()};
+  }
+};
+
+// The eager call on a contiguous x (..., N): returns [y] or [y, s] (s only with a residual;
+// without one the prenorm output is x itself, returned by the caller). Without anything to
+// differentiate it runs the kernels with no autograd node.
+std::vector<Tensor> norm(const Tensor& x, int64_t n, const c10::optional<Tensor>& weight,
+                         const c10::optional<Tensor>& bias, double eps, bool is_rms,
+                         const c10::optional<Tensor>& residual) {
+  TORCH_CHECK(n > 0 && x.numel() % n == 0 && x.is_contiguous(), "normkit._C.norm: x must be contiguous with N | numel");
+  auto given = [](const c10::optional<Tensor>& t) { return t.has_value() && t->defined() ? t : c10::nullopt; };
+  auto r = given(residual), w = given(weight), b = given(bias);
+  auto needs = [](const c10::optional<Tensor>& t) { return t.has_value() && t->requires_grad(); };
+  if (at::GradMode::is_enabled() && (x.requires_grad() || needs(r) || needs(w) || needs(b)))
+    return NormFunction::apply(x, r, w, b, n, eps, is_rms);
+  auto res = forward_nd(x, n, r, w, b, eps, is_rms);
+  if (!r.has_value()) return {res[0]};
+  return {res[0], res[1]};
+}
+
+// The "native" route of normkit.functional in one call: checks that the call is one the
+// compiled path serves (exact torch.Tensor input, contiguous, on the CPU, a kernel dtype, a
+// normalized_shape matching its trailing dims, matching gain / bias / residual, a float eps
+// >= 0, no dropout, no TorchDispatchMode, not jit-tracing) and runs it, returning y or (y, s);
+// returns None for any other call, which then takes the validated general path. (The Python
+// side asks first what only Python knows: torch.compile, torch.func transforms, forward AD
+// and the backend choice.)
+struct NativeCall {
+  Tensor x;
+  int64_t n = 1;
+  c10::optional<Tensor> w, b, r;
+  double eps = 0.0;
+};
+
+bool parse_native_call(py::handle x_obj, py::handle shape_obj, py::handle w_obj, py::handle b_obj, py::handle eps_obj,
+                       py::handle r_obj, py::handle dropout_obj, NativeCall& call) {
+  auto* tensor_type = reinterpret_cast<PyTypeObject*>(THPVariableClass);
+  if (Py_TYPE(x_obj.ptr()) != tensor_type) return false;
+  const Tensor& x = THPVariable_Unpack(x_obj.ptr());
+  const auto dtype = x.scalar_type();
+  if (!x.device().is_cpu() || !(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf || dtype == at::kDouble))
+    return false;
+  if (!x.is_contiguous() || x.numel() == 0) return false;
+  if (!PyFloat_CheckExact(eps_obj.ptr())) return false;
+  const double eps = PyFloat_AS_DOUBLE(eps_obj.ptr());  // any value, as torch (validation.check_eps)
+  if (!(PyFloat_CheckExact(dropout_obj.ptr()) && PyFloat_AS_DOUBLE(dropout_obj.ptr()) == 0.0) &&
+      !(PyLong_CheckExact(dropout_obj.ptr()) && PyLong_AsLong(dropout_obj.ptr()) == 0))
+    return false;
+  // normalized_shape: an int, or a tuple / torch.Size of ints, equal to x's trailing sizes
+  int64_t dims[8];
+  int64_t k = 0;
+  if (PyLong_CheckExact(shape_obj.ptr())) {
+    dims[k++] = PyLong_AsLongLong(shape_obj.ptr());
+  } else if (PyTuple_Check(shape_obj.ptr())) {
+    const Py_ssize_t len = PyTuple_GET_SIZE(shape_obj.ptr());
+    if (len < 1 || len > 8) return false;
+    for (Py_ssize_t i = 0; i < len; ++i) {
+      PyObject* d = PyTuple_GET_ITEM(shape_obj.ptr(), i);
+      if (!PyLong_CheckExact(d)) return false;
+      dims[k++] = PyLong_AsLongLong(d);
+    }
+  } else {
+    return false;
+  }
+  if (PyErr_Occurred()) {
+    PyErr_Clear();
+    return false;
+  }
+  if (x.dim() < k) return false;
+  const at::IntArrayRef shape(dims, k);
+  if (x.sizes().slice(x.dim() - k) != shape) return false;
+  int64_t n = 1;
+  for (int64_t i = 0; i < k; ++i) n *= dims[i];
+  auto param = [&](py::handle obj, c10::optional<Tensor>& out) {
+    if (obj.is_none()) return true;
+    if (!THPVariable_Check(obj.ptr())) return false;
+    PyTypeObject* t = Py_TYPE(obj.ptr());
+    if (t != tensor_type && t != reinterpret_cast<PyTypeObject*>(ParameterClass)) return false;
+    const Tensor& p = THPVariable_Unpack(obj.ptr());
+    if (!p.device().is_cpu() || !at::isFloatingType(p.scalar_type()) || p.sizes() != shape) return false;
+    out = p;
+    return true;
+  };
+  c10::optional<Tensor> w, b, r;
+  if (!param(w_obj, w) || !param(b_obj, b)) return false;
+  if (!r_obj.is_none()) {
+    if (Py_TYPE(r_obj.ptr()) != tensor_type) return false;
+    const Tensor& rt = THPVariable_Unpack(r_obj.ptr());
+    if (!rt.device().is_cpu() || rt.scalar_type() != dtype || rt.sizes() != x.sizes() || !rt.is_contiguous())
+      return false;
+    r = rt;
+  }
+  if (c10::impl::TorchDispatchModeTLS::stack_len() != 0 || torch::jit::tracer::isTracing()) return false;
+  call.x = x;
+  call.n = n;
+  call.w = w;
+  call.b = b;
+  call.r = r;
+  call.eps = eps;
+  return true;
+}
+
+py::object try_norm(py::handle x_obj, py::handle shape_obj, py::handle w_obj, py::handle b_obj, py::handle eps_obj,
+                    bool is_rms, py::handle r_obj, bool prenorm, py::handle dropout_obj) {
+  NativeCall c;
+  if (!parse_native_call(x_obj, shape_obj, w_obj, b_obj, eps_obj, r_obj, dropout_obj, c)) return py::none();
+  auto out = norm(c.x, c.n, c.w, c.b, c.eps, is_rms, c.r);
+  if (!prenorm) return py::cast(out[0]);
+  return py::make_tuple(out[0], c.r.has_value() ? out[1] : c.x);
+}
+
+bool accepts(py::handle x_obj, py::handle shape_obj, py::handle w_obj, py::handle b_obj, py::handle eps_obj,
+             py::handle r_obj, py::handle dropout_obj) {
+  NativeCall c;
+  return parse_native_call(x_obj, shape_obj, w_obj, b_obj, eps_obj, r_obj, dropout_obj, c);
+}
+
+}  // namespace
+}  // namespace normkit
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "normkit's compiled CPU kernels (see normkit.backends.cpu)";
+  m.def("forward",
+        [](const at::Tensor& x, const c10::optional<at::Tensor>& r, const c10::optional<at::Tensor>& w,
+           const c10::optional<at::Tensor>& b, double eps, bool is_rms, bool store_sum,
+           const c10::optional<at::Tensor>& out) { return normkit::forward(x, r, w, b, eps, is_rms, store_sum, out); },
+        "layer/RMS norm forward on contiguous (M, N): (y, s, mean, rstd)",
+        py::arg("x"), py::arg("residual"), py::arg("weight"), py::arg("bias"), py::arg("eps"), py::arg("is_rms"),
+        py::arg("store_sum"), py::arg("out") = py::none());
+  m.def("backward", &normkit::backward, "layer/RMS norm backward on contiguous (M, N): (dx, dweight, dbias)",
+        py::arg("dy"), py::arg("dsum"), py::arg("s"), py::arg("weight"), py::arg("mean"), py::arg("rstd"),
+        py::arg("is_rms"));
+  m.def("norm", &normkit::norm, "the eager call with autograd: [y] or [y, s]");
+  m.def("accepts", &normkit::accepts, "whether try_norm would run this call (its checks only)");
+  m.def("try_norm", &normkit::try_norm, "the native route: y, (y, s), or None when the call is not one it serves");
+}
