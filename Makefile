@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml constraints.txt setup.py $(wildcard src/normkit/csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt torch setuptools ninja
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev]" --no-build-isolation
+	$(PY) -c "from normkit.backends import cpu; print('normkit: compiled CPU kernels (normkit._C):', 'built' if cpu.extension else 'NOT built, the numba kernels run instead')"
 	touch $(STAMP)
 
 install: $(STAMP)

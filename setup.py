@@ -36,12 +36,16 @@ if os.environ.get("NORMKIT_NO_EXTENSION") != "1":
                     self._failed.append(ext)
                     print(f"normkit: building {ext.name} failed ({exc}); normkit will use its numba kernels", file=sys.stderr)
 
+        # -fno-math-errno / -fno-trapping-math: the results are the same (no errno, no FP exception
+        # flags are read), and without them GCC will not vectorize loops holding floor / selects
+        # (the exp polynomial of the recurrent steps). No -ffast-math: NaN, Inf and the order of
+        # every sum stay as written.
         ext_modules = [
             CppExtension(
                 "normkit._C",
-                ["src/normkit/csrc/norm_cpu.cpp"],
+                ["src/normkit/csrc/norm_cpu.cpp", "src/normkit/csrc/rnn_cpu.cpp"],
                 include_dirs=[os.path.abspath("src/normkit/csrc")],
-                extra_compile_args=["-O3", "-fopenmp", "-fno-math-errno", "-Wno-unused-function"],
+                extra_compile_args=["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-Wno-unused-function"],
                 extra_link_args=["-fopenmp"],
             )
         ]

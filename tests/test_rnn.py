@@ -553,19 +553,55 @@ def test_jit_trace_runs_the_reference_path_and_matches_eager(kind):
 
 
 def test_rnn_step_kernels_are_chosen_by_the_backend_registry(monkeypatch):
-    """The numba steps run by default on float32 CPU input, never under
-    ``normkit.backends.use("reference")``; and they leave the parameters' storages resizable
-    (FSDP2 frees an unsharded parameter by resizing its storage to 0)."""
+    """The compiled time loop (normkit._C) runs by default on float32 CPU input, the numba
+    steps under ``normkit.backends.use("numba")``, neither under ``use("reference")``; and
+    they leave the parameters' storages resizable (FSDP2 frees an unsharded parameter by
+    resizing its storage to 0)."""
+    from normkit.backends import cpu as compiled
     from normkit.backends import numba_rnn_kernels
 
     calls = []
-    real = numba_rnn_kernels.lstm_fwd_step
-    monkeypatch.setattr(numba_rnn_kernels, "lstm_fwd_step", lambda *a: calls.append(1) or real(*a))
+    real_step = numba_rnn_kernels.lstm_fwd_step
+    monkeypatch.setattr(numba_rnn_kernels, "lstm_fwd_step", lambda *a: calls.append("numba") or real_step(*a))
+    if compiled.extension is not None:
+        real_loop = compiled.extension.lstm_forward
+        monkeypatch.setattr(compiled.extension, "lstm_forward", lambda *a: calls.append("cpu") or real_loop(*a))
     m = normkit.nn.LayerNormLSTM(4, 5)
     x = randn((3, 2, 4), seed=1)
     with normkit.backends.use("reference"):
         m(x)[0].sum().backward()
     assert not calls
+    with normkit.backends.use("numba"):
+        m(x)[0].sum().backward()
+    assert calls == ["numba"] * 3
+    calls.clear()
     m(x)[0].sum().backward()
-    assert calls
+    assert calls == (["cpu"] if compiled.extension is not None else ["numba"] * 3)
     assert all(p.untyped_storage().resizable() for p in m.parameters())
+
+
+@pytest.mark.parametrize("cell", ["LSTM", "GRU"])
+@pytest.mark.parametrize("backend", ["cpu", "numba"])
+def test_compiled_paths_match_the_plain_torch_steps_on_packed_bidirectional_input(cell, backend):
+    """The C++ time loop ("cpu") and the numba steps ("numba") against the plain-torch steps
+    ("reference"): a packed batch of unequal lengths, two layers, both directions; outputs,
+    final states and every gradient."""
+    from helpers import backend_or_skip
+
+    backend_or_skip(backend)
+    torch.manual_seed(5)
+    m = getattr(normkit.nn, f"LayerNorm{cell}")(7, 9, num_layers=2, bidirectional=True)
+    lengths = [6, 4, 1]
+    seqs = [randn((n, 7), seed=10 + i) for i, n in enumerate(lengths)]
+
+    def run(name):
+        m.zero_grad()
+        packed = torch.nn.utils.rnn.pack_sequence([s.clone().requires_grad_() for s in seqs])
+        with normkit.backends.use(name):
+            out, state = m(packed)
+        h = state[0] if cell == "LSTM" else state
+        (out.data.square().sum() + h.sum()).backward()
+        return [out.data, h] + [p.grad.clone() for p in m.parameters()]
+
+    for got, want in zip(run(backend), run("reference")):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4)  # float32 BPTT through 2 layers

@@ -79,9 +79,8 @@ class CpuBackend(Backend):
         return x.device.type == "cpu" and x.dtype in DTYPES and dropout_p == 0.0
 
     def rnn_steps(self, x: Tensor):
-        from normkit.backends.numba import BACKEND as numba_backend
-
-        return numba_backend.rnn_steps(x)
+        """The compiled LN-LSTM/GRU time loops (``normkit._C.lstm_forward`` ...) for float32."""
+        return extension if x.device.type == "cpu" and x.dtype == torch.float32 else None
 
     def forward(self, x, residual, weight, bias, eps, is_rms, dropout_p, seed, store_sum) -> ForwardResult:
         if dropout_p != 0.0:

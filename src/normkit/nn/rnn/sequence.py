@@ -144,10 +144,18 @@ def gru_bwd_step_torch(off, bs, dout, dh_state, ahat, rstd_a, gates, hprev, w_h,
 # --- the sequence functions
 
 
+def _compiled_loop(kernels) -> bool:
+    """Whether ``kernels`` run the whole time loop in compiled code (``normkit._C``: the
+    recurrent products and the fused steps in C++), rather than one numba step per call."""
+    return kernels is not None and hasattr(kernels, "lstm_forward")
+
+
 def _column_dot(u: Tensor, v: Optional[Tensor], kernels) -> Tensor:
     """``(u * v).sum(0)`` (``u.sum(0)`` when ``v`` is None): a gain or bias gradient over all rows."""
     if kernels is None:
         return (u * v).sum(0) if v is not None else u.sum(0)
+    if _compiled_loop(kernels):
+        return kernels.column_dot(u, v)
     out = u.new_empty(u.shape[1])
     if v is None:
         kernels.column_sum(as_numpy(u), as_numpy(out))
@@ -156,7 +164,7 @@ def _column_dot(u: Tensor, v: Optional[Tensor], kernels) -> Tensor:
     return out
 
 
-def _steps(batch_sizes: Sequence[int], reverse: bool):
+def _steps(batch_sizes: Sequence[int], reverse: bool) -> List[Tuple[int, int]]:
     """``(off, bs)`` of every step in processing order."""
     pairs = list(zip(_offsets(batch_sizes), batch_sizes))
     return pairs[::-1] if reverse else pairs
@@ -187,13 +195,21 @@ class _LNLSTMSequence(torch.autograd.Function):
         N, G = xg.shape
         H = G // 4
         kernels = _step_kernels(xg)
+        b_c = ln_c_b if ln_c_b is not None else xg.new_zeros(H)
+        ctx.meta = (batch_sizes, reverse, kernels, ln_c_b is not None)
+        if _compiled_loop(kernels):
+            out, h_state, c_state, *saved = kernels.lstm_forward(
+                xg.contiguous(), h0, c0, w_hh.contiguous(), ln_hh_w.contiguous(), ln_c_w.contiguous(),
+                b_c.contiguous(), _steps(batch_sizes, reverse), eps,
+            )
+            ctx.save_for_backward(w_hh, ln_hh_w, ln_c_w, *saved)
+            return out, h_state, c_state
         use_numba = kernels is not None
         new = lambda *shape: xg.new_empty(shape)  # noqa: E731
         a, gates = new(N, G), new(N, G)
         rstd_a, rstd_c = new(N), new(N)
         chat, tc, out, hprev, cprev = (new(N, H) for _ in range(5))
         h_state, c_state = h0.contiguous().clone(), c0.contiguous().clone()
-        b_c = ln_c_b if ln_c_b is not None else xg.new_zeros(H)
         w_t = w_hh.t()
         step = _Stepper(
             kernels and kernels.lstm_fwd_step, lstm_fwd_step_torch, use_numba,
@@ -205,7 +221,6 @@ class _LNLSTMSequence(torch.autograd.Function):
             torch.mm(h_state[:bs], w_t, out=a[off : off + bs])
             step(off, bs)
         ctx.save_for_backward(w_hh, ln_hh_w, ln_c_w, a, rstd_a, gates, chat, rstd_c, tc, hprev, cprev)
-        ctx.meta = (batch_sizes, reverse, kernels, ln_c_b is not None)
         return out, h_state, c_state
 
     @staticmethod
@@ -220,6 +235,12 @@ class _LNLSTMSequence(torch.autograd.Function):
         dout = ahat.new_zeros(N, H) if dout is None else dout.contiguous()
         dh_state = ahat.new_zeros(B, H) if dh_n is None else dh_n.contiguous().clone()
         dc_state = ahat.new_zeros(B, H) if dc_n is None else dc_n.contiguous().clone()
+        if _compiled_loop(kernels):
+            dxg, dh_state, dc_state, da, dchat = kernels.lstm_backward(
+                dout, dh_state, dc_state, w_hh.contiguous(), ln_hh_w.contiguous(), ln_c_w.contiguous(),
+                ahat, rstd_a, gates, chat, rstd_c, tc, cprev, _steps(batch_sizes, not reverse),
+            )
+            return _lstm_param_grads(dxg, dh_state, dc_state, da, dchat, ahat, chat, hprev, kernels, has_c_bias)
         dxg, da, dchat, tmp = ahat.new_empty(N, G), ahat.new_empty(N, G), ahat.new_empty(N, H), ahat.new_empty(H)
         step = _Stepper(
             kernels and kernels.lstm_bwd_step, lstm_bwd_step_torch, use_numba,
@@ -230,11 +251,17 @@ class _LNLSTMSequence(torch.autograd.Function):
         for off, bs in _steps(batch_sizes, not reverse):
             step(off, bs)
             torch.mm(da[off : off + bs], w_hh, out=dh_state[:bs])
-        dw_hh = da.t().mm(hprev)
-        d_ln_hh_w = _column_dot(dxg, ahat, kernels)
-        d_ln_c_w = _column_dot(dchat, chat, kernels)
-        d_ln_c_b = _column_dot(dchat, None, kernels) if has_c_bias else None
-        return dxg, dh_state, dc_state, dw_hh, d_ln_hh_w, d_ln_c_w, d_ln_c_b, None, None, None
+        return _lstm_param_grads(dxg, dh_state, dc_state, da, dchat, ahat, chat, hprev, kernels, has_c_bias)
+
+
+def _lstm_param_grads(dxg, dh_state, dc_state, da, dchat, ahat, chat, hprev, kernels, has_c_bias):
+    """:class:`_LNLSTMSequence`'s gradients from the loop's results: the parameter gradients are
+    reduced once over all steps."""
+    dw_hh = da.t().mm(hprev)
+    d_ln_hh_w = _column_dot(dxg, ahat, kernels)
+    d_ln_c_w = _column_dot(dchat, chat, kernels)
+    d_ln_c_b = _column_dot(dchat, None, kernels) if has_c_bias else None
+    return dxg, dh_state, dc_state, dw_hh, d_ln_hh_w, d_ln_c_w, d_ln_c_b, None, None, None
 
 
 class _LNGRUSequence(torch.autograd.Function):
@@ -245,11 +272,19 @@ class _LNGRUSequence(torch.autograd.Function):
         N, G = xg.shape
         H = G // 3
         kernels = _step_kernels(xg)
+        b_h = b_hh if b_hh is not None else xg.new_zeros(G)
+        ctx.meta = (batch_sizes, reverse, kernels, b_hh is not None)
+        if _compiled_loop(kernels):
+            out, h_state, *saved = kernels.gru_forward(
+                xg.contiguous(), h0, w_hh.contiguous(), ln_hh_w.contiguous(), b_h.contiguous(),
+                _steps(batch_sizes, reverse), eps,
+            )
+            ctx.save_for_backward(w_hh, ln_hh_w, b_h, *saved)
+            return out, h_state
         use_numba = kernels is not None
         a, gates, rstd_a = xg.new_empty(N, G), xg.new_empty(N, G), xg.new_empty(N)
         out, hprev = xg.new_empty(N, H), xg.new_empty(N, H)
         h_state = h0.contiguous().clone()
-        b_h = b_hh if b_hh is not None else xg.new_zeros(G)
         w_t = w_hh.t()
         step = _Stepper(
             kernels and kernels.gru_fwd_step, gru_fwd_step_torch, use_numba,
@@ -260,7 +295,6 @@ class _LNGRUSequence(torch.autograd.Function):
             torch.mm(h_state[:bs], w_t, out=a[off : off + bs])
             step(off, bs)
         ctx.save_for_backward(w_hh, ln_hh_w, b_h, a, rstd_a, gates, hprev)
-        ctx.meta = (batch_sizes, reverse, kernels, b_hh is not None)
         return out, h_state
 
     @staticmethod
@@ -274,6 +308,12 @@ class _LNGRUSequence(torch.autograd.Function):
         B = batch_sizes[0] if batch_sizes else 0
         dout = ahat.new_zeros(N, H) if dout is None else dout.contiguous()
         dh_state = ahat.new_zeros(B, H) if dh_n is None else dh_n.contiguous().clone()
+        if _compiled_loop(kernels):
+            dxg, dh_state, da, dgh = kernels.gru_backward(
+                dout, dh_state, w_hh.contiguous(), ln_hh_w.contiguous(), b_h.contiguous(), ahat, rstd_a, gates,
+                hprev, _steps(batch_sizes, not reverse),
+            )
+            return _gru_param_grads(dxg, dh_state, da, dgh, ahat, hprev, kernels, has_bias)
         dxg, dgh, da = ahat.new_empty(N, G), ahat.new_empty(N, G), ahat.new_empty(N, G)
         step = _Stepper(
             kernels and kernels.gru_bwd_step, gru_bwd_step_torch, use_numba,
@@ -283,10 +323,14 @@ class _LNGRUSequence(torch.autograd.Function):
         for off, bs in _steps(batch_sizes, not reverse):
             step(off, bs)
             dh_state[:bs].addmm_(da[off : off + bs], w_hh)
-        dw_hh = da.t().mm(hprev)
-        d_ln_hh_w = _column_dot(dgh, ahat, kernels)
-        d_b_hh = _column_dot(dgh, None, kernels) if has_bias else None
-        return dxg, dh_state, dw_hh, d_ln_hh_w, d_b_hh, None, None, None
+        return _gru_param_grads(dxg, dh_state, da, dgh, ahat, hprev, kernels, has_bias)
+
+
+def _gru_param_grads(dxg, dh_state, da, dgh, ahat, hprev, kernels, has_bias):
+    dw_hh = da.t().mm(hprev)
+    d_ln_hh_w = _column_dot(dgh, ahat, kernels)
+    d_b_hh = _column_dot(dgh, None, kernels) if has_bias else None
+    return dxg, dh_state, dw_hh, d_ln_hh_w, d_b_hh, None, None, None
 
 
 # --- per-layer entry points (same signatures as the reference layers)
