@@ -253,3 +253,21 @@ def test_very_wide_rows_with_a_large_mean_stay_accurate(cpu, residual):
     (dx64,) = torch.autograd.grad(y64, x64, dy.double())
     assert_close_to_truth(y, y64, y32, what="output")
     assert_close_to_truth(dx, dx64, dx32, what="dx")
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_large_calls_overlapping_rows_give_the_bits_of_small_calls(affine):
+    """From 4 MiB of input the C++ forward writes each row's output while it sums the next row;
+    the statistics must be the same bits as a call too small for that (each half below)."""
+    backend_or_skip("cpu")
+    rows, n = 2000, 601  # 4.8 MB of float32; odd width for the vector tails
+    x = randn((rows, n), seed=50, offset=1e4)
+    w, b = params((n,), seed=51) if affine else (None, None)
+    with normkit.use_backend("cpu"):
+        whole = normkit.layer_norm(x, n, w, b)
+        halves = torch.cat([normkit.layer_norm(x[: rows // 2], n, w, b), normkit.layer_norm(x[rows // 2 :], n, w, b)])
+        with torch_threads(1):
+            single = normkit.layer_norm(x, n, w, b)
+    assert torch.equal(whole, halves)
+    assert torch.equal(whole, single)
+    torch.testing.assert_close(whole, ref.layer_norm(x, n, w, b), rtol=1e-5, atol=1e-4)

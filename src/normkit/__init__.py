@@ -9,6 +9,7 @@ from normkit import backends, data, errors, nn, reference
 from normkit.backends import use_backend  # alias of normkit.backends.use
 from normkit.functional import layer_norm, rms_norm
 from normkit.functional_channels import layer_norm_2d, layer_norm_chw
+from normkit.norm_linear import layer_norm_linear, rms_norm_linear
 from normkit.tools import NormHealthWarning, convert, export_onnx, fold, monitor, revert
 
 __version__ = "0.1.0"
@@ -24,11 +25,13 @@ __all__ = [
     "layer_norm",
     "layer_norm_2d",
     "layer_norm_chw",
+    "layer_norm_linear",
     "monitor",
     "nn",
     "reference",
     "revert",
     "rms_norm",
+    "rms_norm_linear",
     "use_backend",
     "__version__",
 ]

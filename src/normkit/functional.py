@@ -226,6 +226,16 @@ def layer_norm(
     dropout_p: float = 0.0,
     training: bool = True,
     zero_centered_weight: bool = False,
+    residual_in_fp32: bool = False,
+    x1: Optional[Tensor] = None,
+    weight1: Optional[Tensor] = None,
+    bias1: Optional[Tensor] = None,
+    rowscale: Optional[Tensor] = None,
+    return_dropout_mask: bool = False,
+    out_dtype: Optional[torch.dtype] = None,
+    out: Optional[Tensor] = None,
+    residual_out: Optional[Tensor] = None,
+    dim: Optional[int] = None,
 ):
     r"""Layer normalization (Ba, Kiros & Hinton 2016) over the trailing ``normalized_shape`` dims.
 
@@ -253,9 +263,49 @@ def layer_norm(
             to zeros is the identity gain, and weight decay pulls the gain towards 1, not 0.
             The gain is ``1.0 + weight.float()`` (in float64 for float64 input), as Gemma
             computes it; gradients reach ``weight`` through that sum. Needs a ``weight``.
+            With ``weight1`` the second gain is ``1 + weight1`` too (as in flash-attn).
+
+    The options below are flash-attn's (``layer_norm_fn``), with its semantics. They are
+    composed from torch ops around normkit's norm (:mod:`normkit.fused_options`), so they run
+    on every backend; where flash-attn makes one pass they add passes (noted per option).
+
+    Args:
+        residual_in_fp32: keep the residual stream in float32: the sum ``s`` is formed in
+            float32 and stored (the prenorm output) in float32 (float64 stays float64) even for
+            16-bit ``input``, and the norm normalizes that float32 sum, not a 16-bit rounding
+            of it. It also admits a ``residual`` of another dtype than ``input`` (say a float32
+            stream beside bfloat16 branches; without this flag that raises): the sum is formed
+            in float32 and stored in the residual's dtype, at least float32. (flash-attn
+            stores it in a given residual's dtype even when that is 16-bit.)
+        x1: a second branch output of ``input``'s shape and dtype, added into the sum with its
+            own dropout mask: ``s = dropout(input) + dropout(x1) + residual``.
+        weight1, bias1: a second gain and bias (parallel blocks, GPT-J / PaLM) applied to the
+            same normalized ``s``: ``y1 = s_hat * weight1 + bias1``; ``weight1`` needs
+            ``weight``. Two norm calls over the stored ``s`` (one in flash-attn).
+        rowscale: a per-row scale of shape ``input.shape`` without the normalized dims,
+            applied to ``input`` before dropout and the add (``x * rowscale[..., None]``);
+            not with ``x1`` (flash-attn refuses the pair too).
+        return_dropout_mask: also return the boolean keep masks of ``input`` and ``x1``
+            (``None`` where no dropout ran or there is no ``x1``). Dropout is then drawn
+            here from torch's default generator and applied in float32 before a norm call
+            without dropout, so the masks are exactly the ones used.
+        out_dtype: the dtype of ``y`` (and ``y1``), default the input's: ``y`` is computed in
+            float32 (float64 for float64 input) and rounded once to ``out_dtype``. For
+            float32 input that is a cast of the kernel's result; for 16-bit input the norm
+            runs on a float32 copy of the (rounded) sum, one extra pass.
+        out, residual_out: buffers of the result's shape, dtype and device; ``y`` and the
+            prenorm sum are copied into them (``copy_``, an extra pass) and they are returned.
+            ``residual_out`` needs ``prenorm=True``.
+        dim: the first normalized dim (default ``input.dim() - len(normalized_shape)``): with
+            ``x`` of shape ``(N, C, H, W)``, ``layer_norm(x, (C,), w, b, dim=1)`` normalizes
+            over channels. The dims are moved last (``movedim``), normalized (which copies the
+            input to that layout today) and moved back: the outputs are views in the input's
+            dim order.
 
     Returns:
-        ``y`` with the input's shape and dtype, or ``(y, s)`` if ``prenorm``.
+        ``y`` with the input's shape and dtype, or ``(y, s)`` if ``prenorm``. With the options,
+        flash-attn's tuple: ``y``, then ``y1`` (with ``weight1``), ``s`` (with ``prenorm``),
+        ``mask, mask1`` (with ``return_dropout_mask``).
     """
     if zero_centered_weight is not False:  # imported here: the default path pays nothing
         from normkit.reference import zero_centered_gain
@@ -263,6 +313,17 @@ def layer_norm(
 
         check_zero_centered(zero_centered_weight, input, weight)
         weight = zero_centered_gain(weight, input.dtype)
+        if weight1 is not None:
+            from normkit.fused_options import zero_centered_weight1
+
+            weight1 = zero_centered_weight1(weight1, input)
+    if not (x1 is weight1 is bias1 is rowscale is out_dtype is out is residual_out is dim is None) or (
+        residual_in_fp32 is not False or return_dropout_mask is not False
+    ):
+        from normkit.fused_options import FusedOptions, fused_norm
+
+        options = FusedOptions(residual_in_fp32, x1, weight1, bias1, rowscale, return_dropout_mask, out_dtype, out, residual_out, dim)
+        return fused_norm(input, normalized_shape, weight, bias, eps, False, residual, prenorm, dropout_p, training, options)
     return _norm(input, normalized_shape, weight, bias, eps, False, residual, prenorm, dropout_p, training)
 
 
@@ -278,6 +339,17 @@ def rms_norm(
     training: bool = True,
     zero_centered_weight: bool = False,
     casting_mode: str = "gemma",
+    bias: Optional[Tensor] = None,
+    residual_in_fp32: bool = False,
+    x1: Optional[Tensor] = None,
+    weight1: Optional[Tensor] = None,
+    bias1: Optional[Tensor] = None,
+    rowscale: Optional[Tensor] = None,
+    return_dropout_mask: bool = False,
+    out_dtype: Optional[torch.dtype] = None,
+    out: Optional[Tensor] = None,
+    residual_out: Optional[Tensor] = None,
+    dim: Optional[int] = None,
 ):
     r"""RMS normalization (Zhang & Sennrich 2019) over the trailing ``normalized_shape`` dims.
 
@@ -304,7 +376,16 @@ def rms_norm(
       Liger compatibility and computes exactly as ``"gemma"``.
 
     ``zero_centered_weight=True`` (Gemma) uses the gain ``g = 1 + weight``, formed in float32
-    in every mode. Other arguments and the return value as :func:`layer_norm`.
+    in every mode.
+
+    ``bias`` (keyword-only; flash-attn's ``rms_norm_fn`` has one) shifts the output,
+    ``y = x_hat * g + bias``, added to the norm's float32 (float64) result and rounded once
+    (for 16-bit input the norm then runs on a float32 copy of the sum: an extra pass). With
+    ``casting_mode="llama"`` the bias is added after the gain, ``(g * x_hat.to(dtype) + bias)``,
+    then rounded. ``residual_in_fp32``, ``x1``, ``weight1``/``bias1``, ``rowscale``,
+    ``return_dropout_mask``, ``out_dtype``, ``out``/``residual_out`` and ``dim`` as in
+    :func:`layer_norm` (``bias1`` is the RMS bias of the second branch). Other arguments and
+    the return value as :func:`layer_norm`.
     """
     if eps is None and isinstance(input, Tensor) and input.dtype in FLOAT_DTYPES:
         eps = default_rms_eps(input.dtype)
@@ -314,6 +395,19 @@ def rms_norm(
 
         check_zero_centered(zero_centered_weight, input, weight)
         weight = zero_centered_gain(weight, input.dtype)
+        if weight1 is not None:
+            from normkit.fused_options import zero_centered_weight1
+
+            weight1 = zero_centered_weight1(weight1, input)
+    if not (bias is x1 is weight1 is bias1 is rowscale is out_dtype is out is residual_out is dim is None) or (
+        residual_in_fp32 is not False or return_dropout_mask is not False
+    ):
+        from normkit.fused_options import FusedOptions, fused_norm
+        from normkit.validation import check_casting_mode
+
+        options = FusedOptions(residual_in_fp32, x1, weight1, bias1, rowscale, return_dropout_mask, out_dtype, out, residual_out, dim)
+        mode = check_casting_mode(casting_mode)
+        return fused_norm(input, normalized_shape, weight, bias, eps, True, residual, prenorm, dropout_p, training, options, mode)
     if casting_mode != "gemma":
         from normkit.validation import check_casting_mode
 

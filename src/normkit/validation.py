@@ -99,16 +99,22 @@ def check_param(name: str, p: Optional[Tensor], x: Tensor, shape: Tuple[int, ...
         raise NormDeviceError(f"{name} is on {p.device} but input is on {x.device}; move them to one device")
 
 
-def check_residual(residual: Optional[Tensor], x: Tensor) -> None:
-    """The fused residual: ``None``, or a tensor of ``x``'s shape, dtype and device."""
+def check_residual(residual: Optional[Tensor], x: Tensor, *, same_dtype: bool = True) -> None:
+    """The fused residual: ``None``, or a tensor of ``x``'s shape, dtype and device (any
+    floating dtype with ``same_dtype=False``: the ``residual_in_fp32`` path)."""
     if residual is None:
         return
     if not isinstance(residual, Tensor):
         raise TypeError(f"residual must be a torch.Tensor or None, got {type(residual).__name__}")
     if residual.shape != x.shape:
         raise NormShapeError(f"residual must have the input's shape {list(x.shape)}, got {list(residual.shape)}")
-    if residual.dtype != x.dtype:
-        raise NormTypeError(f"residual must have the input's dtype {x.dtype}, got {residual.dtype}")
+    if not same_dtype:
+        check_floating_tensor("residual", residual, what=" or None")
+    elif residual.dtype != x.dtype:
+        raise NormTypeError(
+            f"residual must have the input's dtype {x.dtype}, got {residual.dtype} (pass "
+            "residual_in_fp32=True to add a residual of another dtype, in float32)"
+        )
     if residual.device != x.device:
         raise NormDeviceError(f"residual is on {residual.device} but input is on {x.device}")
 

@@ -109,11 +109,19 @@ struct FwdArgs {
   int64_t n;
   Acc eps;
   bool is_rms;
+  // Layer norm without a residual on rows too long for the row pair to stay in L1 alongside
+  // the output: write each row's output in the same loop that sums the next row
+  // (write_row_sum_next), with w / b materialized (ones / zeros) for that loop.
+  bool overlap = false;
+  const Acc* w_or_ones = nullptr;
+  const Acc* b_or_zeros = nullptr;
 };
 
 template <typename T, typename Acc>
 NORMKIT_INLINE void fwd_rows_impl(const FwdArgs<T, Acc>& a, int64_t lo, int64_t hi, Acc* buf) {
   const int64_t n = a.n;
+  Acc next_sum = 0;
+  bool have_next_sum = false;
   for (int64_t i = lo; i < hi; ++i) {
     RowStats<Acc> st;
     T* yi = a.y + i * n;
@@ -131,8 +139,15 @@ NORMKIT_INLINE void fwd_rows_impl(const FwdArgs<T, Acc>& a, int64_t lo, int64_t 
       }
       st = row_stats<Acc, Acc>(buf, n, a.eps, a.is_rms);
       write_row<T, Acc, Acc>(buf, yi, n, st, a.w, a.b);
+    } else if (a.overlap && i + 1 < hi) {
+      // layer norm of long rows: this row's output is written while the next row is summed
+      const Acc sum = have_next_sum ? next_sum : row_sum<T, Acc>(xi, n);
+      st = row_stats_from_mean<T, Acc>(xi, n, sum / static_cast<Acc>(n), a.eps, false);
+      next_sum = write_row_sum_next<T, Acc>(xi, yi, xi + n, n, st, a.w_or_ones, a.b_or_zeros);
+      have_next_sum = true;
     } else {
-      st = row_stats<T, Acc>(xi, n, a.eps, a.is_rms);
+      st = (a.overlap && have_next_sum) ? row_stats_from_mean<T, Acc>(xi, n, next_sum / static_cast<Acc>(n), a.eps, false)
+                                        : row_stats<T, Acc>(xi, n, a.eps, a.is_rms);
       write_row<T, T, Acc>(xi, yi, n, st, a.w, a.b);
     }
     if (a.mean) a.mean[i] = st.mean;
@@ -147,8 +162,20 @@ NORMKIT_FWD_ROWS(fwd_rows, double, double)
 NORMKIT_FWD_ROWS(fwd_rows, c10::BFloat16, float)
 NORMKIT_FWD_ROWS(fwd_rows, c10::Half, float)
 
+// Calls of at least this many input bytes overlap each row's output write with the next
+// row's read (FwdArgs::overlap): the memory-bound regime, where it matters.
+constexpr int64_t kOverlapMinBytes = int64_t(4) << 20;
+
 template <typename T, typename Acc>
-void forward_typed(const FwdArgs<T, Acc>& a, int64_t rows) {
+void forward_typed(FwdArgs<T, Acc> a, int64_t rows) {
+  std::vector<Acc> ones, zeros;
+  if (!a.r && !a.is_rms && rows * a.n * static_cast<int64_t>(sizeof(T)) >= kOverlapMinBytes) {
+    a.overlap = true;
+    if (!a.w) ones.assign(a.n, Acc(1));
+    if (!a.b) zeros.assign(a.n, Acc(0));
+    a.w_or_ones = a.w ? a.w : ones.data();
+    a.b_or_zeros = a.b ? a.b : zeros.data();
+  }
   const int64_t per = rows_per_chunk(rows, a.n);
   const int64_t n_chunks = (rows + per - 1) / per;
   const bool need_buf = a.r != nullptr;

@@ -146,6 +146,17 @@ NORMKIT_INLINE Acc row_sum(const T* src, int64_t n) {
   return static_cast<Acc>(total);
 }
 
+// row_sum(next, n) (the same sums in the same order, so the same bits) while writing this
+// row's output y[j] = (src[j] - mean) * rstd * w[j] + b[j] (w, b not null) in the same loop: the
+// read of the next row from memory and the write of this row's output overlap, as in a copy,
+// instead of a read-only pass followed by a write-only pass.
+template <typename Acc>
+struct RowStats;
+
+template <typename T, typename Acc>
+NORMKIT_INLINE Acc write_row_sum_next(const T* src, T* y, const T* next, int64_t n, const RowStats<Acc>& st,
+                                      const Acc* w, const Acc* b);
+
 template <typename Acc>
 struct RowStats {
   Acc mean;  // 0 for RMS norm
@@ -154,8 +165,16 @@ struct RowStats {
 
 // (mean, 1/sqrt(var + eps)) of a row; for RMS norm the mean is 0 and var = mean(s^2).
 template <typename T, typename Acc>
+NORMKIT_INLINE RowStats<Acc> row_stats_from_mean(const T* src, int64_t n, Acc mean, Acc eps, bool is_rms);
+
+template <typename T, typename Acc>
 NORMKIT_INLINE RowStats<Acc> row_stats(const T* src, int64_t n, Acc eps, bool is_rms) {
-  Acc mean = is_rms ? Acc(0) : row_sum<T, Acc>(src, n) / static_cast<Acc>(n);
+  return row_stats_from_mean<T, Acc>(src, n, is_rms ? Acc(0) : row_sum<T, Acc>(src, n) / static_cast<Acc>(n), eps, is_rms);
+}
+
+// The second pass of row_stats, from the first pass's mean (0 for RMS norm).
+template <typename T, typename Acc>
+NORMKIT_INLINE RowStats<Acc> row_stats_from_mean(const T* src, int64_t n, Acc mean, Acc eps, bool is_rms) {
   double ss = 0.0, sd = 0.0;
   for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
     const T* p = src + j0;
@@ -180,6 +199,37 @@ NORMKIT_INLINE RowStats<Acc> row_stats(const T* src, int64_t n, Acc eps, bool is
     var = std::max(var - c * c, 0.0);
   }
   return {mean, Acc(1) / std::sqrt(static_cast<Acc>(var) + eps)};
+}
+
+template <typename T, typename Acc>
+NORMKIT_INLINE Acc write_row_sum_next(const T* src, T* y, const T* next, int64_t n, const RowStats<Acc>& st,
+                                      const Acc* w, const Acc* b) {
+  constexpr int W = kWidth<Acc>;
+  const Acc mean = st.mean, rstd = st.rstd;
+  double total = 0.0, unused = 0.0;
+  for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
+    const T* p = next + j0;
+    const T* s = src + j0;
+    T* yo = y + j0;
+    const Acc* wp = w + j0;
+    const Acc* bp = b + j0;
+    block_sums<Acc>(
+        std::min(kBlock, n - j0),
+        [&](int64_t j, vec_t<Acc>& s0, vec_t<Acc>&) {
+          s0 += load_vec<T, Acc>(p + j);
+          vec_t<Acc> wv, bv;
+          std::memcpy(&wv, wp + j, sizeof(wv));
+          std::memcpy(&bv, bp + j, sizeof(bv));
+          const vec_t<Acc> v = (load_vec<T, Acc>(s + j) - mean) * rstd * wv + bv;
+          for (int k = 0; k < W; ++k) yo[j + k] = store<T>(v[k]);
+        },
+        [&](int64_t j, Acc& s0, Acc&) {
+          s0 += load<T, Acc>(p[j]);
+          yo[j] = store<T>((load<T, Acc>(s[j]) - mean) * rstd * wp[j] + bp[j]);
+        },
+        total, unused);
+  }
+  return static_cast<Acc>(total);
 }
 
 // y[j] = (src[j] - mean) * rstd * w[j] + b[j]; w/b may be null (gain 1, bias 0).
