@@ -1,21 +1,19 @@
-"""LayerNormLSTMCell / LayerNormGRUCell, and the numba per-step kernels of the fused RNN path.
+"""LayerNormLSTMCell / LayerNormGRUCell, and the compiled time loop of the fused RNN path.
 
 The cells are the per-step reference equations behind an nn.LSTMCell-style interface; stepping
-one over a sequence must give what the sequence module gives. The numba kernels
-(:mod:`normkit.backends.numba_rnn_kernels`) must compute what the plain-torch steps of
-:mod:`normkit.nn.rnn.sequence` compute, row for row, and touch no row outside the active block.
+one over a sequence must give what the sequence module gives. The C++ loop (normkit._C,
+csrc/rnn_cpu.cpp) must compute what the plain-torch steps of :mod:`normkit.nn.rnn.sequence`
+compute, on packed batches whose active rows shrink step by step.
 """
 
 from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 
 import normkit
-from normkit.backends import numba_rnn_kernels as rnn_kernels
 from normkit.nn.rnn import sequence as rnn_fast
 
 from helpers import randn
@@ -138,116 +136,100 @@ def test_cell_errors(kind):
         CELLS[kind][0](5, 0)
 
 
-# --------------------------------------------------------------------------- numba kernels
+# ------------------------------------------------------------------ the compiled time loop (C++)
 
 
-def _tol(width):
-    """Both sides compute in float32 and differ in summation order (statistics over ``width``
-    values: error ~ sqrt(width) ulps, taken 8x) and in exp (the kernels' polynomial exp and
-    tanh/sigmoid are within ~1 ulp of 1.0 of libm)."""
-    t = 8 * (math.sqrt(width) + 1) * EPS32
-    return dict(rtol=t, atol=t)
+def _compiled():
+    from normkit.backends import cpu as compiled
+
+    if compiled.extension is None:
+        pytest.skip("normkit._C is not built")
+    return compiled.extension
 
 
-def _random_buffers(shapes, seed):
+def _layer_run(kind, H, batch_sizes, seed, backend, scale=1.0, eps=1e-5):
+    """One fused layer (sequence.lstm_layer / gru_layer) on a packed batch: outputs and every
+    gradient, with the steps of ``backend`` ("cpu": the C++ loop; "reference": plain torch)."""
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(s, generator=g, dtype=F64).float() for s in shapes]
+    G = (4 if kind == "LSTM" else 3) * H
+    N, B, I = sum(batch_sizes), batch_sizes[0], 5
+    data = (torch.randn(N, I, generator=g) * scale).requires_grad_()
+    h0 = torch.randn(B, H, generator=g).requires_grad_()
+    shapes = [(G, I), (G, H), (G,), (G,), (G,)] + ([(H,), (H,)] if kind == "LSTM" else [(G,)])
+    params = [(torch.randn(s, generator=g) * 0.5 + (1.0 if i >= 3 else 0.0)).requires_grad_() for i, s in enumerate(shapes)]
+    with normkit.backends.use(backend):
+        if kind == "LSTM":
+            c0 = torch.randn(B, H, generator=g).requires_grad_()
+            w_ih, w_hh, b, ln_ih, ln_hh, ln_c, ln_cb = params
+            out, h, c = rnn_fast.lstm_layer(data, batch_sizes, h0, c0, [w_ih, w_hh, b, ln_ih, ln_hh, ln_c, ln_cb], eps)
+            leaves, outs = [data, h0, c0, *params], (out, h, c)
+        else:
+            w_ih, w_hh, b_ih, ln_ih, ln_hh, b_hh = params
+            out, h = rnn_fast.gru_layer(data, batch_sizes, h0, [w_ih, w_hh, b_ih, b_hh, ln_ih, ln_hh], eps)
+            leaves, outs = [data, h0, *params], (out, h)
+        loss = sum((o * torch.randn(o.shape, generator=g)).sum() for o in outs)
+        return [o.detach() for o in outs] + list(torch.autograd.grad(loss, leaves))
 
 
-def _run_both(numba_fn, torch_fn, off, bs, bufs, eps=None):
-    """Run the torch step and the numba kernel on identical copies of every buffer."""
-    a = [b.clone() for b in bufs]
-    b = [t.clone() for t in bufs]
-    extra_t = () if eps is None else (eps,)
-    extra_n = () if eps is None else (np.float32(eps),)
-    torch_fn(off, bs, *a, *extra_t)
-    numba_fn(off, bs, *(t.numpy() for t in b), *extra_n)
-    return a, b
-
-
-def _compare(a, b, names, width):
-    for n, x, y in zip(names, a, b):
-        torch.testing.assert_close(y, x, **_tol(width), msg=lambda m: f"{n}: {m}")
-
-
-# (N packed rows, B state rows, off, bs): a step in the middle of a packed batch, not all rows active
-LAYOUTS = [(7, 4, 2, 3), (1, 1, 0, 1)]
-
-
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("H", [1, 3, 40])
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_lstm_kernels_equal_torch_steps(H, layout):
-    N, B, off, bs = layout
-    G, eps = 4 * H, 1e-5
-    names = ["xg", "a", "rstd_a", "gates", "chat", "rstd_c", "tc", "out", "hprev", "cprev", "h_state", "c_state", "w_h", "w_c", "b_c"]
-    shapes = [(N, G), (N, G), (N,), (N, G), (N, H), (N,), (N, H), (N, H), (N, H), (N, H), (B, H), (B, H), (G,), (H,), (H,)]
-    bufs = _random_buffers(shapes, seed=H)
-    bufs[1] = bufs[1] * 3 + 1  # the recurrent product: not already normalized
-    a, b = _run_both(rnn_kernels.lstm_fwd_step, rnn_fast.lstm_fwd_step_torch, off, bs, bufs, eps)
-    _compare(a, b, names, G)
-    # backward on the forward's results, with random incoming gradients
-    fwd = dict(zip(names, a))
-    dout, dh, dc = _random_buffers([(N, H), (B, H), (B, H)], seed=H + 1)
-    junk = _random_buffers([(N, G), (N, G), (N, H), (H,)], seed=H + 2)  # dxg, da, dchat, tmp (outputs)
-    bnames = ["dout", "dh_state", "dc_state", "ahat", "rstd_a", "gates", "chat", "rstd_c", "tc", "cprev", "w_h", "w_c", "dxg", "da", "dchat"]
-    bbufs = [dout, dh, dc] + [fwd[n] for n in ("a", "rstd_a", "gates", "chat", "rstd_c", "tc", "cprev", "w_h", "w_c")] + junk
-    a, b = _run_both(rnn_kernels.lstm_bwd_step, rnn_fast.lstm_bwd_step_torch, off, bs, bbufs)
-    _compare(a[:-1], b[:-1], bnames, G)  # tmp is scratch
+@pytest.mark.parametrize("batch_sizes", [[1], [4, 3, 3, 1], [2] * 5])
+def test_compiled_loop_equals_the_torch_steps(kind, H, batch_sizes):
+    """Every output and gradient of the C++ loop against the plain-torch steps (float32 both:
+    they differ in summation order and in exp, a polynomial within ~1 ulp of 1.0 of libm)."""
+    _compiled()
+    got = _layer_run(kind, H, batch_sizes, seed=H, backend="cpu")
+    want = _layer_run(kind, H, batch_sizes, seed=H, backend="reference")
+    for i, (a, b) in enumerate(zip(got, want)):
+        tol = 64 * (math.sqrt(4 * H) + 1) * EPS32 * max(1.0, b.abs().max().item())
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=lambda m: f"{kind} H={H} item {i}: {m}")
 
 
-@pytest.mark.parametrize("H", [1, 3, 40])
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_gru_kernels_equal_torch_steps(H, layout):
-    N, B, off, bs = layout
-    G, eps = 3 * H, 1e-5
-    names = ["xg", "a", "rstd_a", "gates", "out", "hprev", "h_state", "w_h", "b_h"]
-    shapes = [(N, G), (N, G), (N,), (N, G), (N, H), (N, H), (B, H), (G,), (G,)]
-    bufs = _random_buffers(shapes, seed=H)
-    bufs[1] = bufs[1] * 3 + 1
-    a, b = _run_both(rnn_kernels.gru_fwd_step, rnn_fast.gru_fwd_step_torch, off, bs, bufs, eps)
-    _compare(a, b, names, G)
-    fwd = dict(zip(names, a))
-    dout, dh = _random_buffers([(N, H), (B, H)], seed=H + 1)
-    junk = _random_buffers([(N, G), (N, G), (N, G)], seed=H + 2)  # dxg, dgh, da
-    bnames = ["dout", "dh_state", "ahat", "rstd_a", "gates", "hprev", "w_h", "b_h", "dxg", "dgh", "da"]
-    bbufs = [dout, dh] + [fwd[n] for n in ("a", "rstd_a", "gates", "hprev", "w_h", "b_h")] + junk
-    a, b = _run_both(rnn_kernels.gru_bwd_step, rnn_fast.gru_bwd_step_torch, off, bs, bbufs)
-    _compare(a, b, bnames, G)
+@pytest.mark.parametrize("kind", KINDS)
+def test_compiled_loop_saturates_like_libm(kind):
+    """Huge pre-activations (inputs of 1e30) give the exact limits of sigmoid and tanh, as
+    torch's do, and NaN inputs propagate."""
+    _compiled()
+    got = _layer_run(kind, 3, [2, 2], seed=3, backend="cpu", scale=1e30)
+    want = _layer_run(kind, 3, [2, 2], seed=3, backend="reference", scale=1e30)
+    for a, b in zip(got[:2], want[:2]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    m = getattr(normkit.nn, f"LayerNorm{kind}")(2, 3)
+    x = torch.randn(3, 1, 2)
+    x[1, 0, 0] = float("nan")
+    out = m(x)[0]
+    assert not out[0].isnan().any() and out[1:].isnan().all()
 
 
-def test_kernel_activations_against_libm():
-    """The polynomial exp behind the kernels' sigmoid and tanh: within 1 ulp of 1.0 (absolute)
-    of float64 libm everywhere, exact limits at +-inf and huge inputs, NaN propagated."""
-    xs = np.concatenate([np.linspace(-30, 30, 2001), [-1e30, 1e30, -np.inf, np.inf, 1e-8, -1e-8, 0.0]]).astype(np.float32)
-    for x in xs:
-        xd = float(x)
-        sig = 0.5 * (1 + math.tanh(xd / 2)) if math.isfinite(xd) else (1.0 if xd > 0 else 0.0)
-        th = math.tanh(xd)
-        assert abs(float(rnn_kernels._sigmoid(x)) - sig) <= EPS32, x
-        assert abs(float(rnn_kernels._tanh(x)) - th) <= EPS32, x
-    assert math.isnan(rnn_kernels._tanh(np.float32("nan"))) and math.isnan(rnn_kernels._sigmoid(np.float32("nan")))
-
-
-@pytest.mark.parametrize("shape", [(1, 1), (7, 3), (1000, 40)])
-def test_column_reductions(shape):
+def test_column_dot_is_accurate():
     """Gain/bias gradients: products rounded to float32 (relative error <= eps/2 each), summed in
     float64, rounded once, so the error is at most eps * sum_i |u_i v_i| per column."""
-    u, v = _random_buffers([shape, shape], seed=shape[0])
-    out = torch.empty(shape[1])
-    rnn_kernels.column_dot(u.numpy(), v.numpy(), out.numpy())
-    exact = (u.double() * v.double()).sum(0)
-    assert torch.all((out.double() - exact).abs() <= EPS32 * (u.double() * v.double()).abs().sum(0))
-    rnn_kernels.column_sum(u.numpy(), out.numpy())
-    assert torch.all((out.double() - u.double().sum(0)).abs() <= EPS32 * u.double().abs().sum(0))
+    ext = _compiled()
+    for shape in [(1, 1), (7, 3), (1000, 40)]:
+        g = torch.Generator().manual_seed(shape[0])
+        u, v = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+        exact = (u.double() * v.double()).sum(0)
+        assert torch.all((ext.column_dot(u, v).double() - exact).abs() <= EPS32 * (u.double() * v.double()).abs().sum(0))
+        assert torch.all((ext.column_dot(u, None).double() - u.double().sum(0)).abs() <= EPS32 * u.double().abs().sum(0))
 
 
 @pytest.mark.parametrize("value", [0.1, -3.3, 1e4 + 0.1])
-def test_constant_row_centres_to_exactly_zero_in_both_steps(value):
+def test_constant_rows_centre_to_exactly_zero(value):
     """A constant gate row (variance 0) normalizes to 0, not to rounding residues amplified by
-    rstd = 1/sqrt(eps): the numba step and the torch step refine the mean alike."""
-    row = np.full(1000, value, dtype=np.float32)
-    rnn_kernels._normalize_inplace(row, 1000, np.float32(1e-12))
-    assert not row.any(), f"max residue {np.abs(row).max():.3g}"
+    rstd = 1/sqrt(eps): with every row of W_hh equal, the recurrent product is constant along
+    each row, so the layer must give exactly what it gives with W_hh = 0 (the C++ loop and the
+    torch steps alike)."""
     t = torch.full((2, 1000), value)
     rnn_fast._normalize_rows_(t, 1e-12)
     assert not t.any()
+    for backend in ("cpu", "reference"):
+        if backend == "cpu":
+            _compiled()
+        m = normkit.nn.LayerNormLSTM(3, 8, eps=1e-12)
+        x = torch.randn(4, 2, 3)
+        with torch.no_grad(), normkit.backends.use(backend):
+            m.weight_hh_l0.fill_(value)
+            constant = m(x)[0]
+            m.weight_hh_l0.zero_()
+            zero = m(x)[0]
+        assert torch.equal(constant, zero), backend

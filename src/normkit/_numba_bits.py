@@ -1,9 +1,8 @@
 """Bit reinterpretation between float32 and 32-bit integers inside numba kernels.
 
 LLVM ``bitcast`` intrinsics: numba has no ``view`` for scalars, and going through a one-element
-array defeats vectorization. Shared by the CPU backend's bfloat16 conversion
-(:mod:`normkit.backends.numba_kernels`) and the fast ``exp`` of the recurrent step kernels
-(:mod:`normkit.backends.numba_rnn_kernels`).
+array defeats vectorization. Used by the numba backend's bfloat16 conversion
+(:mod:`normkit.backends.numba_kernels`).
 """
 
 from __future__ import annotations

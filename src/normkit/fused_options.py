@@ -201,6 +201,7 @@ def _validate(x, normalized_shape, weight, bias, eps, is_rms, residual, prenorm,
         or o.rowscale is not None
         or o.return_dropout_mask
         or sum_dtype != x.dtype
+        or base != x.dtype
     )
     return _Plan(shape, start, eps, p, sum_dtype, acc_dtype, out_dtype, sum_here, wide)
 

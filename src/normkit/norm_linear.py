@@ -93,9 +93,33 @@ class _NormLinear(torch.autograd.Function):
         rows_out, rows_y = dout.reshape(-1, dout.shape[-1]), y.detach().reshape(-1, y.shape[-1])
         d_linear_weight = rows_out.t().mm(rows_y) if need_w else None
         d_linear_bias = rows_out.sum(0) if need_c and ctx.has_linear_bias else None
-        grads = iter(torch.autograd.grad(y, wanted, dout.matmul(linear_weight)) if wanted else ())
-        dx, dg, db = (next(grads) if t is not None and t.requires_grad else None for t in norm_inputs)
+        if not wanted:
+            return None, None, None, d_linear_weight, d_linear_bias, None, None, None
+        dy = dout.matmul(linear_weight)
+        if torch.compiler.is_compiling():  # Dynamo cannot trace torch.autograd.grad here
+            dx, dg, db = _norm_vjp(dy, x, norm_weight, norm_bias, ctx.shape, ctx.eps, ctx.is_rms)
+        else:  # the backend's own backward, through the recomputed norm's graph
+            grads = iter(torch.autograd.grad(y, wanted, dy))
+            dx, dg, db = (next(grads) if t is not None and t.requires_grad else None for t in norm_inputs)
+        dx, dg, db = (d if need else None for d, need in zip((dx, dg, db), (need_x, need_g, need_b)))
         return dx, dg, db, d_linear_weight, d_linear_bias, None, None, None
+
+
+def _norm_vjp(dy, x, weight, bias, shape, eps, is_rms):
+    """The norm's ``(dx, dweight, dbias)`` by :func:`normkit.reference.norm_backward_differentiable`
+    (plain torch ops, which ``torch.compile`` traces) on the flattened ``(rows, N)`` view."""
+    from normkit.reference import default_rms_eps, norm_backward_differentiable
+    from normkit.validation import as_normalized_shape
+
+    n = 1
+    for d in as_normalized_shape(shape):
+        n *= d
+    eps = default_rms_eps(x.dtype) if eps is None else float(eps)
+    w = None if weight is None else weight.reshape(n)
+    dx, _, dw, db = norm_backward_differentiable(dy.reshape(-1, n), None, x.reshape(-1, n), w, eps, is_rms, None)
+    dw = None if weight is None else dw.to(weight.dtype).reshape(weight.shape)
+    db = None if bias is None else db.to(bias.dtype).reshape(bias.shape)
+    return dx.reshape(x.shape), dw, db
 
 
 def layer_norm_linear(

@@ -78,12 +78,10 @@ class Backend:
         raise NotImplementedError
 
     def rnn_steps(self, x: Tensor):
-        """The compiled LN-LSTM/GRU kernels for buffers like ``x``, or ``None`` (the plain-torch
-        steps of :mod:`normkit.nn.rnn.sequence` run). Either whole time loops on tensors
-        (``lstm_forward``, ``lstm_backward``, ``gru_forward``, ``gru_backward``, ``column_dot``,
-        as ``normkit._C`` has them), or one fused step per call on NumPy views
-        (``lstm_fwd_step``, ``lstm_bwd_step``, ``gru_fwd_step``, ``gru_bwd_step``, ``column_sum``,
-        ``column_dot``, as :mod:`normkit.backends.numba_rnn_kernels`)."""
+        """The compiled LN-LSTM/GRU time loops for buffers like ``x`` (an object with
+        ``lstm_forward``, ``lstm_backward``, ``gru_forward``, ``gru_backward`` and
+        ``column_dot``, as ``normkit._C`` has them), or ``None``: the plain-torch steps of
+        :mod:`normkit.nn.rnn.sequence` run."""
         return None
 
     def empty_like(self, t: Tensor) -> Tensor:

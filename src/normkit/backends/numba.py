@@ -106,13 +106,6 @@ class NumbaBackend(Backend):
     def empty_like(self, t: Tensor) -> Tensor:
         return _empty_like(t)
 
-    def rnn_steps(self, x: Tensor):
-        if x.device.type != "cpu" or x.dtype != torch.float32:
-            return None
-        from normkit.backends import numba_rnn_kernels  # numba compiles on first use
-
-        return numba_rnn_kernels  # huge pages for large buffers, as for the kernels' outputs
-
     def forward(self, x, residual, weight, bias, eps, is_rms, dropout_p, seed, store_sum) -> ForwardResult:
         if dropout_p != 0.0:
             raise ValueError(f"the numba backend does not implement dropout (got dropout_p={dropout_p}); supports() says so")

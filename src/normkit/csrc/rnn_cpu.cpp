@@ -4,7 +4,7 @@
 // buffers are those of the plain-torch steps in sequence.py (lstm_fwd_step_torch, ...), which
 // define them; the layer-norm statistics come from row_math.h, shared with the norm kernels.
 //
-// exp is the branch-free Cephes-style polynomial of the numba steps (numba_rnn_kernels.py), so
+// exp is a branch-free Cephes-style polynomial (the 2^n factor built from the exponent bits), so
 // the sigmoid / tanh loops vectorize: max relative error ~6e-8 for exp, absolute ~1.2e-7 for
 // sigmoid and tanh(x) = 1 - 2 / (e^{2x} + 1). Inputs are clamped to exp's finite range, so
 // +-inf give the limits and NaN propagates.

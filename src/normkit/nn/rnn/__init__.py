@@ -9,9 +9,9 @@ module                    what it holds
 :mod:`.reference`         the equations, step by step in plain torch (the semantics)
 ========================  ======================================================================
 
-The numba step kernels live with the other CPU kernels (:mod:`normkit.backends.numba_rnn_kernels`)
-and are chosen through the backend registry: ``normkit.backends.use("reference")`` runs the
-plain-torch steps.
+The compiled time loop lives with the other CPU kernels (``src/normkit/csrc/rnn_cpu.cpp``, in
+``normkit._C``) and is chosen through the backend registry (``Backend.rnn_steps``):
+``normkit.backends.use("reference")`` (or ``"numba"``) runs the plain-torch steps.
 """
 
 from normkit.nn.rnn.cells import LayerNormGRUCell, LayerNormLSTMCell

@@ -12,11 +12,13 @@ One layer, one direction, as one :class:`torch.autograd.Function` over the whole
 3. Backward through time by hand, per step: one fused step (gate derivatives and both
    layer-norm backwards) and the recurrent product ``dh_{t-1} = da_t W_hh``. The parameter
    gradients are reduced once after the loop: ``dW_hh = sum_t da_t^T h_{t-1}`` as a single
-   ``(G, N) x (N, H)`` product, the gains and biases as column sums (numba, float64
-   accumulators, on the numba path).
+   ``(G, N) x (N, H)`` product, the gains and biases as column sums (float64 accumulators in
+   the compiled loop).
 
-The fused step is a numba kernel (:mod:`normkit.backends.numba_rnn_kernels`) for float32 CPU tensors, and
-the plain-torch ``*_step_torch`` functions below (same buffers, same quantities) otherwise.
+For float32 CPU tensors the whole loop (2 and 3) runs in C++ (``normkit._C.lstm_forward`` ...,
+``csrc/rnn_cpu.cpp``), which computes exactly the quantities of the plain-torch ``*_step_torch``
+functions below; those run the loop otherwise (other dtypes and devices, the ``reference`` and
+``numba`` backends, no compiled extension).
 float16/bfloat16 layers run the recurrence in float32. Sequences use the packed layout
 described in :mod:`normkit.nn.rnn.reference`; a dense ``(T, B)`` batch is ``batch_sizes = [B]*T``.
 
@@ -31,7 +33,6 @@ from __future__ import annotations
 
 from typing import List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -39,7 +40,6 @@ from torch.autograd.function import once_differentiable
 
 import normkit
 from normkit.backends import select_backend
-from normkit.backends.numpy_view import as_numpy
 from normkit.reference import normalized_gradient, statistics
 
 __all__ = ["lstm_layer", "gru_layer"]
@@ -70,7 +70,7 @@ def _norm_backward(g: Tensor, x_hat: Tensor, rstd: Tensor) -> Tensor:
     return normalized_gradient(g, x_hat, rstd.unsqueeze(-1), False)
 
 
-# --- plain-torch fused steps: the same arguments and buffers as the numba kernels
+# --- plain-torch fused steps (csrc/rnn_cpu.cpp computes the same quantities into the same buffers)
 
 
 def lstm_fwd_step_torch(off, bs, xg, a, rstd_a, gates, chat, rstd_c, tc, out, hprev, cprev,
@@ -145,23 +145,16 @@ def gru_bwd_step_torch(off, bs, dout, dh_state, ahat, rstd_a, gates, hprev, w_h,
 
 
 def _compiled_loop(kernels) -> bool:
-    """Whether ``kernels`` run the whole time loop in compiled code (``normkit._C``: the
-    recurrent products and the fused steps in C++), rather than one numba step per call."""
+    """Whether the backend gave compiled kernels (``normkit._C``: the whole time loop, the
+    recurrent products and the fused steps, in C++); else the plain-torch steps run."""
     return kernels is not None and hasattr(kernels, "lstm_forward")
 
 
 def _column_dot(u: Tensor, v: Optional[Tensor], kernels) -> Tensor:
     """``(u * v).sum(0)`` (``u.sum(0)`` when ``v`` is None): a gain or bias gradient over all rows."""
-    if kernels is None:
-        return (u * v).sum(0) if v is not None else u.sum(0)
     if _compiled_loop(kernels):
         return kernels.column_dot(u, v)
-    out = u.new_empty(u.shape[1])
-    if v is None:
-        kernels.column_sum(as_numpy(u), as_numpy(out))
-    else:
-        kernels.column_dot(as_numpy(u), as_numpy(v), as_numpy(out))
-    return out
+    return (u * v).sum(0) if v is not None else u.sum(0)
 
 
 def _steps(batch_sizes: Sequence[int], reverse: bool) -> List[Tuple[int, int]]:
@@ -171,17 +164,11 @@ def _steps(batch_sizes: Sequence[int], reverse: bool) -> List[Tuple[int, int]]:
 
 
 class _Stepper:
-    """Binds a fused step (numba or torch) to its buffers, so the time loop passes two ints."""
+    """Binds a plain-torch fused step to its buffers, so the time loop passes two ints."""
 
-    def __init__(self, numba_fn, torch_fn, use_numba: bool, buffers: Sequence, eps: Optional[float]):
-        if use_numba:
-            self.fn = numba_fn
-            self.args = tuple(as_numpy(b) if isinstance(b, Tensor) else b for b in buffers)
-            if eps is not None:
-                self.args += (np.float32(eps),)
-        else:
-            self.fn = torch_fn
-            self.args = tuple(buffers) + (() if eps is None else (eps,))
+    def __init__(self, fn, buffers: Sequence, eps: Optional[float]):
+        self.fn = fn
+        self.args = tuple(buffers) + (() if eps is None else (eps,))
 
     def __call__(self, off: int, bs: int) -> None:
         self.fn(off, bs, *self.args)
@@ -204,7 +191,6 @@ class _LNLSTMSequence(torch.autograd.Function):
             )
             ctx.save_for_backward(w_hh, ln_hh_w, ln_c_w, *saved)
             return out, h_state, c_state
-        use_numba = kernels is not None
         new = lambda *shape: xg.new_empty(shape)  # noqa: E731
         a, gates = new(N, G), new(N, G)
         rstd_a, rstd_c = new(N), new(N)
@@ -212,7 +198,7 @@ class _LNLSTMSequence(torch.autograd.Function):
         h_state, c_state = h0.contiguous().clone(), c0.contiguous().clone()
         w_t = w_hh.t()
         step = _Stepper(
-            kernels and kernels.lstm_fwd_step, lstm_fwd_step_torch, use_numba,
+            lstm_fwd_step_torch,
             (xg.contiguous(), a, rstd_a, gates, chat, rstd_c, tc, out, hprev, cprev, h_state, c_state,
              ln_hh_w.contiguous(), ln_c_w.contiguous(), b_c.contiguous()),
             eps,
@@ -228,7 +214,6 @@ class _LNLSTMSequence(torch.autograd.Function):
     def backward(ctx, dout, dh_n, dc_n):
         w_hh, ln_hh_w, ln_c_w, ahat, rstd_a, gates, chat, rstd_c, tc, hprev, cprev = ctx.saved_tensors
         batch_sizes, reverse, kernels, has_c_bias = ctx.meta
-        use_numba = kernels is not None
         N, G = ahat.shape
         H = G // 4
         B = batch_sizes[0] if batch_sizes else 0
@@ -243,7 +228,7 @@ class _LNLSTMSequence(torch.autograd.Function):
             return _lstm_param_grads(dxg, dh_state, dc_state, da, dchat, ahat, chat, hprev, kernels, has_c_bias)
         dxg, da, dchat, tmp = ahat.new_empty(N, G), ahat.new_empty(N, G), ahat.new_empty(N, H), ahat.new_empty(H)
         step = _Stepper(
-            kernels and kernels.lstm_bwd_step, lstm_bwd_step_torch, use_numba,
+            lstm_bwd_step_torch,
             (dout, dh_state, dc_state, ahat, rstd_a, gates, chat, rstd_c, tc, cprev,
              ln_hh_w.contiguous(), ln_c_w.contiguous(), dxg, da, dchat, tmp),
             None,
@@ -281,13 +266,12 @@ class _LNGRUSequence(torch.autograd.Function):
             )
             ctx.save_for_backward(w_hh, ln_hh_w, b_h, *saved)
             return out, h_state
-        use_numba = kernels is not None
         a, gates, rstd_a = xg.new_empty(N, G), xg.new_empty(N, G), xg.new_empty(N)
         out, hprev = xg.new_empty(N, H), xg.new_empty(N, H)
         h_state = h0.contiguous().clone()
         w_t = w_hh.t()
         step = _Stepper(
-            kernels and kernels.gru_fwd_step, gru_fwd_step_torch, use_numba,
+            gru_fwd_step_torch,
             (xg.contiguous(), a, rstd_a, gates, out, hprev, h_state, ln_hh_w.contiguous(), b_h.contiguous()),
             eps,
         )
@@ -302,7 +286,6 @@ class _LNGRUSequence(torch.autograd.Function):
     def backward(ctx, dout, dh_n):
         w_hh, ln_hh_w, b_h, ahat, rstd_a, gates, hprev = ctx.saved_tensors
         batch_sizes, reverse, kernels, has_bias = ctx.meta
-        use_numba = kernels is not None
         N, G = ahat.shape
         H = G // 3
         B = batch_sizes[0] if batch_sizes else 0
@@ -316,7 +299,7 @@ class _LNGRUSequence(torch.autograd.Function):
             return _gru_param_grads(dxg, dh_state, da, dgh, ahat, hprev, kernels, has_bias)
         dxg, dgh, da = ahat.new_empty(N, G), ahat.new_empty(N, G), ahat.new_empty(N, G)
         step = _Stepper(
-            kernels and kernels.gru_bwd_step, gru_bwd_step_torch, use_numba,
+            gru_bwd_step_torch,
             (dout, dh_state, ahat, rstd_a, gates, hprev, ln_hh_w.contiguous(), b_h.contiguous(), dxg, dgh, da),
             None,
         )
