@@ -4,7 +4,7 @@ return_dropout_mask, out_dtype / RMS bias / out= buffers, and dim=.
 
 Each is checked against a float64 formula written here (forward and gradients), by float64
 gradcheck, in bfloat16/float16 where the rounding is the point, at odd widths, with bad input,
-and on the reference, cpu and numba backends.
+and on the reference, cpu, numba and triton (its interpreter without a GPU) backends.
 """
 
 from __future__ import annotations
@@ -439,10 +439,24 @@ def test_dim_with_two_middle_dims_residual_rowscale_and_gradcheck():
     assert torch.equal(normkit.layer_norm(x, (4, 5), dim=2), normkit.layer_norm(x, (4, 5)))
 
 
-# --- every CPU backend runs the options
+@IS_RMS
+def test_zero_rows_with_every_option(is_rms):
+    x = torch.randn(0, 3, 8, requires_grad=True)
+    w = torch.ones(8)
+    y, y1, s, m, m1 = _call(
+        is_rms, x, w, torch.zeros(8), weight1=w, x1=torch.randn(0, 3, 8), residual=torch.randn(0, 3, 8, dtype=torch.float64),
+        residual_in_fp32=True, prenorm=True, dropout_p=0.5, return_dropout_mask=True, out_dtype=torch.bfloat16,
+    )
+    assert y.shape == y1.shape == s.shape == m.shape == m1.shape == (0, 3, 8)
+    assert y.dtype == torch.bfloat16 and s.dtype == torch.float64
+    (gx,) = torch.autograd.grad(y.float().sum() + s.sum(), x)
+    assert gx.shape == x.shape
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu", "numba"])
+# --- every backend runs the options
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "numba", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n", WIDTHS)
 @IS_RMS

@@ -49,7 +49,7 @@ def _explain(args: argparse.Namespace) -> int:
     rows = x.numel() // shape[-1] if shape[-1] else 0
     print(f"{'rms_norm' if args.rms else 'layer_norm'} on {list(shape)} {args.dtype} ({args.device}):")
     print(f"  path:    {path}: {ROUTES[path]}")
-    if path in ("eager", "eager_no_grad", "op"):
+    if path in ("native", "eager", "eager_no_grad", "op"):
         print(f"  backend: {explain_backend(x.detach().reshape(rows, shape[-1]), args.dropout)}")
     return 0
 

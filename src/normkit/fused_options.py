@@ -55,7 +55,7 @@ __all__ = ["FusedOptions", "fused_norm"]
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # eq=False: never compare tensors elementwise
 class FusedOptions:
     """The keyword-only options of :func:`normkit.layer_norm` / :func:`normkit.rms_norm` served
     here, by name (each default turns its option off; see those functions for the meaning)."""
@@ -144,7 +144,7 @@ class _Plan:
     acc_dtype: torch.dtype  # the sum is formed in this dtype
     out_dtype: torch.dtype  # y and y1
     sum_here: bool  # form the sum (and dropout) with torch ops, not in the kernel
-    wide: bool  # normalize a float32 (float64) copy of the sum, round once to out_dtype
+    wide: bool  # normalize the sum in float32 (float64), round once to out_dtype
 
 
 def _validate(x, normalized_shape, weight, bias, eps, is_rms, residual, prenorm, dropout_p, training, o: FusedOptions) -> _Plan:
@@ -196,7 +196,7 @@ def _validate(x, normalized_shape, weight, bias, eps, is_rms, residual, prenorm,
         _check_buffer("residual_out", o.residual_out, x.shape, sum_dtype, x)
     wide = out_dtype != sum_dtype or (is_rms and bias is not None and sum_dtype in _LOW_PRECISION)
     sum_here = (
-        wide
+        (wide and sum_dtype != acc_dtype)  # a 16-bit sum to widen: formed here, then copied
         or o.x1 is not None
         or o.rowscale is not None
         or o.return_dropout_mask

@@ -88,7 +88,8 @@ class _NormLinear(torch.autograd.Function):
             for t, need in ((x, need_x), (norm_weight, need_g), (norm_bias, need_b))
         ]
         wanted = [t for t in norm_inputs if t is not None and t.requires_grad]
-        with torch.enable_grad() if wanted else torch.no_grad():
+        compiling = torch.compiler.is_compiling()  # Dynamo cannot trace torch.autograd.grad
+        with torch.enable_grad() if wanted and not compiling else torch.no_grad():
             y = _norm(*norm_inputs, ctx.shape, ctx.eps, ctx.is_rms)
         rows_out, rows_y = dout.reshape(-1, dout.shape[-1]), y.detach().reshape(-1, y.shape[-1])
         d_linear_weight = rows_out.t().mm(rows_y) if need_w else None
@@ -96,7 +97,7 @@ class _NormLinear(torch.autograd.Function):
         if not wanted:
             return None, None, None, d_linear_weight, d_linear_bias, None, None, None
         dy = dout.matmul(linear_weight)
-        if torch.compiler.is_compiling():  # Dynamo cannot trace torch.autograd.grad here
+        if compiling:
             dx, dg, db = _norm_vjp(dy, x, norm_weight, norm_bias, ctx.shape, ctx.eps, ctx.is_rms)
         else:  # the backend's own backward, through the recomputed norm's graph
             grads = iter(torch.autograd.grad(y, wanted, dy))
