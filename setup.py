@@ -25,7 +25,11 @@ if os.environ.get("NORMKIT_NO_EXTENSION") != "1":
 
             def build_extensions(self):
                 self._failed = []
-                super().build_extensions()
+                try:
+                    super().build_extensions()
+                except Exception as exc:  # before any compile: no usable compiler (torch's ABI check)
+                    self._failed = list(self.extensions)
+                    print(f"normkit: cannot build the compiled kernels ({exc}); normkit will use its numba kernels", file=sys.stderr)
                 # nothing to copy or install for what failed (editable installs copy every listed one)
                 self.extensions = [e for e in self.extensions if e not in self._failed]
 
