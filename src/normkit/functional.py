@@ -308,15 +308,9 @@ def layer_norm(
         ``mask, mask1`` (with ``return_dropout_mask``).
     """
     if zero_centered_weight is not False:  # imported here: the default path pays nothing
-        from normkit.reference import zero_centered_gain
-        from normkit.validation import check_zero_centered
+        from normkit.fused_options import zero_centered_gains
 
-        check_zero_centered(zero_centered_weight, input, weight)
-        weight = zero_centered_gain(weight, input.dtype)
-        if weight1 is not None:
-            from normkit.fused_options import zero_centered_weight1
-
-            weight1 = zero_centered_weight1(weight1, input)
+        weight, weight1 = zero_centered_gains(zero_centered_weight, input, weight, weight1)
     if not (x1 is weight1 is bias1 is rowscale is out_dtype is out is residual_out is dim is None) or (
         residual_in_fp32 is not False or return_dropout_mask is not False
     ):
@@ -390,15 +384,9 @@ def rms_norm(
     if eps is None and isinstance(input, Tensor) and input.dtype in FLOAT_DTYPES:
         eps = default_rms_eps(input.dtype)
     if zero_centered_weight is not False:  # imported here: the default path pays nothing
-        from normkit.reference import zero_centered_gain
-        from normkit.validation import check_zero_centered
+        from normkit.fused_options import zero_centered_gains
 
-        check_zero_centered(zero_centered_weight, input, weight)
-        weight = zero_centered_gain(weight, input.dtype)
-        if weight1 is not None:
-            from normkit.fused_options import zero_centered_weight1
-
-            weight1 = zero_centered_weight1(weight1, input)
+        weight, weight1 = zero_centered_gains(zero_centered_weight, input, weight, weight1)
     if not (bias is x1 is weight1 is bias1 is rowscale is out_dtype is out is residual_out is dim is None) or (
         residual_in_fp32 is not False or return_dropout_mask is not False
     ):

@@ -72,6 +72,17 @@ class FusedOptions:
     dim: Optional[int] = None
 
 
+def zero_centered_gains(zero_centered_weight, x: Tensor, weight, weight1):
+    """``(1 + weight, 1 + weight1)`` as the kernels' gains (``weight1`` may be ``None``), after
+    checking the flag: the ``zero_centered_weight=True`` path of ``layer_norm`` / ``rms_norm``."""
+    from normkit.reference import zero_centered_gain
+    from normkit.validation import check_zero_centered
+
+    check_zero_centered(zero_centered_weight, x, weight)
+    weight = zero_centered_gain(weight, x.dtype)
+    return weight, (None if weight1 is None else zero_centered_weight1(weight1, x))
+
+
 def zero_centered_weight1(weight1: Optional[Tensor], x: Tensor) -> Optional[Tensor]:
     """flash-attn's ``zero_centered_weight`` applies to the second gain too: ``1 + weight1``."""
     if weight1 is None:

@@ -29,12 +29,6 @@
 namespace normkit {
 namespace {
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define NORMKIT_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define NORMKIT_CLONES
-#endif
-
 using at::Tensor;
 
 // --- work split ---------------------------------------------------------------------------------

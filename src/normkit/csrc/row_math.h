@@ -23,6 +23,14 @@
 // instruction set (target_clones), and a call out of a clone would run baseline code.
 #define NORMKIT_INLINE inline __attribute__((always_inline))
 
+// The kernels' hot functions, compiled once per instruction set (AVX-512, AVX2, baseline x86-64);
+// the dynamic loader picks the clone this CPU runs, so one build runs on every x86-64 machine.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define NORMKIT_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define NORMKIT_CLONES
+#endif
+
 namespace normkit {
 
 constexpr int64_t kBlock = 2048;

@@ -38,6 +38,27 @@ def _torch_twin(module: torch.nn.Module, cls: type, **config) -> torch.nn.Module
     return twin.train(module.training)
 
 
+class _ZeroCenteredGain:
+    """What a norm module with ``zero_centered_weight`` (gain ``1 + weight``) adds to torch's:
+    the weight initialized to zeros (an initial gain of 1) and the flag in ``extra_repr``. Mixed
+    in before the torch class, so ``super()`` is torch's."""
+
+    zero_centered_weight = False  # class default: a module pickled before the option existed
+
+    def _use_zero_centered_weight(self, zero_centered_weight: bool) -> None:
+        if zero_centered_weight:
+            self.zero_centered_weight = True
+            self.reset_parameters()  # torch's __init__ ran it before the flag was set
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if self.zero_centered_weight and self.weight is not None:
+            torch.nn.init.zeros_(self.weight)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", zero_centered_weight=True" if self.zero_centered_weight else "")
+
+
 def _check_zero_centered(zero_centered_weight, elementwise_affine: bool) -> None:
     if not isinstance(zero_centered_weight, bool):
         raise TypeError(f"zero_centered_weight must be a bool, got {zero_centered_weight!r}")
@@ -48,7 +69,7 @@ def _check_zero_centered(zero_centered_weight, elementwise_affine: bool) -> None
         )
 
 
-class LayerNorm(torch.nn.LayerNorm):
+class LayerNorm(_ZeroCenteredGain, torch.nn.LayerNorm):
     r"""Layer normalization with an optional fused residual add, prenorm output and dropout.
 
     .. math::
@@ -73,8 +94,6 @@ class LayerNorm(torch.nn.LayerNorm):
         >>> y, h = norm(branch_out, residual=h, prenorm=True)   # h + branch_out, normalized
     """
 
-    zero_centered_weight = False  # class defaults: a module pickled before the option existed
-
     def __init__(
         self,
         normalized_shape,
@@ -88,17 +107,7 @@ class LayerNorm(torch.nn.LayerNorm):
     ) -> None:
         _check_zero_centered(zero_centered_weight, elementwise_affine)
         super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype)
-        if zero_centered_weight:
-            self.zero_centered_weight = True
-            self.reset_parameters()  # torch's __init__ ran it before the flag was set
-
-    def reset_parameters(self) -> None:
-        super().reset_parameters()
-        if self.zero_centered_weight and self.weight is not None:
-            torch.nn.init.zeros_(self.weight)
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + (", zero_centered_weight=True" if self.zero_centered_weight else "")
+        self._use_zero_centered_weight(zero_centered_weight)
 
     def __prepare_scriptable__(self) -> torch.nn.Module:
         """TorchScript gets a ``torch.nn.LayerNorm`` sharing these parameters (see :func:`_torch_twin`);
@@ -132,7 +141,7 @@ class LayerNorm(torch.nn.LayerNorm):
         )
 
 
-class RMSNorm(torch.nn.RMSNorm):
+class RMSNorm(_ZeroCenteredGain, torch.nn.RMSNorm):
     r"""RMS normalization with an optional fused residual add, prenorm output and dropout.
 
     .. math::
@@ -156,8 +165,7 @@ class RMSNorm(torch.nn.RMSNorm):
         >>> norm = normkit.nn.RMSNorm(4096, eps=1e-6, casting_mode="llama")        # LlamaRMSNorm
     """
 
-    zero_centered_weight = False  # class defaults: a module pickled before the options existed
-    casting_mode = "gemma"
+    casting_mode = "gemma"  # class default: a module pickled before the option existed
 
     def __init__(
         self,
@@ -175,19 +183,10 @@ class RMSNorm(torch.nn.RMSNorm):
         super().__init__(normalized_shape, eps, elementwise_affine, device, dtype)
         if casting_mode != "gemma":
             self.casting_mode = casting_mode
-        if zero_centered_weight:
-            self.zero_centered_weight = True
-            self.reset_parameters()  # torch's __init__ ran it before the flag was set
-
-    def reset_parameters(self) -> None:
-        super().reset_parameters()
-        if self.zero_centered_weight and self.weight is not None:
-            torch.nn.init.zeros_(self.weight)
+        self._use_zero_centered_weight(zero_centered_weight)
 
     def extra_repr(self) -> str:
         extra = super().extra_repr()
-        if self.zero_centered_weight:
-            extra += ", zero_centered_weight=True"
         if self.casting_mode != "gemma":
             extra += f", casting_mode={self.casting_mode!r}"
         return extra
