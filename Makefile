@@ -23,7 +23,7 @@ install: $(STAMP)
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-# the lab's quick preset (= normkit demo): nine experiments, 5 seeds per arm, about 5-6 minutes on
+# the lab's quick preset (= normkit demo): nine experiments, 5 seeds per arm, about 2-3 minutes on
 # the 2-core machine; report in lab-report/
 demo: install
 	$(VENV)/bin/normkit lab --quick

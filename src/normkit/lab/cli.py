@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"experiments to run (default: all): {', '.join(EXPERIMENTS)}")
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", dest="preset", action="store_const", const="quick",
-                      help="small models, few steps, 5 seeds: all nine experiments in about 7 minutes of one core (default)")
+                      help="small models, few steps, 5 seeds: all nine experiments in about 2-3 minutes of one core (default)")
     size.add_argument("--full", dest="preset", action="store_const", const="full",
                       help="larger models, more steps, wider sweeps: hours (python -m normkit.lab.estimate --preset full)")
     # tests use a seconds-long preset whose numbers mean nothing

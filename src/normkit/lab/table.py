@@ -1,7 +1,7 @@
 """The README's lab table, generated from a committed ``results.json`` of a named run.
 
-    python -m normkit.lab.table benchmarks/results/lab-quick-2026-12-02.json            # print it
-    python -m normkit.lab.table benchmarks/results/lab-quick-2026-12-02.json --readme README.md
+    python -m normkit.lab.table benchmarks/results/lab-quick-2026-12-02-native.json            # print it
+    python -m normkit.lab.table benchmarks/results/lab-quick-2026-12-02-native.json --readme README.md
 
 With ``--readme`` the text between the markers ``<!-- lab-table:begin -->`` and
 ``<!-- lab-table:end -->`` is replaced, so the README shows exactly what the file holds; the
