@@ -47,7 +47,7 @@ if os.environ.get("NORMKIT_NO_EXTENSION") != "1":
         ext_modules = [
             CppExtension(
                 "normkit._C",
-                ["src/normkit/csrc/norm_cpu.cpp", "src/normkit/csrc/rnn_cpu.cpp"],
+                ["src/normkit/csrc/norm_cpu.cpp", "src/normkit/csrc/rnn_cpu.cpp", "src/normkit/csrc/norm_dim_cpu.cpp"],
                 include_dirs=[os.path.abspath("src/normkit/csrc")],
                 extra_compile_args=["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-Wno-unused-function"],
                 extra_link_args=["-fopenmp"],

@@ -141,3 +141,121 @@ def test_without_the_extension_normkit_works_on_numba_and_says_so_once():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def test_strided_parameters_of_a_multi_dim_shape():
+    """A gain and bias of a 2-D normalized shape that are transposed views (not contiguous):
+    forward and every gradient as the reference's."""
+    x = randn((3, 4, 8), seed=20, requires_grad=True)
+    w = randn((8, 4), seed=21).t().requires_grad_()
+    b = randn((8, 4), seed=22).t().requires_grad_()
+    assert not w.is_contiguous() and F.native_call(x, (4, 8), w, b, 1e-5, None, 0.0, True)
+    dy = randn((3, 4, 8), seed=23)
+    got = normkit.layer_norm(x, (4, 8), w, b)
+    g_got = torch.autograd.grad(got, (x, w, b), dy)
+    want = ref.layer_norm(x, (4, 8), w, b)
+    g_want = torch.autograd.grad(want, (x, w, b), dy)
+    torch.testing.assert_close(got, want)
+    for a, c in zip(g_got, g_want):
+        assert a.shape == c.shape
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)
+
+
+# --- the "native_dim" route: dim= and layer_norm_2d normalize middle dims in place (normkit._C.norm_dim)
+
+
+def _moved_reference(x, start, shape, w, b, is_rms, eps=1e-5):
+    k = len(shape)
+    src, dst = tuple(range(start, start + k)), tuple(range(x.dim() - k, x.dim()))
+    xm = x.movedim(src, dst)
+    y = ref.rms_norm(xm, shape, w, eps) if is_rms else ref.layer_norm(xm, shape, w, b, eps)
+    return y.movedim(dst, src)
+
+
+@pytest.mark.parametrize("is_rms", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("size, start, k", [((2, 5, 3, 7), 1, 1), ((3, 1, 4), 1, 1), ((2, 6, 4, 9), 1, 2), ((2, 1000, 3), 1, 1), ((4, 3, 2), 0, 1)])
+def test_dim_runs_the_strided_kernel_and_matches_the_float64_truth(monkeypatch, is_rms, dtype, size, start, k):
+    from helpers import assert_close_to_truth
+
+    calls = []
+    real = compiled.extension.norm_dim
+    monkeypatch.setattr(compiled.extension, "norm_dim", lambda *a: calls.append(1) or real(*a))
+    shape = size[start : start + k]
+    x = randn(size, seed=30).to(dtype).requires_grad_()
+    w = randn(shape, seed=31).requires_grad_()
+    b = None if is_rms else randn(shape, seed=32).requires_grad_()
+    dy = randn(size, seed=33).to(dtype)
+    fn = normkit.rms_norm if is_rms else normkit.layer_norm
+    y = fn(x, shape, w, eps=1e-5, dim=start) if is_rms else fn(x, shape, w, b, 1e-5, dim=start)
+    assert calls, "dim= did not run normkit._C.norm_dim"
+    leaves = [t for t in (x, w, b) if t is not None]
+    got = [y, *torch.autograd.grad(y, leaves, dy)]
+    base_y = _moved_reference(x, start, shape, w, b, is_rms)
+    base = [base_y, *torch.autograd.grad(base_y, leaves, dy)]
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    x64, w64 = leaves64[0], leaves64[1]
+    b64 = None if is_rms else leaves64[2]
+    truth_y = _moved_reference(x64, start, shape, w64, b64, is_rms)
+    truth = [truth_y, *torch.autograd.grad(truth_y, leaves64, dy.double())]
+    for i, (g, t, c) in enumerate(zip(got, truth, base)):
+        assert g.shape == t.shape and g.dtype == c.dtype
+        assert_close_to_truth(g, t, c, what=f"item {i}")
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e3])
+def test_dim_equals_the_row_kernel_on_the_moved_input(offset):
+    """The strided kernel and the row kernel (on a contiguous copy with the dims moved last)
+    compute the same formulas: equal to float32 rounding, forward and backward, also at a
+    large mean (where both differ from the float64 truth alike)."""
+    x = randn((3, 40, 6, 5), seed=34, offset=offset, requires_grad=True)
+    w, b = (t.requires_grad_() for t in params((40,), seed=35))
+    dy = randn((3, 40, 6, 5), seed=36)
+    y = normkit.layer_norm(x, 40, w, b, dim=1)
+    g = torch.autograd.grad(y, (x, w, b), dy)
+    xm = x.detach().movedim(1, 3).contiguous().requires_grad_()
+    ym = normkit.layer_norm(xm, 40, w, b)
+    gm = torch.autograd.grad(ym, (xm, w, b), dy.movedim(1, 3).contiguous())
+    torch.testing.assert_close(y, ym.movedim(3, 1), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(g[0], gm[0].movedim(3, 1), rtol=1e-5, atol=1e-5)
+    for a, c in zip(g[1:], gm[1:]):
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-4)
+
+
+def test_dim_is_bit_identical_across_thread_counts_and_differentiable_twice():
+    from normkit._machine import torch_threads
+
+    x = randn((64, 96, 40), seed=40)
+    w, b = params((96,), seed=41)
+    dy = randn((64, 96, 40), seed=42)
+
+    def run():
+        xx, ww, bb = (t.detach().clone().requires_grad_() for t in (x, w, b))
+        y = normkit.layer_norm(xx, 96, ww, bb, dim=1)
+        return [y, *torch.autograd.grad(y, (xx, ww, bb), dy)]
+
+    first = run()
+    with torch_threads(1):
+        single = run()
+    for a, c in zip(first, single):
+        assert torch.equal(a, c)
+    x64 = randn((2, 5, 3), seed=43, dtype=torch.float64, requires_grad=True)
+    w64, b64 = (t.double().requires_grad_() for t in params((5,), seed=44))
+    assert torch.autograd.gradgradcheck(lambda a, g, c: normkit.layer_norm(a, 5, g, c, dim=1), (x64, w64, b64))
+
+
+def test_layer_norm_2d_on_nchw_runs_the_strided_kernel(monkeypatch):
+    from normkit.functional_channels import layer_norm_2d
+
+    calls = []
+    real = compiled.extension.norm_dim
+    monkeypatch.setattr(compiled.extension, "norm_dim", lambda *a: calls.append(1) or real(*a))
+    x = randn((2, 8, 5, 3), seed=50, requires_grad=True)
+    w, b = (t.requires_grad_() for t in params((8,), seed=51))
+    y = layer_norm_2d(x, w, b, 1e-6)
+    assert calls
+    want = _moved_reference(x, 1, (8,), w, b, False, eps=1e-6)
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+    dy = randn((2, 8, 5, 3), seed=52)
+    for a, c in zip(torch.autograd.grad(y, (x, w, b), dy), torch.autograd.grad(want, (x, w, b), dy)):
+        torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-4)

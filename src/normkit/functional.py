@@ -52,6 +52,8 @@ ROUTES = {
     "composite, whose torch ops every autograd mode understands",
     "native": "a plain eager call on contiguous CPU tensors: the compiled kernels and their "
     "autograd node, all in C++ (normkit._C.norm), launched straight from here",
+    "native_dim": "dim= (or layer_norm_2d) on CPU: normkit._C.norm_dim normalizes the middle dims "
+    "in place of a permute (see native_norm_dim)",
     "op": "traced (torch.compile, export, make_fx, jit.trace, a tensor subclass): the "
     "normkit::norm_fwd custom op",
     "eager": "eager with gradients: the autograd Function calling the backend",
@@ -200,6 +202,25 @@ def _native_preconditions() -> bool:
         and not torch._C._are_functorch_transforms_active()
         and (_forced.get() or _environ_get(_ENV_KEY)) in (None, "cpu", b"cpu")
     )
+
+
+def native_norm_dim(x: Tensor, start: int, k: int, weight, bias, eps: float, is_rms: bool) -> Optional[Tensor]:
+    """The ``"native_dim"`` route: a norm over dims ``[start, start + k)`` of a (validated) CPU
+    input by ``normkit._C.norm_dim``, which reads the strided columns where they are instead of
+    moving them last (a permute and a copy there and back); ``None`` when the call is not one it
+    serves (then the caller moves the dims). Same preconditions as the ``"native"`` route; the
+    input is made contiguous if it is not."""
+    if not (
+        _native_preconditions()
+        and type(x) is Tensor
+        and x.is_cpu
+        and x.dtype in _cpu.DTYPES
+        and all(p is None or (p.is_cpu and p.dtype in FLOAT_DTYPES) for p in (weight, bias))
+        and not torch.jit.is_tracing()
+        and torch._C._len_torch_dispatch_stack() == 0
+    ):
+        return None
+    return _cpu.extension.norm_dim(x, start, k, weight, bias, float(eps), bool(is_rms))
 
 
 def native_call(x, normalized_shape, weight, bias, eps, residual, dropout_p, training) -> bool:

@@ -271,6 +271,22 @@ def _normalized(src, w, b, is_rms, plan: _Plan, input_dtype, llama, residual=Non
     return y.to(plan.out_dtype), s
 
 
+def _only_dim(o: FusedOptions, residual, prenorm: bool, plan: _Plan, llama: bool) -> bool:
+    """Whether ``dim=`` (and ``out=``) is all a call asks beyond a plain norm."""
+    return (
+        residual is None
+        and not prenorm
+        and plan.dropout_p == 0.0
+        and not llama
+        and o.x1 is None
+        and o.weight1 is None
+        and o.rowscale is None
+        and not o.return_dropout_mask
+        and o.out_dtype is None
+        and not o.residual_in_fp32
+    )
+
+
 def fused_norm(
     x: Tensor,
     normalized_shape,
@@ -302,6 +318,12 @@ def fused_norm(
     def back(t):
         return t if t is None or not moved else t.movedim(dst_dims, src_dims)
 
+    if moved and _only_dim(o, residual, prenorm, plan, llama):
+        from normkit.functional import native_norm_dim
+
+        y = native_norm_dim(x, plan.start, k, weight, bias, plan.eps, is_rms)  # no permute, no copy
+        if y is not None:
+            return o.out.copy_(y) if o.out is not None else y
     xm, rm = to_last(x), to_last(residual)
     mask = mask1 = None
     y1 = None

@@ -609,12 +609,14 @@ bool accepts(py::handle x_obj, py::handle shape_obj, py::handle w_obj, py::handl
 }  // namespace normkit
 
 namespace normkit {
-void register_rnn(py::module& m);  // rnn_cpu.cpp
+void register_rnn(py::module& m);       // rnn_cpu.cpp
+void register_norm_dim(py::module& m);  // norm_dim_cpu.cpp
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "normkit's compiled CPU kernels (see normkit.backends.cpu)";
   normkit::register_rnn(m);
+  normkit::register_norm_dim(m);
   m.def("forward",
         [](const at::Tensor& x, const c10::optional<at::Tensor>& r, const c10::optional<at::Tensor>& w,
            const c10::optional<at::Tensor>& b, double eps, bool is_rms, bool store_sum,
