@@ -270,4 +270,7 @@ def test_large_calls_overlapping_rows_give_the_bits_of_small_calls(affine):
             single = normkit.layer_norm(x, n, w, b)
     assert torch.equal(whole, halves)
     assert torch.equal(whole, single)
-    torch.testing.assert_close(whole, ref.layer_norm(x, n, w, b), rtol=1e-5, atol=1e-4)
+    # against the float64 truth (the float32 reference itself is off by ~1e-3 at this mean: the
+    # kernels centre rows on the mean's hi + lo parts, see csrc/row_math.h)
+    d = lambda t: None if t is None else t.double()  # noqa: E731
+    torch.testing.assert_close(whole, ref.layer_norm(x.double(), n, d(w), d(b)).float(), rtol=1e-5, atol=2e-5)

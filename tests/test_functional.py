@@ -276,7 +276,9 @@ def test_tiny_layer_norm_never_goes_to_aten(monkeypatch):
         inference = normkit.layer_norm(x, 4096)
     training = normkit.layer_norm(x.clone().requires_grad_(), 4096).detach()
     assert torch.equal(inference, training)
-    torch.testing.assert_close(inference, ref.layer_norm(x, 4096), rtol=0, atol=1e-3)
+    truth = ref.layer_norm(x.double(), 4096)
+    err, ref_err = (inference.double() - truth).abs().max(), (ref.layer_norm(x, 4096).double() - truth).abs().max()
+    assert err <= ref_err and err < 1e-4, (err, ref_err)  # at least as accurate as the float32 reference
 
 
 def test_forced_backend_bypasses_the_aten_path(monkeypatch):

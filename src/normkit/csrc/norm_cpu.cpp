@@ -251,18 +251,19 @@ NORMKIT_INLINE void bwd_rows_impl(const BwdArgs<T, Acc>& a, int64_t lo, int64_t 
   std::fill(dwp, dwp + n, Acc(0));
   std::fill(dbp, dbp + n, Acc(0));
   for (int64_t i = lo; i < hi; ++i) {
-    const RowStats<Acc> st{a.mean ? a.mean[i] : Acc(0), a.rstd[i]};
     const T* si = a.s + i * n;
+    const Acc hi = a.mean ? a.mean[i] : Acc(0);
+    const RowStats<Acc> st{hi, a.rstd[i], a.mean ? mean_residue<T, Acc>(si, n, hi) : Acc(0)};
     const T* dyi = a.dy + i * n;
     T* dxi = a.dx + i * n;
     const auto m = grad_means<T, Acc>(si, dyi, n, st, a.w);
-    const Acc c_g = a.mean ? m.g : Acc(0), c_gx = m.g_shat, mu = st.mean, rs = st.rstd;
+    const Acc c_g = a.mean ? m.g : Acc(0), c_gx = m.g_shat, mu = st.mean, mu_lo = st.lo, rs = st.rstd;
     const Acc* w = a.w;
     // two copies of the loop, so neither tests for dsum per element
     auto row = [&](auto dsum_of) {
 #pragma omp simd
       for (int64_t j = 0; j < n; ++j) {
-        const Acc xh = (load<T, Acc>(si[j]) - mu) * rs;
+        const Acc xh = ((load<T, Acc>(si[j]) - mu) - mu_lo) * rs;
         const Acc d = load<T, Acc>(dyi[j]);
         dxi[j] = store<T>((d * w[j] - xh * c_gx - c_g) * rs + dsum_of(j));
         dwp[j] += d * xh;

@@ -43,7 +43,7 @@ NORMKIT_INLINE void dim_fwd_tile(const DimArgs<T, Acc>& a, int64_t o, int64_t i0
   const int64_t n = a.n, inner = a.inner;
   const T* x = a.x + o * n * inner + i0;
   double tot[kTile], tot_d[kTile];
-  Acc mean[kTile], rstd[kTile], blk[kTile], blk_d[kTile];
+  Acc mean[kTile], lo[kTile], rstd[kTile], blk[kTile], blk_d[kTile];
   for (int64_t i = 0; i < len; ++i) tot[i] = 0.0;
   if (!a.is_rms) {
     for (int64_t k0 = 0; k0 < n; k0 += kBlock) {
@@ -79,9 +79,12 @@ NORMKIT_INLINE void dim_fwd_tile(const DimArgs<T, Acc>& a, int64_t o, int64_t i0
   }
   for (int64_t i = 0; i < len; ++i) {
     double var = tot[i] / static_cast<double>(n);
-    if (!a.is_rms) {
+    lo[i] = 0;
+    if (!a.is_rms) {  // the mean as hi + lo, as row_math.h's RowStats
       const double c = tot_d[i] / static_cast<double>(n);
-      mean[i] = static_cast<Acc>(static_cast<double>(mean[i]) + c);
+      const double refined = static_cast<double>(mean[i]) + c;
+      mean[i] = static_cast<Acc>(refined);
+      lo[i] = static_cast<Acc>(refined - static_cast<double>(mean[i]));
       var = std::max(var - c * c, 0.0);
     }
     rstd[i] = Acc(1) / std::sqrt(static_cast<Acc>(var) + a.eps);
@@ -92,7 +95,7 @@ NORMKIT_INLINE void dim_fwd_tile(const DimArgs<T, Acc>& a, int64_t o, int64_t i0
     T* yr = y + k * inner;
     const Acc w = a.w ? a.w[k] : Acc(1), b = a.b ? a.b[k] : Acc(0);
 #pragma omp simd
-    for (int64_t i = 0; i < len; ++i) yr[i] = store<T>((load<T, Acc>(xr[i]) - mean[i]) * rstd[i] * w + b);
+    for (int64_t i = 0; i < len; ++i) yr[i] = store<T>(((load<T, Acc>(xr[i]) - mean[i]) - lo[i]) * rstd[i] * w + b);
   }
   if (a.mean) std::copy(mean, mean + len, a.mean + o * inner + i0);
   if (a.rstd) std::copy(rstd, rstd + len, a.rstd + o * inner + i0);
@@ -116,12 +119,28 @@ NORMKIT_INLINE void dim_bwd_tile(const DimBwdArgs<T, Acc>& a, int64_t o, int64_t
   const int64_t base = o * n * inner + i0;
   const T* x = a.x + base;
   const T* dy = a.dy + base;
-  Acc mu[kTile], rs[kTile], blk_g[kTile], blk_gx[kTile], m_g[kTile], m_gx[kTile];
+  Acc mu[kTile], lo[kTile], rs[kTile], blk_g[kTile], blk_gx[kTile], m_g[kTile], m_gx[kTile];
   double tot_g[kTile], tot_gx[kTile];
   for (int64_t i = 0; i < len; ++i) {
     mu[i] = a.mean ? a.mean[o * inner + i0 + i] : Acc(0);
     rs[i] = a.rstd[o * inner + i0 + i];
     tot_g[i] = tot_gx[i] = 0.0;
+    lo[i] = 0;
+  }
+  if (a.mean) {  // lo of the mean (hi + lo, see the forward): the mean of x - hi
+    for (int64_t k0 = 0; k0 < n; k0 += kBlock) {
+      for (int64_t i = 0; i < len; ++i) blk_g[i] = 0;
+      for (int64_t k = k0; k < std::min(n, k0 + kBlock); ++k) {
+        const T* xr = x + k * inner;
+#pragma omp simd
+        for (int64_t i = 0; i < len; ++i) blk_g[i] += load<T, Acc>(xr[i]) - mu[i];
+      }
+      for (int64_t i = 0; i < len; ++i) tot_g[i] += static_cast<double>(blk_g[i]);
+    }
+    for (int64_t i = 0; i < len; ++i) {
+      lo[i] = static_cast<Acc>(tot_g[i] / static_cast<double>(n));
+      tot_g[i] = 0.0;
+    }
   }
   for (int64_t k0 = 0; k0 < n; k0 += kBlock) {
     for (int64_t i = 0; i < len; ++i) blk_g[i] = blk_gx[i] = 0;
@@ -133,7 +152,7 @@ NORMKIT_INLINE void dim_bwd_tile(const DimBwdArgs<T, Acc>& a, int64_t o, int64_t
       for (int64_t i = 0; i < len; ++i) {
         const Acc g = load<T, Acc>(dr[i]) * w;
         blk_g[i] += g;
-        blk_gx[i] += g * ((load<T, Acc>(xr[i]) - mu[i]) * rs[i]);
+        blk_gx[i] += g * (((load<T, Acc>(xr[i]) - mu[i]) - lo[i]) * rs[i]);
       }
     }
     for (int64_t i = 0; i < len; ++i) {
@@ -154,7 +173,7 @@ NORMKIT_INLINE void dim_bwd_tile(const DimBwdArgs<T, Acc>& a, int64_t o, int64_t
     Acc sw = 0, sb = 0;
 #pragma omp simd reduction(+ : sw, sb)
     for (int64_t i = 0; i < len; ++i) {
-      const Acc xh = (load<T, Acc>(xr[i]) - mu[i]) * rs[i];
+      const Acc xh = ((load<T, Acc>(xr[i]) - mu[i]) - lo[i]) * rs[i];
       const Acc d = load<T, Acc>(dr[i]);
       out[i] = store<T>((d * w - xh * m_gx[i] - m_g[i]) * rs[i]);
       sw += d * xh;

@@ -40,7 +40,7 @@ NORMKIT_INLINE float tanh_(float x) { return 1.0f - 2.0f / (fast_exp(2.0f * x) +
 NORMKIT_INLINE float normalize_inplace(float* v, int64_t n, float eps) {
   const RowStats<float> st = row_stats<float, float>(v, n, eps, false);
   #pragma omp simd
-  for (int64_t j = 0; j < n; ++j) v[j] = (v[j] - st.mean) * st.rstd;
+  for (int64_t j = 0; j < n; ++j) v[j] = ((v[j] - st.mean) - st.lo) * st.rstd;
   return st.rstd;
 }
 

@@ -165,10 +165,16 @@ template <typename T, typename Acc>
 NORMKIT_INLINE Acc write_row_sum_next(const T* src, T* y, const T* next, int64_t n, const RowStats<Acc>& st,
                                       const Acc* w, const Acc* b);
 
+// The mean is kept as hi + lo: hi, the mean rounded to Acc (what forward saves), and lo, the
+// rounding error of hi (a few ulps of hi). Rows are centred as (x - hi) - lo: x - hi is exact
+// for x near the mean, so a row with a mean of 1e4 and unit spread is centred to float32
+// precision rather than to hi's ulp (6e-5 relative at 1e3, 1e-3 at 1e4), which the output and
+// the gradient would otherwise carry.
 template <typename Acc>
 struct RowStats {
-  Acc mean;  // 0 for RMS norm
+  Acc mean;  // hi; 0 for RMS norm
   Acc rstd;
+  Acc lo = 0;
 };
 
 // (mean, 1/sqrt(var + eps)) of a row; for RMS norm the mean is 0 and var = mean(s^2).
@@ -201,19 +207,36 @@ NORMKIT_INLINE RowStats<Acc> row_stats_from_mean(const T* src, int64_t n, Acc me
         ss, sd);
   }
   double var = ss / static_cast<double>(n);
+  Acc lo = 0;
   if (!is_rms) {
     double c = sd / static_cast<double>(n);
-    mean = static_cast<Acc>(static_cast<double>(mean) + c);
+    const double refined = static_cast<double>(mean) + c;
+    mean = static_cast<Acc>(refined);
+    lo = static_cast<Acc>(refined - static_cast<double>(mean));
     var = std::max(var - c * c, 0.0);
   }
-  return {mean, Acc(1) / std::sqrt(static_cast<Acc>(var) + eps)};
+  return {mean, Acc(1) / std::sqrt(static_cast<Acc>(var) + eps), lo};
+}
+
+// lo of RowStats for a row whose hi is known (backward gets hi from forward): the mean of
+// x - hi, summed as the statistics are.
+template <typename T, typename Acc>
+NORMKIT_INLINE Acc mean_residue(const T* src, int64_t n, Acc hi) {
+  double total = 0.0, unused = 0.0;
+  for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
+    const T* p = src + j0;
+    block_sums<Acc>(
+        std::min(kBlock, n - j0), [&](int64_t j, vec_t<Acc>& s0, vec_t<Acc>&) { s0 += load_vec<T, Acc>(p + j) - hi; },
+        [&](int64_t j, Acc& s0, Acc&) { s0 += load<T, Acc>(p[j]) - hi; }, total, unused);
+  }
+  return static_cast<Acc>(total / static_cast<double>(n));
 }
 
 template <typename T, typename Acc>
 NORMKIT_INLINE Acc write_row_sum_next(const T* src, T* y, const T* next, int64_t n, const RowStats<Acc>& st,
                                       const Acc* w, const Acc* b) {
   constexpr int W = kWidth<Acc>;
-  const Acc mean = st.mean, rstd = st.rstd;
+  const Acc mean = st.mean, rstd = st.rstd, lo = st.lo;
   double total = 0.0, unused = 0.0;
   for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
     const T* p = next + j0;
@@ -228,12 +251,12 @@ NORMKIT_INLINE Acc write_row_sum_next(const T* src, T* y, const T* next, int64_t
           vec_t<Acc> wv, bv;
           std::memcpy(&wv, wp + j, sizeof(wv));
           std::memcpy(&bv, bp + j, sizeof(bv));
-          const vec_t<Acc> v = (load_vec<T, Acc>(s + j) - mean) * rstd * wv + bv;
+          const vec_t<Acc> v = ((load_vec<T, Acc>(s + j) - mean) - lo) * rstd * wv + bv;
           for (int k = 0; k < W; ++k) yo[j + k] = store<T>(v[k]);
         },
         [&](int64_t j, Acc& s0, Acc&) {
           s0 += load<T, Acc>(p[j]);
-          yo[j] = store<T>((load<T, Acc>(s[j]) - mean) * rstd * wp[j] + bp[j]);
+          yo[j] = store<T>(((load<T, Acc>(s[j]) - mean) - lo) * rstd * wp[j] + bp[j]);
         },
         total, unused);
   }
@@ -243,19 +266,19 @@ NORMKIT_INLINE Acc write_row_sum_next(const T* src, T* y, const T* next, int64_t
 // y[j] = (src[j] - mean) * rstd * w[j] + b[j]; w/b may be null (gain 1, bias 0).
 template <typename T, typename S, typename Acc>
 NORMKIT_INLINE void write_row(const S* src, T* y, int64_t n, RowStats<Acc> st, const Acc* w, const Acc* b) {
-  const Acc mean = st.mean, rstd = st.rstd;
+  const Acc mean = st.mean, rstd = st.rstd, lo = st.lo;
   if (w && b) {
 #pragma omp simd
-    for (int64_t j = 0; j < n; ++j) y[j] = store<T>((load<S, Acc>(src[j]) - mean) * rstd * w[j] + b[j]);
+    for (int64_t j = 0; j < n; ++j) y[j] = store<T>(((load<S, Acc>(src[j]) - mean) - lo) * rstd * w[j] + b[j]);
   } else if (w) {
 #pragma omp simd
-    for (int64_t j = 0; j < n; ++j) y[j] = store<T>((load<S, Acc>(src[j]) - mean) * rstd * w[j]);
+    for (int64_t j = 0; j < n; ++j) y[j] = store<T>(((load<S, Acc>(src[j]) - mean) - lo) * rstd * w[j]);
   } else if (b) {
 #pragma omp simd
-    for (int64_t j = 0; j < n; ++j) y[j] = store<T>((load<S, Acc>(src[j]) - mean) * rstd + b[j]);
+    for (int64_t j = 0; j < n; ++j) y[j] = store<T>(((load<S, Acc>(src[j]) - mean) - lo) * rstd + b[j]);
   } else {
 #pragma omp simd
-    for (int64_t j = 0; j < n; ++j) y[j] = store<T>((load<S, Acc>(src[j]) - mean) * rstd);
+    for (int64_t j = 0; j < n; ++j) y[j] = store<T>(((load<S, Acc>(src[j]) - mean) - lo) * rstd);
   }
 }
 
@@ -269,7 +292,7 @@ struct GradMeans {
 template <typename T, typename Acc>
 NORMKIT_INLINE GradMeans<T, Acc> grad_means(const T* s, const T* dy, int64_t n, RowStats<Acc> st, const Acc* w) {
   double sum_g = 0.0, sum_gx = 0.0;
-  const Acc mean = st.mean, rstd = st.rstd;
+  const Acc mean = st.mean, rstd = st.rstd, lo = st.lo;
   for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
     const T* sp = s + j0;
     const T* dp = dy + j0;
@@ -281,12 +304,12 @@ NORMKIT_INLINE GradMeans<T, Acc> grad_means(const T* s, const T* dy, int64_t n, 
           std::memcpy(&w_v, wp + j, sizeof(w_v));
           vec_t<Acc> g = load_vec<T, Acc>(dp + j) * w_v;
           sg += g;
-          sgx += g * ((load_vec<T, Acc>(sp + j) - mean) * rstd);
+          sgx += g * (((load_vec<T, Acc>(sp + j) - mean) - lo) * rstd);
         },
         [&](int64_t j, Acc& sg, Acc& sgx) {
           Acc g = load<T, Acc>(dp[j]) * wp[j];
           sg += g;
-          sgx += g * ((load<T, Acc>(sp[j]) - mean) * rstd);
+          sgx += g * (((load<T, Acc>(sp[j]) - mean) - lo) * rstd);
         },
         sum_g, sum_gx);
   }
