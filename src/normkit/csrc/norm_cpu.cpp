@@ -252,11 +252,11 @@ NORMKIT_INLINE void bwd_rows_impl(const BwdArgs<T, Acc>& a, int64_t lo, int64_t 
   std::fill(dbp, dbp + n, Acc(0));
   for (int64_t i = lo; i < hi; ++i) {
     const T* si = a.s + i * n;
-    const Acc hi = a.mean ? a.mean[i] : Acc(0);
-    const RowStats<Acc> st{hi, a.rstd[i], a.mean ? mean_residue<T, Acc>(si, n, hi) : Acc(0)};
     const T* dyi = a.dy + i * n;
     T* dxi = a.dx + i * n;
-    const auto m = grad_means<T, Acc>(si, dyi, n, st, a.w);
+    RowStats<Acc> st{a.mean ? a.mean[i] : Acc(0), a.rstd[i]};
+    const auto m = a.mean ? grad_means_centred<T, Acc>(si, dyi, n, st.mean, st.rstd, a.w, st.lo)
+                          : grad_means<T, Acc>(si, dyi, n, st, a.w);
     const Acc c_g = a.mean ? m.g : Acc(0), c_gx = m.g_shat, mu = st.mean, mu_lo = st.lo, rs = st.rstd;
     const Acc* w = a.w;
     // two copies of the loop, so neither tests for dsum per element

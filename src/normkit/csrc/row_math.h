@@ -141,6 +141,24 @@ NORMKIT_INLINE void block_sums(int64_t len, const FV& fv, const FS& fs, double& 
   out1 += static_cast<double>(hsum<Acc>((a1 + b1) + (c1 + d1)) + t1);
 }
 
+// block_sums with three sums (fv / fs take three accumulators).
+template <typename Acc, typename FV, typename FS>
+NORMKIT_INLINE void block_sums3(int64_t len, const FV& fv, const FS& fs, double& out0, double& out1, double& out2) {
+  constexpr int W = kWidth<Acc>;
+  vec_t<Acc> a0 = {}, b0 = {}, a1 = {}, b1 = {}, a2 = {}, b2 = {};
+  int64_t j = 0;
+  for (; j + 2 * W <= len; j += 2 * W) {
+    fv(j, a0, a1, a2);
+    fv(j + W, b0, b1, b2);
+  }
+  for (; j + W <= len; j += W) fv(j, a0, a1, a2);
+  Acc t0 = 0, t1 = 0, t2 = 0;
+  for (; j < len; ++j) fs(j, t0, t1, t2);
+  out0 += static_cast<double>(hsum<Acc>(a0 + b0) + t0);
+  out1 += static_cast<double>(hsum<Acc>(a1 + b1) + t1);
+  out2 += static_cast<double>(hsum<Acc>(a2 + b2) + t2);
+}
+
 // sum_j load(src[j]), blocked.
 template <typename T, typename Acc>
 NORMKIT_INLINE Acc row_sum(const T* src, int64_t n) {
@@ -216,20 +234,6 @@ NORMKIT_INLINE RowStats<Acc> row_stats_from_mean(const T* src, int64_t n, Acc me
     var = std::max(var - c * c, 0.0);
   }
   return {mean, Acc(1) / std::sqrt(static_cast<Acc>(var) + eps), lo};
-}
-
-// lo of RowStats for a row whose hi is known (backward gets hi from forward): the mean of
-// x - hi, summed as the statistics are.
-template <typename T, typename Acc>
-NORMKIT_INLINE Acc mean_residue(const T* src, int64_t n, Acc hi) {
-  double total = 0.0, unused = 0.0;
-  for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
-    const T* p = src + j0;
-    block_sums<Acc>(
-        std::min(kBlock, n - j0), [&](int64_t j, vec_t<Acc>& s0, vec_t<Acc>&) { s0 += load_vec<T, Acc>(p + j) - hi; },
-        [&](int64_t j, Acc& s0, Acc&) { s0 += load<T, Acc>(p[j]) - hi; }, total, unused);
-  }
-  return static_cast<Acc>(total / static_cast<double>(n));
 }
 
 template <typename T, typename Acc>
@@ -314,6 +318,43 @@ NORMKIT_INLINE GradMeans<T, Acc> grad_means(const T* s, const T* dy, int64_t n, 
         sum_g, sum_gx);
   }
   return {static_cast<Acc>(sum_g) / static_cast<Acc>(n), static_cast<Acc>(sum_gx) / static_cast<Acc>(n)};
+}
+
+// grad_means for a layer-norm row whose mean is known only as hi (backward): the lo part is
+// the mean of s - hi, summed in the same pass, and sum(g * s_hat) is corrected for it after
+// the pass: sum(g (s - hi - lo)) = sum(g (s - hi)) - lo sum(g). Returns the means and sets lo.
+template <typename T, typename Acc>
+NORMKIT_INLINE GradMeans<T, Acc> grad_means_centred(const T* s, const T* dy, int64_t n, Acc hi, Acc rstd, const Acc* w,
+                                                    Acc& lo) {
+  double sum_g = 0.0, sum_gd = 0.0, sum_d = 0.0;
+  for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
+    const T* sp = s + j0;
+    const T* dp = dy + j0;
+    const Acc* wp = w + j0;
+    block_sums3<Acc>(
+        std::min(kBlock, n - j0),
+        [&](int64_t j, vec_t<Acc>& sg, vec_t<Acc>& sgd, vec_t<Acc>& sd) {
+          vec_t<Acc> w_v;
+          std::memcpy(&w_v, wp + j, sizeof(w_v));
+          const vec_t<Acc> g = load_vec<T, Acc>(dp + j) * w_v;
+          const vec_t<Acc> d = load_vec<T, Acc>(sp + j) - hi;
+          sg += g;
+          sgd += g * d;
+          sd += d;
+        },
+        [&](int64_t j, Acc& sg, Acc& sgd, Acc& sd) {
+          const Acc g = load<T, Acc>(dp[j]) * wp[j];
+          const Acc d = load<T, Acc>(sp[j]) - hi;
+          sg += g;
+          sgd += g * d;
+          sd += d;
+        },
+        sum_g, sum_gd, sum_d);
+  }
+  const double lo_d = sum_d / static_cast<double>(n);
+  lo = static_cast<Acc>(lo_d);
+  const double m_gx = (sum_gd - lo_d * sum_g) * static_cast<double>(rstd) / static_cast<double>(n);
+  return {static_cast<Acc>(sum_g) / static_cast<Acc>(n), static_cast<Acc>(m_gx)};
 }
 
 }  // namespace normkit
