@@ -54,13 +54,11 @@ statistics of the rounding differ; at other seeds other cases, up to ~2x). The R
 sets ``residual_in_fp32`` only without a residual.
 
 ``test_layer_norm_linear``: prenorm × is_rms_norm × has_residual × 4 (input, residual) dtype pairs
-× 4 widths (weight float32), 128 per backend. normkit's ``layer_norm_linear`` /
-``rms_norm_linear`` take no ``residual=`` / ``prenorm=`` (README: "no residual/prenorm variant
-yet"), so the 96 cases with either are skipped while the signatures lack them (they run once
-both functions take them); 32 run. Triton: 2 cases.
+× 4 widths (weight float32), 128 per backend, all run (``residual=`` / ``prenorm=`` /
+``residual_in_fp32=`` as flash-attn's). Triton: 2 cases.
 
 Per backend (reference / cpu / numba): test_layer_norm 958 / 958 / 767 pass, 2 / 2 / 1 xfail,
-0 / 0 / 192 skipped; test_layer_norm_linear 32 / 32 / 16 pass, 96 / 96 / 112 skipped. numba has no
+0 / 0 / 192 skipped; test_layer_norm_linear 128 / 128 / 88 pass, 0 / 0 / 40 skipped. numba has no
 float16 kernel (the call falls back to the reference): its cases whose normalized tensor is
 float16 are skipped as duplicates of the reference run. flash-attn's bound is statistical: at
 seeds other than the fixed one, a few width-1 float32 RMS cases with dropout on x and x1 miss it

@@ -30,12 +30,29 @@ from normkit.validation import check_floating_tensor
 __all__ = ["layer_norm_linear", "rms_norm_linear"]
 
 
-def _norm(x, weight, bias, shape, eps, is_rms):
+def _norm(x, weight, bias, shape, eps, is_rms, out_dtype=None):
     from normkit.functional import layer_norm, rms_norm
 
+    kw = {} if out_dtype is None or out_dtype == x.dtype else {"out_dtype": out_dtype}
     if is_rms:
-        return rms_norm(x, shape, weight, eps)
-    return layer_norm(x, shape, weight, bias, eps)
+        return rms_norm(x, shape, weight, eps, **kw)
+    return layer_norm(x, shape, weight, bias, eps, **kw)
+
+
+def _residual_sum(x: Tensor, residual, residual_in_fp32: bool) -> Tensor:
+    """The norm's input ``s`` (flash-attn's residual stream): ``x + residual`` added in float32
+    and rounded once to ``x``'s dtype, or kept in float32 with ``residual_in_fp32`` (required for
+    a residual of another dtype); ``x`` itself without either. Differentiable (plain torch ops)."""
+    from normkit.validation import check_residual
+
+    if not isinstance(residual_in_fp32, bool):
+        raise TypeError(f"residual_in_fp32 must be a bool, got {residual_in_fp32!r}")
+    check_residual(residual, x, same_dtype=not residual_in_fp32)
+    if residual is None and not residual_in_fp32:
+        return x
+    acc = torch.promote_types(x.dtype, torch.float32)
+    s = x.to(acc) if residual is None else x.to(acc) + residual.to(acc)
+    return s if residual_in_fp32 else s.to(x.dtype)
 
 
 def _check_linear(x: Tensor, linear_weight, linear_bias) -> None:
@@ -66,16 +83,16 @@ class _NormLinear(torch.autograd.Function):
     """``F.linear(norm(x), W, c)`` saving ``(x, g, b, W)``, not ``norm(x)``."""
 
     @staticmethod
-    def forward(x, norm_weight, norm_bias, linear_weight, linear_bias, shape, eps, is_rms):
+    def forward(x, norm_weight, norm_bias, linear_weight, linear_bias, shape, eps, is_rms, out_dtype):
         with torch.no_grad():
-            y = _norm(x, norm_weight, norm_bias, shape, eps, is_rms)
+            y = _norm(x, norm_weight, norm_bias, shape, eps, is_rms, out_dtype)
         return F.linear(y, linear_weight, linear_bias)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, norm_weight, norm_bias, linear_weight, linear_bias, shape, eps, is_rms = inputs
+        x, norm_weight, norm_bias, linear_weight, linear_bias, shape, eps, is_rms, out_dtype = inputs
         ctx.save_for_backward(x, norm_weight, norm_bias, linear_weight)
-        ctx.shape, ctx.eps, ctx.is_rms = shape, eps, is_rms
+        ctx.shape, ctx.eps, ctx.is_rms, ctx.out_dtype = shape, eps, is_rms, out_dtype
         ctx.has_linear_bias = linear_bias is not None
 
     @staticmethod
@@ -90,12 +107,12 @@ class _NormLinear(torch.autograd.Function):
         wanted = [t for t in norm_inputs if t is not None and t.requires_grad]
         compiling = torch.compiler.is_compiling()  # Dynamo cannot trace torch.autograd.grad
         with torch.enable_grad() if wanted and not compiling else torch.no_grad():
-            y = _norm(*norm_inputs, ctx.shape, ctx.eps, ctx.is_rms)
+            y = _norm(*norm_inputs, ctx.shape, ctx.eps, ctx.is_rms, ctx.out_dtype)
         rows_out, rows_y = dout.reshape(-1, dout.shape[-1]), y.detach().reshape(-1, y.shape[-1])
         d_linear_weight = rows_out.t().mm(rows_y) if need_w else None
         d_linear_bias = rows_out.sum(0) if need_c and ctx.has_linear_bias else None
         if not wanted:
-            return None, None, None, d_linear_weight, d_linear_bias, None, None, None
+            return None, None, None, d_linear_weight, d_linear_bias, None, None, None, None
         dy = dout.matmul(linear_weight)
         if compiling:
             dx, dg, db = _norm_vjp(dy, x, norm_weight, norm_bias, ctx.shape, ctx.eps, ctx.is_rms)
@@ -103,7 +120,7 @@ class _NormLinear(torch.autograd.Function):
             grads = iter(torch.autograd.grad(y, wanted, dy))
             dx, dg, db = (next(grads) if t is not None and t.requires_grad else None for t in norm_inputs)
         dx, dg, db = (d if need else None for d, need in zip((dx, dg, db), (need_x, need_g, need_b)))
-        return dx, dg, db, d_linear_weight, d_linear_bias, None, None, None
+        return dx, dg, db, d_linear_weight, d_linear_bias, None, None, None, None
 
 
 def _norm_vjp(dy, x, weight, bias, shape, eps, is_rms):
@@ -118,6 +135,7 @@ def _norm_vjp(dy, x, weight, bias, shape, eps, is_rms):
     eps = default_rms_eps(x.dtype) if eps is None else float(eps)
     w = None if weight is None else weight.reshape(n)
     dx, _, dw, db = norm_backward_differentiable(dy.reshape(-1, n), None, x.reshape(-1, n), w, eps, is_rms, None)
+    dx = dx.to(x.dtype)  # dy has the output's dtype, which differs from x's with residual_in_fp32
     dw = None if weight is None else dw.to(weight.dtype).reshape(weight.shape)
     db = None if bias is None else db.to(bias.dtype).reshape(bias.shape)
     return dx.reshape(x.shape), dw, db
@@ -131,16 +149,28 @@ def layer_norm_linear(
     linear_weight: Tensor,
     linear_bias=None,
     eps: float = 1e-5,
-) -> Tensor:
-    r"""``F.linear(normkit.layer_norm(x, normalized_shape, norm_weight, norm_bias, eps),
+    *,
+    residual=None,
+    prenorm: bool = False,
+    residual_in_fp32: bool = False,
+):
+    r"""``F.linear(normkit.layer_norm(s, normalized_shape, norm_weight, norm_bias, eps),
     linear_weight, linear_bias)``, without saving the normalized activation for backward: it is
     recomputed there (flash-attn's ``layer_norm_linear_fn``). The Linear acts on the last dim;
     ``linear_weight`` (``[out_features, x.shape[-1]]``) and ``linear_bias`` have the input's
     dtype. Twice-differentiating raises (the backward is not differentiable); autocast is not
     applied inside.
+
+    ``s = x + residual`` (added in float32, rounded once to ``x``'s dtype; kept in float32 with
+    ``residual_in_fp32``, which a residual of another dtype needs), or ``x``; the normalized
+    ``s`` is rounded to ``x``'s dtype before the Linear. With ``prenorm=True`` returns
+    ``(out, s)``, the residual stream for the next block, as flash-attn does.
     """
     _check_linear(x, linear_weight, linear_bias)
-    return _NormLinear.apply(x, norm_weight, norm_bias, linear_weight, linear_bias, normalized_shape, eps, False)
+    _check_prenorm(prenorm)
+    s = _residual_sum(x, residual, residual_in_fp32)
+    out = _NormLinear.apply(s, norm_weight, norm_bias, linear_weight, linear_bias, normalized_shape, eps, False, x.dtype)
+    return (out, s) if prenorm else out
 
 
 def rms_norm_linear(
@@ -150,8 +180,20 @@ def rms_norm_linear(
     linear_weight: Tensor,
     linear_bias=None,
     eps=None,
-) -> Tensor:
+    *,
+    residual=None,
+    prenorm: bool = False,
+    residual_in_fp32: bool = False,
+):
     """:func:`layer_norm_linear` for :func:`normkit.rms_norm` (``eps=None``: the machine epsilon
     of the compute dtype, as :func:`normkit.rms_norm`)."""
     _check_linear(x, linear_weight, linear_bias)
-    return _NormLinear.apply(x, norm_weight, None, linear_weight, linear_bias, normalized_shape, eps, True)
+    _check_prenorm(prenorm)
+    s = _residual_sum(x, residual, residual_in_fp32)
+    out = _NormLinear.apply(s, norm_weight, None, linear_weight, linear_bias, normalized_shape, eps, True, x.dtype)
+    return (out, s) if prenorm else out
+
+
+def _check_prenorm(prenorm) -> None:
+    if not isinstance(prenorm, bool):
+        raise TypeError(f"prenorm must be a bool, got {prenorm!r}")
