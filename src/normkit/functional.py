@@ -133,8 +133,6 @@ def _norm(
         out = _cpu.extension.try_norm(x, normalized_shape, weight, bias, eps, is_rms, residual, prenorm, dropout_p if training else 0.0)
         if out is not None:
             return out
-    elif _cpu.extension is None and type(x) is Tensor and x.is_cpu:
-        _cpu.warn_once_if_missing()
     shape = as_normalized_shape(normalized_shape)
     check_input(x, shape)
     check_param("weight", weight, x, shape)

@@ -1,7 +1,7 @@
 """The paths of a norm call that do not launch normkit's kernels, each chosen by
 :func:`normkit.functional.route`: the reference composite (autograd modes the kernels' autograd
-cannot serve), PyTorch's own RMS kernel for tiny calls, and the standard operators ONNX
-exporters write. Inputs are validated already; each returns ``y`` or ``(y, s)``."""
+cannot serve) and the standard operators ONNX exporters write. Inputs are validated already;
+each returns ``y`` or ``(y, s)``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 
 from normkit import reference as ref
 
-__all__ = ["aten_rms_norm", "composite_norm", "onnx_norm"]
+__all__ = ["composite_norm", "onnx_norm"]
 
 
 def composite_norm(x, shape, weight, bias, eps, is_rms, residual, prenorm, dropout_p):
@@ -23,12 +23,6 @@ def composite_norm(x, shape, weight, bias, eps, is_rms, residual, prenorm, dropo
     if is_rms:
         return ref.rms_norm(x, shape, weight, eps, **kwargs)
     return ref.layer_norm(x, shape, weight, bias, eps, **kwargs)
-
-
-def aten_rms_norm(x, shape, weight, eps, residual, prenorm):
-    s = x if residual is None else x + residual
-    y = torch.nn.functional.rms_norm(s, shape, weight, eps)
-    return (y, s) if prenorm else y
 
 
 def onnx_norm(x, shape, weight, bias, eps, is_rms, residual, prenorm, dropout_p):

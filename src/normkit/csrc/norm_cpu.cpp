@@ -19,11 +19,10 @@
 #include <torch/csrc/jit/frontend/tracer.h>
 #include <torch/extension.h>
 
-#include <sys/mman.h>
 
-#include <atomic>
 #include <vector>
 
+#include "cpu_runtime.h"
 #include "row_math.h"
 
 namespace normkit {
@@ -33,7 +32,6 @@ using at::Tensor;
 
 // --- work split ---------------------------------------------------------------------------------
 
-constexpr int64_t kSerialMaxElements = 1 << 15;  // smaller calls run in the calling thread
 constexpr int64_t kMaxChunks = 64;
 constexpr int64_t kMinChunkRows = 8;
 constexpr int64_t kMinChunkElements = 1 << 14;
@@ -45,48 +43,10 @@ int64_t rows_per_chunk(int64_t rows, int64_t n) {
 
 bool is_serial(int64_t rows, int64_t n) { return rows == 1 || rows * n <= kSerialMaxElements; }
 
-// f(chunk) for chunks 0..n_chunks-1, handed out one at a time to torch's threads (a core busy
-// with another process then delays one chunk, not half the rows).
-template <typename F>
-void for_each_chunk(int64_t n_chunks, bool serial, const F& f) {
-  const int64_t threads = at::get_num_threads();
-  if (serial || n_chunks == 1 || threads == 1 || at::in_parallel_region()) {
-    for (int64_t c = 0; c < n_chunks; ++c) f(c);
-    return;
-  }
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::min(threads, n_chunks), 1, [&](int64_t, int64_t) {
-    for (int64_t c = next.fetch_add(1); c < n_chunks; c = next.fetch_add(1)) f(c);
-  });
-}
-
-// Outputs of 4 MiB or more are advised to use transparent huge pages before the first write:
-// a fresh 64 MiB tensor otherwise takes 16k page faults (several times the kernel's time).
-Tensor empty_output(const Tensor& like) {
-  Tensor out = at::empty_like(like, at::MemoryFormat::Contiguous);
-  const size_t nbytes = out.numel() * out.element_size();
-  constexpr size_t kHuge = 1 << 21, kMin = 4 << 20;
-  if (nbytes >= kMin) {
-    uintptr_t p = reinterpret_cast<uintptr_t>(out.data_ptr());
-    uintptr_t lo = (p + kHuge - 1) & ~(kHuge - 1), hi = (p + nbytes) & ~(kHuge - 1);
-    if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);  // advice only
-  }
-  return out;
-}
-
-// A gain/bias as a contiguous Acc (N,) tensor, or an undefined tensor for none.
-Tensor as_param(const c10::optional<Tensor>& p, at::ScalarType acc) {
-  if (!p.has_value() || !p->defined()) return Tensor();
-  if (p->scalar_type() == acc && p->is_contiguous()) return *p;  // read as (N,) through its pointer
-  return p->to(acc).contiguous();
-}
-
 template <typename Acc>
 const Acc* ptr_or_null(const Tensor& t) {
   return t.defined() ? t.data_ptr<Acc>() : nullptr;
 }
-
-at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 // --- forward ------------------------------------------------------------------------------------
 
@@ -179,6 +139,28 @@ void forward_typed(FwdArgs<T, Acc> a, int64_t rows) {
   });
 }
 
+// The forward kernels on rows x n contiguous elements of x (any shape): w / b as from as_param;
+// s, mean and rstd are written where defined.
+void launch_forward(const Tensor& x, int64_t rows, int64_t n, const c10::optional<Tensor>& r, const Tensor& w,
+                    const Tensor& b, const Tensor& y, const Tensor& s, const Tensor& mean, const Tensor& rstd, double eps,
+                    bool is_rms) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "normkit_forward", [&] {
+    using Acc = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    FwdArgs<scalar_t, Acc> a{x.const_data_ptr<scalar_t>(),
+                             r.has_value() ? r->const_data_ptr<scalar_t>() : nullptr,
+                             ptr_or_null<Acc>(w),
+                             ptr_or_null<Acc>(b),
+                             y.data_ptr<scalar_t>(),
+                             s.defined() ? s.data_ptr<scalar_t>() : nullptr,
+                             mean.defined() ? mean.data_ptr<Acc>() : nullptr,
+                             rstd.defined() ? rstd.data_ptr<Acc>() : nullptr,
+                             n,
+                             static_cast<Acc>(eps),
+                             is_rms};
+    forward_typed(a, rows);
+  });
+}
+
 void check_2d(const Tensor& t, const char* name) {
   TORCH_CHECK(t.dim() == 2 && t.is_contiguous() && t.device().is_cpu(), "normkit._C: ", name,
               " must be a contiguous 2-D CPU tensor, got sizes ", t.sizes(), " strides ", t.strides());
@@ -188,7 +170,7 @@ void check_2d(const Tensor& t, const char* name) {
 // mean undefined for RMS norm. y_out, when defined, receives y (a contiguous buffer like x).
 std::vector<Tensor> forward(const Tensor& x, const c10::optional<Tensor>& residual, const c10::optional<Tensor>& weight,
                             const c10::optional<Tensor>& bias, double eps, bool is_rms, bool store_sum,
-                            const c10::optional<Tensor>& y_out, bool want_stats = true) {
+                            const c10::optional<Tensor>& y_out) {
   check_2d(x, "x");
   const bool has_res = residual.has_value() && residual->defined();
   if (has_res) {
@@ -210,23 +192,9 @@ std::vector<Tensor> forward(const Tensor& x, const c10::optional<Tensor>& residu
     y = empty_output(x);
   }
   Tensor s = (store_sum && has_res) ? empty_output(x) : Tensor();
-  Tensor rstd = want_stats ? at::empty({rows}, x.options().dtype(acc)) : Tensor();
-  Tensor mean = (is_rms || !want_stats) ? Tensor() : at::empty({rows}, x.options().dtype(acc));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "normkit_forward", [&] {
-    using Acc = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    FwdArgs<scalar_t, Acc> a{x.const_data_ptr<scalar_t>(),
-                             has_res ? residual->const_data_ptr<scalar_t>() : nullptr,
-                             ptr_or_null<Acc>(w),
-                             ptr_or_null<Acc>(b),
-                             y.data_ptr<scalar_t>(),
-                             s.defined() ? s.data_ptr<scalar_t>() : nullptr,
-                             mean.defined() ? mean.data_ptr<Acc>() : nullptr,
-                             rstd.defined() ? rstd.data_ptr<Acc>() : nullptr,
-                             n,
-                             static_cast<Acc>(eps),
-                             is_rms};
-    forward_typed(a, rows);
-  });
+  Tensor rstd = at::empty({rows}, x.options().dtype(acc));
+  Tensor mean = is_rms ? Tensor() : at::empty({rows}, x.options().dtype(acc));
+  launch_forward(x, rows, n, has_res ? residual : c10::nullopt, w, b, y, s, mean, rstd, eps, is_rms);
   return {y, s, mean, rstd};
 }
 
@@ -365,21 +333,7 @@ std::vector<Tensor> forward_nd(const Tensor& x, int64_t n, const c10::optional<T
   Tensor w_a = as_param(w, acc), b_a = as_param(b, acc);
   Tensor y = empty_output(x);
   Tensor s = r.has_value() ? empty_output(x) : Tensor();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "normkit_forward_nd", [&] {
-    using Acc = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    FwdArgs<scalar_t, Acc> a{x.const_data_ptr<scalar_t>(),
-                             r.has_value() ? r->const_data_ptr<scalar_t>() : nullptr,
-                             ptr_or_null<Acc>(w_a),
-                             ptr_or_null<Acc>(b_a),
-                             y.data_ptr<scalar_t>(),
-                             s.defined() ? s.data_ptr<scalar_t>() : nullptr,
-                             nullptr,
-                             nullptr,
-                             n,
-                             static_cast<Acc>(eps),
-                             is_rms};
-    forward_typed(a, rows);
-  });
+  launch_forward(x, rows, n, r, w_a, b_a, y, s, Tensor(), Tensor(), eps, is_rms);
   return {y, s};
 }
 

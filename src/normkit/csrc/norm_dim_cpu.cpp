@@ -13,9 +13,9 @@
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
-#include <atomic>
 #include <vector>
 
+#include "cpu_runtime.h"
 #include "row_math.h"
 
 namespace normkit {
@@ -197,38 +197,15 @@ NORMKIT_DIM_KERNELS(double, double)
 NORMKIT_DIM_KERNELS(c10::BFloat16, float)
 NORMKIT_DIM_KERNELS(c10::Half, float)
 
-// f(chunk) for chunks 0..count-1 over torch's threads, in the calling thread when small.
-template <typename F>
-void for_chunks(int64_t count, bool serial, const F& f) {
-  const int64_t threads = at::get_num_threads();
-  if (serial || count == 1 || threads == 1 || at::in_parallel_region()) {
-    for (int64_t c = 0; c < count; ++c) f(c);
-    return;
-  }
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::min(threads, count), 1, [&](int64_t, int64_t) {
-    for (int64_t c = next.fetch_add(1); c < count; c = next.fetch_add(1)) f(c);
-  });
-}
-
-at::ScalarType acc_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
-Tensor param_as(const c10::optional<Tensor>& p, at::ScalarType acc) {
-  if (!p.has_value() || !p->defined()) return Tensor();
-  return p->to(acc).contiguous();
-}
-
-constexpr int64_t kSerialElements = 1 << 15;
-
 // [y, mean, rstd]; mean undefined for RMS norm.
 std::vector<Tensor> dim_forward(const Tensor& x, int64_t outer, int64_t n, int64_t inner,
                                 const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias, double eps,
                                 bool is_rms) {
   TORCH_CHECK(x.is_contiguous() && x.device().is_cpu() && x.numel() == outer * n * inner,
               "normkit._C.norm_dim: x must be a contiguous CPU tensor of outer * N * inner elements");
-  const auto acc = acc_of(x.scalar_type());
-  Tensor w = param_as(weight, acc), b = param_as(bias, acc);
-  Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
+  const auto acc = acc_type(x.scalar_type());
+  Tensor w = as_param(weight, acc), b = as_param(bias, acc);
+  Tensor y = empty_output(x);
   Tensor rstd = at::empty({outer, inner}, x.options().dtype(acc));
   Tensor mean = is_rms ? Tensor() : at::empty({outer, inner}, x.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "normkit_dim_forward", [&] {
@@ -237,7 +214,7 @@ std::vector<Tensor> dim_forward(const Tensor& x, int64_t outer, int64_t n, int64
                              b.defined() ? b.const_data_ptr<Acc>() : nullptr, y.data_ptr<scalar_t>(),
                              mean.defined() ? mean.data_ptr<Acc>() : nullptr, rstd.data_ptr<Acc>(), outer, n, inner,
                              static_cast<Acc>(eps), is_rms};
-    for_chunks(outer, x.numel() <= kSerialElements, [&](int64_t o) { dim_fwd(a, o); });
+    for_each_chunk(outer, x.numel() <= kSerialMaxElements, [&](int64_t o) { dim_fwd(a, o); });
   });
   return {y, mean, rstd};
 }
@@ -245,10 +222,10 @@ std::vector<Tensor> dim_forward(const Tensor& x, int64_t outer, int64_t n, int64
 // [dx, dweight, dbias] (dweight / dbias (N,) in the compute dtype).
 std::vector<Tensor> dim_backward(const Tensor& dy, const Tensor& x, int64_t outer, int64_t n, int64_t inner,
                                  const Tensor& weight, const Tensor& mean, const Tensor& rstd) {
-  const auto acc = acc_of(x.scalar_type());
+  const auto acc = acc_type(x.scalar_type());
   Tensor w = weight.defined() ? weight.to(acc).contiguous() : at::ones({n}, x.options().dtype(acc));
   Tensor dyc = dy.contiguous();
-  Tensor dx = at::empty_like(x, at::MemoryFormat::Contiguous);
+  Tensor dx = empty_output(x);
   const int64_t chunks = std::min<int64_t>(outer, 64);
   const int64_t per = (outer + chunks - 1) / chunks;
   Tensor dw_part = at::zeros({chunks, n}, x.options().dtype(acc)), db_part = at::zeros({chunks, n}, x.options().dtype(acc));
@@ -259,7 +236,7 @@ std::vector<Tensor> dim_backward(const Tensor& dy, const Tensor& x, int64_t oute
                                 dx.data_ptr<scalar_t>(), outer, n, inner};
     Acc* dwp = dw_part.data_ptr<Acc>();
     Acc* dbp = db_part.data_ptr<Acc>();
-    for_chunks(chunks, x.numel() <= kSerialElements, [&](int64_t c) {
+    for_each_chunk(chunks, x.numel() <= kSerialMaxElements, [&](int64_t c) {
       for (int64_t o = c * per; o < std::min(outer, (c + 1) * per); ++o) dim_bwd(a, o, dwp + c * n, dbp + c * n);
     });
   });
@@ -295,7 +272,7 @@ struct NormDimFunction : public torch::autograd::Function<NormDimFunction> {
     Tensor dy = grads[0];
     Tensor dx, dw, db;
     if (at::GradMode::is_enabled()) {  // create_graph: differentiable ops, statistics recomputed from x
-      const auto acc = acc_of(x.scalar_type());
+      const auto acc = acc_type(x.scalar_type());
       Tensor xa = x.reshape({outer, n, inner}).to(acc), g = dy.reshape({outer, n, inner}).to(acc);
       Tensor mean, rstd, xh;
       if (is_rms) {

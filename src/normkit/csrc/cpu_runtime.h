@@ -1,0 +1,61 @@
+// How the compiled CPU kernels get threads, buffers and parameters: shared by norm_cpu.cpp and
+// norm_dim_cpu.cpp (the row math they share is in row_math.h).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+
+namespace normkit {
+
+// Calls of at most this many elements run in the calling thread: waking the pool costs more.
+constexpr int64_t kSerialMaxElements = 1 << 15;
+
+// f(chunk) for chunks 0..n_chunks-1, handed out one at a time to torch's threads (a core busy
+// with another process then delays one chunk, not half the work). Which chunk computes what
+// depends on the caller's shape-only split, never on the thread count.
+template <typename F>
+void for_each_chunk(int64_t n_chunks, bool serial, const F& f) {
+  const int64_t threads = at::get_num_threads();
+  if (serial || n_chunks == 1 || threads == 1 || at::in_parallel_region()) {
+    for (int64_t c = 0; c < n_chunks; ++c) f(c);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min(threads, n_chunks), 1, [&](int64_t, int64_t) {
+    for (int64_t c = next.fetch_add(1); c < n_chunks; c = next.fetch_add(1)) f(c);
+  });
+}
+
+// A contiguous output like `like`. Outputs of 4 MiB or more are advised to use transparent huge
+// pages before the first write: a fresh 64 MiB tensor otherwise takes 16k page faults (several
+// times the kernel's time).
+inline at::Tensor empty_output(const at::Tensor& like) {
+  at::Tensor out = at::empty_like(like, at::MemoryFormat::Contiguous);
+  const size_t nbytes = out.numel() * out.element_size();
+  constexpr size_t kHuge = 1 << 21, kMin = 4 << 20;
+  if (nbytes >= kMin) {
+    uintptr_t p = reinterpret_cast<uintptr_t>(out.data_ptr());
+    uintptr_t lo = (p + kHuge - 1) & ~(kHuge - 1), hi = (p + nbytes) & ~(kHuge - 1);
+    if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);  // advice only
+  }
+  return out;
+}
+
+// The dtype statistics and accumulations use: double for double input, else float.
+inline at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// A gain/bias as a contiguous Acc tensor (read as (N,) through its pointer), or an undefined
+// tensor for none.
+inline at::Tensor as_param(const c10::optional<at::Tensor>& p, at::ScalarType acc) {
+  if (!p.has_value() || !p->defined()) return at::Tensor();
+  if (p->scalar_type() == acc && p->is_contiguous()) return *p;
+  return p->to(acc).contiguous();
+}
+
+}  // namespace normkit
