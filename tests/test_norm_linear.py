@@ -211,3 +211,42 @@ def test_torch_compile_fullgraph(is_rms):
     dout = randn(out_e.shape, seed=21)
     for gc, ge in zip(torch.autograd.grad(out_c, leaves, dout), torch.autograd.grad(out_e, leaves, dout)):
         torch.testing.assert_close(gc, ge, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(prenorm="yes"), TypeError, r"prenorm must be a bool, got 'yes'"),
+        (dict(residual_in_fp32=1), TypeError, r"residual_in_fp32 must be a bool, got 1"),
+        (dict(residual="r"), TypeError, r"residual"),
+        (dict(residual=torch.zeros(2, 3)), ValueError, r"residual"),
+    ],
+)
+def test_bad_residual_options_get_a_clear_error(kwargs, exc, match):
+    x, g, b, W, c = (t.detach() for t in _case(6, seed=20))
+    with pytest.raises(exc, match=match):
+        normkit.layer_norm_linear(x, (6,), g, b, W, c, **kwargs)
+
+
+@IS_RMS
+def test_residual_and_prenorm_match_the_unfused_calls(is_rms):
+    """``(out, s)`` with a residual: ``s = x + residual`` (the next block's residual stream) and
+    ``out = F.linear(norm(s), W, c)``, forward and every gradient."""
+    x, g, b, W, c = _case(50, seed=21)
+    r = randn(tuple(x.shape), seed=22, requires_grad=True)
+    if is_rms:
+        out, s = normkit.rms_norm_linear(x, (50,), g, W, c, residual=r, prenorm=True)
+        s_ref = x + r
+        out_ref = F.linear(normkit.rms_norm(s_ref, (50,), g), W, c)
+    else:
+        out, s = normkit.layer_norm_linear(x, (50,), g, b, W, c, residual=r, prenorm=True)
+        s_ref = x + r
+        out_ref = F.linear(normkit.layer_norm(s_ref, (50,), g, b), W, c)
+    torch.testing.assert_close(s, s_ref, rtol=0, atol=0)
+    torch.testing.assert_close(out, out_ref)
+    dout, ds = randn(tuple(out.shape), seed=23), randn(tuple(s.shape), seed=24)
+    leaves = [t for t in (x, r, g, None if is_rms else b, W, c) if t is not None]
+    got = torch.autograd.grad((out * dout).sum() + (s * ds).sum(), leaves)
+    want = torch.autograd.grad((out_ref * dout).sum() + (s_ref * ds).sum(), leaves)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)
