@@ -263,3 +263,108 @@ def test_jit_trace_with_traced_sizes():
     x = torch.randn(3, 6)
     traced = torch.jit.trace(lambda x: normkit.layer_norm(x, x.shape[-1:]), (x,))
     torch.testing.assert_close(traced(x), TF.layer_norm(x, (6,)))
+
+
+# --- batched gradients: is_grads_batched, gradcheck's batched mode, vectorized jacobian/hessian.
+# The backward runs under vmap with BatchedTensor gradients, which have no memory a kernel could
+# read; every backward (the C++ nodes, the eager Function, the custom op) then takes its
+# composite form.
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("is_rms", [False, True])
+@pytest.mark.parametrize("residual", [False, True])
+def test_is_grads_batched_matches_per_gradient_calls(backend, is_rms, residual):
+    x, w, b, r = _setup(backend, n=8, rows=4)
+    nk, _ = _nk(is_rms, residual)
+    grads = randn((3, 4, 8), x.dtype, seed=21)
+    with normkit.use_backend(backend):
+        y, _ = nk(x, w, b, r)
+        inputs = (x, w, r) if residual else (x, w)
+        batched = torch.autograd.grad(y, inputs, grads, is_grads_batched=True, retain_graph=True)
+        for i in range(3):
+            single = torch.autograd.grad(y, inputs, grads[i], retain_graph=True)
+            for got, want in zip(batched, single):
+                torch.testing.assert_close(got[i], want, **TOL[x.dtype])
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "numba"])
+def test_gradcheck_batched_grad(backend):
+    backend_or_skip(backend)
+    x = randn((3, 5), torch.float64, seed=3, offset=0.5, requires_grad=True)
+    w = randn((5,), torch.float64, seed=4, offset=1.0, requires_grad=True)
+    b = randn((5,), torch.float64, seed=5, requires_grad=True)
+    with normkit.use_backend(backend):
+        if DTYPE[backend] != torch.float64:  # a float32-only backend: the float64 call is the reference's
+            pytest.skip(f"{backend} runs float32 only; gradcheck needs float64")
+        assert torch.autograd.gradcheck(lambda x, w, b: normkit.layer_norm(x, (5,), w, b), (x, w, b), check_batched_grad=True)
+        assert torch.autograd.gradcheck(lambda x, w: normkit.rms_norm(x, (5,), w), (x, w), check_batched_grad=True)
+        x4 = randn((2, 3, 2, 2), torch.float64, seed=6, requires_grad=True)
+        w3 = randn((3,), torch.float64, seed=7, offset=1.0, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda x, w: normkit.layer_norm(x, (3,), w, dim=1), (x4, w3), check_batched_grad=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("is_rms", [False, True])
+def test_vectorized_jacobian_and_hessian(backend, is_rms):
+    x, w, b, _ = _setup(backend, n=5, rows=2)
+    nk, th = _nk(is_rms)
+    f = lambda x: nk(x, w, b, None)[0]  # noqa: E731
+    with normkit.use_backend(backend):
+        jac = torch.autograd.functional.jacobian(f, x.detach(), vectorize=True)
+        hes = torch.autograd.functional.hessian(lambda x: f(x).pow(3).sum(), x.detach(), vectorize=True)
+    xd, wd, bd = _f64(x, w, b)
+    g = lambda x: th(x, wd, bd, None)[0]  # noqa: E731
+    torch.testing.assert_close(jac.double(), torch.autograd.functional.jacobian(g, xd.detach()), **TOL[x.dtype])
+    torch.testing.assert_close(hes.double(), torch.autograd.functional.hessian(lambda x: g(x).pow(3).sum(), xd.detach()), **TOL[x.dtype])
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "numba"])
+@pytest.mark.parametrize("shape", [(2, 3, 4, 8), (4, 16, 32, 64)])
+def test_rms_norm_input_gradient_keeps_channels_last_like_torch(backend, shape):
+    backend_or_skip(backend)
+    x = torch.randn(*shape).to(memory_format=torch.channels_last).requires_grad_()
+    w = torch.randn(shape[-1], requires_grad=True)
+    # the upstream gradient in the output's layout (what a downstream channels_last op sends);
+    # torch's composite gives the input gradient dy's layout, normkit gives x's
+    dy = torch.randn(shape).to(memory_format=torch.channels_last)
+    with normkit.use_backend(backend):
+        (gx,) = torch.autograd.grad(normkit.rms_norm(x, (shape[-1],), w), x, dy)
+    (want,) = torch.autograd.grad(TF.rms_norm(x, (shape[-1],), w), x, dy)
+    assert gx.stride() == want.stride(), f"gradient strides {gx.stride()} != torch's {want.stride()}"
+    torch.testing.assert_close(gx, want, rtol=1e-4, atol=1e-5)
+
+
+def test_complex_rms_norm_is_torchs():
+    z = torch.randn(3, 6, dtype=torch.complex64, requires_grad=True)
+    w = torch.randn(6, dtype=torch.complex64, requires_grad=True)
+    got = normkit.rms_norm(z, (6,), w)
+    want = TF.rms_norm(z, (6,), w)
+    torch.testing.assert_close(got, want)
+    g = torch.randn(3, 6, dtype=torch.complex64)
+    torch.testing.assert_close(torch.autograd.grad(got, z, g)[0], torch.autograd.grad(want, z, g)[0])
+    with pytest.raises(TypeError, match="floating dtype"):
+        normkit.layer_norm(z, (6,))  # torch has no complex layer norm either
+    with pytest.raises(TypeError, match="floating dtype"):
+        normkit.rms_norm(z, (6,), residual=z)
+
+
+@pytest.mark.parametrize("layout", [torch.strided, torch.jagged])
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_nested_tensor_input(layout, backend):
+    backend_or_skip(backend)
+    w, b = torch.randn(8, requires_grad=True), torch.randn(8, requires_grad=True)
+    comps = [torch.randn(2, 8), torch.randn(3, 8) + 5.0]
+    with normkit.use_backend(backend):
+        nt = torch.nested.as_nested_tensor([c.clone().requires_grad_() for c in comps], layout=layout)
+        y = normkit.layer_norm(nt, (8,), w, b)
+        y_rms = normkit.rms_norm(nt, (8,), w)
+        assert y.is_nested and y.layout == layout
+        for yc, ync, c in zip(y.unbind(), y_rms.unbind(), comps):
+            torch.testing.assert_close(yc, TF.layer_norm(c, (8,), w, b))
+            torch.testing.assert_close(ync, TF.rms_norm(c, (8,), w))
+        sum(yc.square().sum() for yc in y.unbind()).backward()
+    want = torch.autograd.grad(sum(TF.layer_norm(c, (8,), w, b).square().sum() for c in comps), w)[0]
+    torch.testing.assert_close(w.grad, want)
+    with pytest.raises(TypeError, match="nested"):
+        normkit.layer_norm(nt, (8,), residual=nt)

@@ -9,7 +9,6 @@ semantics are those of :mod:`normkit.reference`.
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -17,6 +16,7 @@ from torch import Tensor
 
 from torch.autograd import forward_ad as _forward_ad
 
+from normkit import _torch_private as private
 from normkit import ops, paths
 from normkit.backends import _forced, select_backend_name
 from normkit.backends import ENV_VAR as _ENV_VAR
@@ -34,13 +34,8 @@ from normkit.validation import (
 
 __all__ = ["layer_norm", "rms_norm", "route", "native_call"]
 
-# os.environ.get costs ~1.4 us on a miss (it raises and catches KeyError inside); the bytes-keyed
-# dict behind it (CPython's POSIX os.environ._data, kept in sync by os.environ) costs ~50 ns.
-_environ_data = getattr(os.environ, "_data", None)
-if isinstance(_environ_data, dict) and os.name == "posix":
-    _environ_get, _ENV_KEY = _environ_data.get, os.fsencode(_ENV_VAR)
-else:  # pragma: no cover - other platforms
-    _environ_get, _ENV_KEY = os.environ.get, _ENV_VAR
+# os.environ.get costs ~1.4 us on a miss; the shim reads CPython's dict behind it (~50 ns)
+_environ_get, _ENV_KEY = private.environ_getter(_ENV_VAR)
 
 ShapeLike = Union[int, Sequence[int], torch.Size]
 
@@ -63,7 +58,7 @@ ROUTES = {
 
 def _in_forward_ad(tensors) -> bool:
     """Whether any of ``tensors`` carries a forward-mode AD tangent."""
-    if _forward_ad._current_level < 0:  # no dual level is open: the cheap common case
+    if private.forward_ad_level() < 0:  # no dual level is open: the cheap common case
         return False
     return any(t is not None and _forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
@@ -100,8 +95,7 @@ def route(
     # function on a plain eager call.
     if torch.compiler.is_compiling():
         return "onnx" if torch.onnx.is_in_onnx_export() else "op"
-    if torch._C._are_functorch_transforms_active() or _in_forward_ad(tensors):
-        # (no public API tells whether a functorch transform is active; this one is cheap)
+    if private.functorch_transforms_active() or _in_forward_ad(tensors):
         return "composite"
     if not ops.plain_eager(x):
         return "onnx" if torch.onnx.is_in_onnx_export() else "op"
@@ -133,6 +127,11 @@ def _norm(
         out = _cpu.extension.try_norm(x, normalized_shape, weight, bias, eps, is_rms, residual, prenorm, dropout_p if training else 0.0)
         if out is not None:
             return out
+    if isinstance(x, Tensor) and residual is None and not prenorm and not (dropout_p and training):
+        if x.is_nested:
+            return paths.nested_norm(_norm, x, normalized_shape, weight, bias, eps, is_rms, None, False, 0.0, training)
+        if x.is_complex() and is_rms:
+            return paths.complex_rms_norm(x, normalized_shape, weight, eps)
     shape = as_normalized_shape(normalized_shape)
     check_input(x, shape)
     check_param("weight", weight, x, shape)
@@ -154,7 +153,10 @@ def _norm(
 
     n = math.prod(shape)
     rows = x.numel() // n
-    x2 = x.reshape(rows, n).contiguous()
+    x_in = x
+    if path == "eager" and is_rms and _keeps_layout(x):
+        x_in = _GradInLayoutOf.apply(x)
+    x2 = x_in.reshape(rows, n).contiguous()
     r2 = None if residual is None else residual.reshape(rows, n).contiguous()
     w1 = None if weight is None else weight.reshape(n).contiguous()
     b1 = None if bias is None else bias.reshape(n).contiguous()
@@ -186,6 +188,28 @@ def _layout_like_torch(out: Tensor, x: Tensor, is_rms: bool) -> Tensor:
     return out if like.is_contiguous() else like.copy_(out)
 
 
+def _keeps_layout(x: Tensor) -> bool:
+    """Whether torch's composite ``rms_norm`` would keep ``x``'s non-contiguous dense layout
+    (channels_last, a transposed view) in its output and its input gradient."""
+    return not x.is_contiguous() and not torch.empty_like(x).is_contiguous()
+
+
+class _GradInLayoutOf(torch.autograd.Function):
+    """The identity on ``x``; backward returns the gradient in ``x``'s memory format, as torch's
+    composite ``rms_norm`` does (one copy, only on this path: the kernels write contiguous rows)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.shape, ctx.strides = x.shape, torch.empty_like(x).stride()
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        if g.stride() == ctx.strides:
+            return g
+        return torch.empty_strided(ctx.shape, ctx.strides, dtype=g.dtype, device=g.device).copy_(g)
+
+
 def _native_preconditions() -> bool:
     """What only Python knows about a "native" call: the compiled kernels are built, nothing
     compiles or transforms it (``torch.compile`` must see the custom op, ``torch.func`` and
@@ -195,9 +219,8 @@ def _native_preconditions() -> bool:
     return (
         _cpu.extension is not None
         and not torch.compiler.is_compiling()
-        and _forward_ad._current_level < 0
-        # no public API tells whether a functorch transform is active; this one is cheap
-        and not torch._C._are_functorch_transforms_active()
+        and private.forward_ad_level() < 0
+        and not private.functorch_transforms_active()
         and (_forced.get() or _environ_get(_ENV_KEY)) in (None, "cpu", b"cpu")
     )
 
@@ -215,7 +238,7 @@ def native_norm_dim(x: Tensor, start: int, k: int, weight, bias, eps: float, is_
         and x.dtype in _cpu.DTYPES
         and all(p is None or (p.is_cpu and p.dtype in FLOAT_DTYPES) for p in (weight, bias))
         and not torch.jit.is_tracing()
-        and torch._C._len_torch_dispatch_stack() == 0
+        and not private.dispatch_mode_active()
     ):
         return None
     return _cpu.extension.norm_dim(x, start, k, weight, bias, float(eps), bool(is_rms))

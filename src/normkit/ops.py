@@ -22,6 +22,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from normkit import _torch_private as private
 from normkit.backends import get_backend
 from normkit import reference
 from normkit.reference import compute_dtype
@@ -184,7 +185,11 @@ def _input_grads(ctx, dy, dsum, norm_bwd=None):
     dsum = dsum.contiguous() if (ctx.store_sum and dsum is not None) else None
     needs = ctx.needs_input_grad
     need_dres = bool(ctx.has_residual and needs[1])
-    if torch.is_grad_enabled():
+    if torch.is_grad_enabled() or private.functorch_transforms_active() or any(
+        g is not None and private.is_batched(g) for g in (dy, dsum)
+    ):
+        # create_graph=True, or a batched backward (is_grads_batched, vmap over vjp): the
+        # gradients as torch ops, which autograd and vmap can see through
         dx, dres, dw, db = _differentiable_backward(call, dy, dsum, s, weight, mean, rstd, seed)
     else:
         dx, dres, dw, db = (norm_bwd or _norm_bwd)(
@@ -238,9 +243,9 @@ def plain_eager(x: Tensor) -> bool:
         type(x) is Tensor
         and not torch.compiler.is_compiling()
         and not torch.jit.is_tracing()
-        # private, but the only cheap test for an active TorchDispatchMode (make_fx, export,
-        # FakeTensorMode), under which the kernels must not run on real data pointers
-        and torch._C._len_torch_dispatch_stack() == 0
+        # an active TorchDispatchMode (make_fx, export, FakeTensorMode): the kernels must not
+        # run on real data pointers
+        and not private.dispatch_mode_active()
     )
 
 

@@ -9,7 +9,7 @@ import torch
 
 from normkit import reference as ref
 
-__all__ = ["composite_norm", "onnx_norm"]
+__all__ = ["composite_norm", "onnx_norm", "nested_norm", "complex_rms_norm"]
 
 
 def composite_norm(x, shape, weight, bias, eps, is_rms, residual, prenorm, dropout_p):
@@ -42,3 +42,19 @@ def onnx_norm(x, shape, weight, bias, eps, is_rms, residual, prenorm, dropout_p)
     else:
         y = torch.nn.functional.rms_norm(s, shape, w, eps)
     return (y, s) if prenorm else y
+
+
+
+def nested_norm(norm, x, normalized_shape, *args):
+    """A nested tensor (torch.nested, jagged or strided layout): ``norm(component, shape,
+    *args)`` on each component, re-wrapped in ``x``'s layout; autograd flows through
+    ``unbind()``. The normalized dims must be regular trailing dims of every component."""
+    return torch.nested.as_nested_tensor([norm(t, normalized_shape, *args) for t in x.unbind()], layout=x.layout)
+
+
+def complex_rms_norm(x, normalized_shape, weight, eps):
+    """RMS norm of a complex input, as :func:`torch.nn.functional.rms_norm` defines it (its
+    OpInfo covers complex): ``x * rsqrt(mean(x * x) + eps) * weight`` with the complex square,
+    ``eps`` defaulting to the real dtype's machine epsilon. normkit's kernels are real-only, so
+    torch's own op runs it (plain calls only; the fused options raise for complex input)."""
+    return torch.nn.functional.rms_norm(x, normalized_shape, weight, eps)

@@ -78,6 +78,12 @@ def check_floating_tensor(name: str, t, *, what: str = "") -> None:
 def check_input(x: Tensor, shape: Tuple[int, ...]) -> None:
     """``x`` is a floating tensor whose trailing dims are ``shape``."""
     check_floating_tensor("input", x)
+    if x.is_nested:
+        raise NormTypeError(
+            "a nested tensor input is supported by the plain calls only (layer_norm / rms_norm "
+            "with weight, bias, eps over trailing regular dims), not with fused options; "
+            "unbind it (nested.unbind()) and call per component"
+        )
     if x.dim() < len(shape) or tuple(x.shape[x.dim() - len(shape):]) != shape:
         raise NormShapeError(
             f"Given normalized_shape={list(shape)}, expected input with shape [*, "

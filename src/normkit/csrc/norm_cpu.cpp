@@ -421,7 +421,10 @@ struct NormFunction : public torch::autograd::Function<NormFunction> {
     Tensor dy = grads[0].defined() ? flat_grad(grads[0]) : at::zeros_like(s);
     Tensor dsum = has_res ? flat_grad(grads[1]) : Tensor();
     std::vector<Tensor> g;
-    if (at::GradMode::is_enabled()) {
+    // create_graph=True, or a vmap batch of gradients (is_grads_batched: a BatchedTensor has no
+    // memory to read): the backward as ATen ops, which autograd and vmap see through
+    const bool batched = !dy.has_storage() || (dsum.defined() && !dsum.has_storage());
+    if (at::GradMode::is_enabled() || batched) {
       g = differentiable_backward(dy, dsum, s, weight, ctx->saved_data["eps"].toDouble(), is_rms);
     } else {
       Tensor mean = ctx->saved_data["mean"].toTensor();
@@ -482,6 +485,7 @@ bool parse_native_call(py::handle x_obj, py::handle shape_obj, py::handle w_obj,
   auto* tensor_type = reinterpret_cast<PyTypeObject*>(THPVariableClass);
   if (Py_TYPE(x_obj.ptr()) != tensor_type) return false;
   const Tensor& x = THPVariable_Unpack(x_obj.ptr());
+  if (x.is_nested()) return false;  // no sizes(): the Python side runs each component
   const auto dtype = x.scalar_type();
   if (!x.device().is_cpu() || !(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf || dtype == at::kDouble))
     return false;

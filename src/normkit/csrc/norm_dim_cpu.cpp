@@ -271,7 +271,9 @@ struct NormDimFunction : public torch::autograd::Function<NormDimFunction> {
     const bool is_rms = ctx->saved_data["is_rms"].toBool();
     Tensor dy = grads[0];
     Tensor dx, dw, db;
-    if (at::GradMode::is_enabled()) {  // create_graph: differentiable ops, statistics recomputed from x
+    // create_graph, or a vmap batch of gradients (no memory to read): differentiable ops,
+    // statistics recomputed from x
+    if (at::GradMode::is_enabled() || !dy.has_storage()) {
       const auto acc = acc_type(x.scalar_type());
       Tensor xa = x.reshape({outer, n, inner}).to(acc), g = dy.reshape({outer, n, inner}).to(acc);
       Tensor mean, rstd, xh;
