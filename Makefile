@@ -6,11 +6,11 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install test demo bench gpu-check gpu-check-dry clean
+.PHONY: install test test-full wheel-check demo bench gpu-check gpu-check-dry clean
 
 # Two steps: the pinned stack first, then normkit itself without build isolation, so its C++
 # kernels (normkit._C, setup.py) compile against the torch just installed (~1 min; without a
-# compiler the install still succeeds and normkit runs its numba kernels).
+# compiler the install still succeeds and normkit runs its numba kernels, or torch's ops).
 $(STAMP): pyproject.toml constraints.txt setup.py $(wildcard src/normkit/csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt torch setuptools ninja
@@ -20,8 +20,32 @@ $(STAMP): pyproject.toml constraints.txt setup.py $(wildcard src/normkit/csrc/*)
 
 install: $(STAMP)
 
+# The suite on both cores (pytest-xdist), the ported peer matrices as a fixed sample
+# (tests/conftest.py); test-full runs every case of them.
+PYTEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
+
+test-full: install
+	NORMKIT_FULL_MATRIX=1 $(PY) -m pytest -q -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
+
+# The install a user does: an isolated build of the sdist and, from it, the wheel
+# (python -m build; the build environment gets the pinned torch through PIP_CONSTRAINT), the
+# wheel installed with plain pip into a fresh virtual environment, then .ci/install_smoke.py
+# there (the compiled kernels load and match the reference). WHEEL_CHECK_SDIST=1 also installs
+# the sdist into a second environment (a second compile).
+DIST := dist
+WHEEL_CHECK_SDIST ?= 0
+wheel-check: install
+	rm -rf $(DIST) .wheel-venv .sdist-venv
+	PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(PY) -m build --outdir $(DIST) .
+	$(PYTHON) -m venv .wheel-venv
+	PIP_CONSTRAINT=$(CURDIR)/constraints.txt .wheel-venv/bin/python -m pip install --quiet $(DIST)/*.whl
+	cd /tmp && $(CURDIR)/.wheel-venv/bin/python $(CURDIR)/.ci/install_smoke.py
+	if [ "$(WHEEL_CHECK_SDIST)" = 1 ]; then \
+	  $(PYTHON) -m venv .sdist-venv && \
+	  PIP_CONSTRAINT=$(CURDIR)/constraints.txt .sdist-venv/bin/python -m pip install --quiet $(DIST)/*.tar.gz && \
+	  cd /tmp && $(CURDIR)/.sdist-venv/bin/python $(CURDIR)/.ci/install_smoke.py; fi
 
 # the lab's quick preset (= normkit demo): nine experiments, 5 seeds per arm, about 2-3 minutes on
 # the 2-core machine; report in lab-report/
@@ -43,4 +67,4 @@ gpu-check-dry: install
 	TRITON_INTERPRET=1 $(PY) benchmarks/gpu_check.py --dry --out $(GPU_CHECK_OUT)
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache src/normkit/*.so
+	rm -rf $(VENV) build $(DIST) .wheel-venv .sdist-venv src/*.egg-info .pytest_cache src/normkit/*.so src/normkit/_C_build_info.py

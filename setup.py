@@ -1,9 +1,21 @@
-"""Build of normkit's optional compiled CPU kernels (``normkit._C``).
+"""Build of normkit's compiled CPU kernels (``normkit._C``).
 
-Everything else is in pyproject.toml. The extension needs torch at build time, so it is built
-when torch is importable in the build environment (``pip install --no-build-isolation``, as
-``make install`` does); without torch or a C++ compiler the install still succeeds and normkit
-runs its numba kernels instead (and says so once, on first use).
+Everything else is in pyproject.toml. The extension is compiled against the torch of the build
+environment: pyproject's ``[build-system] requires`` brings one to an isolated build
+(``pip install .``, an sdist, ``python -m build``); ``make install`` builds without isolation
+against the pinned torch it installed first. The build then
+
+- pins the runtime dependency to that torch release (``torch==X.Y.Z``), since a C++ extension
+  runs only with the torch it was compiled against, and
+- records that torch version and its C++ ABI flag (``normkit/_C_build_info.py`` beside the
+  extension, and compiled into ``_C`` itself), which the loader
+  (:mod:`normkit.backends.cpu`) checks before it imports ``_C``: another torch gets a clear
+  message saying how to rebuild, never a crash.
+
+Without torch, without a usable C++ compiler, or on a platform the kernels do not build on
+(they use GCC/Clang extensions: ``vector_size``, ``target_clones``), the install still succeeds
+without the extension, says why once here, and normkit runs torch's own ops (it says so once
+more on first use). ``NORMKIT_NO_EXTENSION=1`` skips the build.
 """
 
 import os
@@ -13,15 +25,38 @@ from setuptools import setup
 
 ext_modules = []
 cmdclass = {}
-if os.environ.get("NORMKIT_NO_EXTENSION") != "1":
+install_requires = ["torch>=2.4", "numpy>=1.24"]
+
+
+def _skip(reason: str) -> None:
+    print(f"normkit: not building the compiled CPU kernels: {reason}; normkit will run torch's own ops", file=sys.stderr)
+
+
+def _build_info_source(torch) -> str:
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    return (
+        '"""Written by setup.py when normkit._C was compiled: the torch it was built against."""\n\n'
+        f"TORCH_VERSION = {torch.__version__!r}\n"
+        f"CXX11_ABI = {abi}\n"
+    )
+
+
+if os.environ.get("NORMKIT_NO_EXTENSION") == "1":
+    _skip("NORMKIT_NO_EXTENSION=1")
+elif not sys.platform.startswith("linux"):
+    _skip(f"platform {sys.platform!r} (the kernels are built and tested on Linux with GCC or Clang)")
+else:
     try:
+        import torch
         from torch.utils.cpp_extension import BuildExtension, CppExtension
     except ImportError:
-        print("normkit: torch is not importable at build time; skipping the compiled kernels", file=sys.stderr)
+        _skip("torch is not importable at build time")
     else:
+        release = torch.__version__.split("+")[0]
 
         class OptionalBuildExtension(BuildExtension):
-            """A failed compile skips the extension instead of failing the install."""
+            """A failed compile skips the extension instead of failing the install; a successful
+            one writes ``_C_build_info.py`` beside it."""
 
             def build_extensions(self):
                 self._failed = []
@@ -29,30 +64,43 @@ if os.environ.get("NORMKIT_NO_EXTENSION") != "1":
                     super().build_extensions()
                 except Exception as exc:  # before any compile: no usable compiler (torch's ABI check)
                     self._failed = list(self.extensions)
-                    print(f"normkit: cannot build the compiled kernels ({exc}); normkit will use its numba kernels", file=sys.stderr)
+                    _skip(f"no usable C++ compiler ({exc})")
                 # nothing to copy or install for what failed (editable installs copy every listed one)
                 self.extensions = [e for e in self.extensions if e not in self._failed]
 
             def build_extension(self, ext):
                 try:
                     super().build_extension(ext)
-                except Exception as exc:  # no compiler, missing headers, ...
+                except Exception as exc:  # missing headers, a compile error, ...
                     self._failed.append(ext)
-                    print(f"normkit: building {ext.name} failed ({exc}); normkit will use its numba kernels", file=sys.stderr)
+                    _skip(f"building {ext.name} failed ({exc})")
+                    return
+                info = os.path.join(os.path.dirname(self.get_ext_fullpath(ext.name)), "_C_build_info.py")
+                with open(info, "w") as f:
+                    f.write(_build_info_source(torch))
+
+            def get_outputs(self):
+                outputs = super().get_outputs()
+                return outputs + [os.path.join(os.path.dirname(o), "_C_build_info.py") for o in outputs if "_C" in os.path.basename(o)]
 
         # -fno-math-errno / -fno-trapping-math: the results are the same (no errno, no FP exception
         # flags are read), and without them GCC will not vectorize loops holding floor / selects
         # (the exp polynomial of the recurrent steps). No -ffast-math: NaN, Inf and the order of
-        # every sum stay as written.
+        # every sum stay as written. -fopenmp-simd: the `omp simd` pragmas only, no OpenMP
+        # runtime linked (threads come from torch's pool).
         ext_modules = [
             CppExtension(
                 "normkit._C",
                 ["src/normkit/csrc/norm_cpu.cpp", "src/normkit/csrc/rnn_cpu.cpp", "src/normkit/csrc/norm_dim_cpu.cpp"],
                 include_dirs=[os.path.abspath("src/normkit/csrc")],
-                extra_compile_args=["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-Wno-unused-function"],
-                extra_link_args=["-fopenmp"],
+                define_macros=[
+                    ("NORMKIT_BUILT_TORCH", f'"{torch.__version__}"'),
+                    ("NORMKIT_BUILT_CXX11_ABI", str(int(torch._C._GLIBCXX_USE_CXX11_ABI))),
+                ],
+                extra_compile_args=["-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-Wno-unused-function"],
             )
         ]
         cmdclass = {"build_ext": OptionalBuildExtension.with_options(use_ninja=True)}
+        install_requires[0] = f"torch=={release}"
 
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+setup(ext_modules=ext_modules, cmdclass=cmdclass, install_requires=install_requires)

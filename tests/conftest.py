@@ -18,3 +18,27 @@ if not _HAS_CUDA:
 
 # Tests choose backends explicitly; an inherited NORMKIT_BACKEND would silently change them.
 os.environ.pop("NORMKIT_BACKEND", None)
+
+
+# The ported peer matrices (flash-attn's and Liger-Kernel's test grids, thousands of cases) run
+# a fixed sample by default: every case whose id hashes to 0 mod MATRIX_SAMPLE_EVERY (crc32, so
+# the same cases on every machine and run). `make test-full` (NORMKIT_FULL_MATRIX=1) runs all.
+MATRIX_FILES = ("test_ported_flash_attn.py", "test_ported_liger.py")
+MATRIX_SAMPLE_EVERY = 6
+
+
+def pytest_collection_modifyitems(config, items):
+    import zlib
+
+    if os.environ.get("NORMKIT_FULL_MATRIX") == "1":
+        return
+    keep, drop = [], []
+    for item in items:
+        sampled = item.path.name in MATRIX_FILES and "perturbed" not in item.name and "[" in item.name
+        if sampled and zlib.crc32(item.nodeid.encode()) % MATRIX_SAMPLE_EVERY:
+            drop.append(item)
+        else:
+            keep.append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep

@@ -256,3 +256,26 @@ def test_cli_bad_options_are_one_line_errors(argv, message, capsys):
     assert cli.main(["bench", "--quick", *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_noisy_timings_are_flagged_not_reported_as_ratios():
+    from normkit.bench import report, runner
+
+    def entry(ms, lo, hi, n):
+        return {"ms": ms, "gbps": 1.0, "frac_copy": 0.5,
+                "timing": {"median_ms": ms, "min_ms": lo, "max_ms": hi, "samples": n, "inner": 1}}
+
+    steady = {"op": "layer_norm", "direction": "fwd", "rows": 8, "width": 64, "dtype": "float32",
+              "impls": {"normkit": entry(1.0, 0.95, 1.05, 10), "torch": entry(2.0, 1.9, 2.1, 10)}}
+    stalled = {"op": "layer_norm", "direction": "fwd", "rows": 8, "width": 128, "dtype": "float32",
+               "impls": {"normkit": entry(1.0, 0.95, 1.05, 3), "torch": entry(1775.0, 1.9, 3000.0, 3)}}
+    for row in (steady, stalled):
+        runner._add_ratios(row)
+    assert "unreliable" not in steady["impls"]["normkit"]
+    why = stalled["impls"]["normkit"]["unreliable"]["torch"]
+    assert "3 samples" in why and "max/min" in why
+    assert runner.unreliable({"samples": 10, "min_ms": 1.0, "max_ms": 1.6, "median_ms": 1.1, "inner": 1}) is not None
+    doc = {"results": [steady, stalled], "copy_bandwidth": {"gbps": 10.0}}
+    _, rows = report.table_rows(doc, markup=False)
+    assert rows[0][-1] == "2.00" and rows[1][-1] == "(1775.00?)"
+    assert any("ratio to torch unreliable" in n for n in report.notes(doc))

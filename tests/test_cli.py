@@ -6,7 +6,10 @@ from pathlib import Path
 
 import pytest
 
+import torch
+
 from normkit import cli
+from normkit.cli import main
 
 
 def test_help_lists_commands(capsys):
@@ -68,3 +71,28 @@ def test_backends_explain_prints_a_calls_path_and_backend(capsys):
     assert "path:    composite:" in capsys.readouterr().out  # an empty input: no backend runs
     assert cli.main(["backends", "--explain", "8,x"]) == 2
     assert "--explain expects sizes like 8,512, got '8,x'" in capsys.readouterr().out
+
+
+def test_version(capsys):
+    import normkit
+
+    assert main(["--version"]) == 0
+    line = capsys.readouterr().out
+    assert line.startswith(f"normkit {normkit.__version__} (torch {torch.__version__};")
+
+
+def test_a_missing_extra_is_named_with_its_pip_command(capsys, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_rich(name, *args, **kwargs):
+        if name == "rich" or name.startswith("rich."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return real_import(name, *args, **kwargs)
+
+    for mod in [m for m in sys.modules if m.startswith("normkit.lab")]:
+        monkeypatch.delitem(sys.modules, mod)
+    monkeypatch.setattr(builtins, "__import__", no_rich)
+    assert main(["lab", "--help"]) == 2
+    assert "pip install 'normkit[lab]'" in capsys.readouterr().err

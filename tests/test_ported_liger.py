@@ -49,9 +49,10 @@ Cases per backend (reference, cpu, numba; a tiny triton-interpreter subset besid
   computes on the GPU Liger's tests run on: torch's CPU float16 backward rounds intermediates and
   is up to ~1.5 ulps off float64 (normkit's 0.5), more than Liger's 1e-3 absorbs at gradients ~15.
 
-Per backend (reference / cpu / numba): 98 / 98 / 88 pass, 36 / 36 / 46 skipped (the 36
-``in_place=True`` cases; numba also its 10 float16 layer-norm cases: it has no float16 kernel and
-falls back to the reference, so they duplicate the reference run), no xfail. The triton subset
+Skipped per backend: the ``in_place=True`` cases, and on numba its float16 layer-norm cases (it
+has no float16 kernel and falls back to the reference, so they duplicate the reference run);
+``pytest -rsx`` lists them with their reasons. ``make test`` runs a fixed sample of the matrix
+(``tests/conftest.py``), ``make test-full`` all of it. The triton subset
 (one test, 7 tiny cases) and a sanity test per function (a perturbed output must fail) come on
 top. Not ported (Liger-internal, no normkit counterpart): the backend-ABI test, grouped argument
 validation and the NaN-poisoned ``torch.empty`` test of Liger's grouped backward, and the 4-8 GPU

@@ -15,8 +15,9 @@ autograd node included, in C++. :func:`normkit.functional.route` sends plain eag
 there (route ``"native"``), so a call costs what a native torch op costs.
 
 Without the extension (no compiler at install time, ``NORMKIT_NO_EXTENSION=1``) this backend is
-unavailable, the numba backend (:mod:`normkit.backends.numba`) is the CPU default, and normkit
-says so once, on the first CPU call.
+unavailable: CPU calls run the numba backend (:mod:`normkit.backends.numba`) where the ``numba``
+extra is installed, else the reference composite (torch's own ops), and normkit says so once,
+on the first CPU call. A build made for another torch is not loaded (:func:`build_mismatch`).
 """
 
 from __future__ import annotations
@@ -30,28 +31,71 @@ from torch import Tensor
 
 from normkit.backends.base import Backend, BackwardResult, ForwardResult
 
-__all__ = ["CpuBackend", "BACKEND", "extension", "DTYPES"]
+__all__ = ["CpuBackend", "BACKEND", "extension", "DTYPES", "build_mismatch", "unavailable_reason"]
 
 #: Input dtypes the compiled kernels handle.
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
+REBUILD = (
+    "rebuild it for this torch: `pip install --force-reinstall --no-deps --no-cache-dir normkit` "
+    "(from a checkout: `make install`, or `pip install --no-build-isolation -e .`)"
+)
+
+
+def build_mismatch(built_version: Optional[str], built_abi: Optional[int], torch_version: str, abi: int) -> Optional[str]:
+    """Why an extension built against torch ``built_version`` (C++11 ABI flag ``built_abi``)
+    must not load into torch ``torch_version`` (``abi``), or ``None`` when it may. A C++
+    extension is tied to the exact torch it was compiled against: another release may change
+    the C++ API without an ``ImportError`` (a crash or wrong results instead)."""
+    if built_version is None:
+        return "normkit._C has no record of the torch it was built against"
+    if built_version != torch_version:
+        return f"normkit._C was built against torch {built_version}, but torch {torch_version} is running"
+    if built_abi != abi:
+        return f"normkit._C was built with _GLIBCXX_USE_CXX11_ABI={built_abi}, but torch uses {abi}"
+    return None
+
+
 def _load():
+    """``(normkit._C or None, why not)``. The build record beside the extension is read before
+    ``_C`` is imported, so a mismatched build is never loaded; ``_C``'s own compiled-in record is
+    checked again after."""
     if os.environ.get("NORMKIT_NO_EXTENSION") == "1":
         return None, "disabled by NORMKIT_NO_EXTENSION=1"
-    try:
-        from normkit import _C
-    except ImportError as exc:
+    import importlib.util
+
+    if importlib.util.find_spec("normkit._C") is None:
         return None, (
-            f"normkit._C is not built ({exc}); build it with `make install` or "
-            "`pip install --no-build-isolation -e .` (needs a C++ compiler)"
+            "normkit._C is not built (no C++ compiler at install time, or an install that skipped it); "
+            "build it with `make install` or `pip install --no-build-isolation -e .`"
         )
-    return _C, None
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    try:
+        from normkit import _C_build_info as info
+    except ImportError:
+        reason = build_mismatch(None, None, torch.__version__, abi)
+    else:
+        reason = build_mismatch(info.TORCH_VERSION, info.CXX11_ABI, torch.__version__, abi)
+    if reason is None:
+        try:
+            from normkit import _C
+        except ImportError as exc:
+            return None, f"normkit._C does not load ({exc}); {REBUILD}"
+        reason = build_mismatch(getattr(_C, "BUILT_TORCH", None), getattr(_C, "BUILT_CXX11_ABI", None), torch.__version__, abi)
+        if reason is None:
+            return _C, None
+    return None, f"{reason}; {REBUILD}"
 
 
 #: The compiled module ``normkit._C``, or ``None`` when it is not built.
 extension, _UNAVAILABLE = _load()
 _warned = False
+
+
+def unavailable_reason() -> Optional[str]:
+    """Why the compiled kernels are not loaded, or ``None`` when they are."""
+    return _UNAVAILABLE
 
 
 def warn_once_if_missing() -> None:
@@ -61,11 +105,19 @@ def warn_once_if_missing() -> None:
     if extension is None and not _warned:
         _warned = True
         warnings.warn(
-            f"normkit: compiled CPU kernels unavailable: {_UNAVAILABLE}. Using the numba kernels "
-            "(same results, slower launches).",
+            f"normkit: compiled CPU kernels unavailable: {_UNAVAILABLE}. Using {_fallback_name()} "
+            "(same results, slower).",
             RuntimeWarning,
             stacklevel=3,
         )
+
+
+def _fallback_name() -> str:
+    import importlib.util
+
+    if importlib.util.find_spec("numba") is not None:
+        return "the numba kernels"
+    return "torch's own ops (the reference composite; `pip install 'normkit[numba]'` for faster kernels)"
 
 
 class CpuBackend(Backend):

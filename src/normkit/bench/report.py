@@ -74,9 +74,15 @@ def table_rows(doc: dict, markup: bool = True) -> Tuple[List[str], List[List[str
             "-" if mine is None or "frac_copy" not in mine else f"{100 * mine['frac_copy']:.0f}%",
         ]
         speedups = (mine or {}).get("speedup", {})
+        noisy = (mine or {}).get("unreliable", {})
         for name in others:
             cells.append(_cell(row["impls"].get(name), "gbps", ".1f", markup))
-            cells.append(f"{speedups[name]:.2f}" if name in speedups else "-")
+            if name not in speedups:
+                cells.append("-")
+            elif name in noisy:  # shown, but not as a result (notes() says why)
+                cells.append(f"({speedups[name]:.2f}?)")
+            else:
+                cells.append(f"{speedups[name]:.2f}")
         rows.append(cells)
     return header, rows
 
@@ -103,6 +109,10 @@ def notes(doc: dict) -> List[str]:
     """Implementations that were skipped or failed, once each; a warning when the copy
     bandwidth measured after the run differs from the one before by more than ``DRIFT``."""
     out: List[str] = []
+    for row in doc["results"]:
+        for name, why in row["impls"].get("normkit", {}).get("unreliable", {}).items():
+            out.append(f"{row['op']} {row['direction']} {row['rows']}x{row['width']} {row['dtype']}: ratio to {name} "
+                       f"unreliable ({why}); rerun with more --repeats on an idle machine")
     copy = doc["copy_bandwidth"]
     end = copy.get("end_gbps")
     if end is not None and abs(end / copy["gbps"] - 1) > DRIFT:

@@ -113,8 +113,25 @@ def _measure_impl(impl: Impl, case: Case, tensors, device: str, copy_gbps: float
             "timing": timing.as_dict()}
 
 
+#: A timing is too noisy for a ratio with fewer samples than this, or a slowest sample more than
+#: MAX_SPREAD times the fastest (a stalled run on a loaded machine moves the median of a few).
+MIN_SAMPLES = 5
+MAX_SPREAD = 1.5
+
+
+def unreliable(timing: dict) -> Optional[str]:
+    """Why a timing (:meth:`Timing.as_dict`) cannot carry a ratio, or ``None``."""
+    if timing["samples"] < MIN_SAMPLES:
+        return f"{timing['samples']} samples (< {MIN_SAMPLES})"
+    spread = timing["max_ms"] / timing["min_ms"] if timing["min_ms"] > 0 else float("inf")
+    if spread > MAX_SPREAD:
+        return f"max/min {spread:.2f} (> {MAX_SPREAD})"
+    return None
+
+
 def _add_ratios(row: dict) -> None:
-    """``speedup``: other implementation's time / normkit's time (> 1: normkit is faster)."""
+    """``speedup``: other implementation's time / normkit's time (> 1: normkit is faster);
+    ``unreliable``: the ratios whose timings are too noisy to read (:func:`unreliable`)."""
     mine = row["impls"].get("normkit", {})
     if "ms" not in mine:
         return
@@ -123,6 +140,14 @@ def _add_ratios(row: dict) -> None:
         for name, other in row["impls"].items()
         if name != "normkit" and "ms" in other
     }
+    flags = {}
+    for name in mine["speedup"]:
+        why = [f"{who}: {r}" for who, entry in (("normkit", mine), (name, row["impls"][name]))
+               if "timing" in entry and (r := unreliable(entry["timing"])) is not None]
+        if why:
+            flags[name] = "; ".join(why)
+    if flags:
+        mine["unreliable"] = flags
 
 
 def machine_info(device: str) -> dict:

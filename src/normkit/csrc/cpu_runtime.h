@@ -5,7 +5,9 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
-#include <sys/mman.h>
+#if defined(__linux__)
+#include <sys/mman.h>  // madvise(MADV_HUGEPAGE): Linux only, and advice only
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -39,11 +41,13 @@ inline at::Tensor empty_output(const at::Tensor& like) {
   at::Tensor out = at::empty_like(like, at::MemoryFormat::Contiguous);
   const size_t nbytes = out.numel() * out.element_size();
   constexpr size_t kHuge = 1 << 21, kMin = 4 << 20;
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
   if (nbytes >= kMin) {
     uintptr_t p = reinterpret_cast<uintptr_t>(out.data_ptr());
     uintptr_t lo = (p + kHuge - 1) & ~(kHuge - 1), hi = (p + nbytes) & ~(kHuge - 1);
     if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);  // advice only
   }
+#endif
   return out;
 }
 

@@ -572,8 +572,19 @@ void register_rnn(py::module& m);       // rnn_cpu.cpp
 void register_norm_dim(py::module& m);  // norm_dim_cpu.cpp
 }
 
+// The torch this module was compiled against (setup.py defines both): the loader compares them
+// with the running torch, and refuses a mismatch (normkit.backends.cpu).
+#ifndef NORMKIT_BUILT_TORCH
+#define NORMKIT_BUILT_TORCH "unknown"
+#endif
+#ifndef NORMKIT_BUILT_CXX11_ABI
+#define NORMKIT_BUILT_CXX11_ABI -1
+#endif
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "normkit's compiled CPU kernels (see normkit.backends.cpu)";
+  m.attr("BUILT_TORCH") = NORMKIT_BUILT_TORCH;
+  m.attr("BUILT_CXX11_ABI") = NORMKIT_BUILT_CXX11_ABI;
   normkit::register_rnn(m);
   normkit::register_norm_dim(m);
   m.def("forward",
