@@ -14,6 +14,11 @@ One layer, one direction, as one :class:`torch.autograd.Function` over the whole
    gradients are reduced once after the loop: ``dW_hh = sum_t da_t^T h_{t-1}`` as a single
    ``(G, N) x (N, H)`` product, the gains and biases as column sums (float64 accumulators in
    the compiled loop).
+4. Under ``create_graph=True`` (double backward: gradient penalties, Hessians) step 3 is not
+   used: backward reruns the sequence with the per-step reference equations
+   (:func:`~normkit.nn.rnn.reference.lstm_recurrence_layer_ref`) on the function's saved
+   inputs and differentiates them by autograd, so the gradient it returns is itself
+   differentiable and connected to ``xg``, the states and the parameters.
 
 For float32 CPU tensors the whole loop (2 and 3) runs in C++ (``normkit._C.lstm_forward`` ...,
 ``csrc/rnn_cpu.cpp``), which computes exactly the quantities of the plain-torch ``*_step_torch``
@@ -36,10 +41,9 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
-
 import normkit
 from normkit.backends import select_backend
+from normkit.nn.rnn.reference import gru_recurrence_layer_ref, lstm_recurrence_layer_ref
 from normkit.reference import normalized_gradient, statistics
 
 __all__ = ["lstm_layer", "gru_layer"]
@@ -174,6 +178,36 @@ class _Stepper:
         self.fn(off, bs, *self.args)
 
 
+def _differentiable_backward(ctx, recurrence_ref, n_states: int, n_params: int, grads: Sequence[Tensor]) -> tuple:
+    """The backward of :class:`_LNLSTMSequence` / :class:`_LNGRUSequence` under
+    ``create_graph=True`` (autograd runs a backward with grad mode on exactly then).
+
+    The first saved tensors are the function's tensor inputs ``(xg, *states, *params)``; the
+    sequence is recomputed from them by ``recurrence_ref`` (the per-step reference equations)
+    with autograd recording, and its vector-Jacobian product with ``grads`` is taken with
+    ``create_graph=True``. The results are functions of the inputs and of ``grads`` that
+    autograd can differentiate again: exactly the derivatives of the equations that the
+    hand-written loop implements. Costs one recorded forward pass through the sequence.
+    """
+    n_inputs = 1 + n_states + n_params
+    inputs = ctx.saved_tensors[:n_inputs]
+    batch_sizes, reverse, eps = ctx.meta[:3]
+    xg, states, params = inputs[0], inputs[1 : 1 + n_states], inputs[1 + n_states :]
+    with torch.enable_grad():
+        outputs = recurrence_ref(xg, batch_sizes, *states, params, eps, reverse)
+    wanted = [i for i in range(n_inputs) if ctx.needs_input_grad[i]]
+    pairs = [(o, g) for o, g in zip(outputs, grads) if o.requires_grad and g is not None]
+    result: List[Optional[Tensor]] = [None] * n_inputs
+    if wanted and pairs:
+        got = torch.autograd.grad(
+            [o for o, _ in pairs], [inputs[i] for i in wanted], [g for _, g in pairs],
+            create_graph=True, allow_unused=True,
+        )
+        for i, g in zip(wanted, got):
+            result[i] = g
+    return (*result, None, None, None)  # batch_sizes, eps, reverse
+
+
 class _LNLSTMSequence(torch.autograd.Function):
     """``(xg, h0, c0, w_hh, ln_hh_w, ln_c_w, ln_c_b) -> (out, h_n, c_n)`` for one packed sequence."""
 
@@ -183,13 +217,14 @@ class _LNLSTMSequence(torch.autograd.Function):
         H = G // 4
         kernels = _step_kernels(xg)
         b_c = ln_c_b if ln_c_b is not None else xg.new_zeros(H)
-        ctx.meta = (batch_sizes, reverse, kernels, ln_c_b is not None)
+        ctx.meta = (batch_sizes, reverse, eps, kernels, ln_c_b is not None)
+        inputs = (xg, h0, c0, w_hh, ln_hh_w, ln_c_w, ln_c_b)  # for the differentiable backward
         if _compiled_loop(kernels):
             out, h_state, c_state, *saved = kernels.lstm_forward(
                 xg.contiguous(), h0, c0, w_hh.contiguous(), ln_hh_w.contiguous(), ln_c_w.contiguous(),
                 b_c.contiguous(), _steps(batch_sizes, reverse), eps,
             )
-            ctx.save_for_backward(w_hh, ln_hh_w, ln_c_w, *saved)
+            ctx.save_for_backward(*inputs, *saved)
             return out, h_state, c_state
         new = lambda *shape: xg.new_empty(shape)  # noqa: E731
         a, gates = new(N, G), new(N, G)
@@ -206,14 +241,15 @@ class _LNLSTMSequence(torch.autograd.Function):
         for off, bs in _steps(batch_sizes, reverse):
             torch.mm(h_state[:bs], w_t, out=a[off : off + bs])
             step(off, bs)
-        ctx.save_for_backward(w_hh, ln_hh_w, ln_c_w, a, rstd_a, gates, chat, rstd_c, tc, hprev, cprev)
+        ctx.save_for_backward(*inputs, a, rstd_a, gates, chat, rstd_c, tc, hprev, cprev)
         return out, h_state, c_state
 
     @staticmethod
-    @once_differentiable  # the hand-written BPTT is not itself differentiable
     def backward(ctx, dout, dh_n, dc_n):
-        w_hh, ln_hh_w, ln_c_w, ahat, rstd_a, gates, chat, rstd_c, tc, hprev, cprev = ctx.saved_tensors
-        batch_sizes, reverse, kernels, has_c_bias = ctx.meta
+        if torch.is_grad_enabled():  # create_graph=True: the hand-written BPTT is not differentiable
+            return _differentiable_backward(ctx, lstm_recurrence_layer_ref, 2, 4, (dout, dh_n, dc_n))
+        _, _, _, w_hh, ln_hh_w, ln_c_w, _, ahat, rstd_a, gates, chat, rstd_c, tc, hprev, cprev = ctx.saved_tensors
+        batch_sizes, reverse, _, kernels, has_c_bias = ctx.meta
         N, G = ahat.shape
         H = G // 4
         B = batch_sizes[0] if batch_sizes else 0
@@ -258,13 +294,14 @@ class _LNGRUSequence(torch.autograd.Function):
         H = G // 3
         kernels = _step_kernels(xg)
         b_h = b_hh if b_hh is not None else xg.new_zeros(G)
-        ctx.meta = (batch_sizes, reverse, kernels, b_hh is not None)
+        ctx.meta = (batch_sizes, reverse, eps, kernels, b_hh is not None)
+        inputs = (xg, h0, w_hh, ln_hh_w, b_hh)  # for the differentiable backward
         if _compiled_loop(kernels):
             out, h_state, *saved = kernels.gru_forward(
                 xg.contiguous(), h0, w_hh.contiguous(), ln_hh_w.contiguous(), b_h.contiguous(),
                 _steps(batch_sizes, reverse), eps,
             )
-            ctx.save_for_backward(w_hh, ln_hh_w, b_h, *saved)
+            ctx.save_for_backward(*inputs, b_h, *saved)
             return out, h_state
         a, gates, rstd_a = xg.new_empty(N, G), xg.new_empty(N, G), xg.new_empty(N)
         out, hprev = xg.new_empty(N, H), xg.new_empty(N, H)
@@ -278,14 +315,15 @@ class _LNGRUSequence(torch.autograd.Function):
         for off, bs in _steps(batch_sizes, reverse):
             torch.mm(h_state[:bs], w_t, out=a[off : off + bs])
             step(off, bs)
-        ctx.save_for_backward(w_hh, ln_hh_w, b_h, a, rstd_a, gates, hprev)
+        ctx.save_for_backward(*inputs, b_h, a, rstd_a, gates, hprev)
         return out, h_state
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dout, dh_n):
-        w_hh, ln_hh_w, b_h, ahat, rstd_a, gates, hprev = ctx.saved_tensors
-        batch_sizes, reverse, kernels, has_bias = ctx.meta
+        if torch.is_grad_enabled():  # create_graph=True: the hand-written BPTT is not differentiable
+            return _differentiable_backward(ctx, gru_recurrence_layer_ref, 1, 3, (dout, dh_n))
+        _, _, w_hh, ln_hh_w, _, b_h, ahat, rstd_a, gates, hprev = ctx.saved_tensors
+        batch_sizes, reverse, _, kernels, has_bias = ctx.meta
         N, G = ahat.shape
         H = G // 3
         B = batch_sizes[0] if batch_sizes else 0
