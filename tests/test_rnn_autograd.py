@@ -155,6 +155,26 @@ def test_create_graph_first_derivatives_equal_the_fused_backward(kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("bias", [True, False])
+def test_parameter_penalty_with_a_frozen_input_projection(kind, bias):
+    """Only the recurrent parameters train and the input needs no gradient, so the fused
+    function's ``xg`` needs none either: the second derivatives of a penalty on the parameter
+    gradients still equal the reference path's."""
+    m = make(kind, 3, 3, num_layers=2, bias=bias, dtype=F64, seed=5)
+    for name, p in m.named_parameters():
+        p.requires_grad_(not name.endswith("_l0") or "hh" in name)  # layer 0's input part frozen
+    x = randn((4, 2, 3), F64, seed=6)
+    got = []
+    for fast in (True, False):
+        m.fast_path = fast
+        ps = [p for p in m.parameters() if p.requires_grad]
+        firsts = torch.autograd.grad(m(x)[0].sin().sum(), ps, create_graph=True)
+        got.append(torch.autograd.grad(sum(f.square().sum() for f in firsts), ps))
+    for a, b in zip(*got):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10 * b.abs().max().item())
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_issue_example_second_derivative(kind):
     """The report's example: d/dx || d/dx sum(out^2) ||^2, fast path against the reference."""
     m = PAIRS[kind][0](4, 5).double()
