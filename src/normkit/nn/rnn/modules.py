@@ -270,6 +270,11 @@ class LayerNormLSTM(_LayerNormRNNBase):
     Into a ``bias=False`` module both biases are unexpected keys. A state_dict of a
     ``LayerNormLSTM`` loads unchanged (it has no ``bias_hh``).
 
+    Autograd: every mode gives the reference equations' derivatives. Double backward
+    (``create_graph=True``: gradient penalties, Hessians) recomputes each layer with the
+    reference and differentiates it; ``torch.func`` transforms and forward-mode AD run the
+    reference from the start (see ``fast_path``). The same holds for :class:`LayerNormGRU`.
+
     Inputs: ``input, hx``
         ``input``: ``(T, B, input_size)``, ``(B, T, input_size)`` with ``batch_first``,
         ``(T, input_size)`` unbatched, or a :class:`~torch.nn.utils.rnn.PackedSequence`.
