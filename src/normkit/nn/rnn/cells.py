@@ -9,7 +9,7 @@ Same constructor and call interface as :class:`torch.nn.LSTMCell` / :class:`torc
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -20,7 +20,7 @@ __all__ = ["LayerNormLSTMCell", "LayerNormGRUCell"]
 
 
 def reset_rnn_parameters(module: nn.Module, hidden_size: int) -> None:
-    """Initialization shared by every normkit RNN module.
+    r"""Initialization shared by every normkit RNN module.
 
     Weight matrices (names starting with ``weight_``) are uniform in
     :math:`\pm 1/\sqrt{H}` as in :class:`torch.nn.LSTM`; layer-norm gains (``ln_*_weight``) are
@@ -36,6 +36,32 @@ def reset_rnn_parameters(module: nn.Module, hidden_size: int) -> None:
                 p.fill_(1.0)
             else:
                 p.zero_()
+
+
+def fold_torch_lstm_bias(module: nn.Module, state_dict: dict, prefix: str, suffixes: Sequence[str]) -> None:
+    r"""Fold :class:`torch.nn.LSTM`'s second gate bias into the single LN-LSTM gate bias, in the
+    copy of a state_dict that ``load_state_dict`` hands to ``_load_from_state_dict``.
+
+    torch's LSTM adds both of its biases to the gate pre-activations,
+    :math:`W_{ih} x + b_{ih} + W_{hh} h + b_{hh}`, so only :math:`b_{ih} + b_{hh}` matters; the
+    LN-LSTM adds its gate bias :math:`b` at the same place, after the two normalized
+    projections: :math:`\mathrm{LN}(W_{hh} h) + \mathrm{LN}(W_{ih} x) + b`. Hence
+    ``bias_ih{suffix} <- bias_ih{suffix} + bias_hh{suffix}`` and ``bias_hh{suffix}`` is consumed:
+    the gate offsets (a forget-gate bias of 1 set on either vector, say) carry over whole.
+    Nothing else is changed. A ``bias_hh`` without a ``bias_ih`` of the same shape beside it, or
+    for a module built with ``bias=False``, stays in the dict, and ``load_state_dict`` reports
+    it as an unexpected key (an error when ``strict``).
+    """
+    for suffix in suffixes:
+        ih, hh = prefix + "bias_ih" + suffix, prefix + "bias_hh" + suffix
+        b_ih, b_hh = state_dict.get(ih), state_dict.get(hh)
+        if getattr(module, "bias_ih" + suffix, None) is None or not isinstance(b_hh, Tensor):
+            continue
+        if not isinstance(b_ih, Tensor) or b_ih.shape != b_hh.shape:
+            continue
+        with torch.no_grad():
+            state_dict[ih] = b_ih + b_hh
+        del state_dict[hh]
 
 
 def check_positive_size(name: str, value) -> int:
@@ -153,7 +179,9 @@ class LayerNormLSTMCell(_CellBase):
         :math:`\alpha_h` ``(4H,)`` and ``ln_c_weight`` :math:`\alpha_c` ``(H,)``: ones.
         With ``bias=True`` also ``bias_ih`` :math:`b` ``(4H,)`` and ``ln_c_bias``
         :math:`\beta_c` ``(H,)``, zeros. The two layer norms' shifts and the LSTM bias would add
-        up to one vector, so there is a single gate bias ``b`` (no ``bias_hh``).
+        up to one vector, so there is a single gate bias ``b`` (no ``bias_hh``); loading a
+        :class:`torch.nn.LSTMCell` state_dict folds its ``bias_hh`` into ``bias_ih``, as
+        :class:`~normkit.nn.LayerNormLSTM` does (see there).
 
     Shape:
         input ``(B, input_size)`` or ``(input_size,)``; ``hx = (h, c)`` each ``(B, H)`` or
@@ -169,6 +197,10 @@ class LayerNormLSTMCell(_CellBase):
     def _make_extra(self, G, H, factory):
         self.ln_c_weight = nn.Parameter(torch.empty(H, **factory))
         self.ln_c_bias = nn.Parameter(torch.empty(H, **factory)) if self.bias else None
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        fold_torch_lstm_bias(self, state_dict, prefix, ("",))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor]:
         if hx is None:

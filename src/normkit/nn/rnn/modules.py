@@ -7,7 +7,10 @@ return the same outputs. The equations are in :mod:`normkit.nn.rnn.reference`; e
 direction runs as one fused autograd function (:mod:`normkit.nn.rnn.sequence`): the input
 projections and their layer norm for all time steps in one matrix product and one
 :func:`normkit.layer_norm` call, then a time loop doing only the small recurrent product and a
-fused step, and a hand-written backward through time.
+fused step, and a hand-written backward through time (under ``create_graph=True`` a
+differentiable one: the reference equations recomputed and differentiated by autograd).
+``torch.func`` transforms and forward-mode AD run the per-step reference equations of
+:mod:`normkit.nn.rnn.reference`, whose plain torch ops every autograd mode understands.
 """
 
 from __future__ import annotations
@@ -21,8 +24,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
+from normkit.functional import _in_forward_ad
 from normkit.nn.rnn import sequence
-from normkit.nn.rnn.cells import check_input_dtype, check_positive_size, reset_rnn_parameters
+from normkit.nn.rnn.cells import check_input_dtype, check_positive_size, fold_torch_lstm_bias, reset_rnn_parameters
 from normkit.nn.rnn.reference import gru_layer_ref, lstm_layer_ref
 
 __all__ = ["LayerNormLSTM", "LayerNormGRU"]
@@ -35,14 +39,22 @@ class _LayerNormRNNBase(nn.Module):
     #: Run each layer through the fused autograd function (``False``: the per-step reference
     #: implementation of :mod:`normkit.nn.rnn.reference`, differentiated by autograd). Under
     #: ``torch.jit.trace``, ``torch.export`` and ONNX export the reference runs whatever this
-    #: says: the fused function's numba time loop cannot be traced. A trace unrolls the time
-    #: loop, so it holds for the traced sequence length only.
+    #: says: the fused function's compiled time loop cannot be traced. A trace unrolls the time
+    #: loop, so it holds for the traced sequence length only. ``torch.func`` transforms
+    #: (``grad``, ``vmap``, ``jacrev``, ``jvp``...) and forward-mode AD also run the reference:
+    #: the fused function has no batching rule and no ``jvp``.
     fast_path: bool = True
 
-    def _fast(self) -> bool:
+    def _fast(self, tensors: Sequence[Optional[Tensor]]) -> bool:
+        """Whether a layer on ``tensors`` (its input, states and parameters) runs the fused function."""
+        if not self.fast_path:
+            return False
         is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # torch >= 2.5
-        exporting = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or is_exporting()
-        return self.fast_path and not exporting
+        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or is_exporting():
+            return False
+        # private, but the check functional.route makes too: no public API says whether a
+        # functorch transform is active
+        return not (torch._C._are_functorch_transforms_active() or _in_forward_ad(tensors))
 
     def __init__(
         self,
@@ -246,6 +258,23 @@ class LayerNormLSTM(_LayerNormRNNBase):
         norms and the LSTM's ``b_ih + b_hh`` would add up to one vector, so ``b`` is the only
         gate bias (there is no ``bias_hh``). ``bias=False`` removes every additive parameter.
 
+    Loading a :class:`torch.nn.LSTM` state_dict (``load_state_dict(lstm.state_dict(),
+    strict=False)``, same sizes) starts from torch's weights, not from torch's function:
+    ``weight_ih_l{k}`` and ``weight_hh_l{k}`` load by name, but the layer norms remove each
+    projection's per-sample mean and scale, so the loaded module computes something else; the
+    ``ln_*`` parameters keep their values and are reported in ``missing_keys``. torch's two
+    gate biases fold into the one: ``bias_ih_l{k}`` gets ``b_ih + b_hh``, exact for the
+    bias, since :class:`torch.nn.LSTM` depends on the sum only and :math:`b` enters where that
+    sum does (added to the gate pre-activations, before the nonlinearities), so gate offsets
+    such as a forget-gate bias carry over whole; ``bias_hh_l{k}`` is consumed, not reported.
+    Into a ``bias=False`` module both biases are unexpected keys. A state_dict of a
+    ``LayerNormLSTM`` loads unchanged (it has no ``bias_hh``).
+
+    Autograd: every mode gives the reference equations' derivatives. Double backward
+    (``create_graph=True``: gradient penalties, Hessians) recomputes each layer with the
+    reference and differentiates it; ``torch.func`` transforms and forward-mode AD run the
+    reference from the start (see ``fast_path``). The same holds for :class:`LayerNormGRU`.
+
     Inputs: ``input, hx``
         ``input``: ``(T, B, input_size)``, ``(B, T, input_size)`` with ``batch_first``,
         ``(T, input_size)`` unbatched, or a :class:`~torch.nn.utils.rnn.PackedSequence`.
@@ -265,6 +294,11 @@ class LayerNormLSTM(_LayerNormRNNBase):
 
     _gates = 4
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        suffixes = [names[0][len("weight_ih") :] for names in self._param_names]  # "_l0", "_l0_reverse", ...
+        fold_torch_lstm_bias(self, state_dict, prefix, suffixes)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def _layer_shapes(self, G, H, layer_in):
         b = self.bias
         return [
@@ -278,7 +312,7 @@ class LayerNormLSTM(_LayerNormRNNBase):
         ]
 
     def _layer(self, data, bs, state, params, reverse):
-        fn = sequence.lstm_layer if self._fast() else lstm_layer_ref
+        fn = sequence.lstm_layer if self._fast((data, *state, *params)) else lstm_layer_ref
         return fn(data, bs, state[0], state[1], params, self.eps, reverse)
 
     def forward(self, input, hx: Optional[Tuple[Tensor, Tensor]] = None):
@@ -316,6 +350,11 @@ class LayerNormGRU(_LayerNormRNNBase):
         with ``bias=True``: ``bias_ih_l{k}``, ``bias_hh_l{k}`` ``(3H,)``, zeros — the shifts of
         the two layer norms, named as :class:`torch.nn.GRU`'s biases.
 
+    Loading a :class:`torch.nn.GRU` state_dict (``strict=False``) maps every key by name, each
+    bias to where torch adds it (``b_hn`` inside :math:`r \odot (\cdot)` in both); as for
+    :class:`LayerNormLSTM` the layer norms change what the weights compute, and the ``ln_*``
+    gains keep their values and are reported in ``missing_keys``.
+
     Inputs: ``input, hx`` — as :class:`torch.nn.GRU`; ``hx`` ``(D * num_layers, B, H)``.
     Outputs: ``output, h_n`` — as :class:`torch.nn.GRU`.
 
@@ -339,7 +378,7 @@ class LayerNormGRU(_LayerNormRNNBase):
         ]
 
     def _layer(self, data, bs, state, params, reverse):
-        fn = sequence.gru_layer if self._fast() else gru_layer_ref
+        fn = sequence.gru_layer if self._fast((data, *state, *params)) else gru_layer_ref
         return fn(data, bs, state[0], params, self.eps, reverse)
 
     def forward(self, input, hx: Optional[Tensor] = None):

@@ -14,6 +14,11 @@ One layer, one direction, as one :class:`torch.autograd.Function` over the whole
    gradients are reduced once after the loop: ``dW_hh = sum_t da_t^T h_{t-1}`` as a single
    ``(G, N) x (N, H)`` product, the gains and biases as column sums (float64 accumulators in
    the compiled loop).
+4. Under ``create_graph=True`` (double backward: gradient penalties, Hessians) step 3 is not
+   used: backward recomputes ``xg`` from the saved projection and reruns the sequence with the
+   per-step reference equations (:func:`~normkit.nn.rnn.reference.lstm_recurrence_layer_ref`)
+   on the function's saved inputs, differentiated by autograd, so the gradient it returns is
+   itself differentiable and connected to ``xg``, the states and the parameters.
 
 For float32 CPU tensors the whole loop (2 and 3) runs in C++ (``normkit._C.lstm_forward`` ...,
 ``csrc/rnn_cpu.cpp``), which computes exactly the quantities of the plain-torch ``*_step_torch``
@@ -36,10 +41,9 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
-
 import normkit
 from normkit.backends import select_backend
+from normkit.nn.rnn.reference import gru_recurrence_layer_ref, layer_norm_ref, lstm_recurrence_layer_ref
 from normkit.reference import normalized_gradient, statistics
 
 __all__ = ["lstm_layer", "gru_layer"]
@@ -174,22 +178,63 @@ class _Stepper:
         self.fn(off, bs, *self.args)
 
 
+def _differentiable_backward(ctx, recurrence_ref, n_states: int, n_params: int, grads: Sequence[Tensor]) -> tuple:
+    """The backward of :class:`_LNLSTMSequence` / :class:`_LNGRUSequence` under
+    ``create_graph=True`` (autograd runs a backward with grad mode on exactly then).
+
+    The first saved tensors are the function's tensor inputs after ``xg``: ``(*states,
+    *params, proj, ln_ih_w, b)``. ``xg`` itself is not saved (nothing else keeps it, and it is
+    as large as the loop's own buffers); it is recomputed, ``LN(proj; ln_ih_w, b)`` by the
+    reference, from ``proj``, which the input layer norm's autograd node keeps anyway, so the
+    recomputed ``xg`` hangs off the same graph as the real one. The sequence is then rerun by
+    ``recurrence_ref`` (the per-step reference equations) with autograd recording, and its
+    vector-Jacobian product with ``grads`` is taken with ``create_graph=True``: functions of the
+    inputs and of ``grads`` that autograd can differentiate again, the derivatives of the
+    equations that the hand-written loop implements. ``proj``, ``ln_ih_w`` and ``b`` get no
+    gradient here: theirs flows through ``xg``'s own node. Costs one recorded forward pass.
+    """
+    n_saved = n_states + n_params + 3
+    saved = ctx.saved_tensors[:n_saved]
+    states, params = saved[:n_states], saved[n_states : n_states + n_params]
+    proj, ln_ih_w, b = saved[n_states + n_params :]
+    batch_sizes, reverse, eps = ctx.meta[:3]
+    with torch.enable_grad():
+        xg = layer_norm_ref(proj, ln_ih_w, b, eps).to(states[0].dtype)
+        outputs = recurrence_ref(xg, batch_sizes, *states, params, eps, reverse)
+    inputs = (xg, *states, *params)
+    wanted = [i for i, t in enumerate(inputs) if ctx.needs_input_grad[i] and t.requires_grad]
+    pairs = [(o, g) for o, g in zip(outputs, grads) if o.requires_grad and g is not None]
+    result: List[Optional[Tensor]] = [None] * len(inputs)
+    if wanted and pairs:
+        got = torch.autograd.grad(
+            [o for o, _ in pairs], [inputs[i] for i in wanted], [g for _, g in pairs],
+            create_graph=True, allow_unused=True,
+        )
+        for i, g in zip(wanted, got):
+            result[i] = g
+    return (*result, None, None, None, None, None, None)  # proj, ln_ih_w, b, batch_sizes, eps, reverse
+
+
 class _LNLSTMSequence(torch.autograd.Function):
-    """``(xg, h0, c0, w_hh, ln_hh_w, ln_c_w, ln_c_b) -> (out, h_n, c_n)`` for one packed sequence."""
+    """``(xg, h0, c0, w_hh, ln_hh_w, ln_c_w, ln_c_b) -> (out, h_n, c_n)`` for one packed sequence.
+
+    ``proj, ln_ih_w, b`` (``xg = LN(proj; ln_ih_w, b)``) are inputs only so that the
+    differentiable backward can recompute ``xg``; the forward does not read them."""
 
     @staticmethod
-    def forward(ctx, xg, h0, c0, w_hh, ln_hh_w, ln_c_w, ln_c_b, batch_sizes, eps, reverse):
+    def forward(ctx, xg, h0, c0, w_hh, ln_hh_w, ln_c_w, ln_c_b, proj, ln_ih_w, b, batch_sizes, eps, reverse):
         N, G = xg.shape
         H = G // 4
         kernels = _step_kernels(xg)
         b_c = ln_c_b if ln_c_b is not None else xg.new_zeros(H)
-        ctx.meta = (batch_sizes, reverse, kernels, ln_c_b is not None)
+        ctx.meta = (batch_sizes, reverse, eps, kernels, ln_c_b is not None)
+        inputs = (h0, c0, w_hh, ln_hh_w, ln_c_w, ln_c_b, proj, ln_ih_w, b)  # for the differentiable backward
         if _compiled_loop(kernels):
             out, h_state, c_state, *saved = kernels.lstm_forward(
                 xg.contiguous(), h0, c0, w_hh.contiguous(), ln_hh_w.contiguous(), ln_c_w.contiguous(),
                 b_c.contiguous(), _steps(batch_sizes, reverse), eps,
             )
-            ctx.save_for_backward(w_hh, ln_hh_w, ln_c_w, *saved)
+            ctx.save_for_backward(*inputs, *saved)
             return out, h_state, c_state
         new = lambda *shape: xg.new_empty(shape)  # noqa: E731
         a, gates = new(N, G), new(N, G)
@@ -206,14 +251,16 @@ class _LNLSTMSequence(torch.autograd.Function):
         for off, bs in _steps(batch_sizes, reverse):
             torch.mm(h_state[:bs], w_t, out=a[off : off + bs])
             step(off, bs)
-        ctx.save_for_backward(w_hh, ln_hh_w, ln_c_w, a, rstd_a, gates, chat, rstd_c, tc, hprev, cprev)
+        ctx.save_for_backward(*inputs, a, rstd_a, gates, chat, rstd_c, tc, hprev, cprev)
         return out, h_state, c_state
 
     @staticmethod
-    @once_differentiable  # the hand-written BPTT is not itself differentiable
     def backward(ctx, dout, dh_n, dc_n):
-        w_hh, ln_hh_w, ln_c_w, ahat, rstd_a, gates, chat, rstd_c, tc, hprev, cprev = ctx.saved_tensors
-        batch_sizes, reverse, kernels, has_c_bias = ctx.meta
+        if torch.is_grad_enabled():  # create_graph=True: the hand-written BPTT is not differentiable
+            return _differentiable_backward(ctx, lstm_recurrence_layer_ref, 2, 4, (dout, dh_n, dc_n))
+        w_hh, ln_hh_w, ln_c_w = ctx.saved_tensors[2:5]
+        ahat, rstd_a, gates, chat, rstd_c, tc, hprev, cprev = ctx.saved_tensors[9:]
+        batch_sizes, reverse, _, kernels, has_c_bias = ctx.meta
         N, G = ahat.shape
         H = G // 4
         B = batch_sizes[0] if batch_sizes else 0
@@ -246,25 +293,28 @@ def _lstm_param_grads(dxg, dh_state, dc_state, da, dchat, ahat, chat, hprev, ker
     d_ln_hh_w = _column_dot(dxg, ahat, kernels)
     d_ln_c_w = _column_dot(dchat, chat, kernels)
     d_ln_c_b = _column_dot(dchat, None, kernels) if has_c_bias else None
-    return dxg, dh_state, dc_state, dw_hh, d_ln_hh_w, d_ln_c_w, d_ln_c_b, None, None, None
+    # proj, ln_ih_w, b: their gradients flow through xg's node; then batch_sizes, eps, reverse
+    return dxg, dh_state, dc_state, dw_hh, d_ln_hh_w, d_ln_c_w, d_ln_c_b, None, None, None, None, None, None
 
 
 class _LNGRUSequence(torch.autograd.Function):
-    """``(xg, h0, w_hh, ln_hh_w, b_hh) -> (out, h_n)`` for one packed sequence."""
+    """``(xg, h0, w_hh, ln_hh_w, b_hh) -> (out, h_n)`` for one packed sequence; ``proj, ln_ih_w,
+    b_ih`` as for :class:`_LNLSTMSequence`."""
 
     @staticmethod
-    def forward(ctx, xg, h0, w_hh, ln_hh_w, b_hh, batch_sizes, eps, reverse):
+    def forward(ctx, xg, h0, w_hh, ln_hh_w, b_hh, proj, ln_ih_w, b_ih, batch_sizes, eps, reverse):
         N, G = xg.shape
         H = G // 3
         kernels = _step_kernels(xg)
         b_h = b_hh if b_hh is not None else xg.new_zeros(G)
-        ctx.meta = (batch_sizes, reverse, kernels, b_hh is not None)
+        ctx.meta = (batch_sizes, reverse, eps, kernels, b_hh is not None)
+        inputs = (h0, w_hh, ln_hh_w, b_hh, proj, ln_ih_w, b_ih)  # for the differentiable backward
         if _compiled_loop(kernels):
             out, h_state, *saved = kernels.gru_forward(
                 xg.contiguous(), h0, w_hh.contiguous(), ln_hh_w.contiguous(), b_h.contiguous(),
                 _steps(batch_sizes, reverse), eps,
             )
-            ctx.save_for_backward(w_hh, ln_hh_w, b_h, *saved)
+            ctx.save_for_backward(*inputs, b_h, *saved)
             return out, h_state
         a, gates, rstd_a = xg.new_empty(N, G), xg.new_empty(N, G), xg.new_empty(N)
         out, hprev = xg.new_empty(N, H), xg.new_empty(N, H)
@@ -278,14 +328,16 @@ class _LNGRUSequence(torch.autograd.Function):
         for off, bs in _steps(batch_sizes, reverse):
             torch.mm(h_state[:bs], w_t, out=a[off : off + bs])
             step(off, bs)
-        ctx.save_for_backward(w_hh, ln_hh_w, b_h, a, rstd_a, gates, hprev)
+        ctx.save_for_backward(*inputs, b_h, a, rstd_a, gates, hprev)
         return out, h_state
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dout, dh_n):
-        w_hh, ln_hh_w, b_h, ahat, rstd_a, gates, hprev = ctx.saved_tensors
-        batch_sizes, reverse, kernels, has_bias = ctx.meta
+        if torch.is_grad_enabled():  # create_graph=True: the hand-written BPTT is not differentiable
+            return _differentiable_backward(ctx, gru_recurrence_layer_ref, 1, 3, (dout, dh_n))
+        w_hh, ln_hh_w = ctx.saved_tensors[1:3]
+        b_h, ahat, rstd_a, gates, hprev = ctx.saved_tensors[7:]
+        batch_sizes, reverse, _, kernels, has_bias = ctx.meta
         N, G = ahat.shape
         H = G // 3
         B = batch_sizes[0] if batch_sizes else 0
@@ -313,7 +365,7 @@ def _gru_param_grads(dxg, dh_state, da, dgh, ahat, hprev, kernels, has_bias):
     dw_hh = da.t().mm(hprev)
     d_ln_hh_w = _column_dot(dgh, ahat, kernels)
     d_b_hh = _column_dot(dgh, None, kernels) if has_bias else None
-    return dxg, dh_state, dw_hh, d_ln_hh_w, d_b_hh, None, None, None
+    return dxg, dh_state, dw_hh, d_ln_hh_w, d_b_hh, None, None, None, None, None, None
 
 
 # --- per-layer entry points (same signatures as the reference layers)
@@ -323,10 +375,11 @@ def _recurrence_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
-def _input_projection(data: Tensor, w_ih: Tensor, ln_w: Tensor, b: Optional[Tensor], eps: float) -> Tensor:
-    """``LN(data W_ih^T; ln_w, b)`` for all steps at once, as a contiguous ``(N, G)`` tensor."""
+def _input_projection(data: Tensor, w_ih: Tensor, ln_w: Tensor, b: Optional[Tensor], eps: float) -> Tuple[Tensor, Tensor]:
+    """``(proj, xg)``: ``proj = data W_ih^T`` and ``xg = LN(proj; ln_w, b)`` for all steps at once,
+    ``xg`` as a contiguous ``(N, G)`` tensor."""
     proj = F.linear(data, w_ih)
-    return normkit.layer_norm(proj, (proj.shape[-1],), ln_w, b, eps).contiguous()
+    return proj, normkit.layer_norm(proj, (proj.shape[-1],), ln_w, b, eps).contiguous()
 
 
 def lstm_layer(data: Tensor, batch_sizes: Sequence[int], h0: Tensor, c0: Tensor,
@@ -335,11 +388,11 @@ def lstm_layer(data: Tensor, batch_sizes: Sequence[int], h0: Tensor, c0: Tensor,
     w_ih, w_hh, b, ln_ih_w, ln_hh_w, ln_c_w, ln_c_b = params
     if data.shape[0] == 0:  # empty batch: an empty output still attached to the graph, as torch's
         return F.linear(data, w_ih[: w_hh.shape[1]]), h0, c0
-    xg = _input_projection(data, w_ih, ln_ih_w, b, eps)
+    proj, xg = _input_projection(data, w_ih, ln_ih_w, b, eps)
     acc = _recurrence_dtype(data.dtype)
     cast = lambda t: None if t is None else t.to(acc)  # noqa: E731
     out, h_n, c_n = _LNLSTMSequence.apply(
-        cast(xg), cast(h0), cast(c0), cast(w_hh), cast(ln_hh_w), cast(ln_c_w), cast(ln_c_b),
+        cast(xg), cast(h0), cast(c0), cast(w_hh), cast(ln_hh_w), cast(ln_c_w), cast(ln_c_b), proj, ln_ih_w, b,
         tuple(int(s) for s in batch_sizes), float(eps), bool(reverse),
     )
     return out.to(data.dtype), h_n.to(data.dtype), c_n.to(data.dtype)
@@ -351,11 +404,11 @@ def gru_layer(data: Tensor, batch_sizes: Sequence[int], h0: Tensor,
     w_ih, w_hh, b_ih, b_hh, ln_ih_w, ln_hh_w = params
     if data.shape[0] == 0:  # empty batch: an empty output still attached to the graph, as torch's
         return F.linear(data, w_ih[: w_hh.shape[1]]), h0
-    xg = _input_projection(data, w_ih, ln_ih_w, b_ih, eps)
+    proj, xg = _input_projection(data, w_ih, ln_ih_w, b_ih, eps)
     acc = _recurrence_dtype(data.dtype)
     cast = lambda t: None if t is None else t.to(acc)  # noqa: E731
     out, h_n = _LNGRUSequence.apply(
-        cast(xg), cast(h0), cast(w_hh), cast(ln_hh_w), cast(b_hh),
+        cast(xg), cast(h0), cast(w_hh), cast(ln_hh_w), cast(b_hh), proj, ln_ih_w, b_ih,
         tuple(int(s) for s in batch_sizes), float(eps), bool(reverse),
     )
     return out.to(data.dtype), h_n.to(data.dtype)
