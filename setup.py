@@ -75,9 +75,15 @@ else:
                     self._failed.append(ext)
                     _skip(f"building {ext.name} failed ({exc})")
                     return
-                info = os.path.join(os.path.dirname(self.get_ext_fullpath(ext.name)), "_C_build_info.py")
-                with open(info, "w") as f:
-                    f.write(_build_info_source(torch))
+                # beside the built extension, and beside the copy an in-place / editable build
+                # puts in the source tree
+                dirs = {os.path.dirname(self.get_ext_fullpath(ext.name))}
+                if self.inplace or getattr(self, "editable_mode", False):
+                    dirs.add(os.path.join(os.path.dirname(os.path.abspath(__file__)), "src", "normkit"))
+                for d in dirs:
+                    os.makedirs(d, exist_ok=True)
+                    with open(os.path.join(d, "_C_build_info.py"), "w") as f:
+                        f.write(_build_info_source(torch))
 
             def get_outputs(self):
                 outputs = super().get_outputs()

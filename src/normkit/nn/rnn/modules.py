@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
+from normkit import _torch_private as private
 from normkit.functional import _in_forward_ad
 from normkit.nn.rnn import sequence
 from normkit.nn.rnn.cells import check_input_dtype, check_positive_size, fold_torch_lstm_bias, reset_rnn_parameters
@@ -54,7 +55,7 @@ class _LayerNormRNNBase(nn.Module):
             return False
         # private, but the check functional.route makes too: no public API says whether a
         # functorch transform is active
-        return not (torch._C._are_functorch_transforms_active() or _in_forward_ad(tensors))
+        return not (private.functorch_transforms_active() or _in_forward_ad(tensors))
 
     def __init__(
         self,

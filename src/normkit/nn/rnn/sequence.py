@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 import normkit
+from normkit import _torch_private as private
 from normkit.backends import select_backend
 from normkit.nn.rnn.reference import gru_recurrence_layer_ref, layer_norm_ref, lstm_recurrence_layer_ref
 from normkit.reference import normalized_gradient, statistics
@@ -178,6 +179,13 @@ class _Stepper:
         self.fn(off, bs, *self.args)
 
 
+def _composite_backward(*grads: Optional[Tensor]) -> bool:
+    """Whether backward must be built from torch ops: under ``create_graph=True`` (the
+    hand-written BPTT is not differentiable) or for a vmap batch of gradients
+    (``is_grads_batched=True``: a BatchedTensor has no memory the loop could read)."""
+    return torch.is_grad_enabled() or any(g is not None and private.is_batched(g) for g in grads)
+
+
 def _differentiable_backward(ctx, recurrence_ref, n_states: int, n_params: int, grads: Sequence[Tensor]) -> tuple:
     """The backward of :class:`_LNLSTMSequence` / :class:`_LNGRUSequence` under
     ``create_graph=True`` (autograd runs a backward with grad mode on exactly then).
@@ -256,7 +264,7 @@ class _LNLSTMSequence(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dh_n, dc_n):
-        if torch.is_grad_enabled():  # create_graph=True: the hand-written BPTT is not differentiable
+        if _composite_backward(dout, dh_n, dc_n):
             return _differentiable_backward(ctx, lstm_recurrence_layer_ref, 2, 4, (dout, dh_n, dc_n))
         w_hh, ln_hh_w, ln_c_w = ctx.saved_tensors[2:5]
         ahat, rstd_a, gates, chat, rstd_c, tc, hprev, cprev = ctx.saved_tensors[9:]
@@ -333,7 +341,7 @@ class _LNGRUSequence(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dh_n):
-        if torch.is_grad_enabled():  # create_graph=True: the hand-written BPTT is not differentiable
+        if _composite_backward(dout, dh_n):
             return _differentiable_backward(ctx, gru_recurrence_layer_ref, 1, 3, (dout, dh_n))
         w_hh, ln_hh_w = ctx.saved_tensors[1:3]
         b_h, ahat, rstd_a, gates, hprev = ctx.saved_tensors[7:]
