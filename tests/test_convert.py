@@ -249,7 +249,7 @@ def test_duck_typed_rms_norms_are_checked_and_subclasses_skipped():
     assert by_name["0"].new == "normkit.nn.RMSNorm" and model[0].zero_centered_weight
     assert by_name["1"].new == "normkit.nn.RMSNorm" and not model[1].zero_centered_weight
     assert by_name["2"].new is None and "subclass of torch.nn.LayerNorm" in by_name["2"].note
-    assert by_name["3"].new is None and "gain weight and with gain (1 + weight)" in by_name["3"].note
+    assert by_name["3"].new is None and "RMS norm with gain weight or (1 + weight)" in by_name["3"].note
     assert type(model[2]) is MyLayerNorm and type(model[3]) is OffsetRMSNorm
     torch.testing.assert_close(model(x), want)
     assert "2 module(s) replaced, 2 skipped" in str(summary)
