@@ -234,8 +234,8 @@ def _candidates(module: nn.Module, kind: str) -> Iterable[NormSpec]:
 
 def _describe(spec: NormSpec) -> str:
     if spec.kind == "layer_norm":
-        return f"a layer norm with gain weight or (1 + weight), {'with' if spec.bias else 'no'} bias"
-    return "an RMS norm with gain weight or (1 + weight), casting_mode 'gemma' or 'llama'"
+        return f"a layer norm with gain weight or gain (1 + weight), {'with' if spec.bias else 'no'} bias"
+    return "an RMS norm with gain weight or gain (1 + weight), casting_mode 'gemma' or 'llama'"
 
 
 def match_norm(module: nn.Module, kind: str) -> Tuple[Optional[NormSpec], str]:
