@@ -229,7 +229,7 @@ def _replacement(module: nn.Module, to: Optional[str], fused: bool, batch_norm: 
         refused, note = check(module, new)  # a proven spec was checked as this very module
         if refused is not None:
             hint = "; fused=True keeps casting_mode='llama'" if spec.casting_mode == "llama" and not fused else ""
-            return None, f"skipped: {new_cls.__name__} {refused}{hint}", {}
+            return None, f"skipped: {_qualname(new_cls)} {refused}{hint}", {}
         if note and spec.casting_mode == "llama" and not fused:
             note += f"; torch.nn.RMSNorm rounds once, fused=True keeps casting_mode='llama'"
     return new, note, options

@@ -218,7 +218,7 @@ def check(old: nn.Module, new: nn.Module) -> Tuple[Optional[str], str]:
     if preferred is not None:
         why = differs_on_probes(old, new, preferred)
         if why is not None:
-            return None, f"agrees in {str(required[-1])[6:]}, but in bfloat16 it {why}"
+            return None, f"agrees in {str(required[-1])[6:]}, but not in bfloat16: {why}"
     return None, ""
 
 
