@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib
 
 import pytest
 import torch
@@ -91,13 +92,129 @@ def test_llama_rms_norm_converts_and_reverts_to_its_own_class(token_ids):
 
 
 def test_llama_to_torch_rms_norm_with_fused_false(token_ids):
+    """torch.nn.RMSNorm rounds once: right for a float32 Llama (with a note about bfloat16),
+    refused for a bfloat16 one, whose LlamaRMSNorm rounds x_hat before the gain."""
     model = _llama()
     want = _logits(model, token_ids)
     summary = convert(model, fused=False)
     assert {r.new for r in summary} == {"torch.nn.RMSNorm"}
+    assert all("in bfloat16" in r.note and "fused=True keeps casting_mode='llama'" in r.note for r in summary)
     assert type(model.model.norm) is torch.nn.RMSNorm
     torch.testing.assert_close(_logits(model, token_ids), want, rtol=1e-5, atol=1e-5)
     assert len(revert(model)) == 5 and type(model.model.norm).__name__ == "LlamaRMSNorm"
+
+    model = _llama().to(torch.bfloat16)
+    summary = convert(model, fused=False)
+    assert len(summary.skipped) == 5 and type(model.model.norm).__name__ == "LlamaRMSNorm"
+    assert "differs from the original in bfloat16" in summary[0].note and "fused=True keeps" in summary[0].note
+
+
+# --- bfloat16 models: each norm's casting mode (and gain) comes from the class it replaces
+
+
+def _from_config(config_name: str, model_name: str, **extra):
+    def make():
+        torch.manual_seed(0)
+        cfg = getattr(transformers, config_name)(
+            vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=32, **extra,
+        )
+        model = getattr(transformers, model_name)(cfg).eval()
+        _randomize_norms(model)
+        return model
+    return make
+
+
+LLAMA_OPTIONS = {"casting_mode": "llama"}
+GEMMA_OPTIONS = {"zero_centered_weight": True, "casting_mode": "gemma"}
+BF16_MODELS = {
+    "gpt2": (_gpt2, "torch.nn.LayerNorm", {}),
+    "llama": (_llama, "LlamaRMSNorm", LLAMA_OPTIONS),
+    "qwen3": (_from_config("Qwen3Config", "Qwen3ForCausalLM", head_dim=16), "Qwen3RMSNorm", LLAMA_OPTIONS),
+    "gemma": (_from_config("GemmaConfig", "GemmaForCausalLM", head_dim=16), "GemmaRMSNorm", GEMMA_OPTIONS),
+    "gemma2": (_from_config("Gemma2Config", "Gemma2ForCausalLM", head_dim=16), "Gemma2RMSNorm", GEMMA_OPTIONS),
+    "gemma3": (_from_config("Gemma3TextConfig", "Gemma3ForCausalLM", head_dim=16), "Gemma3RMSNorm", GEMMA_OPTIONS),
+}
+
+
+@pytest.mark.parametrize("name", list(BF16_MODELS))
+def test_a_bfloat16_model_converts_with_bit_identical_logits(name, token_ids):
+    make, old, options = BF16_MODELS[name]
+    model = make().to(torch.bfloat16)
+    want = _logits(model, token_ids)
+    summary = convert(model)
+    assert summary.replaced and not summary.skipped and {r.old for r in summary} == {old}
+    assert all(r.options == options for r in summary), [r.options for r in summary]
+    assert all(f"{k}={v!r}" in str(summary) for k, v in options.items()), str(summary)
+    assert torch.equal(_logits(model, token_ids), want)
+    if name == "llama":  # the test can fail: normkit's default rounding changes Llama's logits
+        for norm in model.modules():
+            if isinstance(norm, normkit.nn.RMSNorm):
+                norm.casting_mode = "gemma"
+        assert not torch.equal(_logits(model, token_ids), want)
+
+
+def test_a_float32_llama_gets_llamas_rounding_for_a_later_bfloat16_run(token_ids):
+    """The casting mode is picked on bfloat16 probes even for a float32 model."""
+    model = _llama()
+    reference = copy.deepcopy(model).to(torch.bfloat16)
+    summary = convert(model)
+    assert all(r.options == LLAMA_OPTIONS and not r.note for r in summary)
+    assert torch.equal(_logits(model.to(torch.bfloat16), token_ids), _logits(reference, token_ids))
+
+
+HF_NORMS = [  # (module, class, options convert sets)
+    ("llama", "LlamaRMSNorm", LLAMA_OPTIONS),
+    ("qwen2", "Qwen2RMSNorm", LLAMA_OPTIONS),
+    ("mistral", "MistralRMSNorm", LLAMA_OPTIONS),
+    ("t5", "T5LayerNorm", LLAMA_OPTIONS),  # an RMS norm by another name
+    ("gemma", "GemmaRMSNorm", GEMMA_OPTIONS),
+    ("gemma2", "Gemma2RMSNorm", GEMMA_OPTIONS),
+    ("gemma3", "Gemma3RMSNorm", GEMMA_OPTIONS),
+    ("qwen3_next", "Qwen3NextRMSNorm", GEMMA_OPTIONS),
+    ("olmo2", "Olmo2RMSNorm", {"casting_mode": "gemma"}),  # (weight * x_hat).to(dtype)
+    ("gemma3n", "Gemma3nRMSNorm", {"casting_mode": "gemma"}),
+    ("cohere", "CohereLayerNorm", {"bias": False}),  # a layer norm without bias
+]
+
+
+def _hf_class(module: str, name: str):
+    try:
+        return getattr(importlib.import_module(f"transformers.models.{module}.modeling_{module}"), name)
+    except (ImportError, AttributeError):
+        pytest.skip(f"transformers {transformers.__version__} has no {module}.{name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("module, name, options", HF_NORMS, ids=[n for _, n, _ in HF_NORMS])
+def test_each_hugging_face_norm_class_gets_its_own_options(module, name, options, dtype):
+    cls = _hf_class(module, name)
+    model = torch.nn.Sequential(cls(48, eps=1e-5)).to(dtype)
+    _randomize_norms(model, seed=11)
+    x = randn((2, 5, 48), dtype, seed=12, offset=0.3, scale=2.0)
+    want = model(x)
+    summary = convert(model)
+    assert summary[0].old == name and summary[0].options == options and not summary[0].note
+    expected = normkit.nn.LayerNorm if name == "CohereLayerNorm" else normkit.nn.RMSNorm
+    assert type(model[0]) is expected and model[0].eps == 1e-5
+    assert torch.equal(model(x), want)
+    revert(model)
+    assert type(model[0]) is cls
+
+
+def test_a_norm_no_normkit_module_matches_in_the_models_dtype_is_skipped():
+    """DeBERTa's layer norm rounds x_hat to the input dtype before its gain and bias: right in
+    float32 (converted, with a note), not in bfloat16 (skipped)."""
+    cls = _hf_class("deberta", "DebertaLayerNorm")
+    model = torch.nn.Sequential(cls(32))
+    _randomize_norms(model, seed=13)
+    summary = convert(model)
+    assert type(model[0]) is normkit.nn.LayerNorm and "agrees in float32, but not in bfloat16: " in summary[0].note
+    model = torch.nn.Sequential(cls(32)).to(torch.bfloat16)
+    _randomize_norms(model, seed=13)
+    summary = convert(model)
+    assert summary[0].new is None and type(model[0]) is cls
+    assert "skipped: output differs on probe inputs from a layer norm" in summary[0].note
 
 
 def test_gpt2_to_rms_norm_changes_outputs_and_says_so(token_ids):
@@ -149,12 +266,16 @@ def test_parameters_are_taken_over_so_an_existing_optimizer_keeps_working():
 
 def test_dtype_device_and_training_mode_are_kept():
     model = Block().to(torch.bfloat16).eval()
-    convert(model)
+    _randomize_norms(model, seed=3)
+    x = randn((3, 12), torch.bfloat16, seed=3)
+    want = model(x)
+    summary = convert(model)
     assert model.ln.weight.dtype == torch.bfloat16 and not model.ln.training
     assert model.rms.weight.device.type == "cpu"
-    x = randn((3, 12), torch.bfloat16, seed=3)
+    assert [r.options for r in summary] == [{}, {"casting_mode": "gemma"}]  # torch's RMS norm rounds once
+    assert "casting_mode='gemma'" in str(summary)
     y = model(x)
-    assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
+    assert y.dtype == torch.bfloat16 and torch.equal(y, want)
 
 
 def test_rms_norm_to_layer_norm_uses_the_gain_and_no_bias():
@@ -234,6 +355,31 @@ class OffsetRMSNorm(GemmaStyleRMSNorm):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight + 1.0
 
 
+class ChannelFirstLayerNorm(torch.nn.Module):
+    """Normalizes dim 1 (ViTDet's layer norm): a 2-D probe would take it for a last-dim norm."""
+
+    def __init__(self, d: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(d))
+        self.bias = torch.nn.Parameter(torch.zeros(d))
+        self.eps = eps
+
+    def forward(self, x):
+        u = x.mean(1, keepdim=True)
+        s = (x - u).pow(2).mean(1, keepdim=True)
+        shape = (-1,) + (1,) * (x.dim() - 2)
+        return self.weight.reshape(shape) * (x - u) / torch.sqrt(s + self.eps) + self.bias.reshape(shape)
+
+
+class UnweightedRMSNorm(torch.nn.Module):
+    def __init__(self, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+
 class MyLayerNorm(torch.nn.LayerNorm):
     def forward(self, x):
         return super().forward(x) * 2
@@ -249,10 +395,19 @@ def test_duck_typed_rms_norms_are_checked_and_subclasses_skipped():
     assert by_name["0"].new == "normkit.nn.RMSNorm" and model[0].zero_centered_weight
     assert by_name["1"].new == "normkit.nn.RMSNorm" and not model[1].zero_centered_weight
     assert by_name["2"].new is None and "subclass of torch.nn.LayerNorm" in by_name["2"].note
-    assert by_name["3"].new is None and "gain weight and with gain (1 + weight)" in by_name["3"].note
+    assert by_name["3"].new is None and "RMS norm with gain weight or gain (1 + weight)" in by_name["3"].note
     assert type(model[2]) is MyLayerNorm and type(model[3]) is OffsetRMSNorm
     torch.testing.assert_close(model(x), want)
     assert "2 module(s) replaced, 2 skipped" in str(summary)
+
+
+def test_norms_over_another_dim_and_without_a_weight_are_skipped():
+    model = torch.nn.Sequential(ChannelFirstLayerNorm(8), UnweightedRMSNorm())
+    summary = convert(model)
+    assert [r.new for r in summary] == [None, None]
+    assert "a layer norm with gain weight or gain (1 + weight), with bias" in summary[0].note
+    assert "without a weight" in summary[1].note
+    assert [type(m) for m in model] == [ChannelFirstLayerNorm, UnweightedRMSNorm]
 
 
 def test_a_shared_norm_stays_shared():

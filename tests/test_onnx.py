@@ -112,12 +112,99 @@ def test_outside_an_export_the_custom_op_runs():
     assert any("norm_fwd" in str(node.target) for node in gm.graph.nodes)
 
 
+def _input_dims(path) -> list:
+    """Per graph input, each dim as its symbolic name or its fixed size."""
+    import onnx
+
+    model = onnx.load(str(path))
+    return [[d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input]
+
+
+def test_default_export_is_dynamic_where_the_model_allows_it(tmp_path):
+    """Batch and sequence dims are symbolic; the feature dim, which the weight pins, is not;
+    the check ran a second shape."""
+    result = export_onnx(_init(FusedBlock(normkit.nn.LayerNorm)), (X, H), tmp_path / "block.onnx")
+    assert result.opset == 18 and result.exporter == "dynamo"
+    dims = _input_dims(tmp_path / "block.onnx")
+    assert all(isinstance(d[0], str) and isinstance(d[1], str) and d[2] == 24 for d in dims), dims
+    assert dims[0] == dims[1], "the two inputs share their batch and sequence symbols"
+    assert result.checked_shapes == ["(3, 5, 24), (3, 5, 24)", "(2, 4, 24), (2, 4, 24)"]
+    assert "on inputs [(3, 5, 24), (3, 5, 24)] and [(2, 4, 24), (2, 4, 24)]" in str(result)
+
+
+def test_dims_torch_export_specialized_are_written_fixed(tmp_path):
+    """LayerNormCHW broadcasts its affine over (C, H, W) with Python ints: torch.export fixes H
+    and W, and the file must say so (torch.onnx leaves them named), so onnxruntime refuses
+    another image size instead of failing inside LayerNormalization."""
+    result = export_onnx(_init(normkit.nn.LayerNormCHW(6)), (IMG,), tmp_path / "chw.onnx")
+    dims = _input_dims(tmp_path / "chw.onnx")[0]
+    assert isinstance(dims[0], str) and dims[1:] == [6, 5, 7], dims
+    assert len(result.checked_shapes) == 2
+
+
+def test_dynamic_false_keeps_the_example_shape(tmp_path):
+    result = export_onnx(_init(normkit.nn.LayerNorm(24)), (X,), tmp_path / "ln.onnx", dynamic=False)
+    assert _input_dims(tmp_path / "ln.onnx") == [[3, 5, 24]] and result.checked_shapes == ["(3, 5, 24)"]
+
+
+class Diff(torch.nn.Module):
+    """Uses aten::diff, as Hugging Face's mask code does; TorchScript has no lowering for it."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = normkit.nn.LayerNorm(24)
+
+    def forward(self, x):
+        return self.norm(x).diff(dim=1)
+
+
+def test_a_missing_lowering_names_the_operator_and_the_opset_that_works(tmp_path):
+    with pytest.raises(RuntimeError, match=r"TorchScript exporter .*opset 17.* no lowering for aten::diff; "
+                                           r"the dynamo exporter at opset 18 \(export_onnx's default\) exports this model"):
+        export_onnx(Diff(), (X,), tmp_path / "diff.onnx", opset=17)
+    assert export_onnx(Diff(), (X,), tmp_path / "diff.onnx").max_abs_error < 1e-5
+
+
+class Airy(torch.nn.Module):
+    def forward(self, x):
+        return torch.special.airy_ai(x)
+
+
+def test_a_missing_dynamo_lowering_names_the_operator(tmp_path):
+    with pytest.raises(RuntimeError, match=r"dynamo exporter has no ONNX lowering for aten.special_airy_ai .*custom_translation_table"):
+        export_onnx(Airy(), (X,), tmp_path / "airy.onnx")
+
+
+def test_a_converted_llama_exports_at_the_default_opset_and_runs_other_shapes(tmp_path):
+    """A tiny float32 Llama from a config (no download), converted to normkit, exports with the
+    defaults and runs in onnxruntime at a batch and sequence length it was not exported with."""
+    transformers = pytest.importorskip("transformers")
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32, use_cache=False)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    normkit.tools.convert(model)
+    ids = torch.randint(0, 100, (2, 13), generator=torch.Generator().manual_seed(1))
+    result = export_onnx(model, (ids,), tmp_path / "llama.onnx")
+    assert result.opset == 18 and result.checked_shapes == ["(2, 13)", "(3, 12)"] and result.max_abs_error < 1e-4
+    assert all(isinstance(d, str) for d in _input_dims(tmp_path / "llama.onnx")[0])
+    session = ort.InferenceSession(str(tmp_path / "llama.onnx"), providers=["CPUExecutionProvider"])
+    other = torch.randint(0, 100, (1, 7), generator=torch.Generator().manual_seed(2))
+    (logits,) = session.run(None, {session.get_inputs()[0].name: other.numpy()})
+    with torch.no_grad():
+        want = model(other).logits
+    torch.testing.assert_close(torch.from_numpy(logits), want, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize(
     "kwargs, exc, match",
     [
         (dict(opset=16), ValueError, r"opset must be an int >= 17 .*got 16"),
         (dict(opset="17"), ValueError, r"opset must be an int >= 17"),
         (dict(dynamo="yes"), TypeError, r"dynamo must be None, True or False, got 'yes'"),
+        (dict(dynamic="yes"), TypeError, r"dynamic must be True or False, got 'yes'"),
     ],
 )
 def test_bad_arguments_get_a_clear_error(kwargs, exc, match, tmp_path):

@@ -5,15 +5,40 @@ r"""``convert`` / ``revert``: swap the normalization layers of an existing model
 =====================================================  ======================================
 found                                                  becomes (``to=None``)
 =====================================================  ======================================
-``torch.nn.LayerNorm`` (exactly that class)            ``normkit.nn.LayerNorm``
-``torch.nn.RMSNorm`` (exactly that class)              ``normkit.nn.RMSNorm``
-Hugging Face ``*RMSNorm`` (``LlamaRMSNorm``, ...)      ``normkit.nn.RMSNorm``
-Hugging Face ``GemmaRMSNorm`` (and Gemma2/3, or any    ``normkit.nn.RMSNorm(...,
-``*RMSNorm`` scaling by ``1 + weight``)                zero_centered_weight=True)``
+``torch.nn.LayerNorm`` (exactly that class)            ``normkit.nn.LayerNorm`` (same ``eps``,
+                                                       ``elementwise_affine``, ``bias``)
+``torch.nn.RMSNorm`` (exactly that class)              ``normkit.nn.RMSNorm(...,
+                                                       casting_mode="gemma")``: one rounding
+``LlamaRMSNorm``, ``Qwen2/3RMSNorm``,                  ``normkit.nn.RMSNorm(...,
+``MistralRMSNorm``, ``T5LayerNorm`` (``weight *        casting_mode="llama")``
+x_hat.to(dtype)``)
+``GemmaRMSNorm``, Gemma2/3, Qwen3-Next (``(x_hat *     ``normkit.nn.RMSNorm(...,
+(1 + weight)).to(dtype)``)                             zero_centered_weight=True,
+                                                       casting_mode="gemma")``
+``Olmo2RMSNorm``, ``Gemma3nRMSNorm``, ... (``(weight   ``normkit.nn.RMSNorm(...,
+* x_hat).to(dtype)``)                                  casting_mode="gemma")``
+``CohereLayerNorm`` (a layer norm without bias)        ``normkit.nn.LayerNorm(..., bias=False)``
 ``BatchNorm1d`` (``batch_norm=True``)                  :class:`ChannelLayerNorm` ``(C)``: over
                                                        dim 1 of ``(N, C)`` and ``(N, C, L)``
 ``BatchNorm2d`` on NCHW (``batch_norm=True``)          ``normkit.nn.LayerNorm2d(C)``
 =====================================================  ======================================
+
+Third-party norms (Hugging Face's) are found by duck typing: a class named ``*RMSNorm`` or
+``*LayerNorm`` with a ``weight`` parameter and a ``variance_epsilon`` or ``eps``. Their source is
+not read; the table's right column is what the probes of :mod:`normkit.tools.norm_match` find:
+each candidate (RMS norm with gain ``weight`` or ``1 + weight``, casting mode ``"gemma"`` or
+``"llama"``; layer norm with or without bias) runs beside the module on random inputs, with
+its own parameters and random ones, in float32, in the module's own dtype and in bfloat16, and
+the first that agrees everywhere replaces it (bit-equal in 16-bit dtypes, up to rare one-ulp
+ties). One that agrees in float32 and the model's dtype but not in bfloat16 is taken with a
+note saying so; a module no candidate agrees with is skipped, with the reason in the summary
+(DeBERTa's layer norm, which rounds ``x_hat`` before its gain and bias, in a 16-bit model).
+The same probes check every other same-kind replacement (``torch.nn.LayerNorm`` →
+``normkit.nn.LayerNorm``, ``fused=False`` → torch's modules, which round once and so cannot
+stand in for ``LlamaRMSNorm`` in a 16-bit model). The summary lists the options each new
+module was built with (``casting_mode``, ``zero_centered_weight``, ``bias=False``).
+Subclasses of ``nn.LayerNorm``/``nn.RMSNorm`` are skipped: they may override ``forward``; so
+are RMS norms without a weight (they take any last dim).
 
 ``to="rms_norm"`` turns layer norms into RMS norms (the gain is kept, the bias dropped: the
 outputs change), ``to="layer_norm"`` the reverse (adds the mean subtraction: the outputs change),
@@ -27,15 +52,6 @@ the old one, so dtype, device and ``requires_grad`` are kept and an optimizer bu
 conversion still updates the model. The replaced module is kept (outside the module tree, as
 ``new._normkit_original``) so that :func:`revert` can rebuild it with the current parameters,
 including third-party classes such as ``LlamaRMSNorm`` and a dropped bias.
-
-Hugging Face RMS norms are found by duck typing: the class name ends with ``"RMSNorm"`` and the
-module has a ``weight`` parameter and a ``variance_epsilon`` or ``eps``. Their formulas differ
-(Gemma's scales by ``1 + weight``, Llama's by ``weight``), so each candidate is checked against
-an RMS norm with gain ``weight`` and then against one with gain ``1 + weight``, on a random
-probe input with the module's own weight *and* with a random weight (Gemma initializes its
-weight to zeros, where ``1 + weight`` and, say, ``1 + weight**2`` agree); the first that agrees
-replaces it, and a module neither agrees with is skipped, with the reason in the summary.
-Subclasses of ``nn.LayerNorm``/``nn.RMSNorm`` are skipped too: they may override ``forward``.
 """
 
 from __future__ import annotations
@@ -48,9 +64,10 @@ from torch import nn
 
 import normkit.nn as nnk
 from normkit.nn.channels import ChannelLayerNorm
-from normkit.tools.layers import is_hf_rms_norm, is_norm_layer
-from normkit.tools.probe import outputs_differ
 from normkit.reference import default_rms_eps
+from normkit.tools.layers import is_hf_rms_norm, is_norm_layer
+from normkit.tools.norm_match import NormSpec, check, duck_typed_norm, match_norm, module_spec, unweighted_rms_norm
+from normkit.tools.probe import outputs_differ
 
 __all__ = ["ChannelLayerNorm", "ConversionRecord", "ConversionSummary", "convert", "revert", "is_hf_rms_norm",
            "is_norm_layer", "outputs_differ"]
@@ -58,6 +75,7 @@ __all__ = ["ChannelLayerNorm", "ConversionRecord", "ConversionSummary", "convert
 _TARGETS = (None, "layer_norm", "rms_norm", "dyt")
 _ORIGINAL = "_normkit_original"  # attribute (outside the module tree) holding the replaced module
 _WEIGHT_OFFSET = "_normkit_weight_offset"  # a DyT from a zero-centred norm: weight = original's + this
+_Replacement = Tuple[Optional[nn.Module], str, Dict[str, object]]  # (new module or None, note, options)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +86,13 @@ class ConversionRecord:
     old: str
     new: Optional[str]
     note: str = ""
+    # options the new module was built with beyond shape and eps (``casting_mode`` for every
+    # normkit RMS norm, ``zero_centered_weight``, ``bias=False``, ...)
+    options: Dict[str, object] = dataclasses.field(default_factory=dict, hash=False)
+
+    @property
+    def options_text(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
 
 
 class ConversionSummary(List[ConversionRecord]):
@@ -85,12 +110,12 @@ class ConversionSummary(List[ConversionRecord]):
         head = f"{len(self.replaced)} module(s) replaced, {len(self.skipped)} skipped"
         if not self:
             return head
-        rows = [(r.name or "(root)", r.old, r.new or "-", r.note) for r in self]
-        widths = [max(len(row[i]) for row in rows) for i in range(3)]
+        rows = [(r.name or "(root)", r.old, r.new or "-", r.options_text, r.note) for r in self]
+        widths = [max(len(row[i]) for row in rows) for i in range(4)]
         lines = [head]
         for row in rows:
-            line = "  " + "  ".join(c.ljust(w) for c, w in zip(row[:3], widths))
-            lines.append((line + "  " + row[3]).rstrip())
+            line = "  " + "  ".join(c.ljust(w) for c, w in zip(row[:4], widths))
+            lines.append((line + "  " + row[4]).rstrip())
         return "\n".join(lines)
 
 
@@ -103,42 +128,6 @@ def _qualname(cls: type) -> str:
     elif not module.startswith("normkit."):
         return cls.__name__
     return f"{module}.{cls.__name__}"
-
-
-def _hf_eps(module: nn.Module) -> float:
-    eps = getattr(module, "variance_epsilon", None)
-    return float(getattr(module, "eps") if eps is None else eps)
-
-
-def _probe_agrees(old: nn.Module, new: nn.Module, weight: torch.Tensor) -> bool:
-    """Old and new give the same output on a fresh random input (rows of the weight's shape),
-    with the module's weight and with a random one in its place (``torch.func.functional_call``:
-    the modules are not changed). One weight is not enough: at Gemma's all-zeros
-    initialization a ``1 + weight`` gain agrees with any gain that is 1 at zero."""
-    if weight.device.type == "meta":
-        return False
-    generator = torch.Generator().manual_seed(1234)
-    probe = torch.randn((3,) + tuple(weight.shape), generator=generator).to(weight.device, weight.dtype)
-    other = (0.5 * torch.randn(tuple(weight.shape), generator=generator)).to(weight.device, weight.dtype)
-    try:
-        with torch.no_grad():
-            pairs = [(old(probe), new(probe))]
-            swap = {"weight": other}
-            pairs.append((torch.func.functional_call(old, swap, (probe,)), torch.func.functional_call(new, swap, (probe,))))
-    except Exception:
-        return False
-    return all(isinstance(a, torch.Tensor) and outputs_differ(a, b) is None for a, b in pairs)
-
-
-def _hf_zero_centered(module: nn.Module) -> Optional[bool]:
-    """Whether a Hugging Face-style RMS norm scales by ``1 + weight`` (``True``) or by ``weight``
-    (``False``), as proven on probe inputs; ``None`` when it computes neither."""
-    shape = tuple(module.weight.shape)
-    for zero_centered in (False, True):
-        candidate = _build(nnk.RMSNorm, shape, eps=_hf_eps(module), zero_centered_weight=zero_centered)
-        if _probe_agrees(module, _take(candidate, module, ("weight",)), module.weight):
-            return zero_centered
-    return None
 
 
 def _to_dyt(module: nn.Module, shape: Tuple[int, ...], affine: bool, has_bias: bool, zero_centered: bool) -> nn.Module:
@@ -175,51 +164,75 @@ def _classes(fused: bool) -> Dict[str, type]:
     return {"layer_norm": nn.LayerNorm, "rms_norm": nn.RMSNorm}
 
 
-def _replacement(module: nn.Module, to: Optional[str], fused: bool, batch_norm: bool) -> Tuple[Optional[nn.Module], str]:
-    """``(new module or None, note)`` for one module; ``(None, "")`` when it is not a target."""
-    cls = type(module)
-    classes = _classes(fused)
-    zero_centered = bool(getattr(module, "zero_centered_weight", False)) if cls in (nnk.LayerNorm, nnk.RMSNorm) else False
-    if cls in (nn.LayerNorm, nnk.LayerNorm):
-        kind, affine, eps = "layer_norm", module.elementwise_affine, module.eps
-        shape, has_bias = module.normalized_shape, module.bias is not None
-    elif cls in (nn.RMSNorm, nnk.RMSNorm):
-        kind, affine, eps, shape, has_bias = "rms_norm", module.elementwise_affine, module.eps, module.normalized_shape, False
-    elif is_hf_rms_norm(module):
-        found = _hf_zero_centered(module)
-        if found is None:
-            return None, "skipped: output differs on probe inputs from an RMS norm with gain weight and with gain (1 + weight)"
-        zero_centered = found
-        kind, affine, eps, shape, has_bias = "rms_norm", True, _hf_eps(module), tuple(module.weight.shape), False
-    elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
-        return None, f"skipped: subclass of torch.nn.{'LayerNorm' if isinstance(module, nn.LayerNorm) else 'RMSNorm'} (it may override forward)"
-    elif batch_norm and cls in (nn.BatchNorm1d, nn.BatchNorm2d):
-        note = "per-sample statistics replace batch statistics (running stats dropped): outputs change"
-        args = dict(eps=module.eps, elementwise_affine=module.affine, bias=module.affine)
-        if cls is nn.BatchNorm2d:
-            return _take(_build(nnk.LayerNorm2d, module.num_features, **args), module, ("weight", "bias")), note
-        return _take(_build(ChannelLayerNorm, module.num_features, **args), module, ("weight", "bias")), note
-    else:
-        return None, ""
+def _batch_norm_replacement(module: nn.Module) -> _Replacement:
+    note = "per-sample statistics replace batch statistics (running stats dropped): outputs change"
+    args = dict(eps=module.eps, elementwise_affine=module.affine, bias=module.affine)
+    cls = nnk.LayerNorm2d if type(module) is nn.BatchNorm2d else ChannelLayerNorm
+    options = {} if module.affine else {"elementwise_affine": False, "bias": False}
+    return _take(_build(cls, module.num_features, **args), module, ("weight", "bias")), note, options
 
-    target = to or kind
+
+def _source_spec(module: nn.Module) -> Tuple[Optional[NormSpec], str, bool]:
+    """``(spec, note, proven)``: what ``module`` computes, ``proven`` when probes showed it (a
+    duck-typed norm); ``(None, reason or "", False)`` when it is no layer or RMS norm convert takes."""
+    spec = module_spec(module)
+    if spec is not None:
+        return spec, "", False
+    kind = duck_typed_norm(module)
+    if kind is not None:
+        spec, note = match_norm(module, kind)
+        return spec, note, spec is not None
+    if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+        base = "LayerNorm" if isinstance(module, nn.LayerNorm) else "RMSNorm"
+        return None, f"skipped: subclass of torch.nn.{base} (it may override forward)", False
+    if unweighted_rms_norm(module):
+        return None, "skipped: an RMS norm without a weight normalizes any last dim; normkit's modules have a fixed size", False
+    return None, "", False
+
+
+def _target_spec(spec: NormSpec, target: str) -> NormSpec:
+    if target == spec.kind:
+        return spec
+    if target == "layer_norm":  # an RMS norm's eps=None (torch's default) is the dtype's epsilon
+        return dataclasses.replace(spec, kind="layer_norm", bias=False, casting_mode="gemma")
+    return dataclasses.replace(spec, kind="rms_norm", bias=False, casting_mode="gemma")
+
+
+def _replacement(module: nn.Module, to: Optional[str], fused: bool, batch_norm: bool) -> _Replacement:
+    """``(new module or None, note, options set)`` for one module; ``(None, "", {})`` when it
+    is not a target."""
+    if batch_norm and type(module) in (nn.BatchNorm1d, nn.BatchNorm2d):
+        return _batch_norm_replacement(module)
+    spec, note, proven = _source_spec(module)
+    if spec is None:
+        return None, note, {}
+    weight = module._parameters.get("weight")
+    target = to or spec.kind
     if target == "dyt":
-        return _to_dyt(module, tuple(shape), affine, has_bias, zero_centered), "norm -> DyT (tanh(alpha x), no normalization): outputs change"
-    new_cls = classes[target]
-    if new_cls is cls:
-        return None, ""
-    if zero_centered and not fused:
-        return None, f"skipped: torch.nn.{new_cls.__name__} has no zero-centred (1 + weight) gain; fused=True keeps it"
-    options = {"zero_centered_weight": True} if zero_centered else {}
-    if target == "layer_norm":
-        if eps is None:  # torch.nn.RMSNorm's default: the compute dtype's machine epsilon
-            eps = default_rms_eps(module.weight.dtype if module.weight is not None else torch.float32)
-        new = _build(new_cls, shape, eps=eps, elementwise_affine=affine, bias=has_bias, **options)
-        note = "" if kind == "layer_norm" else "RMS -> layer norm adds the mean subtraction: outputs change"
-        return _take(new, module, ("weight", "bias")), note
-    new = _build(new_cls, shape, eps=eps, elementwise_affine=affine, **options)
-    note = "" if kind == "rms_norm" else "layer -> RMS norm drops the mean subtraction" + (" and the bias" if has_bias else "") + ": outputs change"
-    return _take(new, module, ("weight",)), note
+        new = _to_dyt(module, spec.normalized_shape, spec.elementwise_affine, spec.bias, spec.zero_centered_weight)
+        return new, "norm -> DyT (tanh(alpha x), no normalization): outputs change", {}
+    new_spec = _target_spec(spec, target)
+    new_cls = _classes(fused)[target]
+    if new_cls is type(module):
+        return None, "", {}
+    if spec.zero_centered_weight and not fused:
+        return None, f"skipped: torch.nn.{new_cls.__name__} has no zero-centred (1 + weight) gain; fused=True keeps it", {}
+    if new_spec.kind == "layer_norm" and new_spec.eps is None:  # torch.nn.RMSNorm's default eps
+        new_spec = dataclasses.replace(new_spec, eps=default_rms_eps(weight.dtype if weight is not None else torch.float32))
+    new = _take(new_spec.build(fused), module, ("weight", "bias"))
+    options = new_spec.options(new_cls)
+    if target != spec.kind:
+        if target == "layer_norm":
+            return new, "RMS -> layer norm adds the mean subtraction: outputs change", options
+        return new, "layer -> RMS norm drops the mean subtraction" + (" and the bias" if spec.bias else "") + ": outputs change", options
+    if not (proven and fused) and weight is not None and weight.device.type != "meta":
+        refused, note = check(module, new)  # a proven spec was checked as this very module
+        if refused is not None:
+            hint = "; fused=True keeps casting_mode='llama'" if spec.casting_mode == "llama" and not fused else ""
+            return None, f"skipped: {_qualname(new_cls)} {refused}{hint}", {}
+        if note and spec.casting_mode == "llama" and not fused:
+            note += f"; torch.nn.RMSNorm rounds once, fused=True keeps casting_mode='llama'"
+    return new, note, options
 
 
 def _check_model(model: nn.Module, fn: str) -> None:
@@ -232,17 +245,18 @@ def _check_model(model: nn.Module, fn: str) -> None:
         )
 
 
-def _swap(model: nn.Module, replace: Callable[[nn.Module], Tuple[Optional[nn.Module], str]]) -> ConversionSummary:
+def _swap(model: nn.Module, replace: Callable[[nn.Module], _Replacement]) -> ConversionSummary:
     """Apply ``replace`` to every submodule; a module shared by several parents stays shared."""
     summary = ConversionSummary()
     done: Dict[int, Optional[nn.Module]] = {}
     for name, child in list(model.named_modules(remove_duplicate=False))[1:]:
         parent_name, _, attr = name.rpartition(".")
         if id(child) not in done:
-            new, note = replace(child)
+            new, note, options = replace(child)
             done[id(child)] = new
             if new is not None or note:
-                summary.append(ConversionRecord(name, _qualname(type(child)), None if new is None else _qualname(type(new)), note))
+                new_name = None if new is None else _qualname(type(new))
+                summary.append(ConversionRecord(name, _qualname(type(child)), new_name, note, options))
         if done[id(child)] is not None:
             setattr(model.get_submodule(parent_name), attr, done[id(child)])
     return summary
@@ -279,16 +293,16 @@ def convert(model: nn.Module, to: Optional[str] = None, fused: bool = True, batc
         raise TypeError(f"fused and batch_norm must be bools, got fused={fused!r}, batch_norm={batch_norm!r}")
 
     def replace(module: nn.Module):
-        new, note = _replacement(module, to, fused, batch_norm)
+        new, note, options = _replacement(module, to, fused, batch_norm)
         if new is not None:
             # keep the replaced module (outside the module tree) for revert(); chains keep the first
             new.__dict__[_ORIGINAL] = module.__dict__.get(_ORIGINAL, module)
-        return new, note
+        return new, note, options
 
     return _swap(model, replace)
 
 
-def _restore(module: nn.Module) -> Tuple[Optional[nn.Module], str]:
+def _restore(module: nn.Module) -> _Replacement:
     original = module.__dict__.get(_ORIGINAL)
     if original is None:
         return _rebuild_plain(module)
@@ -308,26 +322,25 @@ def _restore(module: nn.Module) -> Tuple[Optional[nn.Module], str]:
                 if buf is not None:
                     original._buffers[key] = buf.to(ref.device, ref.dtype if buf.is_floating_point() else buf.dtype)
     original.train(module.training)
-    return original, ""
+    return original, "", {}
 
 
-def _rebuild_plain(module: nn.Module) -> Tuple[Optional[nn.Module], str]:
+def _rebuild_plain(module: nn.Module) -> _Replacement:
     """A normkit module that :func:`convert` did not create: rebuild its torch.nn equivalent."""
     cls = type(module)
     if cls in (nnk.LayerNorm, nnk.RMSNorm) and module.zero_centered_weight:
-        return None, "skipped: torch.nn has no zero-centred (1 + weight) gain"
-    if cls is nnk.LayerNorm:
-        new = _build(nn.LayerNorm, module.normalized_shape, eps=module.eps, elementwise_affine=module.elementwise_affine, bias=module.bias is not None)
-        return _take(new, module, ("weight", "bias")), ""
-    if cls is nnk.RMSNorm:
-        new = _build(nn.RMSNorm, module.normalized_shape, eps=module.eps, elementwise_affine=module.elementwise_affine)
-        return _take(new, module, ("weight",)), ""
+        return None, "skipped: torch.nn has no zero-centred (1 + weight) gain", {}
+    if cls is nnk.RMSNorm and module.casting_mode == "llama" and module.weight is not None:
+        return None, "skipped: torch.nn.RMSNorm rounds once, it has no casting_mode='llama'", {}
+    spec = module_spec(module)
+    if spec is not None:
+        return _take(spec.build(fused=False), module, ("weight", "bias")), "", {}
     if cls is nnk.LayerNormCHW:
         new = _build(nn.GroupNorm, 1, module.num_channels, eps=module.eps, affine=module.affine)
-        return _take(new, module, ("weight", "bias")), ""
+        return _take(new, module, ("weight", "bias")), "", {}
     if cls in (nnk.LayerNorm2d, ChannelLayerNorm):
-        return None, "skipped: torch.nn has no channels-first layer norm"
-    return None, ""
+        return None, "skipped: torch.nn has no channels-first layer norm", {}
+    return None, "", {}
 
 
 def revert(model: nn.Module) -> ConversionSummary:
@@ -336,4 +349,4 @@ def revert(model: nn.Module) -> ConversionSummary:
     their torch.nn equivalents (``LayerNorm2d`` has none and stays). Returns the summary."""
     _check_model(model, "revert")
     ours = (nnk.LayerNorm, nnk.RMSNorm, nnk.LayerNorm2d, nnk.LayerNormCHW)
-    return _swap(model, lambda m: _restore(m) if _ORIGINAL in m.__dict__ or isinstance(m, ours) else (None, ""))
+    return _swap(model, lambda m: _restore(m) if _ORIGINAL in m.__dict__ or isinstance(m, ours) else (None, "", {}))
