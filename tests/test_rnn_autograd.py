@@ -373,3 +373,23 @@ def test_torch_gru_state_dict_maps_every_key_by_name():
     assert result.unexpected_keys == [] and all(k.startswith("ln_") for k in result.missing_keys)
     for name, value in theirs.state_dict().items():
         assert torch.equal(getattr(ours, name), value), name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_is_grads_batched_equals_one_gradient_at_a_time(kind, dtype, backend):
+    """A vmap batch of output gradients (is_grads_batched, vectorized jacobians) has no memory
+    the compiled loop could read: the backward takes the differentiable recompute."""
+    m = make(kind, 3, 4, num_layers=2, dtype=dtype, seed=5)
+    x = randn((4, 2, 3), dtype, seed=6, requires_grad=True)
+    with _backend(backend):
+        out, _ = m(x)
+        grads = randn((3,) + tuple(out.shape), dtype, seed=7)
+        inputs = (x, m.weight_hh_l0)
+        batched = torch.autograd.grad(out, inputs, grads, is_grads_batched=True, retain_graph=True)
+        for i in range(3):
+            single = torch.autograd.grad(out, inputs, grads[i], retain_graph=True)
+            for got, want in zip(batched, single):
+                tol = dict(rtol=1e-10, atol=1e-12) if dtype == F64 else dict(rtol=1e-4, atol=1e-5)
+                torch.testing.assert_close(got[i], want, **tol)
