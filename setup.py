@@ -44,13 +44,27 @@ if os.environ.get("NORMKIT_NO_EXTENSION") != "1":
         # flags are read), and without them GCC will not vectorize loops holding floor / selects
         # (the exp polynomial of the recurrent steps). No -ffast-math: NaN, Inf and the order of
         # every sum stay as written.
+        compile_args = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-Wno-unused-function"]
+        link_args = ["-fopenmp"]
+        if os.environ.get("NORMKIT_SANITIZE") == "1":
+            # `make sanitize`: AddressSanitizer + UndefinedBehaviorSanitizer, every finding fatal.
+            # GCC's -fsanitize=undefined leaves out float-cast-overflow (a NaN or out-of-range
+            # float converted to an int: the fast exp's old bug), so it is named. -O1 and one
+            # instruction set (no target_clones) keep the build short; the checks see the same code.
+            sanitizers = "address,undefined,float-cast-overflow"
+            compile_args = [
+                "-O1", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-Wno-unused-function",
+                f"-fsanitize={sanitizers}", "-fno-omit-frame-pointer", "-fno-sanitize-recover=all",
+                "-DNORMKIT_NO_CLONES",
+            ]
+            link_args = ["-fopenmp", f"-fsanitize={sanitizers}"]
         ext_modules = [
             CppExtension(
                 "normkit._C",
                 ["src/normkit/csrc/norm_cpu.cpp", "src/normkit/csrc/rnn_cpu.cpp", "src/normkit/csrc/norm_dim_cpu.cpp"],
                 include_dirs=[os.path.abspath("src/normkit/csrc")],
-                extra_compile_args=["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-Wno-unused-function"],
-                extra_link_args=["-fopenmp"],
+                extra_compile_args=compile_args,
+                extra_link_args=link_args,
             )
         ]
         cmdclass = {"build_ext": OptionalBuildExtension.with_options(use_ninja=True)}
