@@ -247,7 +247,13 @@ def _is_int(v):
 
 
 def _is_eps(v):
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and abs(float(min(abs(v), 1e308))) < INF and v >= 0
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        f = float(v)
+    except OverflowError:  # 2**2000
+        return False
+    return math.isfinite(f) and f >= 0.0
 
 
 @FUZZ
