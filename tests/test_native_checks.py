@@ -231,3 +231,28 @@ def test_lstm_gates_at_exp_edges(v):
     c = s * c0.double() + s * t
     want = s * torch.tanh((c - c.mean(-1, True)) / torch.sqrt(c.var(-1, unbiased=False, keepdim=True) + 1e-5))
     torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+@pytest.mark.parametrize("which", range(7))
+def test_rnn_entry_points_read_neg_bit_views_by_value(which):
+    g = torch.Generator().manual_seed(19)
+    H, B, N = 3, 2, 4
+    args = [torch.randn(N, 4 * H, generator=g), torch.randn(B, H, generator=g), torch.randn(B, H, generator=g),
+            torch.randn(4 * H, H, generator=g), torch.rand(4 * H, generator=g) + 0.5, torch.rand(H, generator=g) + 0.5,
+            torch.randn(H, generator=g)]
+    steps = [(0, 2), (2, 2)]
+    want = _C.lstm_forward(*args, steps, 1e-5)
+    args[which] = torch._neg_view(-args[which])
+    got = _C.lstm_forward(*args, steps, 1e-5)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    dout, dh = torch.randn(N, H, generator=g), torch.randn(B, H, generator=g)
+    saved = list(want[3:])
+    back = [saved[0], saved[1], saved[2], saved[3], saved[4], saved[5], saved[7]]  # a_hat, rstd_a, gates, chat, rstd_c, tc, cprev
+    ref = _C.lstm_backward(dout, dh, dh, args[3].resolve_neg(), args[4].resolve_neg(), args[5].resolve_neg(), *back, steps[::-1])
+    back[which % len(back)] = torch._neg_view(-back[which % len(back)])
+    got_b = _C.lstm_backward(torch._neg_view(-dout), dh, dh, args[3], args[4], args[5], *back, steps[::-1])
+    for a, b in zip(got_b, ref):
+        torch.testing.assert_close(a, b)
+    u = torch.randn(5, 6, generator=g)
+    torch.testing.assert_close(_C.column_dot(u, torch._neg_view(-u)), (u * u).sum(0))

@@ -311,7 +311,6 @@ void backward_typed(const BwdArgs<T, Acc>& a, int64_t rows, Acc* dw, Acc* db, co
   });
 }
 
-// (dx, dweight, dbias) on contiguous (M, N) tensors; dweight/dbias (N,) in the compute dtype.
 // Saved statistics: `rows` floating values, read through a contiguous Acc copy.
 Tensor saved_stat(const Tensor& t, const char* name, int64_t rows, at::ScalarType acc) {
   check_tensor(t, name, -1, false);
@@ -320,6 +319,7 @@ Tensor saved_stat(const Tensor& t, const char* name, int64_t rows, at::ScalarTyp
   return resolved(t.to(acc).contiguous());
 }
 
+// (dx, dweight, dbias) on contiguous (M, N) tensors; dweight/dbias (N,) in the compute dtype.
 std::vector<Tensor> backward(const Tensor& dy_in, const c10::optional<Tensor>& dsum_in, const Tensor& s_in,
                              const c10::optional<Tensor>& weight, const c10::optional<Tensor>& mean_in,
                              const Tensor& rstd_in, bool is_rms) {
