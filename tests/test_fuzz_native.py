@@ -410,7 +410,7 @@ def test_column_dot_matches_float64(data):
     rows, g = data.draw(st.sampled_from([0, 1, 3, 64]), label="rows"), data.draw(st.sampled_from([0, 1, 5, 130]), label="g")
     u = draw_tensor(data, (rows, g), torch.float32, seed=51)
     v = data.draw(st.sampled_from([None, "v", "bad_shape", "bad_dtype", "1d"]), label="v")
-    v = {None: None, "v": draw_tensor(data, (rows, g), torch.float32, seed=52), "bad_shape": torch.ones(rows + 1, g),
+    v = {None: None, "v": draw_tensor(data, (rows, g), torch.float32, seed=52), "bad_shape": torch.ones(rows + 1, max(g - 1, 0)),
          "bad_dtype": torch.ones(rows, g, dtype=torch.float64), "1d": torch.ones(rows * g)}[v]
     out, err = named_error(lambda: _C.column_dot(u, v))
     if v is not None and (v.dtype != torch.float32 or v.shape != (rows, g)):
@@ -498,8 +498,9 @@ def test_raw_rnn_entry_points_check_sizes_and_steps(data):
     bad = data.draw(st.sampled_from([None] * 6 + list(sizes) + ["steps", "eps", "dtype", "G"]), label="bad")
     t = {name: draw_tensor(data, sh, torch.float32, layouts=("contiguous", "neg", "transposed", "expanded"), seed=71 + i)
          for i, (name, sh) in enumerate(sizes.items())}
-    if bad in sizes:
-        t[bad] = torch.randn(*(d + 1 for d in sizes[bad]))
+    if bad in sizes:  # one size too large or too small (a short buffer read past its end)
+        delta = data.draw(st.sampled_from([1, -1]), label="delta")
+        t[bad] = torch.randn(*(max(d + delta, 0) for d in sizes[bad]))
     if bad == "dtype":
         t["xg"] = t["xg"].double()
     if bad == "G":
