@@ -35,7 +35,7 @@ test: install
 # FUZZ_EXAMPLES sets the examples per fuzz test (the plain test run uses a few). --capture=sys:
 # a sanitizer report is written to fd 2 by the dying process, which pytest must not hold.
 SANITIZE_DIR := build/sanitize
-FUZZ_EXAMPLES ?= 200
+FUZZ_EXAMPLES ?= 500
 SANITIZE_ENV := LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libstdc++.so)" ASAN_OPTIONS=detect_leaks=0 \
 	UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 PYTHONPATH=$(SANITIZE_DIR)/src
 
