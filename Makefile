@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install test test-full wheel-check demo bench gpu-check gpu-check-dry clean
+.PHONY: install test test-full sanitize wheel-check demo bench gpu-check gpu-check-dry clean
 
 # Two steps: the pinned stack first, then normkit itself without build isolation, so its C++
 # kernels (normkit._C, setup.py) compile against the torch just installed (~1 min; without a
@@ -46,6 +46,29 @@ wheel-check: install
 	  $(PYTHON) -m venv .sdist-venv && \
 	  PIP_CONSTRAINT=$(CURDIR)/constraints.txt .sdist-venv/bin/python -m pip install --quiet $(DIST)/*.tar.gz && \
 	  cd /tmp && $(CURDIR)/.sdist-venv/bin/python $(CURDIR)/.ci/install_smoke.py; fi
+
+# The compiled core under AddressSanitizer + UndefinedBehaviorSanitizer: normkit._C is built again
+# with NORMKIT_SANITIZE=1 (setup.py's flags) from a copy of src/ in build/sanitize, so the normal
+# build in src/normkit stays as it is, and the fuzz suite (tests/test_fuzz_native.py: every C++
+# entry point with empty, odd, huge, NaN, strided, expanded, neg-bit and aliased arguments) runs
+# against that copy, first on PYTHONPATH. ASan must be the first library loaded (LD_PRELOAD), with
+# libstdc++ beside it: python does not link it, and ASan's throw interceptor needs it at start-up
+# (else the first C++ exception aborts with "CHECK failed ... real___cxa_throw").
+# Leak detection is off (CPython keeps its objects at exit by design); any UBSan finding stops
+# the run with a stack. The copy keeps its objects between runs (ninja rebuilds what changed).
+# FUZZ_EXAMPLES sets the examples per fuzz test (the plain test run uses a few). --capture=sys:
+# a sanitizer report is written to fd 2 by the dying process, which pytest must not hold.
+SANITIZE_DIR := build/sanitize
+FUZZ_EXAMPLES ?= 500
+SANITIZE_ENV := LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libstdc++.so)" ASAN_OPTIONS=detect_leaks=0 \
+	UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 PYTHONPATH=$(SANITIZE_DIR)/src
+
+sanitize: install
+	mkdir -p $(SANITIZE_DIR)
+	tar -cf - --exclude='*.so' --exclude=__pycache__ src setup.py pyproject.toml | tar -xf - -C $(SANITIZE_DIR)
+	cd $(SANITIZE_DIR) && NORMKIT_SANITIZE=1 MAX_JOBS=2 $(abspath $(PY)) setup.py -q build_ext --inplace
+	$(SANITIZE_ENV) $(PY) -c "import normkit._C as c; assert '$(SANITIZE_DIR)/' in c.__file__, c.__file__; print('sanitized:', c.__file__)"
+	$(SANITIZE_ENV) NORMKIT_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -p no:cacheprovider --capture=sys -m fuzz tests/test_fuzz_native.py $(PYTEST_ARGS)
 
 # the lab's quick preset (= normkit demo): nine experiments, 5 seeds per arm, about 2-3 minutes on
 # the 2-core machine; report in lab-report/

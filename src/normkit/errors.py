@@ -8,7 +8,7 @@ is *also* a ``RuntimeError`` (multiple inheritance), so code written against tor
 
 from __future__ import annotations
 
-__all__ = ["NormShapeError", "NormTypeError", "NormDeviceError", "UnsupportedModeError"]
+__all__ = ["NormShapeError", "NormTypeError", "NormDeviceError", "NormOverlapError", "UnsupportedModeError"]
 
 
 class NormShapeError(ValueError, RuntimeError):
@@ -21,6 +21,12 @@ class NormTypeError(TypeError, RuntimeError):
 
 class NormDeviceError(ValueError, RuntimeError):
     """Tensors of one call live on different devices (torch: ``RuntimeError``)."""
+
+
+class NormOverlapError(ValueError, RuntimeError):
+    """An output buffer shares memory with an input or another output (torch's out= ops:
+    ``RuntimeError``, "unsupported operation: some elements of the input tensor and the
+    written-to tensor refer to a single memory location")."""
 
 
 class UnsupportedModeError(NotImplementedError):

@@ -26,10 +26,12 @@ from normkit.validation import (
     FLOAT_DTYPES,
     as_normalized_shape,
     check_dropout,
+    check_bool,
     check_eps,
     check_input,
     check_param,
     check_residual,
+    kernel_eps,
 )
 
 __all__ = ["layer_norm", "rms_norm", "route", "native_call"]
@@ -43,8 +45,9 @@ ShapeLike = Union[int, Sequence[int], torch.Size]
 ROUTES = {
     "dtensor": "a DTensor input: run the local shards, re-wrap with the input's placements",
     "onnx": "inside ONNX export: standard operators the exporter can write",
-    "composite": "torch.func transform, forward-mode AD or an empty input: the reference "
-    "composite, whose torch ops every autograd mode understands",
+    "composite": "torch.func transform, forward-mode AD, an empty input or an eps the kernels do "
+    "not take (negative, inf, NaN): the reference composite, whose torch ops every autograd mode "
+    "understands and which computes what the formula gives for any eps, as torch does",
     "native": "a plain eager call on contiguous CPU tensors: the compiled kernels and their "
     "autograd node, all in C++ (normkit._C.norm), launched straight from here",
     "native_dim": "dim= (or layer_norm_2d) on CPU: normkit._C.norm_dim normalizes the middle dims "
@@ -71,6 +74,7 @@ def route(
     is_rms: bool,
     dropout_p: float,
     shape: Optional[Tuple[int, ...]] = None,
+    eps: float = 1e-5,
 ) -> str:
     """The one place that decides how a (validated) call runs: a key of :data:`ROUTES`.
 
@@ -84,11 +88,11 @@ def route(
     """
     tensors = (x, residual, weight, bias)
     shape = tuple(x.shape[-1:] if weight is None else weight.shape) if shape is None else shape
-    if native_call(x, shape, weight, bias, 0.0, residual, dropout_p, True):
+    if native_call(x, shape, weight, bias, eps, residual, dropout_p, True):
         return "native"
     if type(x) is not Tensor and _is_dtensor(x):
         return "dtensor"
-    if x.numel() == 0:
+    if x.numel() == 0 or not kernel_eps(eps):
         return "composite"
     # ONNX exporters trace (jit tracing, or torch.export's Dynamo and dispatch modes), so the
     # export flag is asked only when something traces: it costs more than the rest of this
@@ -137,9 +141,10 @@ def _norm(
     check_param("weight", weight, x, shape)
     check_param("bias", bias, x, shape)
     check_residual(residual, x)
+    check_bool("prenorm", prenorm)
     eps = check_eps(eps)
     dropout_p = check_dropout(dropout_p, training)
-    path = route(x, residual, weight, bias, is_rms, dropout_p, shape)
+    path = route(x, residual, weight, bias, is_rms, dropout_p, shape, eps)
     if path == "native":  # valid now (eps made a float, a list shape a tuple, ...)
         return _native(x, shape, weight, bias, eps, is_rms, residual, prenorm)
     if path == "dtensor":
@@ -233,6 +238,7 @@ def native_norm_dim(x: Tensor, start: int, k: int, weight, bias, eps: float, is_
     input is made contiguous if it is not."""
     if not (
         _native_preconditions()
+        and kernel_eps(eps)
         and type(x) is Tensor
         and x.is_cpu
         and x.dtype in _cpu.DTYPES
@@ -337,7 +343,9 @@ def layer_norm(
             runs on a float32 copy of the (rounded) sum, one extra pass.
         out, residual_out: buffers of the result's shape, dtype and device; ``y`` and the
             prenorm sum are copied into them (``copy_``, an extra pass) and they are returned.
-            ``residual_out`` needs ``prenorm=True``.
+            ``residual_out`` needs ``prenorm=True``. A buffer may not share memory with an
+            input or with the other buffer (:class:`~normkit.errors.NormOverlapError`): the
+            copies would overwrite what the call returns.
         dim: the first normalized dim (default ``input.dim() - len(normalized_shape)``): with
             ``x`` of shape ``(N, C, H, W)``, ``layer_norm(x, (C,), w, b, dim=1)`` normalizes
             over channels. The dims are moved last (``movedim``), normalized (which copies the

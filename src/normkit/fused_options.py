@@ -42,10 +42,12 @@ from normkit.reference import compute_dtype
 from normkit.validation import (
     FLOAT_DTYPES,
     as_normalized_shape,
+    check_bool,
     check_dropout,
     check_eps,
     check_floating_tensor,
     check_input,
+    check_no_overlap,
     check_param,
     check_residual,
 )
@@ -91,12 +93,6 @@ def zero_centered_weight1(weight1: Optional[Tensor], x: Tensor) -> Optional[Tens
 
     check_floating_tensor("weight1", weight1, what=" or None")
     return zero_centered_gain(weight1, x.dtype)
-
-
-def _check_bool(name: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {value!r}")
-    return value
 
 
 def _first_normalized_dim(dim, x: Tensor, shape: Tuple[int, ...]) -> int:
@@ -161,9 +157,9 @@ class _Plan:
 def _validate(x, normalized_shape, weight, bias, eps, is_rms, residual, prenorm, dropout_p, training, o: FusedOptions) -> _Plan:
     shape = as_normalized_shape(normalized_shape)
     check_floating_tensor("input", x)
-    residual_in_fp32 = _check_bool("residual_in_fp32", o.residual_in_fp32)
-    _check_bool("return_dropout_mask", o.return_dropout_mask)
-    _check_bool("prenorm", prenorm)
+    residual_in_fp32 = check_bool("residual_in_fp32", o.residual_in_fp32)
+    check_bool("return_dropout_mask", o.return_dropout_mask)
+    check_bool("prenorm", prenorm)
     start = _first_normalized_dim(o.dim, x, shape)
     for name, p in (("weight", weight), ("bias", bias), ("weight1", o.weight1), ("bias1", o.bias1)):
         check_param(name, p, x, shape)
@@ -205,6 +201,13 @@ def _validate(x, normalized_shape, weight, bias, eps, is_rms, residual, prenorm,
         if not prenorm:
             raise ValueError("residual_out= receives the prenorm sum, so it needs prenorm=True")
         _check_buffer("residual_out", o.residual_out, x.shape, sum_dtype, x)
+    # y and s are computed first and then copied into the buffers, so a buffer that overlaps an
+    # input or the other buffer would return a result overwritten by the other copy (out=x with
+    # prenorm returns x itself as s; out=buf, residual_out=buf returns s as y)
+    reads = [("input", x), ("residual", residual), ("weight", weight), ("bias", bias), ("x1", o.x1),
+             ("weight1", o.weight1), ("bias1", o.bias1), ("rowscale", o.rowscale)]
+    check_no_overlap("out", o.out, reads + [("residual_out", o.residual_out)])
+    check_no_overlap("residual_out", o.residual_out, reads)
     wide = out_dtype != sum_dtype or (is_rms and bias is not None and sum_dtype in _LOW_PRECISION)
     sum_here = (
         (wide and sum_dtype != acc_dtype)  # a 16-bit sum to widen: formed here, then copied

@@ -13,16 +13,18 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from normkit.errors import NormDeviceError, NormShapeError, NormTypeError
+from normkit.errors import NormDeviceError, NormOverlapError, NormShapeError, NormTypeError
 
 __all__ = [
     "CASTING_MODES",
     "FLOAT_DTYPES",
     "as_normalized_shape",
+    "check_bool",
     "check_casting_mode",
     "check_dropout",
     "check_eps",
     "check_floating_tensor",
+    "check_no_overlap",
     "check_param",
     "check_residual",
     "check_zero_centered",
@@ -137,6 +139,20 @@ def check_eps(eps) -> float:
     return float(eps)
 
 
+def check_bool(name: str, value) -> bool:
+    """A flag: exactly ``True`` or ``False``, as torch's bool arguments (``1``, ``None``, ``0.0``
+    and strings are refused: a truthy object is more often a misplaced argument)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return value
+
+
+def kernel_eps(eps: float) -> bool:
+    """Whether the compiled kernels take ``eps``: finite and ``>= 0`` (NaN fails both). Other
+    values are valid (the formula's result, as torch gives) and run on the reference composite."""
+    return 0.0 <= eps < float("inf")
+
+
 def check_dropout(dropout_p, training: bool) -> float:
     """The dropout rate actually applied: ``dropout_p`` in ``[0, 1)`` when training, else 0."""
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
@@ -173,3 +189,40 @@ def check_zero_centered(zero_centered_weight, x, weight) -> None:
         )
     check_floating_tensor("input", x)
     check_floating_tensor("weight", weight, what=" or None")
+
+
+def _byte_extent(t: Tensor) -> Optional[Tuple[int, int]]:
+    """The ``[first, last + 1)`` bytes ``t``'s elements span in memory, or ``None`` when ``t``
+    is empty or has no data to point at (a fake or meta tensor, under tracing)."""
+    if t.numel() == 0 or t.device.type == "meta":
+        return None
+    try:
+        base = t.data_ptr()
+    except (RuntimeError, NotImplementedError):  # FakeTensor, functional tensors
+        return None
+    lo = sum((n - 1) * st for n, st in zip(t.shape, t.stride()) if st < 0)
+    hi = sum((n - 1) * st for n, st in zip(t.shape, t.stride()) if st > 0)
+    size = t.element_size()
+    return base + lo * size, base + (hi + 1) * size
+
+
+def check_no_overlap(name: str, buffer: Optional[Tensor], others) -> None:
+    """``buffer`` (an ``out=``-style tensor the call writes) shares no memory with any of
+    ``others``, ``(name, tensor or None)`` pairs: the inputs it is computed from and the other
+    buffers. Tested on the byte ranges the tensors span (public APIs only), so two interleaved
+    views of one storage (``t[::2]`` and ``t[1::2]``) count as overlapping: conservative, as
+    ATen's ``at::assert_no_overlap`` is for views it cannot decide."""
+    if buffer is None or torch.compiler.is_compiling():
+        return
+    span = _byte_extent(buffer)
+    if span is None:
+        return
+    for other_name, t in others:
+        if t is None or t.device != buffer.device:
+            continue
+        other = _byte_extent(t)
+        if other is not None and span[0] < other[1] and other[0] < span[1]:
+            raise NormOverlapError(
+                f"{name} shares memory with {other_name}: the call would overwrite what it reads or returns; "
+                f"pass a separate buffer (or leave {name}=None and copy the result)"
+            )

@@ -55,11 +55,14 @@ inline at::Tensor empty_output(const at::Tensor& like) {
 inline at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 // A gain/bias as a contiguous Acc tensor (read as (N,) through its pointer), or an undefined
-// tensor for none.
+// tensor for none. A view with the negative / conjugate bit is resolved (a copy): its raw data
+// hold the other sign.
 inline at::Tensor as_param(const c10::optional<at::Tensor>& p, at::ScalarType acc) {
   if (!p.has_value() || !p->defined()) return at::Tensor();
-  if (p->scalar_type() == acc && p->is_contiguous()) return *p;
-  return p->to(acc).contiguous();
+  if (p->scalar_type() == acc && p->is_contiguous() && !p->is_neg() && !p->is_conj()) return *p;
+  at::Tensor t = p->to(acc).contiguous();
+  if (t.is_neg()) t = t.resolve_neg();
+  return t.is_conj() ? t.resolve_conj() : t;
 }
 
 }  // namespace normkit

@@ -22,6 +22,7 @@
 
 #include <vector>
 
+#include "arg_checks.h"
 #include "cpu_runtime.h"
 #include "row_math.h"
 
@@ -146,55 +147,77 @@ void launch_forward(const Tensor& x, int64_t rows, int64_t n, const c10::optiona
                     bool is_rms) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "normkit_forward", [&] {
     using Acc = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    FwdArgs<scalar_t, Acc> a{x.const_data_ptr<scalar_t>(),
-                             r.has_value() ? r->const_data_ptr<scalar_t>() : nullptr,
-                             ptr_or_null<Acc>(w),
-                             ptr_or_null<Acc>(b),
-                             y.data_ptr<scalar_t>(),
-                             s.defined() ? s.data_ptr<scalar_t>() : nullptr,
-                             mean.defined() ? mean.data_ptr<Acc>() : nullptr,
-                             rstd.defined() ? rstd.data_ptr<Acc>() : nullptr,
-                             n,
-                             static_cast<Acc>(eps),
-                             is_rms};
+    FwdArgs<scalar_t, Acc> a{.x = x.const_data_ptr<scalar_t>(),
+                             .r = r.has_value() ? r->const_data_ptr<scalar_t>() : nullptr,
+                             .w = ptr_or_null<Acc>(w),
+                             .b = ptr_or_null<Acc>(b),
+                             .y = y.data_ptr<scalar_t>(),
+                             .s = s.defined() ? s.data_ptr<scalar_t>() : nullptr,
+                             .mean = mean.defined() ? mean.data_ptr<Acc>() : nullptr,
+                             .rstd = rstd.defined() ? rstd.data_ptr<Acc>() : nullptr,
+                             .n = n,
+                             .eps = static_cast<Acc>(eps),
+                             .is_rms = is_rms};
     forward_typed(a, rows);
   });
 }
 
+// x / residual / out / dy / s / dsum of the raw kernels: contiguous 2-D CPU tensors.
 void check_2d(const Tensor& t, const char* name) {
-  TORCH_CHECK(t.dim() == 2 && t.is_contiguous() && t.device().is_cpu(), "normkit._C: ", name,
-              " must be a contiguous 2-D CPU tensor, got sizes ", t.sizes(), " strides ", t.strides());
+  check_tensor(t, name, 2, true);
+  check_kernel_dtype(t, name);
+}
+
+// (rows,) statistics for an empty call: what torch's native_layer_norm gives (mean 0, rstd NaN
+// when N == 0; nothing to hold when rows == 0).
+void fill_empty_stats(const Tensor& mean, const Tensor& rstd) {
+  if (mean.defined()) mean.zero_();
+  rstd.fill_(std::numeric_limits<double>::quiet_NaN());
 }
 
 // (y, s, mean, rstd) on a contiguous (M, N) x: s is undefined unless store_sum and a residual,
-// mean undefined for RMS norm. y_out, when defined, receives y (a contiguous buffer like x).
-std::vector<Tensor> forward(const Tensor& x, const c10::optional<Tensor>& residual, const c10::optional<Tensor>& weight,
-                            const c10::optional<Tensor>& bias, double eps, bool is_rms, bool store_sum,
-                            const c10::optional<Tensor>& y_out) {
-  check_2d(x, "x");
-  const bool has_res = residual.has_value() && residual->defined();
+// mean undefined for RMS norm. y_out, when defined, receives y (a contiguous buffer like x
+// that shares no memory with the inputs).
+std::vector<Tensor> forward(const Tensor& x_in, const c10::optional<Tensor>& residual_in,
+                            const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias, double eps,
+                            bool is_rms, bool store_sum, const c10::optional<Tensor>& y_out) {
+  check_2d(x_in, "x");
+  const bool has_res = residual_in.has_value() && residual_in->defined();
   if (has_res) {
-    check_2d(*residual, "residual");
-    TORCH_CHECK(residual->sizes() == x.sizes() && residual->scalar_type() == x.scalar_type(),
-                "normkit._C: residual must match x");
+    check_2d(*residual_in, "residual");
+    check_sizes(*residual_in, "residual", x_in.sizes());
+    check_dtype(*residual_in, "residual", x_in.scalar_type());
   }
-  const int64_t rows = x.size(0), n = x.size(1);
-  const auto acc = acc_type(x.scalar_type());
-  Tensor w = as_param(weight, acc), b = as_param(bias, acc);
-  TORCH_CHECK(!w.defined() || w.numel() == n, "normkit._C: weight must have N elements");
-  TORCH_CHECK(!b.defined() || b.numel() == n, "normkit._C: bias must have N elements");
+  const int64_t rows = x_in.size(0), n = x_in.size(1);
+  check_param(weight, "weight", n);
+  check_param(bias, "bias", n);
+  check_eps(eps);
   Tensor y;
   if (y_out.has_value() && y_out->defined()) {
     y = *y_out;
     check_2d(y, "out");
-    TORCH_CHECK(y.sizes() == x.sizes() && y.scalar_type() == x.scalar_type(), "normkit._C: out must match x");
+    check_sizes(y, "out", x_in.sizes());
+    check_dtype(y, "out", x_in.scalar_type());
+    check_writable(y, "out");
+    check_no_overlap(y, "out", x_in, "x");
+    if (has_res) check_no_overlap(y, "out", *residual_in, "residual");
+    if (weight.has_value()) check_no_overlap(y, "out", *weight, "weight");
+    if (bias.has_value()) check_no_overlap(y, "out", *bias, "bias");
   } else {
-    y = empty_output(x);
+    y = empty_output(x_in);
   }
+  const Tensor x = resolved(x_in);
+  const auto residual = resolved(residual_in);
+  const auto acc = acc_type(x.scalar_type());
+  Tensor w = as_param(weight, acc), b = as_param(bias, acc);
   Tensor s = (store_sum && has_res) ? empty_output(x) : Tensor();
   Tensor rstd = at::empty({rows}, x.options().dtype(acc));
   Tensor mean = is_rms ? Tensor() : at::empty({rows}, x.options().dtype(acc));
-  launch_forward(x, rows, n, has_res ? residual : c10::nullopt, w, b, y, s, mean, rstd, eps, is_rms);
+  if (rows == 0 || n == 0) {
+    fill_empty_stats(mean, rstd);
+    return {y, s, mean, rstd};
+  }
+  launch_forward(x, rows, n, residual, w, b, y, s, mean, rstd, eps, is_rms);
   return {y, s, mean, rstd};
 }
 
@@ -288,51 +311,67 @@ void backward_typed(const BwdArgs<T, Acc>& a, int64_t rows, Acc* dw, Acc* db, co
   });
 }
 
+// Saved statistics: `rows` floating values, read through a contiguous Acc copy.
+Tensor saved_stat(const Tensor& t, const char* name, int64_t rows, at::ScalarType acc) {
+  check_tensor(t, name, -1, false);
+  check_kernel_dtype(t, name);
+  TORCH_CHECK(t.numel() == rows, name, ": expected ", rows, " values (one per row of dy), got sizes ", t.sizes());
+  return resolved(t.to(acc).contiguous());
+}
+
 // (dx, dweight, dbias) on contiguous (M, N) tensors; dweight/dbias (N,) in the compute dtype.
-std::vector<Tensor> backward(const Tensor& dy, const c10::optional<Tensor>& dsum, const Tensor& s,
-                             const c10::optional<Tensor>& weight, const c10::optional<Tensor>& mean, const Tensor& rstd,
-                             bool is_rms) {
-  check_2d(dy, "dy");
-  check_2d(s, "s");
-  TORCH_CHECK(s.sizes() == dy.sizes() && s.scalar_type() == dy.scalar_type(), "normkit._C: dy must match s");
-  const bool has_dsum = dsum.has_value() && dsum->defined();
+std::vector<Tensor> backward(const Tensor& dy_in, const c10::optional<Tensor>& dsum_in, const Tensor& s_in,
+                             const c10::optional<Tensor>& weight, const c10::optional<Tensor>& mean_in,
+                             const Tensor& rstd_in, bool is_rms) {
+  check_2d(dy_in, "dy");
+  check_2d(s_in, "s");
+  check_sizes(s_in, "s", dy_in.sizes());
+  check_dtype(s_in, "s", dy_in.scalar_type());
+  const bool has_dsum = dsum_in.has_value() && dsum_in->defined();
   if (has_dsum) {
-    check_2d(*dsum, "dsum");
-    TORCH_CHECK(dsum->sizes() == dy.sizes() && dsum->scalar_type() == dy.scalar_type(), "normkit._C: dsum must match dy");
+    check_2d(*dsum_in, "dsum");
+    check_sizes(*dsum_in, "dsum", dy_in.sizes());
+    check_dtype(*dsum_in, "dsum", dy_in.scalar_type());
   }
-  TORCH_CHECK(is_rms || (mean.has_value() && mean->defined()), "normkit._C: layer norm backward needs the saved means");
-  const int64_t rows = dy.size(0), n = dy.size(1);
-  const auto acc = acc_type(dy.scalar_type());
+  TORCH_CHECK(is_rms || (mean_in.has_value() && mean_in->defined()),
+              "mean: expected the row means saved by the layer-norm forward, got None");
+  const int64_t rows = dy_in.size(0), n = dy_in.size(1);
+  check_param(weight, "weight", n);
+  const auto acc = acc_type(dy_in.scalar_type());
+  Tensor mean_c = is_rms ? Tensor() : saved_stat(*mean_in, "mean", rows, acc);
+  Tensor rstd_c = saved_stat(rstd_in, "rstd", rows, acc);
+  const Tensor dy = resolved(dy_in), s = resolved(s_in);
+  const auto dsum = resolved(dsum_in);
   Tensor w = as_param(weight, acc);
   if (!w.defined()) w = at::ones({n}, dy.options().dtype(acc));
-  Tensor mean_c = is_rms ? Tensor() : mean->to(acc).contiguous();
-  Tensor rstd_c = rstd.to(acc).contiguous();
   Tensor dx = empty_output(dy);
+  if (rows == 0 || n == 0) return {dx, at::zeros({n}, dy.options().dtype(acc)), at::zeros({n}, dy.options().dtype(acc))};
   Tensor dw = at::empty({n}, dy.options().dtype(acc)), db = at::empty({n}, dy.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dy.scalar_type(), "normkit_backward", [&] {
     using Acc = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    BwdArgs<scalar_t, Acc> a{s.const_data_ptr<scalar_t>(),
-                             dy.const_data_ptr<scalar_t>(),
-                             has_dsum ? dsum->const_data_ptr<scalar_t>() : nullptr,
-                             ptr_or_null<Acc>(w),
-                             is_rms ? nullptr : mean_c.const_data_ptr<Acc>(),
-                             rstd_c.const_data_ptr<Acc>(),
-                             dx.data_ptr<scalar_t>(),
-                             n};
+    BwdArgs<scalar_t, Acc> a{.s = s.const_data_ptr<scalar_t>(),
+                             .dy = dy.const_data_ptr<scalar_t>(),
+                             .dsum = has_dsum ? dsum->const_data_ptr<scalar_t>() : nullptr,
+                             .w = ptr_or_null<Acc>(w),
+                             .mean = is_rms ? nullptr : mean_c.const_data_ptr<Acc>(),
+                             .rstd = rstd_c.const_data_ptr<Acc>(),
+                             .dx = dx.data_ptr<scalar_t>(),
+                             .n = n};
     backward_typed(a, rows, dw.data_ptr<Acc>(), db.data_ptr<Acc>(), dy.options().dtype(acc));
   });
   return {dx, dw, db};
 }
 
 // The forward without anything to differentiate: x (..., N) contiguous; outputs shaped like
-// x (no views, no statistics stored).
+// x (no views, no statistics stored). Arguments checked by norm.
 std::vector<Tensor> forward_nd(const Tensor& x, int64_t n, const c10::optional<Tensor>& r,
                                const c10::optional<Tensor>& w, const c10::optional<Tensor>& b, double eps, bool is_rms) {
-  const int64_t rows = x.numel() / n;
   const auto acc = acc_type(x.scalar_type());
   Tensor w_a = as_param(w, acc), b_a = as_param(b, acc);
   Tensor y = empty_output(x);
   Tensor s = r.has_value() ? empty_output(x) : Tensor();
+  if (x.numel() == 0) return {y, s};
+  const int64_t rows = x.numel() / n;
   launch_forward(x, rows, n, r, w_a, b_a, y, s, Tensor(), Tensor(), eps, is_rms);
   return {y, s};
 }
@@ -383,7 +422,7 @@ struct NormFunction : public torch::autograd::Function<NormFunction> {
                                const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias, int64_t n,
                                double eps, bool is_rms) {
     const bool has_res = residual.has_value();
-    const int64_t rows = x.numel() / n;
+    const int64_t rows = n == 0 ? 0 : x.numel() / n;  // n == 0: an empty x, viewed as (0, 0)
     const bool flat = x.dim() == 2 && x.size(1) == n;  // (M, N) already: no views (each is a dispatcher call)
     auto as_2d = [&](const Tensor& t) { return flat ? t : t.view({rows, n}); };
     auto r2 = has_res ? c10::optional<Tensor>(as_2d(*residual)) : c10::nullopt;
@@ -391,6 +430,7 @@ struct NormFunction : public torch::autograd::Function<NormFunction> {
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["is_rms"] = is_rms;
     ctx->saved_data["n"] = n;
+    ctx->saved_data["rows"] = rows;
     ctx->saved_data["bias_dtype"] = bias.has_value() ? static_cast<int64_t>(bias->scalar_type()) : int64_t(-1);
     if (bias.has_value() && bias->dim() != 1) ctx->saved_data["bias_shape"] = bias->sizes().vec();
     ctx->saved_data["mean"] = out[2];
@@ -408,15 +448,15 @@ struct NormFunction : public torch::autograd::Function<NormFunction> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     auto saved = ctx->get_saved_variables();
-    const int64_t n = ctx->saved_data["n"].toInt();
+    const int64_t n = ctx->saved_data["n"].toInt(), rows = ctx->saved_data["rows"].toInt();
     const bool flat = saved[0].dim() == 2 && saved[0].size(1) == n;
-    const Tensor s = flat ? saved[0] : saved[0].view({-1, n});
+    const Tensor s = flat ? saved[0] : saved[0].view({rows, n});
     const Tensor& weight = saved[1];
     const bool is_rms = ctx->saved_data["is_rms"].toBool();
     const bool has_res = grads.size() > 1;
     auto flat_grad = [&](const Tensor& g) {
       if (!g.defined()) return Tensor();
-      return (g.dim() == 2 && g.size(1) == n ? g : g.reshape({-1, n})).contiguous();
+      return resolved((g.dim() == 2 && g.size(1) == n ? g : g.reshape({rows, n})).contiguous());
     };
     Tensor dy = grads[0].defined() ? flat_grad(grads[0]) : at::zeros_like(s);
     Tensor dsum = has_res ? flat_grad(grads[1]) : Tensor();
@@ -452,12 +492,25 @@ struct NormFunction : public torch::autograd::Function<NormFunction> {
 // The eager call on a contiguous x (..., N): returns [y] or [y, s] (s only with a residual;
 // without one the prenorm output is x itself, returned by the caller). Without anything to
 // differentiate it runs the kernels with no autograd node.
-std::vector<Tensor> norm(const Tensor& x, int64_t n, const c10::optional<Tensor>& weight,
+std::vector<Tensor> norm(const Tensor& x_in, int64_t n, const c10::optional<Tensor>& weight,
                          const c10::optional<Tensor>& bias, double eps, bool is_rms,
                          const c10::optional<Tensor>& residual) {
-  TORCH_CHECK(n > 0 && x.numel() % n == 0 && x.is_contiguous(), "normkit._C.norm: x must be contiguous with N | numel");
-  auto given = [](const c10::optional<Tensor>& t) { return t.has_value() && t->defined() ? t : c10::nullopt; };
-  auto r = given(residual), w = given(weight), b = given(bias);
+  check_tensor(x_in, "x", -1, true);
+  check_kernel_dtype(x_in, "x");
+  TORCH_CHECK_VALUE(n >= 0, "n: expected the normalized size, >= 0, got ", n);
+  TORCH_CHECK(n == 0 ? x_in.numel() == 0 : x_in.numel() % n == 0, "x: expected a whole number of rows of n = ", n,
+              " elements, got sizes ", x_in.sizes());
+  if (residual.has_value() && residual->defined()) {
+    check_tensor(*residual, "residual", -1, true);
+    check_sizes(*residual, "residual", x_in.sizes());
+    check_dtype(*residual, "residual", x_in.scalar_type());
+  }
+  check_param(weight, "weight", n);
+  check_param(bias, "bias", n);
+  check_eps(eps);
+  // negative-bit views (torch._neg_view) resolved here, differentiably: the kernels read raw data
+  const Tensor x = resolved(x_in);
+  auto r = resolved(residual), w = resolved(weight), b = resolved(bias);
   auto needs = [](const c10::optional<Tensor>& t) { return t.has_value() && t->requires_grad(); };
   if (at::GradMode::is_enabled() && (x.requires_grad() || needs(r) || needs(w) || needs(b)))
     return NormFunction::apply(x, r, w, b, n, eps, is_rms);
@@ -467,12 +520,13 @@ std::vector<Tensor> norm(const Tensor& x, int64_t n, const c10::optional<Tensor>
 }
 
 // The "native" route of normkit.functional in one call: checks that the call is one the
-// compiled path serves (exact torch.Tensor input, contiguous, on the CPU, a kernel dtype, a
-// normalized_shape matching its trailing dims, matching gain / bias / residual, a float eps
-// >= 0, no dropout, no TorchDispatchMode, not jit-tracing) and runs it, returning y or (y, s);
-// returns None for any other call, which then takes the validated general path. (The Python
-// side asks first what only Python knows: torch.compile, torch.func transforms, forward AD
-// and the backend choice.)
+// compiled path serves (exact torch.Tensor input, contiguous, strided, on the CPU, a kernel
+// dtype, a normalized_shape matching its trailing dims, matching gain / bias / residual, a
+// finite float eps >= 0, no dropout, a bool prenorm, no TorchDispatchMode, not jit-tracing) and
+// runs it, returning y or (y, s); returns None for any other call, which then takes the
+// validated general path (whose errors name the argument). Nothing here raises for a call it
+// does not understand, and no Python error is left pending. (The Python side asks first what
+// only Python knows: torch.compile, torch.func transforms, forward AD and the backend choice.)
 struct NativeCall {
   Tensor x;
   int64_t n = 1;
@@ -480,53 +534,62 @@ struct NativeCall {
   double eps = 0.0;
 };
 
+// An exact Python int as int64, or false (a bool, another type, or out of range: no error set).
+bool exact_int(PyObject* o, int64_t& out) {
+  if (!PyLong_CheckExact(o)) return false;
+  int overflow = 0;
+  const long long v = PyLong_AsLongLongAndOverflow(o, &overflow);
+  if (overflow != 0 || (v == -1 && PyErr_Occurred())) {
+    PyErr_Clear();
+    return false;
+  }
+  out = v;
+  return true;
+}
+
 bool parse_native_call(py::handle x_obj, py::handle shape_obj, py::handle w_obj, py::handle b_obj, py::handle eps_obj,
                        py::handle r_obj, py::handle dropout_obj, NativeCall& call) {
   auto* tensor_type = reinterpret_cast<PyTypeObject*>(THPVariableClass);
   if (Py_TYPE(x_obj.ptr()) != tensor_type) return false;
   const Tensor& x = THPVariable_Unpack(x_obj.ptr());
   if (x.is_nested()) return false;  // no sizes(): the Python side runs each component
+  if (!x.device().is_cpu() || x.layout() != at::kStrided || !is_kernel_dtype(x.scalar_type())) return false;
   const auto dtype = x.scalar_type();
-  if (!x.device().is_cpu() || !(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf || dtype == at::kDouble))
-    return false;
   if (!x.is_contiguous() || x.numel() == 0) return false;
   if (!PyFloat_CheckExact(eps_obj.ptr())) return false;
-  const double eps = PyFloat_AS_DOUBLE(eps_obj.ptr());  // any value, as torch (validation.check_eps)
-  if (!(PyFloat_CheckExact(dropout_obj.ptr()) && PyFloat_AS_DOUBLE(dropout_obj.ptr()) == 0.0) &&
-      !(PyLong_CheckExact(dropout_obj.ptr()) && PyLong_AsLong(dropout_obj.ptr()) == 0))
-    return false;
+  const double eps = PyFloat_AS_DOUBLE(eps_obj.ptr());
+  if (!(std::isfinite(eps) && eps >= 0.0)) return false;  // the general path computes what the formula gives
+  int64_t p_int = -1;
+  const bool no_dropout = (PyFloat_CheckExact(dropout_obj.ptr()) && PyFloat_AS_DOUBLE(dropout_obj.ptr()) == 0.0) ||
+                          (exact_int(dropout_obj.ptr(), p_int) && p_int == 0);
+  if (!no_dropout) return false;
   // normalized_shape: an int, or a tuple / torch.Size of ints, equal to x's trailing sizes
   int64_t dims[8];
   int64_t k = 0;
   if (PyLong_CheckExact(shape_obj.ptr())) {
-    dims[k++] = PyLong_AsLongLong(shape_obj.ptr());
+    if (!exact_int(shape_obj.ptr(), dims[k++])) return false;
   } else if (PyTuple_Check(shape_obj.ptr())) {
     const Py_ssize_t len = PyTuple_GET_SIZE(shape_obj.ptr());
     if (len < 1 || len > 8) return false;
     for (Py_ssize_t i = 0; i < len; ++i) {
-      PyObject* d = PyTuple_GET_ITEM(shape_obj.ptr(), i);
-      if (!PyLong_CheckExact(d)) return false;
-      dims[k++] = PyLong_AsLongLong(d);
+      if (!exact_int(PyTuple_GET_ITEM(shape_obj.ptr(), i), dims[k++])) return false;
     }
   } else {
-    return false;
-  }
-  if (PyErr_Occurred()) {
-    PyErr_Clear();
     return false;
   }
   if (x.dim() < k) return false;
   const at::IntArrayRef shape(dims, k);
   if (x.sizes().slice(x.dim() - k) != shape) return false;
   int64_t n = 1;
-  for (int64_t i = 0; i < k; ++i) n *= dims[i];
+  for (int64_t i = 0; i < k; ++i) n *= dims[i];  // x's sizes: the product is at most x.numel()
   auto param = [&](py::handle obj, c10::optional<Tensor>& out) {
     if (obj.is_none()) return true;
     if (!THPVariable_Check(obj.ptr())) return false;
     PyTypeObject* t = Py_TYPE(obj.ptr());
     if (t != tensor_type && t != reinterpret_cast<PyTypeObject*>(ParameterClass)) return false;
     const Tensor& p = THPVariable_Unpack(obj.ptr());
-    if (!p.device().is_cpu() || !at::isFloatingType(p.scalar_type()) || p.sizes() != shape) return false;
+    if (!p.device().is_cpu() || p.layout() != at::kStrided || !is_kernel_dtype(p.scalar_type()) || p.sizes() != shape)
+      return false;
     out = p;
     return true;
   };
@@ -535,7 +598,8 @@ bool parse_native_call(py::handle x_obj, py::handle shape_obj, py::handle w_obj,
   if (!r_obj.is_none()) {
     if (Py_TYPE(r_obj.ptr()) != tensor_type) return false;
     const Tensor& rt = THPVariable_Unpack(r_obj.ptr());
-    if (!rt.device().is_cpu() || rt.scalar_type() != dtype || rt.sizes() != x.sizes() || !rt.is_contiguous())
+    if (!rt.device().is_cpu() || rt.layout() != at::kStrided || rt.scalar_type() != dtype || rt.sizes() != x.sizes() ||
+        !rt.is_contiguous())
       return false;
     r = rt;
   }
@@ -550,11 +614,13 @@ bool parse_native_call(py::handle x_obj, py::handle shape_obj, py::handle w_obj,
 }
 
 py::object try_norm(py::handle x_obj, py::handle shape_obj, py::handle w_obj, py::handle b_obj, py::handle eps_obj,
-                    bool is_rms, py::handle r_obj, bool prenorm, py::handle dropout_obj) {
+                    py::handle is_rms_obj, py::handle r_obj, py::handle prenorm_obj, py::handle dropout_obj) {
+  const bool is_rms = arg_bool(is_rms_obj, "is_rms");  // normkit's own flag, not the user's
+  if (!PyBool_Check(prenorm_obj.ptr())) return py::none();  // the general path names the error
   NativeCall c;
   if (!parse_native_call(x_obj, shape_obj, w_obj, b_obj, eps_obj, r_obj, dropout_obj, c)) return py::none();
   auto out = norm(c.x, c.n, c.w, c.b, c.eps, is_rms, c.r);
-  if (!prenorm) return py::cast(out[0]);
+  if (prenorm_obj.ptr() != Py_True) return py::cast(out[0]);
   return py::make_tuple(out[0], c.r.has_value() ? out[1] : c.x);
 }
 
@@ -587,17 +653,33 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("BUILT_CXX11_ABI") = NORMKIT_BUILT_CXX11_ABI;
   normkit::register_rnn(m);
   normkit::register_norm_dim(m);
+  using OptTensor = c10::optional<at::Tensor>;
   m.def("forward",
-        [](const at::Tensor& x, const c10::optional<at::Tensor>& r, const c10::optional<at::Tensor>& w,
-           const c10::optional<at::Tensor>& b, double eps, bool is_rms, bool store_sum,
-           const c10::optional<at::Tensor>& out) { return normkit::forward(x, r, w, b, eps, is_rms, store_sum, out); },
+        [](const at::Tensor& x, const OptTensor& r, const OptTensor& w, const OptTensor& b, py::handle eps,
+           py::handle is_rms, py::handle store_sum, const OptTensor& out) {
+          return normkit::forward(x, r, w, b, normkit::arg_float(eps, "eps"), normkit::arg_bool(is_rms, "is_rms"),
+                                  normkit::arg_bool(store_sum, "store_sum"), out);
+        },
         "layer/RMS norm forward on contiguous (M, N): (y, s, mean, rstd)",
         py::arg("x"), py::arg("residual"), py::arg("weight"), py::arg("bias"), py::arg("eps"), py::arg("is_rms"),
         py::arg("store_sum"), py::arg("out") = py::none());
-  m.def("backward", &normkit::backward, "layer/RMS norm backward on contiguous (M, N): (dx, dweight, dbias)",
+  m.def("backward",
+        [](const at::Tensor& dy, const OptTensor& dsum, const at::Tensor& s, const OptTensor& w, const OptTensor& mean,
+           const at::Tensor& rstd, py::handle is_rms) {
+          return normkit::backward(dy, dsum, s, w, mean, rstd, normkit::arg_bool(is_rms, "is_rms"));
+        },
+        "layer/RMS norm backward on contiguous (M, N): (dx, dweight, dbias)",
         py::arg("dy"), py::arg("dsum"), py::arg("s"), py::arg("weight"), py::arg("mean"), py::arg("rstd"),
         py::arg("is_rms"));
-  m.def("norm", &normkit::norm, "the eager call with autograd: [y] or [y, s]");
+  m.def("norm",
+        [](const at::Tensor& x, py::handle n, const OptTensor& w, const OptTensor& b, py::handle eps, py::handle is_rms,
+           const OptTensor& r) {
+          return normkit::norm(x, normkit::arg_int(n, "n"), w, b, normkit::arg_float(eps, "eps"),
+                               normkit::arg_bool(is_rms, "is_rms"), r);
+        },
+        "the eager call with autograd: [y] or [y, s]",
+        py::arg("x"), py::arg("n"), py::arg("weight"), py::arg("bias"), py::arg("eps"), py::arg("is_rms"),
+        py::arg("residual"));
   m.def("accepts", &normkit::accepts, "whether try_norm would run this call (its checks only)");
   m.def("try_norm", &normkit::try_norm, "the native route: y, (y, s), or None when the call is not one it serves");
 }

@@ -15,6 +15,7 @@
 
 #include <vector>
 
+#include "arg_checks.h"
 #include "cpu_runtime.h"
 #include "row_math.h"
 
@@ -197,23 +198,35 @@ NORMKIT_DIM_KERNELS(double, double)
 NORMKIT_DIM_KERNELS(c10::BFloat16, float)
 NORMKIT_DIM_KERNELS(c10::Half, float)
 
-// [y, mean, rstd]; mean undefined for RMS norm.
+// [y, mean, rstd]; mean undefined for RMS norm. Arguments checked by norm_dim.
 std::vector<Tensor> dim_forward(const Tensor& x, int64_t outer, int64_t n, int64_t inner,
                                 const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias, double eps,
                                 bool is_rms) {
-  TORCH_CHECK(x.is_contiguous() && x.device().is_cpu() && x.numel() == outer * n * inner,
-              "normkit._C.norm_dim: x must be a contiguous CPU tensor of outer * N * inner elements");
+  TORCH_CHECK(x.is_contiguous() && x.device().is_cpu() && x.numel() == outer * n * inner && !x.is_neg(),
+              "x: expected a contiguous CPU tensor of outer * N * inner elements");
   const auto acc = acc_type(x.scalar_type());
   Tensor w = as_param(weight, acc), b = as_param(bias, acc);
   Tensor y = empty_output(x);
   Tensor rstd = at::empty({outer, inner}, x.options().dtype(acc));
   Tensor mean = is_rms ? Tensor() : at::empty({outer, inner}, x.options().dtype(acc));
+  if (x.numel() == 0) {  // as torch's native_layer_norm: mean 0, rstd NaN over N == 0
+    if (mean.defined()) mean.zero_();
+    rstd.fill_(std::numeric_limits<double>::quiet_NaN());
+    return {y, mean, rstd};
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "normkit_dim_forward", [&] {
     using Acc = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    DimArgs<scalar_t, Acc> a{x.const_data_ptr<scalar_t>(), w.defined() ? w.const_data_ptr<Acc>() : nullptr,
-                             b.defined() ? b.const_data_ptr<Acc>() : nullptr, y.data_ptr<scalar_t>(),
-                             mean.defined() ? mean.data_ptr<Acc>() : nullptr, rstd.data_ptr<Acc>(), outer, n, inner,
-                             static_cast<Acc>(eps), is_rms};
+    DimArgs<scalar_t, Acc> a{.x = x.const_data_ptr<scalar_t>(),
+                             .w = w.defined() ? w.const_data_ptr<Acc>() : nullptr,
+                             .b = b.defined() ? b.const_data_ptr<Acc>() : nullptr,
+                             .y = y.data_ptr<scalar_t>(),
+                             .mean = mean.defined() ? mean.data_ptr<Acc>() : nullptr,
+                             .rstd = rstd.data_ptr<Acc>(),
+                             .outer = outer,
+                             .n = n,
+                             .inner = inner,
+                             .eps = static_cast<Acc>(eps),
+                             .is_rms = is_rms};
     for_each_chunk(outer, x.numel() <= kSerialMaxElements, [&](int64_t o) { dim_fwd(a, o); });
   });
   return {y, mean, rstd};
@@ -223,17 +236,25 @@ std::vector<Tensor> dim_forward(const Tensor& x, int64_t outer, int64_t n, int64
 std::vector<Tensor> dim_backward(const Tensor& dy, const Tensor& x, int64_t outer, int64_t n, int64_t inner,
                                  const Tensor& weight, const Tensor& mean, const Tensor& rstd) {
   const auto acc = acc_type(x.scalar_type());
-  Tensor w = weight.defined() ? weight.to(acc).contiguous() : at::ones({n}, x.options().dtype(acc));
-  Tensor dyc = dy.contiguous();
+  Tensor w = weight.defined() ? as_param(weight, acc) : at::ones({n}, x.options().dtype(acc));
+  Tensor dyc = resolved(dy.contiguous());
   Tensor dx = empty_output(x);
+  if (x.numel() == 0)  // no rows to split (outer == 0 would divide by zero below)
+    return {dx, at::zeros({n}, x.options().dtype(acc)), at::zeros({n}, x.options().dtype(acc))};
   const int64_t chunks = std::min<int64_t>(outer, 64);
   const int64_t per = (outer + chunks - 1) / chunks;
   Tensor dw_part = at::zeros({chunks, n}, x.options().dtype(acc)), db_part = at::zeros({chunks, n}, x.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "normkit_dim_backward", [&] {
     using Acc = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    DimBwdArgs<scalar_t, Acc> a{x.const_data_ptr<scalar_t>(), dyc.const_data_ptr<scalar_t>(), w.const_data_ptr<Acc>(),
-                                mean.defined() ? mean.const_data_ptr<Acc>() : nullptr, rstd.const_data_ptr<Acc>(),
-                                dx.data_ptr<scalar_t>(), outer, n, inner};
+    DimBwdArgs<scalar_t, Acc> a{.x = x.const_data_ptr<scalar_t>(),
+                                .dy = dyc.const_data_ptr<scalar_t>(),
+                                .w = w.const_data_ptr<Acc>(),
+                                .mean = mean.defined() ? mean.const_data_ptr<Acc>() : nullptr,
+                                .rstd = rstd.const_data_ptr<Acc>(),
+                                .dx = dx.data_ptr<scalar_t>(),
+                                .outer = outer,
+                                .n = n,
+                                .inner = inner};
     Acc* dwp = dw_part.data_ptr<Acc>();
     Acc* dbp = db_part.data_ptr<Acc>();
     for_each_chunk(chunks, x.numel() <= kSerialMaxElements, [&](int64_t c) {
@@ -313,14 +334,27 @@ struct NormDimFunction : public torch::autograd::Function<NormDimFunction> {
   }
 };
 
-// normalize contiguous x over its dims [start, start + k): y with x's shape.
-Tensor norm_dim(const Tensor& x, int64_t start, int64_t k, const c10::optional<Tensor>& weight,
+// normalize x (any strides; made contiguous) over its dims [start, start + k): y with x's shape.
+Tensor norm_dim(const Tensor& x_in, int64_t start, int64_t k, const c10::optional<Tensor>& weight,
                 const c10::optional<Tensor>& bias, double eps, bool is_rms) {
-  TORCH_CHECK(start >= 0 && k >= 1 && start + k <= x.dim(), "normkit._C.norm_dim: bad dims");
+  check_tensor(x_in, "x", -1, false);
+  check_kernel_dtype(x_in, "x");
+  TORCH_CHECK_INDEX(start >= 0 && start < x_in.dim(), "start: expected a dim of x in [0, ", x_in.dim(), "), got ", start);
+  TORCH_CHECK_INDEX(k >= 1 && k <= x_in.dim() - start, "k: expected 1 <= k <= ", x_in.dim() - start,
+                    " (dims from start = ", start, " to the last of x's ", x_in.dim(), "), got ", k);
   int64_t outer = 1, n = 1, inner = 1;
-  for (int64_t d = 0; d < x.dim(); ++d) (d < start ? outer : d < start + k ? n : inner) *= x.size(d);
-  auto given = [](const c10::optional<Tensor>& t) { return t.has_value() && t->defined() ? t : c10::nullopt; };
-  auto w = given(weight), b = given(bias);
+  for (int64_t d = 0; d < x_in.dim(); ++d) {
+    int64_t& part = d < start ? outer : d < start + k ? n : inner;
+    // an empty x may have sizes whose product does not fit 64 bits
+    TORCH_CHECK(!__builtin_mul_overflow(part, x_in.size(d), &part), "x: sizes ", x_in.sizes(),
+                " give a normalized or batch size beyond 64 bits");
+  }
+  check_param(weight, "weight", n);
+  check_param(bias, "bias", n);
+  check_eps(eps);
+  // resolved before the autograd node (differentiably): the kernels read raw data
+  const Tensor x = resolved(x_in);
+  auto w = resolved(weight), b = resolved(bias);
   auto needs = [](const c10::optional<Tensor>& t) { return t.has_value() && t->requires_grad(); };
   if (at::GradMode::is_enabled() && (x.requires_grad() || needs(w) || needs(b)))
     return NormDimFunction::apply(x.contiguous(), w, b, outer, n, inner, eps, is_rms)[0];
@@ -330,7 +364,15 @@ Tensor norm_dim(const Tensor& x, int64_t start, int64_t k, const c10::optional<T
 }  // namespace
 
 void register_norm_dim(py::module& m) {
-  m.def("norm_dim", &norm_dim, "layer/RMS norm over dims [start, start + k) of a contiguous CPU tensor, in place of a permute");
+  m.def("norm_dim",
+        [](const Tensor& x, py::handle start, py::handle k, const c10::optional<Tensor>& w,
+           const c10::optional<Tensor>& b, py::handle eps, py::handle is_rms) {
+          return norm_dim(x, arg_int(start, "start"), arg_int(k, "k"), w, b, arg_float(eps, "eps"),
+                          arg_bool(is_rms, "is_rms"));
+        },
+        "layer/RMS norm over dims [start, start + k) of a CPU tensor, in place of a permute",
+        py::arg("x"), py::arg("start"), py::arg("k"), py::arg("weight"), py::arg("bias"), py::arg("eps"),
+        py::arg("is_rms"));
 }
 
 }  // namespace normkit

@@ -25,7 +25,8 @@
 
 // The kernels' hot functions, compiled once per instruction set (AVX-512, AVX2, baseline x86-64);
 // the dynamic loader picks the clone this CPU runs, so one build runs on every x86-64 machine.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+// (-DNORMKIT_NO_CLONES, the sanitizer build: one baseline copy, a third of the compile time.)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(NORMKIT_NO_CLONES)
 #define NORMKIT_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define NORMKIT_CLONES
