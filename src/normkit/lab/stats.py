@@ -300,7 +300,15 @@ def mde_paired(sd: float, n: int, alpha: float = 0.05, power: float = 0.8) -> fl
         nc = effect * math.sqrt(n)
         return float(nct.sf(crit, df, nc) + nct.cdf(-crit, df, nc)) - power
 
-    return brentq(gap, 1e-9, 1e4) * sd
+    hi = 1.0
+    while True:  # bracket the root; at n = 2 and a small alpha the effect can be enormous
+        g = gap(hi)
+        if not math.isfinite(g) or hi > 1e6:
+            return math.inf
+        if g >= 0:
+            break
+        hi *= 2
+    return brentq(gap, 1e-9, hi) * sd
 
 
 def mde_equivalence(sd: float, n: int, alpha: float = 0.05, power: float = 0.8) -> float:
