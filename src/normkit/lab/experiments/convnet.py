@@ -179,3 +179,10 @@ def plots(result: Dict, out_dir: Path) -> List[Path]:
         ax.set(title=f"batch size {bs}", xlabel="step", ylabel="test accuracy", ylim=(0, 1))
         ax.legend(fontsize=7)
     return [save(fig, out_dir, "convnet.png")]
+
+
+def scale(cfg: ConvNetConfig, result: Dict) -> str:
+    params = sum(p.numel() for p in ConvNet("layer_chw", cfg.channels, cfg.groups).parameters())
+    return (f"3 conv layers, {cfg.channels[0]}/{cfg.channels[1]} channels ({params:,} parameters with LayerNormCHW); {cfg.steps} Adam "
+            f"steps at batch {', '.join(map(str, cfg.batch_sizes))} (short training); 8×8 digits; {cfg.seeds} test seeds per arm, after "
+            f"{cfg.tune_seeds} tuning seeds × {len(cfg.lrs)} rates ({', '.join(f'{r:g}' for r in cfg.lrs)})")

@@ -177,3 +177,7 @@ def plots(result: Dict, out_dir: Path) -> List[Path]:
     fig.colorbar(im, ax=ax, label="log10 relative output change")
     ax.set_title("invariance, measured (✓ = change below tolerance; ! = differs from the paper)", fontsize=9)
     return [save(fig, out_dir, "invariance.png")]
+
+
+def scale(cfg: InvarianceConfig, result: Dict) -> str:
+    return f"random float64 layers {cfg.d_out} × {cfg.d_in}, batch {cfg.batch}, eps {cfg.eps:g}; {cfg.seeds} random draws; tolerance {cfg.tol:g}"

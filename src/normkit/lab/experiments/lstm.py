@@ -36,7 +36,7 @@ from normkit.lab.experiments._common import (
     values,
     warm_up,
 )
-from normkit.lab.models import CharRNN
+from normkit.lab.models import CharRNN, count_params
 from normkit.lab.verdict import Finding, Stat, compare
 
 NAME = "lstm"
@@ -166,3 +166,11 @@ def plots(result: Dict, out_dir: Path) -> List[Path]:
     a1.legend(fontsize=8)
     a2.legend(fontsize=8)
     return [save(fig, out_dir, "lstm.png")]
+
+
+def scale(cfg: LSTMConfig, result: Dict) -> str:
+    params = count_params(CharRNN("ln_lstm", VOCAB_SIZE, cfg.embed, cfg.hidden))
+    return (f"1-layer LSTM, hidden {cfg.hidden} ({params:,} parameters with layer norm); {cfg.steps} Adam steps of {cfg.batch} × "
+            f"{cfg.seq_len} characters (early training, far from converged); corpus of {cfg.chars:,} characters of Python's standard "
+            f"library; {cfg.seeds} test seeds per arm, after {cfg.tune_seeds} tuning seeds × {len(cfg.lrs)} rates "
+            f"({', '.join(f'{r:g}' for r in cfg.lrs)})")

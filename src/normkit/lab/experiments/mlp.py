@@ -40,7 +40,7 @@ from normkit.lab.experiments._common import (
     tune,
     values,
 )
-from normkit.lab.models import MLP
+from normkit.lab.models import MLP, count_params
 from normkit.lab.verdict import Finding, Stat, compare, compare_equivalence, not_measured
 
 NAME = "mlp"
@@ -195,3 +195,11 @@ def plots(result: Dict, out_dir: Path) -> List[Path]:
     ax.set(xscale="log", title="final accuracy vs batch size", xlabel="batch size", ylim=(0, 1))
     ax.legend(fontsize=7)
     return [save(fig, out_dir, "mlp.png")]
+
+
+def scale(cfg: MLPConfig, result: Dict) -> str:
+    d = digits()
+    params = count_params(MLP(d.x_train.shape[1], cfg.width, cfg.depth, 10, "layer"))
+    return (f"{cfg.depth}-layer ReLU MLP, width {cfg.width} ({params:,} parameters with LayerNorm); {cfg.steps} Adam steps at batch "
+            f"{', '.join(map(str, cfg.batch_sizes))}; digits, {d.x_train.shape[0]} train / {d.x_test.shape[0]} test images; "
+            f"{cfg.seeds} test seeds per arm, after {cfg.tune_seeds} tuning seeds × {len(cfg.lrs)} rates ({', '.join(f'{r:g}' for r in cfg.lrs)})")

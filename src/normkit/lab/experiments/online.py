@@ -212,3 +212,10 @@ def plots(result: Dict, out_dir: Path) -> List[Path]:
         ax.set(xlabel="samples seen", ylabel=f"accuracy (last {result['window']})", ylim=(0, 1), title=f"shift: {SHIFT_LABELS[kind]}")
         ax.legend(fontsize=7)
     return [save(fig, out_dir, "online.png")]
+
+
+def scale(cfg: OnlineConfig, result: Dict) -> str:
+    return (f"input norm → Linear(64, {cfg.hidden}) → ReLU → Linear; a prequential stream of {cfg.length} digits at batch size 1, "
+            f"shift after {cfg.length // 2}, scored over the {cfg.window} samples after it against a no-shift control; {cfg.seeds} test "
+            f"seeds per arm, after {cfg.tune_seeds} tuning seeds × {len(cfg.lrs)} rates ({', '.join(f'{r:g}' for r in cfg.lrs)}) "
+            "scored on the first half")

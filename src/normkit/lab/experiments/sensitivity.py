@@ -43,7 +43,7 @@ from normkit.lab.experiments._common import (
     tune,
     values,
 )
-from normkit.lab.models import MLP
+from normkit.lab.models import MLP, count_params
 from normkit.lab.verdict import Finding, Stat, compare, compare_equivalence, not_measured
 
 NAME = "sensitivity"
@@ -197,3 +197,10 @@ def plots(result: Dict, out_dir: Path) -> List[Path]:
     ax.set(ylabel="final test accuracy", ylim=(0, 1), title="one factor at a time (defaults: gain 1, bias 0, eps 1e-5, tuned lr)")
     ax.legend(fontsize=7)
     return [save(fig, out_dir, "sensitivity.png")]
+
+
+def scale(cfg: SensitivityConfig, result: Dict) -> str:
+    params = count_params(MLP(64, cfg.width, cfg.depth, 10, "layer"))
+    return (f"{cfg.depth}-layer ReLU MLP, width {cfg.width} ({params:,} parameters with LayerNorm); {cfg.steps} Adam steps at batch "
+            f"{cfg.batch}; digits; {cfg.seeds} test seeds per setting, each norm's rate chosen on {cfg.tune_seeds} tuning seeds × "
+            f"{len(cfg.tune_lrs)} rates ({', '.join(f'{r:g}' for r in cfg.tune_lrs)})")

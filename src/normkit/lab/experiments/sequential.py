@@ -33,7 +33,7 @@ from normkit.lab.experiments._common import (
     values,
     warm_up,
 )
-from normkit.lab.models import RNNClassifier
+from normkit.lab.models import RNNClassifier, count_params
 from normkit.lab.verdict import Finding, Stat, compare
 
 NAME = "sequential"
@@ -116,3 +116,10 @@ def plots(result: Dict, out_dir: Path) -> List[Path]:
     ax.set(xlabel="step", ylabel="test accuracy", ylim=(0, 1), title="pixel-by-pixel digits")
     ax.legend(fontsize=8)
     return [save(fig, out_dir, "sequential.png")]
+
+
+def scale(cfg: SequentialConfig, result: Dict) -> str:
+    params = count_params(RNNClassifier("ln_lstm", 1, cfg.hidden, 10))
+    return (f"1-layer LSTM/GRU, hidden {cfg.hidden} ({params:,} parameters, LN-LSTM); {cfg.steps} Adam steps at batch {cfg.batch} "
+            f"(early training); 64-step pixel sequences of the digits; {cfg.seeds} test seeds per arm, after {cfg.tune_seeds} tuning "
+            f"seeds × {len(cfg.lrs)} rates ({', '.join(f'{r:g}' for r in cfg.lrs)})")

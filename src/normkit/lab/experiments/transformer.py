@@ -39,7 +39,7 @@ from normkit.lab.experiments._common import (
     tuning_seeds,
     values,
 )
-from normkit.lab.models import CharTransformer, lr_at
+from normkit.lab.models import CharTransformer, count_params, lr_at
 from normkit.lab.verdict import Finding, Stat, compare, compare_equivalence
 
 NAME = "transformer"
@@ -212,3 +212,11 @@ def plots(result: Dict, out_dir: Path) -> List[Path]:
                title="no warm-up" if not w else f"warm-up {w} steps")
         ax.legend(fontsize=7)
     return [save(fig, out_dir, "transformer.png")]
+
+
+def scale(cfg: TransformerConfig, result: Dict) -> str:
+    params = count_params(CharTransformer(VOCAB_SIZE, cfg.d, cfg.layers, cfg.heads, cfg.seq_len, "pre_ln"))
+    return (f"{cfg.layers}-layer causal transformer, width {cfg.d}, {cfg.heads} heads ({params:,} parameters); {cfg.steps} Adam steps "
+            f"of {cfg.batch} × {cfg.seq_len} characters, warm-up {' or '.join(map(str, cfg.warmups))} steps; {cfg.seeds} test seeds per "
+            f"arm at its tuned rate, after the grid of {len(cfg.lrs)} rates ({', '.join(f'{r:g}' for r in cfg.lrs)}) on "
+            f"{cfg.tune_seeds} tuning seeds")
