@@ -35,10 +35,16 @@ def _source() -> str:
     return match.group(1)
 
 
+def _estimate_source() -> str:
+    match = re.search(r"--estimate (\S+\.json)", _readme_block())
+    return match.group(1) if match else ""
+
+
 def test_readme_lab_results_are_generated_from_the_committed_file_they_name():
-    source = _source()
+    source, est = _source(), _estimate_source()
     results = json.loads((ROOT / source).read_text())
-    assert _readme_block() == table.markdown_table(results, source), "README.md is stale: rerun python -m normkit.lab.table"
+    estimate = json.loads((ROOT / est).read_text()) if est else None
+    assert _readme_block() == table.markdown_table(results, source, estimate, est), "README.md is stale: rerun python -m normkit.lab.table"
     meta = results["meta"]
     assert meta["cpu_model"] and meta["date"] and meta["commit"], "a named run: machine, date and commit"
     assert results["preset"] == "quick" and set(results["experiments"]) == {
@@ -49,7 +55,7 @@ def test_readme_lab_results_are_generated_from_the_committed_file_they_name():
 
 
 def test_every_number_in_the_readme_lab_section_is_in_the_results_file():
-    text = (ROOT / _source()).read_text()
+    text = (ROOT / _source()).read_text() + ((ROOT / _estimate_source()).read_text() if _estimate_source() else "")
     block = _readme_block()
     known = set(NUMBER.findall(text)) | set(NUMBER.findall(block))  # the block is the file's numbers, formatted
     outside = _lab_section().replace(block, "")

@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"experiments to run (default: all): {', '.join(EXPERIMENTS)}")
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", dest="preset", action="store_const", const="quick",
-                      help="small models, few steps, 8-12 test seeds per arm after a learning-rate sweep per arm on tuning seeds: "
+                      help="small models, few steps, 12-16 test seeds per arm after a learning-rate sweep per arm on tuning seeds: "
                            "all nine experiments within 10 minutes on 2 cores (default)")
     size.add_argument("--full", dest="preset", action="store_const", const="full",
                       help="larger models, more steps, wider sweeps: hours (python -m normkit.lab.estimate --preset full)")

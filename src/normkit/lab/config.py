@@ -91,6 +91,7 @@ class TransformerConfig:
     steps: int = 64
     evals: int = 4
     val_batches: int = 2
+    spike: float = 0.5  # nats: a training loss that rises this far above its best so far is a blow-up ("spiked")
     seeds: int = 12  # at each (placement, warm-up)'s tuned rate; the whole grid runs on the tuning seeds
     tune_seeds: int = TUNE_SEEDS
 
@@ -215,7 +216,7 @@ _FULL: Dict[str, object] = {
                                      evals=8, seeds=10, tune_seeds=3),
     "online": OnlineConfig(shifts=("affine", "feature_affine", "permutation", "rotation"), length=6000, hidden=128, window=1000,
                            lrs=(1e-4, 3e-4, 1e-3, 3e-3), **_F),
-    "cost": CostConfig(shapes=((128, 512), (2048, 1024), (8192, 4096)), blocks=30, calls=50),
+    "cost": CostConfig(shapes=((128, 512), (2048, 1024), (4096, 4096)), blocks=20, calls=10),
     "sensitivity": SensitivityConfig(gains=(0.1, 0.3, 3.0, 10.0), biases=(-1.0, 1.0), eps=(1e-12, 1e-3, 1e-1), lrs=(3e-3, 1e-2, 3e-2, 1e-1),
                                      tune_lrs=(3e-4, 1e-3, 3e-3, 1e-2), depth=6, width=256, steps=1000, **_F),  # lr 0.1 last: the "high lr" estimate uses the largest
     "convnet": ConvNetConfig(channels=(32, 64), steps=1000, evals=10, lrs=(3e-4, 1e-3, 3e-3, 1e-2), **_F),
