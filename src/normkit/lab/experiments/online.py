@@ -12,7 +12,7 @@ from the same state, whatever the order of the shifts). What a shift costs an ar
 accuracy over the ``window`` samples after the shift in the control minus that under the shift:
 the arm's *loss from the shift*, which does not carry the arm's lead before it.
 
-Each arm runs at its own Adam rate, chosen from ``cfg.lrs`` on tuning seeds by its prequential
+The hidden ReLU layer is He-initialized. Each arm runs at its own Adam rate, chosen from ``cfg.lrs`` on tuning seeds by its prequential
 accuracy over the first half (the data before any shift).
 
 Input norms compared:
@@ -53,7 +53,7 @@ from normkit.lab.experiments._common import (
     stat_dict,
     tune,
 )
-from normkit.lab.models import make_norm
+from normkit.lab.models import he_init_, make_norm
 from normkit.lab.verdict import Finding, Stat, compare
 
 NAME = "online"
@@ -98,7 +98,7 @@ def _learn(model: nn.Module, opt, x: torch.Tensor, y: torch.Tensor, tick) -> tor
 def _first_half(cfg: OnlineConfig, arm: str, seed: int, lr: float, tick):
     x, y, shift = shifted_stream(cfg.length, seed, 1.0, 0.0)
     seeded(seed)
-    model = nn.Sequential(_input_norm(arm, x[:shift], cfg), nn.Linear(x.shape[1], cfg.hidden), nn.ReLU(), nn.Linear(cfg.hidden, 10))
+    model = nn.Sequential(_input_norm(arm, x[:shift], cfg), he_init_(nn.Linear(x.shape[1], cfg.hidden)), nn.ReLU(), nn.Linear(cfg.hidden, 10))
     opt = adam([p for p in model.parameters() if p.requires_grad], lr)
     first = _learn(model, opt, x[:shift], y[:shift], tick)
     return x, y, shift, model, opt, first
