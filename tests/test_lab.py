@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from normkit import cli
-from normkit.lab import config, data, models, stats
+from normkit.lab import claims, config, data, models, runner, stats
 from normkit.lab.experiments import EXPERIMENTS, lstm, mlp, online, sequential, transformer
 from normkit.lab.report import summary_table
 from normkit.lab.runner import run_lab
@@ -50,10 +50,12 @@ def test_sentence_states_numbers_interval_and_verdict():
     win = compare("x", "LN helps", "final accuracy", "LayerNorm", [0.91, 0.93, 0.92, 0.95, 0.90], "no norm",
                   [0.80, 0.82, 0.81, 0.83, 0.80], context="At batch 32,")
     assert win.verdict == SUPPORTS
-    assert "0.922 ± 0.019" in win.sentence and "0.812 ± 0.013" in win.sentence and "supports the claim" in win.sentence
+    assert "0.922 ± 0.019" in win.sentence and "0.812 ± 0.013" in win.sentence
     assert win.sentence.startswith("At batch 32,") and "5 seeds" in win.sentence and "95 % CI" in win.sentence and "paired t" in win.sentence
-    tie = compare("x", "LN helps", "final accuracy", "LayerNorm", [0.85, 0.95, 0.90, 0.80, 0.93], "no norm", [0.88, 0.92, 0.84, 0.86, 0.90])
-    assert tie.verdict.startswith(INCONCLUSIVE) and "interval contains 0" in tie.sentence and "supports the claim" not in tie.sentence
+    # the sentence is an estimate: verdict words belong to primary claims only (normkit.lab.claims)
+    assert "supports" not in win.sentence and "inconclusive" not in win.sentence
+    assert win.data == {"a": [0.91, 0.93, 0.92, 0.95, 0.90], "b": [0.80, 0.82, 0.81, 0.83, 0.80], "higher_is_better": True,
+                        "kind": "superiority"}
 
 
 def test_failed_runs_are_counted_in_the_sentence():
@@ -206,8 +208,8 @@ def test_recurrent_and_transformer_runs_are_deterministic():
     cfg = config.preset("sequential", "smoke")
     assert sequential.train_one(cfg, "ln_gru", seed=1)["curve"] == sequential.train_one(cfg, "ln_gru", seed=1)["curve"]
     cfg = config.preset("transformer", "smoke")
-    a, b = (transformer.train_one(cfg, "pre_ln", 3, 1e-3, seed=2, threshold=10.0) for _ in range(2))
-    assert a["curve"] == b["curve"] and a["max_train_loss"] == b["max_train_loss"]
+    a, b = (transformer.train_one(cfg, "pre_ln", 3, 1e-3, seed=2) for _ in range(2))
+    assert a["curve"] == b["curve"] and a["peak_loss"] == b["peak_loss"]
 
 
 def test_batch_norm_at_batch_size_one_is_reported_not_raised():
@@ -246,7 +248,7 @@ def test_quick_and_full_are_exclusive(capsys):
 
 
 def test_run_lab_bad_arguments(tmp_path):
-    with pytest.raises(ValueError, match="seeds must be an int >= 1, got 0"):
+    with pytest.raises(ValueError, match="seeds must be None or an int >= 1, got 0"):
         run_lab(["mlp"], "smoke", 0, tmp_path)
     with pytest.raises(ValueError, match="experiment must be one of mlp, .*got 'vit'"):
         run_lab(["vit"], "smoke", 1, tmp_path)
@@ -278,16 +280,31 @@ def test_smoke_run_is_deterministic(smoke, tmp_path):
                 assert {k: v for k, v in run.items() if "seconds" not in k} == {k: v for k, v in other.items() if "seconds" not in k}
 
 
-def test_terminal_summary_lists_every_claim(smoke):
+def test_primary_verdicts_do_not_depend_on_what_else_ran(smoke):
+    """The same data give a primary claim the same verdict, interval and adjusted p whether the
+    run held every experiment or only the claim's own."""
+    _, full = smoke
+    for e in full["experiments"].values():
+        alone = runner.jsonable(runner.claims_table({"experiments": {"x": e}}))
+        for c in alone:
+            if c["verdict"].startswith("not measured"):
+                continue
+            twin = next(d for d in full["claims"] if d["key"] == c["key"])
+            assert (c["verdict"], c["diff"], c["ci_low"], c["p_adjusted"], c["mde"]) == pytest.approx(
+                (twin["verdict"], twin["diff"], twin["ci_low"], twin["p_adjusted"], twin["mde"]), nan_ok=True)
+    assert [c["key"] for c in full["claims"]] == [p.key for p in claims.PRIMARY]
+
+
+def test_terminal_summary_lists_every_primary_claim(smoke):
     from rich.console import Console
 
     _, results = smoke
     console = Console(width=600, record=True)  # wide enough that no claim wraps
     console.print(summary_table(results))
     text = console.export_text()
-    for e in results["experiments"].values():
-        for f in e["findings"]:
-            assert f["claim"] in text
+    for c in results["claims"]:
+        assert c["claim"] in text
+    assert "checks of Table 1" in text
 
 
 def test_results_json_has_everything(smoke):
@@ -295,13 +312,16 @@ def test_results_json_has_everything(smoke):
     assert set(results["experiments"]) == set(EXPERIMENTS)
     for key in ("python", "torch", "normkit", "platform", "cpu_count", "torch_threads", "date"):
         assert results["meta"][key] not in (None, ""), key
-    assert results["seeds"] == [0, 1] and results["preset"] == "smoke"
+    assert results["seeds"]["mlp"] == [0, 1] and results["preset"] == "smoke"
     for name, e in results["experiments"].items():
-        assert {"title", "claim", "config", "elapsed_s", "findings", "table", "plots", "result"} <= set(e), name
-        assert e["findings"] and e["elapsed_s"] > 0 and e["table"]["rows"], name
+        assert {"title", "claim", "config", "elapsed_s", "findings", "table", "plots", "result", "scale", "checks"} <= set(e), name
+        assert e["elapsed_s"] > 0 and e["table"]["rows"] and e["scale"], name
+        assert e["findings"] or name in ("cost", "invariance"), name
         for p in e["plots"]:
             assert (out / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", p
     assert results["experiments"]["mlp"]["result"]["arms"]["batch@1"]["errors"]
+    checks = results["experiments"]["invariance"]["checks"]
+    assert len(checks) == 24 and all(c["passed"] for c in checks)
 
 
 def test_reports_are_readable_and_self_contained(smoke):
@@ -311,36 +331,39 @@ def test_reports_are_readable_and_self_contained(smoke):
     assert "http://" not in page and "https://" not in page and "<link" not in page and "<script" not in page
     for e in results["experiments"].values():
         for f in e["findings"]:
-            assert f["sentence"] in md and f["verdict"] in md
+            assert f["sentence"] in md
+    for c in results["claims"]:
+        assert c["claim"] in md and c["verdict"] in md
+    assert md.index("## Primary claims") < md.index("## Exploratory estimates") < md.index("## mlp")
     for p in (p for e in results["experiments"].values() for p in e["plots"]):
         assert f"]({p})" in md
 
 
 def test_report_verdicts_agree_with_stored_numbers(smoke):
-    """A verdict in results.json is the test of the per-seed numbers stored beside it."""
+    """A primary verdict in results.json is the test, at alpha/m, of the per-seed numbers stored beside it."""
     _, results = smoke
     arms = results["experiments"]["mlp"]["result"]["arms"]
-    speed = next(f for f in results["experiments"]["mlp"]["findings"] if "speeds up" in f["claim"])
+    speed = next(c for c in results["claims"] if c["key"] == "mlp.speed")
     bs = max(b for b in results["experiments"]["mlp"]["result"]["batch_sizes"])
     per_seed = lambda arm, m: [r[m] for r in arms[arm]["runs"]]  # noqa: E731
-    want = paired_test(per_seed(f"layer@{bs}", "mean_acc"), per_seed(f"none@{bs}", "mean_acc"))
-    assert speed["verdict"] == want.verdict and speed["test"]["p"] == pytest.approx(want.p)
-    cost = results["experiments"]["cost"]["result"]["arms"]
-    c = next(f for f in results["experiments"]["cost"]["findings"] if f["claim"] == "Layer norm costs compute")
-    assert c["verdict"] == paired_test([r["median_ms"] for r in cost["layer"]["runs"]], [r["median_ms"] for r in cost["none"]["runs"]]).verdict
+    m = len(claims.PRIMARY)
+    want = paired_test(per_seed(f"layer@{bs}", "mean_acc"), per_seed(f"none@{bs}", "mean_acc"), alpha=0.05 / m)
+    assert speed["verdict"] == want.verdict and speed["p"] == pytest.approx(want.p) and speed["ci_low"] == pytest.approx(want.ci_low)
+    assert speed["p_adjusted"] == pytest.approx(min(1.0, m * want.p))
 
 
 def test_results_json_claims_list(smoke):
-    """One entry per claim, with the test's numbers, Holm's adjustment and the run's provenance."""
+    """One entry per pre-registered claim, in the list's order, with the test's numbers and its MDE;
+    everything else is an exploratory estimate without a verdict."""
     _, results = smoke
-    claims = results["claims"]
-    findings = [f for e in results["experiments"].values() for f in e["findings"]]
-    assert len(claims) == len(findings) and {c["experiment"] for c in claims} == set(EXPERIMENTS)
-    for c, f in zip(claims, findings):
-        assert {"experiment", "claim", "verdict", "diff", "ci_low", "ci_high", "p", "n", "p_holm", "verdict_holm", "method"} <= set(c)
-        assert c["claim"] == f["claim"] and c["verdict"] == f["verdict"]
-        if c["p"] is not None:
-            assert c["ci_low"] <= c["diff"] <= c["ci_high"] and 0 <= c["p"] <= c["p_holm"] <= 1
-    ps = [c["p"] for c in claims if c["p"] is not None]
-    assert [c["p_holm"] for c in claims if c["p"] is not None] == pytest.approx(stats.holm(ps))
+    assert [c["key"] for c in results["claims"]] == [p.key for p in claims.PRIMARY]
+    for c in results["claims"]:
+        assert set(runner.CLAIM_KEYS) <= set(c)
+        assert c["family_size"] == len(claims.PRIMARY) and c["alpha_claim"] == pytest.approx(0.05 / len(claims.PRIMARY))
+        if c["p"] is not None and c["kind"] == "superiority":
+            assert c["ci_low"] <= c["diff"] <= c["ci_high"] and 0 <= c["p"] <= c["p_adjusted"] <= 1
+    keys = {c["key"] for c in results["claims"]}
+    findings = [f for e in results["experiments"].values() for f in e["findings"] if f["key"] not in keys]
+    assert len(results["exploratory"]) == len(findings)
+    assert all("verdict" not in e for e in results["exploratory"])
     assert results["meta"]["cpu_model"] and "commit" in results["meta"]

@@ -158,3 +158,44 @@ def test_holm_step_down():
     assert adj[0] == pytest.approx(0.2) and math.isnan(adj[1]) and adj[2] == pytest.approx(0.02)
     assert holm_verdict(SUPPORTS, 0.06) == f"{INCONCLUSIVE} (after Holm)"
     assert holm_verdict(SUPPORTS, 0.01) == SUPPORTS and holm_verdict(f"{INCONCLUSIVE} (x)", 0.01) == f"{INCONCLUSIVE} (x)"
+
+
+# -- power: the minimum detectable effect, and two one-sided tests ---------------------------
+@pytest.mark.parametrize("n, alpha", [(5, 0.05), (12, 0.05 / 8)])
+def test_mde_has_the_stated_power(n, alpha):
+    """At the MDE a simulated paired t test at ``alpha`` rejects about 80 % of the time."""
+    rng = np.random.default_rng(7)
+    mde = stats.mde_paired(1.0, n, alpha)
+    hits = sum(claim(rng.normal(mde, 1, n).tolist(), [0.0] * n, alpha=alpha).verdict == SUPPORTS for _ in range(TRIALS))
+    assert abs(hits / TRIALS - 0.8) < _margin(0.8)
+    assert stats.mde_paired(2.0, n, alpha) == pytest.approx(2 * mde)  # scales with the spread
+    assert stats.mde_paired(1.0, 2 * n, alpha) < mde  # and falls with seeds
+    assert math.isnan(stats.mde_paired(1.0, 1, alpha)) and stats.mde_paired(0.0, n, alpha) == 0.0
+
+
+def test_equivalence_tost():
+    equal = [0.90, 0.91, 0.92, 0.89, 0.90, 0.91]
+    near = [0.905, 0.905, 0.915, 0.895, 0.90, 0.91]
+    t = stats.test_equivalence(equal, near, margin=0.02)
+    assert t.verdict == SUPPORTS and -0.02 < t.ci_low <= t.diff <= t.ci_high < 0.02 and t.p < 0.05
+    far = [v - 0.1 for v in equal]
+    assert stats.test_equivalence(equal, far, margin=0.02).verdict == REFUTES
+    noisy = stats.test_equivalence([0.9, 0.8, 0.95, 0.7], [0.85, 0.9, 0.75, 0.9], margin=0.02)
+    assert noisy.verdict.startswith(INCONCLUSIVE) and noisy.p > 0.05
+    with pytest.raises(ValueError, match="margin must be > 0"):
+        stats.test_equivalence(equal, near, margin=0.0)
+
+
+def test_equivalence_is_calibrated_at_the_margin():
+    """With the true difference on the margin, TOST says "supports" at most alpha of the time."""
+    rng = np.random.default_rng(11)
+    hits = sum(stats.test_equivalence(rng.normal(0.5, 1, 8).tolist(), [0.0] * 8, margin=0.5).verdict == SUPPORTS for _ in range(TRIALS))
+    assert hits / TRIALS < ALPHA + _margin(ALPHA)
+
+
+def test_equivalence_mde_has_the_stated_power():
+    rng = np.random.default_rng(5)
+    n = 10
+    margin = stats.mde_equivalence(1.0, n, ALPHA)
+    hits = sum(stats.test_equivalence(rng.normal(0, 1, n).tolist(), [0.0] * n, margin=margin).verdict == SUPPORTS for _ in range(TRIALS))
+    assert hits / TRIALS > 0.8 - _margin(0.8)  # the t approximation is slightly conservative

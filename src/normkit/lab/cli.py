@@ -37,14 +37,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"experiments to run (default: all): {', '.join(EXPERIMENTS)}")
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", dest="preset", action="store_const", const="quick",
-                      help="small models, few steps, 5 seeds: all nine experiments in about 2-3 minutes of one core (default)")
+                      help="small models, few steps, 12-16 test seeds per arm after a learning-rate sweep per arm on tuning seeds: "
+                           "all nine experiments within 10 minutes on 2 cores (default)")
     size.add_argument("--full", dest="preset", action="store_const", const="full",
                       help="larger models, more steps, wider sweeps: hours (python -m normkit.lab.estimate --preset full)")
     # tests use a seconds-long preset whose numbers mean nothing
     size.add_argument("--preset", dest="preset", choices=PRESET_NAMES, help=argparse.SUPPRESS)
     parser.set_defaults(preset="quick")
-    parser.add_argument("--seeds", type=_positive("--seeds"), default=DEFAULT_SEEDS, metavar="N",
-                        help=f"seeds per arm, >= 1 (default {DEFAULT_SEEDS}; a test needs >= 2, and has little power below 5)")
+    parser.add_argument("--seeds", type=_positive("--seeds"), default=None, metavar="N",
+                        help=f"test seeds per arm, >= 1, for every experiment (default: each experiment's own, {DEFAULT_SEEDS} where "
+                             "runs are cheap; a test needs >= 2); tuning seeds are separate")
     parser.add_argument("--out", type=Path, default=Path("lab-report"), metavar="DIR", help="output directory (default lab-report/)")
     parser.add_argument("--threads", type=_positive("--threads"), default=1, metavar="N",
                         help="torch (and normkit kernel) threads (default 1: the lab's models are small, "
@@ -65,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     from normkit.lab.runner import run_lab
 
     console = Console()
-    console.print(f"normkit lab: {', '.join(names)} — preset {args.preset}, {args.seeds} seed(s), "
+    console.print(f"normkit lab: {', '.join(names)} — preset {args.preset}, {args.seeds or 'per-experiment'} test seed(s), "
                   f"{args.threads} thread(s), output {args.out}/")
     start = time.perf_counter()
     results = run_lab(names, args.preset, args.seeds, args.out, console, threads=args.threads)

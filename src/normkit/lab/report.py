@@ -16,7 +16,7 @@ from rich.table import Table
 
 from normkit.lab.stats import INCONCLUSIVE, NOT_RUN, REFUTES, SUPPORTS, fmt_p
 
-__all__ = ["write", "markdown", "html_report", "summary_table"]
+__all__ = ["write", "markdown", "html_report", "summary_table", "claim_cells", "estimate_cells", "method_lines"]
 
 _CSS = """
 body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }
@@ -32,6 +32,8 @@ img { max-width: 100%; } .claim { font-style: italic; } .meta { color: #666; fon
 def _css_class(verdict: str) -> str:
     if verdict.startswith(INCONCLUSIVE):
         return "inconclusive"
+    if verdict.startswith(NOT_RUN):
+        return "not-measured"
     return {SUPPORTS: "supports", REFUTES: "refutes", NOT_RUN: "not-measured"}.get(verdict, "")
 
 
@@ -39,45 +41,81 @@ def _num(x, digits: int = 3) -> str:
     return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:+.{digits}g}"
 
 
+def _p(x) -> str:
+    return "n/a" if x is None else fmt_p(x).replace("p = ", "").replace("p ", "")
+
+
 def claim_cells(c: Dict) -> List[str]:
-    """The summary row of one entry of ``results["claims"]``: experiment, claim, measured,
-    difference with its interval, p, Holm-adjusted p, n, verdict, verdict after Holm."""
-    extra = c.get("extra") or {}
+    """The row of one primary claim (an entry of ``results["claims"]``): experiment, claim,
+    measured, difference with its interval at the claim's level, p, adjusted p, n, minimum
+    detectable effect, verdict."""
     if c.get("diff") is None:
         diff = "n/a"
-    elif "ratio" in extra:  # non-inferiority: the ratio and its interval read better than a log difference
-        diff = (f"ratio {extra['ratio']:.3f} [{extra['ratio_ci_low']:.3f}, {extra['ratio_ci_high']:.3f}], "
-                f"margin {1 + extra['margin']:g}")
     else:
         diff = f"{_num(c['diff'])} [{_num(c['ci_low'])}, {_num(c['ci_high'])}]"
-    p = "n/a" if c.get("p") is None else fmt_p(c["p"]).replace("p = ", "").replace("p ", "")
-    ph = "n/a" if c.get("p_holm") is None else fmt_p(c["p_holm"]).replace("p = ", "").replace("p ", "")
-    return [c["experiment"], c["claim"], c.get("measured", ""), diff, p, ph, str(c.get("n", "")), c["verdict"], c.get("verdict_holm", "")]
+    if c.get("mde") is None:
+        mde = "n/a"
+    elif c.get("kind") == "equivalence":
+        mde = f"margin ±{c['mde']:.3g} (asked ±{c['margin']:g})"
+    else:
+        mde = f"{c['mde']:.3g}"
+    return [c["experiment"], c["claim"], c.get("measured", ""), diff, _p(c.get("p")), _p(c.get("p_adjusted")), str(c.get("n", "")), mde,
+            c["verdict"]]
 
 
-CLAIM_HEADER = ["experiment", "claim", "measured (mean ± std over seeds)", "difference in the claim's favour [95 % CI]", "p",
-                "p (Holm)", "n", "verdict", "after Holm"]
+CLAIM_HEADER = ["experiment", "primary claim", "measured (mean ± std over test seeds)",
+                "difference in the claim's favour [CI at the claim's level]", "p", "p × m", "n", "MDE (80 % power)", "verdict"]
+
+
+def estimate_cells(e: Dict) -> List[str]:
+    """The row of one exploratory estimate: no verdict, the unadjusted 95 % interval."""
+    diff = "n/a" if e.get("diff") is None else f"{_num(e['diff'])} [{_num(e['ci_low'])}, {_num(e['ci_high'])}]"
+    return [e["experiment"], e["statement"], e.get("measured", ""), diff, str(e.get("n", ""))]
+
+
+ESTIMATE_HEADER = ["experiment", "estimate of", "measured (mean ± std over test seeds)", "difference, > 0 in its favour [95 % CI]", "n"]
 
 
 def _claims(results: Dict) -> List[Dict]:
     return results.get("claims") or []
 
 
+def _checks(results: Dict) -> List[Dict]:
+    return [c for e in results["experiments"].values() for c in e.get("checks", [])]
+
+
+def method_lines(results: Dict) -> List[str]:
+    claims = _claims(results)
+    m = claims[0]["family_size"] if claims else 0
+    alpha = claims[0]["alpha"] if claims else 0.05
+    return [
+        f"**Primary claims** are a fixed, pre-registered list of {m} (`normkit.lab.claims.PRIMARY`), each tied to a sentence of the "
+        f"paper or of the work it names. Each is tested at α/m = {alpha:g}/{m} (Holm's first, strictest step over the fixed list: "
+        "Holm's later steps need every p of the family, which a run of a subset of the experiments lacks, so this gives a claim the "
+        "same verdict from the same data whatever else ran; the family-wise error stays at most α). Its interval is at that level too "
+        "(two-sided 1 − α/m; 1 − 2α/m for the two one-sided tests of an equivalence claim), so verdict and interval agree. Superiority: "
+        "a paired t test over test seeds, *supports* when the interval lies above 0, *does not support* when below. Equivalence "
+        "(\"on par\"): two one-sided tests against the stated margin. **MDE**: the smallest true difference the test finds with 80 % "
+        "power at the seeds run and the observed spread (noncentral t); for an equivalence claim, the smallest margin it would establish "
+        "were the arms equal. A claim whose experiment did not run is *not measured*.",
+        "**Fair arms.** Every ReLU network is He-initialized; each arm runs at the Adam rate of a sweep (3 rates in the quick preset) "
+        "that gave it the best score on tuning seeds 1000, 1001, … which the test does not use (test seeds are 0 … n−1).",
+        "**Exploratory estimates** are everything else: a difference with its unadjusted 95 % interval, no verdict. **Checks** "
+        "(the paper's Table 1) are deterministic and pass or fail. **Cost** is a micro-benchmark of the norm op, not a claim.",
+    ]
+
+
 def _header_lines(results: Dict) -> List[str]:
     m = results["meta"]
+    seeds = results["seeds"]
+    seed_text = ", ".join(f"{k} {len(v)}" for k, v in seeds.items()) if isinstance(seeds, dict) else str(len(seeds))
     return [
-        f"Preset `{results['preset']}`, seeds {results['seeds']}, total {results.get('elapsed_s') or 0:.0f} s, {m['date']}.",
+        f"Preset `{results['preset']}`, test seeds per arm: {seed_text}; total {results.get('elapsed_s') or 0:.0f} s, {m['date']}.",
         f"Python {m['python']}, torch {m['torch']}, normkit {m['normkit']} (backends: {', '.join(m['normkit_backends'])}); "
         f"{m.get('cpu_model', '')}, {m['platform']}, {m['cpu_count']} CPUs, torch threads: {m['torch_threads']}; "
         f"commit {m.get('commit') or 'unknown'}; the lab process's CPU time {results.get('cpu_s') or 0:.0f} s; "
         f"load average at the start {m.get('load_average_at_start')}, at the end {m.get('load_average_at_end')}.",
-        "Verdicts are tests (normkit.lab.stats): a paired t interval over seeds of the difference between the claim's arm and "
-        "its baseline, oriented so that > 0 favours the claim; supports when the 95 % interval lies above 0, does not support "
-        "when it lies below, inconclusive otherwise. Failure counts use Fisher's exact test, 'no slower than' a stated "
-        "non-inferiority margin. 'After Holm': the verdict that survives Holm's correction over all claims of this run.",
-        "Training and step times are the process's CPU time (robust to other jobs on a shared machine; equal to the wall "
-        "clock on an idle one) unless marked wall; section times are wall-clock.",
-    ]
+    ] + method_lines(results)
 
 
 def _md_table(header: List[str], rows: List[List[str]]) -> List[str]:
@@ -85,14 +123,22 @@ def _md_table(header: List[str], rows: List[List[str]]) -> List[str]:
     return ["| " + " | ".join(map(esc, header)) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(map(esc, r)) + " |" for r in rows]
 
 
+def _check_rows(results: Dict) -> List[List[str]]:
+    return [[c["experiment"], c["check"], f"{c['max_change']:.1e}", "pass" if c["passed"] else "FAIL"] for c in _checks(results)]
+
+
 def markdown(results: Dict) -> str:
-    lines = ["# normkit lab report", ""] + _header_lines(results) + ["", "## Summary", ""]
+    lines = ["# normkit lab report", ""] + _header_lines(results) + ["", "## Primary claims", ""]
     lines += _md_table(CLAIM_HEADER, [claim_cells(c) for c in _claims(results)])
+    lines += ["", "## Checks (deterministic)", ""] + _md_table(["experiment", "check", "largest relative change", "result"], _check_rows(results))
+    lines += ["", "## Exploratory estimates (no verdict)", ""]
+    lines += _md_table(ESTIMATE_HEADER, [estimate_cells(e) for e in results.get("exploratory", [])])
     for name, e in results["experiments"].items():
-        lines += ["", f"## {name}: {e['title']}", "", f"*Claim:* {e['claim']}", "", f"Elapsed: {e['elapsed_s']:.1f} s.", ""]
+        lines += ["", f"## {name}: {e['title']}", "", f"*Tests:* {e['claim']}", "", f"*Scale:* {e.get('scale', '')}", "",
+                  f"Elapsed: {e['elapsed_s']:.1f} s.", ""]
         lines += [f"![{name}]({p})" for p in e["plots"]] + [""]
         lines += _md_table(e["table"]["header"], e["table"]["rows"]) + [""]
-        lines += [f"- **{f['verdict']}** — {f['claim']}: {f['sentence']}" for f in e["findings"]]
+        lines += [f"- {'**primary** — ' if f.get('key') else ''}{f['claim']}: {f['sentence']}" for f in e["findings"]]
     return "\n".join(lines) + "\n"
 
 
@@ -105,57 +151,58 @@ def _html_table(header: List[str], rows: List[List[str]]) -> str:
 def html_report(results: Dict, out: Path) -> str:
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>normkit lab report</title><style>{_CSS}</style></head><body>",
              "<h1>normkit lab report</h1>"]
-    parts += [f"<p class='meta'>{html.escape(line).replace('`', '')}</p>" for line in _header_lines(results)]
-    parts.append("<h2>Summary</h2>")
+    parts += [f"<p class='meta'>{html.escape(line).replace('`', '').replace('**', '')}</p>" for line in _header_lines(results)]
+    parts.append("<h2>Primary claims</h2>")
     rows = ""
     for c in _claims(results):
         cells = claim_cells(c)
-        rows += "<tr>" + "".join(f"<td>{html.escape(x)}</td>" for x in cells[:-2])
-        rows += "".join(f"<td class='{_css_class(v)}'>{html.escape(v)}</td>" for v in cells[-2:]) + "</tr>"
+        rows += "<tr>" + "".join(f"<td>{html.escape(x)}</td>" for x in cells[:-1])
+        rows += f"<td class='{_css_class(cells[-1])}'>{html.escape(cells[-1])}</td></tr>"
     head = "".join(f"<th>{html.escape(h)}</th>" for h in CLAIM_HEADER)
     parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
+    parts.append("<h2>Checks (deterministic)</h2>" + _html_table(["experiment", "check", "largest relative change", "result"], _check_rows(results)))
+    parts.append("<h2>Exploratory estimates (no verdict)</h2>"
+                 + _html_table(ESTIMATE_HEADER, [estimate_cells(e) for e in results.get("exploratory", [])]))
     for name, e in results["experiments"].items():
-        parts.append(f"<h2>{html.escape(name)}: {html.escape(e['title'])}</h2><p class='claim'>Claim: {html.escape(e['claim'])}</p>")
-        parts.append(f"<p class='meta'>Elapsed {e['elapsed_s']:.1f} s.</p>")
+        parts.append(f"<h2>{html.escape(name)}: {html.escape(e['title'])}</h2><p class='claim'>Tests: {html.escape(e['claim'])}</p>")
+        parts.append(f"<p class='meta'>Scale: {html.escape(str(e.get('scale', '')))}. Elapsed {e['elapsed_s']:.1f} s.</p>")
         for p in e["plots"]:
             data = base64.b64encode((Path(out) / p).read_bytes()).decode("ascii")
             parts.append(f"<img alt='{html.escape(name)}' src='data:image/png;base64,{data}'>")
         parts.append(_html_table(e["table"]["header"], e["table"]["rows"]))
         parts.append("<ul>" + "".join(
-            f"<li><span class='{_css_class(f['verdict'])}'>{html.escape(f['verdict'])}</span> — "
-            f"{html.escape(f['claim'])}: {html.escape(f['sentence'])}</li>" for f in e["findings"]) + "</ul>")
+            f"<li>{'<b>primary</b> — ' if f.get('key') else ''}{html.escape(f['claim'])}: {html.escape(f['sentence'])}</li>"
+            for f in e["findings"]) + "</ul>")
     parts.append("</body></html>")
     return "\n".join(parts)
 
 
 def _short(verdict: str) -> str:
     """Verdicts as the terminal table prints them (the reports carry the full wording)."""
-    return INCONCLUSIVE if verdict.startswith(INCONCLUSIVE) else verdict
+    return INCONCLUSIVE if verdict.startswith(INCONCLUSIVE) else NOT_RUN if verdict.startswith(NOT_RUN) else verdict
 
 
 def summary_table(results: Dict) -> Table:
-    """The terminal's closing table: one row per claim, its measurements, the test and the verdict."""
-    table = Table(title="normkit lab: the claims, measured",
-                  caption="difference > 0 favours the claim; [95 % CI], paired by seed; verdict after Holm's correction "
-                          "over all claims. Details: report.html")
+    """The terminal's closing table: the primary claims, each with its test, MDE and verdict."""
+    claims = _claims(results)
+    m = claims[0]["family_size"] if claims else 0
+    table = Table(title="normkit lab: the pre-registered primary claims",
+                  caption=f"difference > 0 favours the claim; interval and verdict at α/m = 0.05/{m}, paired by test seed; MDE = smallest "
+                          "effect found with 80 % power. Exploratory estimates, checks and cost: report.html")
     table.add_column("experiment", no_wrap=True)
     table.add_column("claim", ratio=3)
     table.add_column("measured", ratio=3)
     table.add_column("difference [CI]", ratio=2)
-    table.add_column("p (Holm)", no_wrap=True)
+    table.add_column("MDE", ratio=1)
     table.add_column("verdict", ratio=1)
-    table.add_column("time (s)", justify="right", no_wrap=True)
     style = {SUPPORTS: "green", REFUTES: "red", INCONCLUSIVE: "yellow", NOT_RUN: "yellow"}
-    by_exp: Dict[str, List[Dict]] = {}
-    for c in _claims(results):
-        by_exp.setdefault(c["experiment"], []).append(c)
-    for name, e in results["experiments"].items():
-        claims = by_exp.get(name, [])
-        for i, c in enumerate(claims):
-            cells = claim_cells(c)
-            v = _short(c.get("verdict_holm") or c["verdict"])
-            table.add_row(name if i == 0 else "", escape(c["claim"]), escape(cells[2]), escape(cells[3]), escape(cells[5]), f"[{style.get(v, '')}]{v}[/]",
-                          f"{e['elapsed_s']:.1f}" if i == 0 else "", end_section=i == len(claims) - 1)
+    for c in claims:
+        cells = claim_cells(c)
+        v = _short(c["verdict"])
+        table.add_row(c["experiment"], escape(c["claim"]), escape(cells[2]), escape(cells[3]), escape(cells[7]), f"[{style.get(v, '')}]{v}[/]")
+    checks = _checks(results)
+    if checks:
+        table.add_row("invariance", f"checks of Table 1: {sum(c['passed'] for c in checks)}/{len(checks)} pass", "", "", "", "", end_section=True)
     return table
 
 

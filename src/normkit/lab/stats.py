@@ -279,3 +279,91 @@ def holm_verdict(verdict: str, p_holm: float, alpha: float = 0.05) -> str:
     if verdict in (SUPPORTS, REFUTES) and not (p_holm < alpha):
         return f"{INCONCLUSIVE} (after Holm)"
     return verdict
+
+
+def mde_paired(sd: float, n: int, alpha: float = 0.05, power: float = 0.8) -> float:
+    r"""The smallest true mean difference a two-sided paired t test at level ``alpha`` on ``n``
+    differences of standard deviation ``sd`` detects with probability ``power`` (the minimum
+    detectable effect). Exact under normal differences: the test statistic is noncentral t with
+    :math:`n-1` degrees of freedom and noncentrality :math:`\delta\sqrt n/\sigma`; solved for
+    :math:`\delta` with scipy's ``nct``."""
+    if n < 2 or not (sd is not None and math.isfinite(sd)):
+        return math.nan
+    if sd == 0.0:
+        return 0.0
+    from scipy.optimize import brentq
+    from scipy.stats import nct, t
+
+    df, crit = n - 1, float(t.ppf(1 - alpha / 2, n - 1))
+
+    def gap(effect: float) -> float:
+        nc = effect * math.sqrt(n)
+        return float(nct.sf(crit, df, nc) + nct.cdf(-crit, df, nc)) - power
+
+    hi = 1.0
+    while True:  # bracket the root; at n = 2 and a small alpha the effect can be enormous
+        g = gap(hi)
+        if not math.isfinite(g) or hi > 1e6:
+            return math.inf
+        if g >= 0:
+            break
+        hi *= 2
+    return brentq(gap, 1e-9, hi) * sd
+
+
+def mde_equivalence(sd: float, n: int, alpha: float = 0.05, power: float = 0.8) -> float:
+    r"""The smallest margin that two one-sided tests at level ``alpha`` each establish with
+    probability ``power`` when the true difference is 0: :math:`(t_{1-\alpha} + t_{(1+p)/2})\,
+    s/\sqrt n` (the usual t approximation of TOST's power)."""
+    if n < 2 or not (sd is not None and math.isfinite(sd)):
+        return math.nan
+    return (_t_ppf(1 - alpha, n - 1) + _t_ppf((1 + power) / 2, n - 1)) * sd / math.sqrt(n)
+
+
+def test_equivalence(a: Sequence[Optional[float]], b: Sequence[Optional[float]], *, margin: float,
+                     alpha: float = 0.05) -> ClaimTest:
+    r"""Two one-sided tests (TOST) of "``a`` and ``b`` are on par": the paired mean difference
+    :math:`\bar d = \overline{a - b}` lies within :math:`(-m, m)`.
+
+    ``p`` is the larger of the two one-sided p-values; the interval is the :math:`1 - 2\alpha`
+    paired t interval (TOST at level ``alpha`` supports exactly when it lies inside the margins).
+    *supports* when it does, *does not support* when it lies wholly outside them (the arms differ
+    by more than the margin), otherwise inconclusive. ``extra`` holds the margin and the
+    difference's sample std ``sd`` (for :func:`mde_equivalence`).
+    """
+    _check_alpha(alpha)
+    if not margin > 0:
+        raise ValueError(f"margin must be > 0, got {margin}")
+    a, b = list(a), list(b)
+    if not a or not b:
+        return ClaimTest(NOT_RUN, math.nan, math.nan, math.nan, math.nan, 0, "TOST", alpha)
+    if len(a) != len(b):
+        raise ValueError(f"paired test needs equally many values per arm, got {len(a)} and {len(b)}")
+    fa, fb = sum(not _finite(v) for v in a), sum(not _finite(v) for v in b)
+    d = [float(x) - float(y) for x, y in zip(a, b) if _finite(x) and _finite(y)]
+    n, method = len(d), f"TOST, paired t, margin ±{margin:g}"
+    if n < 2:
+        return ClaimTest(f"{INCONCLUSIVE} ({n} complete pairs; an interval needs 2)", math.nan, math.nan, math.nan, math.nan, n,
+                         method, alpha, fa, fb)
+    mean = sum(d) / n
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1))
+    se = sd / math.sqrt(n)
+    if se == 0.0:
+        inside = abs(mean) < margin
+        p, lo, hi = (0.0 if inside else 1.0), mean, mean
+    else:
+        p = max(_t_sf((mean + margin) / se, n - 1), _t_sf((margin - mean) / se, n - 1))
+        half = _t_ppf(1 - alpha, n - 1) * se
+        lo, hi = mean - half, mean + half
+    if -margin < lo and hi < margin:
+        verdict = SUPPORTS
+    elif lo >= margin or hi <= -margin:
+        verdict = REFUTES
+    else:
+        verdict = f"{INCONCLUSIVE} (the interval crosses a margin ±{margin:g})"
+    return ClaimTest(verdict, mean, lo, hi, min(1.0, p), n, method, alpha, fa, fb, {"margin": margin, "sd": sd})
+
+
+def bonferroni(p: Optional[float], m: int) -> float:
+    """``min(1, m p)``: the adjusted p-value of one claim of a fixed family of ``m``."""
+    return math.nan if p is None or not math.isfinite(p) else min(1.0, m * p)

@@ -23,12 +23,13 @@ from normkit.lab.stats import (
     SUPPORTS,
     ClaimTest,
     test_claim,
+    test_equivalence,
     test_failures,
     test_noninferiority,
 )
 
 __all__ = ["Stat", "Finding", "SUPPORTS", "REFUTES", "INCONCLUSIVE", "NOT_RUN", "compare", "compare_failures",
-           "compare_noninferior", "not_measured"]
+           "compare_noninferior", "compare_equivalence", "not_measured"]
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,8 @@ class Finding:
     numbers: str = ""  # the two measurements, short, for summary tables
     test: Dict = field(default_factory=dict)  # ClaimTest.to_dict()
     metric: str = ""
+    key: str = ""  # the id of the pre-registered primary claim it measures (normkit.lab.claims), or "" (exploratory)
+    data: Dict = field(default_factory=dict)  # the per-seed values the test ran on: a, b, higher_is_better
 
     def noted(self, note: str) -> "Finding":
         """The same finding with ``note`` appended to its sentence."""
@@ -101,7 +104,7 @@ def _failure_note(t: ClaimTest, a_label: str, b_label: str, n_a: int, n_b: int) 
 
 def compare(experiment: str, claim: str, metric: str, a_label: str, a: Sequence[Optional[float]], b_label: str,
             b: Sequence[Optional[float]], *, higher_is_better: bool = True, paired: bool = True, alpha: float = 0.05,
-            digits: int = 3, context: str = "", better: str = "", unit: str = "") -> Finding:
+            digits: int = 3, context: str = "", better: str = "", unit: str = "", key: str = "") -> Finding:
     """A :class:`Finding` for "``a`` beats ``b``" on per-seed values (``a[i]``, ``b[i]`` from seed
     ``i`` when ``paired``), whose sentence states both measurements, the difference with its
     interval and p-value, and the verdict.
@@ -117,10 +120,30 @@ def compare(experiment: str, claim: str, metric: str, a_label: str, a: Sequence[
     diff = "" if not math.isfinite(t.diff) else f"; difference in the claim's favour {t.interval(digits)}, {t.method}"
     text = (f"{metric} ({direction}), {seeds} seed{'s' if seeds != 1 else ''}: "
             f"{a_label} {sa.fmt(digits)} vs {b_label} {sb.fmt(digits)}{diff}")
-    sentence = f"{context + ' ' if context else ''}{text}: {_tail(t.verdict, a_label, b_label, better or 'better')}."
+    sentence = f"{context + ' ' if context else ''}{text}."
     sentence += _failure_note(t, a_label, b_label, len(a), len(b))
     numbers = f"{a_label} {sa.fmt(digits)} vs {b_label} {sb.fmt(digits)}" + (f" ({unit})" if unit else "")
-    return Finding(experiment, claim, t.verdict, sentence[0].upper() + sentence[1:], numbers, t.to_dict(), unit or metric)
+    return Finding(experiment, claim, t.verdict, sentence[0].upper() + sentence[1:], numbers, t.to_dict(), unit or metric, key,
+                   {"a": a, "b": b, "higher_is_better": higher_is_better, "kind": "superiority"})
+
+
+def compare_equivalence(experiment: str, claim: str, metric: str, a_label: str, a: Sequence[Optional[float]], b_label: str,
+                        b: Sequence[Optional[float]], *, margin: float, alpha: float = 0.05, digits: int = 3, context: str = "",
+                        unit: str = "", key: str = "") -> Finding:
+    """A :class:`Finding` for "``a`` and ``b`` are on par within ``margin``" (two one-sided tests,
+    paired by seed; the difference is ``a - b``)."""
+    a, b = list(a), list(b)
+    t = test_equivalence(a, b, margin=margin, alpha=alpha)
+    sa, sb = Stat.of(a), Stat.of(b)
+    level = round(100 * (1 - 2 * alpha))
+    diff = "" if not math.isfinite(t.diff) else (f"; difference {a_label} − {b_label} {t.diff:+.{digits}f} ({level} % CI "
+                                                 f"{t.ci_low:+.{digits}f} to {t.ci_high:+.{digits}f}), margin ±{margin:g}, {t.method}")
+    sentence = (f"{context + ' ' if context else ''}{metric}, {max(len(a), len(b))} seeds: {a_label} {sa.fmt(digits)} vs "
+                f"{b_label} {sb.fmt(digits)}{diff}.")
+    sentence += _failure_note(t, a_label, b_label, len(a), len(b))
+    numbers = f"{a_label} {sa.fmt(digits)} vs {b_label} {sb.fmt(digits)}" + (f" ({unit})" if unit else "")
+    return Finding(experiment, claim, t.verdict, sentence[0].upper() + sentence[1:], numbers, t.to_dict(), unit or metric, key,
+                   {"a": a, "b": b, "kind": "equivalence", "margin": margin})
 
 
 def compare_failures(experiment: str, claim: str, a_label: str, failed_a: int, n_a: int, b_label: str, failed_b: int,

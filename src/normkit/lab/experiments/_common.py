@@ -11,7 +11,7 @@ import torch
 
 from normkit.lab.verdict import Stat
 
-__all__ = ["seeded", "curve_stats", "stat", "stat_dict", "pyplot", "save", "clip_and_step", "Timer", "warm_up", "LABELS", "adam",
+__all__ = ["tune", "tuning_seeds", "TUNE_SEED0", "seeded", "curve_stats", "stat", "stat_dict", "pyplot", "save", "clip_and_step", "Timer", "warm_up", "LABELS", "adam",
            "values", "checkpoints"]
 
 #: Human names for arm keys, used in tables, plots and sentences.
@@ -35,6 +35,43 @@ LABELS = {
     "group": "GroupNorm",
     "weight": "WeightNorm",
 }
+
+
+#: Tuning seeds are 1000, 1001, ...: disjoint from the test seeds 0 .. n-1, so the rate an arm is
+#: tested at was not chosen on the data of its test.
+TUNE_SEED0 = 1000
+
+
+def tuning_seeds(k: int) -> List[int]:
+    return [TUNE_SEED0 + i for i in range(k)]
+
+
+def tune(name: str, arms: Sequence[str], lrs: Sequence[float], k: int, ticks: int, tracker,
+         score: Callable[[str, float, int, Callable], Optional[float]], label: Callable[[str], str] = lambda a: LABELS[a]) -> Dict[str, Dict]:
+    """Each arm's learning rate, chosen on ``k`` tuning seeds: ``score(arm, lr, seed, tick)`` (higher
+    is better; ``None`` or non-finite for a failed run, which makes that rate ineligible) for every
+    rate of ``lrs``; the rate with the best mean score wins (ties: the smaller rate). Returns per arm
+    ``{"lr": chosen, "scores": {str(lr): mean or None}, "seeds": [...]}``. With ``k = 0`` or a
+    single rate nothing runs and the first rate is chosen."""
+    seeds = tuning_seeds(k)
+    out: Dict[str, Dict] = {}
+    for arm in arms:
+        means: Dict[str, Optional[float]] = {}
+        if k == 0 or len(lrs) == 1:
+            out[arm] = {"lr": lrs[0], "scores": {}, "seeds": []}
+            continue
+        for lr in lrs:
+            vals = []
+            for seed in seeds:
+                with tracker.run(f"tuning {label(arm)}, lr {lr:g}, seed {seed}", ticks) as tick:
+                    vals.append(score(arm, lr, seed, tick))
+            ok = [float(v) for v in vals if v is not None and math.isfinite(float(v))]
+            means[f"{lr:g}"] = sum(ok) / len(ok) if len(ok) == len(vals) else None
+        eligible = [lr for lr in lrs if means[f"{lr:g}"] is not None]
+        best = max(eligible, key=lambda lr: (means[f"{lr:g}"], -lr)) if eligible else min(lrs)
+        out[arm] = {"lr": best, "scores": means, "seeds": seeds}
+        tracker.log(f"{name}: {label(arm)} tuned to lr {best:g}")
+    return out
 
 
 def adam(params, lr: float, **kwargs) -> torch.optim.Adam:

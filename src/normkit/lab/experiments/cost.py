@@ -1,21 +1,23 @@
-r"""What normalization costs: time of one training step (forward + backward + Adam step) of the
-same MLP with each norm, on this machine.
+r"""Cost, as an engineering measurement: micro-benchmarks of the norm op itself.
 
-Per seed: build the model, run ``warmup`` untimed steps, then time ``repeats`` steps one by one
-and keep the median (robust to a neighbour's burst on a shared machine). Each step is timed
-twice: the process's CPU time (what the verdicts use: on a shared machine the wall clock mostly
-measures the neighbours, while the CPU time of the lab's single-threaded run is the compute the
-step needed) and the wall clock (recorded beside it; on an idle machine the two agree). The
-table gives the mean ± std of the medians over seeds and the ratio to the unnormalized model.
-Also records which normkit backend ran.
+Timing a whole training step mostly times the matrix products around the norm (a few percent of
+the work); here the op is timed alone, forward and forward + backward, at a small and a large
+shape: torch's ``F.layer_norm`` / ``F.rms_norm`` against normkit's ``layer_norm`` / ``rms_norm``
+(with weight and bias where the op has them, float32, one thread). The ops are timed in
+``blocks`` interleaved blocks: in each block every op runs ``calls`` calls once, in an order
+rotated from block to block, so that a burst of load on a shared machine hits all of them and
+the ratios pair by block. Reported: CPU milliseconds per call (median over blocks) and the
+ratio normkit / torch as a geometric mean over blocks with its 95 % t interval. An estimate
+for engineering decisions, not a claim of the paper: it gets no verdict.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Callable, Dict, List, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -23,103 +25,108 @@ import torch.nn.functional as F
 import normkit
 from normkit.backends import select_backend_name
 from normkit.lab.config import CostConfig
-from normkit.lab.experiments._common import (
-    LABELS,
-    adam,
-    pyplot,
-    save,
-    seeded,
-    stat_dict,
-    values,
-)
-from normkit.lab.models import MLP
-from normkit.lab.verdict import Stat, compare, compare_noninferior
+from normkit.lab.experiments._common import pyplot, save
+from normkit.lab.stats import test_claim
 
 NAME = "cost"
-TITLE = "Cost: training-step time of each norm in the same MLP"
-CLAIM = "Normalization costs compute: each norm layer adds time to every training step."
+TITLE = "Cost: the norm op itself, forward and backward (micro-benchmark, an engineering section)"
+CLAIM = "Not a claim: what normkit's layer_norm / rms_norm cost per call against torch's, on this machine."
+
+OP_LABELS = {"torch_layer": "torch F.layer_norm", "layer": "normkit.layer_norm", "torch_rms": "torch F.rms_norm", "rms": "normkit.rms_norm"}
+PAIRS = (("layer", "torch_layer"), ("rms", "torch_rms"))
 
 
-def time_one(cfg: CostConfig, norm: str, seed: int, tick=lambda n=1: None) -> Dict:
-    gen = seeded(seed)
-    model = MLP(cfg.width, cfg.width, cfg.depth, 10, norm)
-    opt = adam(model.parameters(), 1e-3)
-    x = torch.randn(cfg.batch, cfg.width, generator=gen)
-    y = torch.randint(0, 10, (cfg.batch,), generator=gen)
+def _op(name: str, width: int) -> Callable:
+    w, b = torch.randn(width, requires_grad=True), torch.randn(width, requires_grad=True)
+    return {
+        "torch_layer": lambda x: F.layer_norm(x, (width,), w, b),
+        "layer": lambda x: normkit.layer_norm(x, (width,), w, b),
+        "torch_rms": lambda x: F.rms_norm(x, (width,), w),
+        "rms": lambda x: normkit.rms_norm(x, (width,), w),
+    }[name]
 
-    def step() -> None:
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
 
-    for _ in range(cfg.warmup):
-        step()
-        tick()
-    cpu, wall = [], []
-    for _ in range(cfg.repeats):
-        start, start_cpu = time.perf_counter(), time.process_time()
-        step()
-        cpu.append(time.process_time() - start_cpu)
-        wall.append(time.perf_counter() - start)
-        tick()
-    return {"median_ms": 1e3 * statistics.median(cpu), "min_ms": 1e3 * min(cpu), "wall_median_ms": 1e3 * statistics.median(wall)}
+def _timed(fn: Callable, x: torch.Tensor, calls: int, backward: bool) -> float:
+    """CPU ms per call of ``fn(x)`` (and its backward) over ``calls`` calls."""
+    g = torch.randn_like(x) if backward else None
+    start = time.process_time()
+    for _ in range(calls):
+        if backward:
+            xg = x.detach().requires_grad_()
+            fn(xg).backward(g)
+        else:
+            with torch.no_grad():
+                fn(x)
+    return 1e3 * (time.process_time() - start) / calls
 
 
 def run(cfg: CostConfig, seeds: Sequence[int], tracker) -> Dict:
-    tracker.experiment(NAME, len(cfg.norms) * len(seeds))
-    arms = {}
-    # interleave norms within a seed so that a burst of load on a shared machine hits all of them
-    per = {norm: [] for norm in cfg.norms}
-    for seed in seeds:
-        for norm in cfg.norms:
-            with tracker.run(f"{LABELS[norm]}, seed {seed}", cfg.warmup + cfg.repeats) as tick:
-                per[norm].append(time_one(cfg, norm, seed, tick))
-    base = Stat.of([r["median_ms"] for r in per["none"]]).mean if "none" in per else float("nan")
-    for norm, runs in per.items():
-        s = Stat.of([r["median_ms"] for r in runs])
-        arms[norm] = {"step_ms": s.to_dict(), "min_ms": stat_dict([r["min_ms"] for r in runs]),
-                      "wall_ms": stat_dict([r["wall_median_ms"] for r in runs]), "ratio_to_none": s.mean / base, "runs": runs}
-    probe = torch.randn(2, cfg.width)
-    return {
-        "arms": arms,
-        "shape": {"batch": cfg.batch, "width": cfg.width, "depth": cfg.depth},
-        "normkit_backend": select_backend_name(probe, 0.0),
-        "normkit_backends_available": normkit.backends.available(),
-        "threads": torch.get_num_threads(),
-        "margin": cfg.margin,
-    }
+    cells: Dict[str, List[float]] = {}
+    tracker.experiment(NAME, len(cfg.shapes) * 2)
+    gen = torch.Generator().manual_seed(0)
+    for rows, width in cfg.shapes:
+        x = torch.randn(rows, width, generator=gen)
+        ops = {name: _op(name, width) for name in cfg.ops}
+        for backward in (False, True):
+            tag = f"{rows}x{width}|{'fwd+bwd' if backward else 'fwd'}"
+            with tracker.run(f"{tag}", cfg.blocks) as tick:
+                for fn in ops.values():  # warm-up: kernels compiled, buffers allocated
+                    _timed(fn, x, 2, backward)
+                names = list(ops)
+                for block in range(cfg.blocks):
+                    k = block % len(names)
+                    for name in names[k:] + names[:k]:
+                        cells.setdefault(f"{name}|{tag}", []).append(_timed(ops[name], x, cfg.calls, backward))
+                    tick()
+    ratios = {}
+    for key in {k.split("|", 1)[1] for k in cells}:
+        for a, b in PAIRS:
+            if f"{a}|{key}" in cells and f"{b}|{key}" in cells:
+                la = [math.log(max(v, 1e-9)) for v in cells[f"{a}|{key}"]]
+                lb = [math.log(max(v, 1e-9)) for v in cells[f"{b}|{key}"]]
+                t = test_claim(la, lb)  # paired by block: mean log ratio and its 95 % interval
+                ratios[f"{a}/{b}|{key}"] = {"ratio": math.exp(t.diff) if math.isfinite(t.diff) else None,
+                                            "ci_low": math.exp(t.ci_low) if math.isfinite(t.ci_low) else None,
+                                            "ci_high": math.exp(t.ci_high) if math.isfinite(t.ci_high) else None, "blocks": t.n}
+    probe = torch.randn(2, cfg.shapes[0][1])
+    return {"cells": {k: {"median_ms": statistics.median(v), "ms": v} for k, v in cells.items()}, "ratios": ratios,
+            "shapes": [list(s) for s in cfg.shapes], "ops": list(cfg.ops), "blocks": cfg.blocks, "calls": cfg.calls,
+            "normkit_backend": select_backend_name(probe, 0.0), "normkit_backends_available": normkit.backends.available(),
+            "threads": torch.get_num_threads()}
 
 
-def findings(result: Dict):
-    arms = result["arms"]
-    get = lambda a: values(arms[a]["runs"], "median_ms") if a in arms else []  # noqa: E731
-    ctx = (f"Training step of a {result['shape']['depth']}-layer, width-{result['shape']['width']} MLP at batch {result['shape']['batch']} "
-           f"(normkit backend: {result['normkit_backend']}, {result['threads']} torch thread(s); arms interleaved within each seed, paired by seed),")
-    margin = result.get("margin", 0.05)
-    return [
-        compare(NAME, "Layer norm costs compute", "median CPU time per step in ms", "LayerNorm (normkit)", get("layer"), "no norm", get("none"),
-                context=ctx, better="slower", unit="ms/step"),
-        compare_noninferior(NAME, f"normkit's LayerNorm is no slower than torch's (margin {100 * margin:g} %)", "median CPU time per step in ms",
-                            "LayerNorm (normkit)", get("layer"), "torch LayerNorm", get("torch_layer"), margin=margin, context=ctx, unit="ms/step"),
-        compare(NAME, "RMSNorm is cheaper than LayerNorm", "median CPU time per step in ms", "RMSNorm (normkit)", get("rms"),
-                "LayerNorm (normkit)", get("layer"), higher_is_better=False, context=ctx, unit="ms/step"),
-    ]
+def findings(result: Dict) -> list:
+    return []  # an engineering measurement: no claim, no verdict
 
 
 def table(result: Dict):
-    header = ["norm", "CPU ms per step (median)", "× no norm", "wall ms per step (median)"]
-    rows = [[LABELS[n] + (" (normkit)" if n in ("layer", "rms") else ""), Stat(**r["step_ms"]).fmt(3), f"{r['ratio_to_none']:.2f}",
-             Stat(**r["wall_ms"]).fmt(3)] for n, r in result["arms"].items()]
+    header = ["shape (rows × width)", "pass"] + [f"{OP_LABELS[o]}: ms/call" for o in result["ops"]] + [
+        f"{a} / {b} [95 % CI]" for a, b in PAIRS]
+    rows = []
+    for r, w in result["shapes"]:
+        for p in ("fwd", "fwd+bwd"):
+            key = f"{r}x{w}|{p}"
+            row = [f"{r} × {w}", p] + [f"{result['cells'][f'{o}|{key}']['median_ms']:.4f}" for o in result["ops"]]
+            for a, b in PAIRS:
+                q = result["ratios"].get(f"{a}/{b}|{key}")
+                row.append(f"{q['ratio']:.3f} [{q['ci_low']:.3f}, {q['ci_high']:.3f}]" if q and q["ratio"] is not None else "—")
+            rows.append(row)
     return header, rows
 
 
 def plots(result: Dict, out_dir: Path) -> List[Path]:
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.2))
-    names = list(result["arms"])
-    stats = [Stat(**result["arms"][n]["step_ms"]) for n in names]
-    ax.bar([LABELS[n] for n in names], [s.mean for s in stats], yerr=[s.std for s in stats], capsize=4)
-    ax.set(ylabel="CPU ms per training step (median)", title=f"step time, {result['threads']} torch thread(s)")
-    ax.tick_params(axis="x", labelsize=8, rotation=15)
+    keys = [k for k in result["ratios"]]
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    vals = [result["ratios"][k]["ratio"] or math.nan for k in keys]
+    lo = [v - (result["ratios"][k]["ci_low"] or v) for k, v in zip(keys, vals)]
+    hi = [(result["ratios"][k]["ci_high"] or v) - v for k, v in zip(keys, vals)]
+    ax.errorbar(range(len(keys)), vals, yerr=[lo, hi], fmt="o", capsize=4)
+    ax.axhline(1.0, color="k", linewidth=1)
+    ax.set_xticks(range(len(keys)), [k.replace("|", "\n") for k in keys], fontsize=6)
+    ax.set(ylabel="normkit / torch time per call", title=f"norm op micro-benchmark, {result['threads']} thread(s)")
     return [save(fig, out_dir, "cost.png")]
+
+
+def scale(cfg: CostConfig, result: Dict) -> str:
+    return f"shapes {', '.join(f'{r}×{w}' for r, w in cfg.shapes)}; {cfg.blocks} interleaved blocks × {cfg.calls} calls per op and pass"

@@ -13,8 +13,11 @@ for LayerNorm, RMSNorm (no bias) and no norm (learning rate only). In
 - :math:`\epsilon` is negligible while :math:`\epsilon \ll \mathrm{Var}[a]`; at :math:`10^{-1}` it
   shrinks units whose summed inputs have a small variance (no longer a normalization).
 
-For a given seed every setting starts from the same Linear weights and sees the same minibatches
-(the norm's parameters consume no random numbers), so the comparisons are paired.
+For a given seed every setting starts from the same (He-initialized) Linear weights and sees the
+same minibatches (the norm's parameters consume no random numbers), so the comparisons are
+paired. Each norm's default Adam rate is its best of ``cfg.tune_lrs`` on the tuning seeds (no
+norm's too, so "layer norm helps" is measured against no norm at its own best rate); the gain,
+bias and eps factors run at that norm's rate.
 """
 
 from __future__ import annotations
@@ -37,10 +40,11 @@ from normkit.lab.experiments._common import (
     save,
     seeded,
     stat_dict,
+    tune,
     values,
 )
-from normkit.lab.models import MLP
-from normkit.lab.verdict import Finding, Stat, compare, not_measured
+from normkit.lab.models import MLP, count_params
+from normkit.lab.verdict import Finding, Stat, compare, compare_equivalence, not_measured
 
 NAME = "sensitivity"
 TITLE = "Sensitivity: gain/bias initialization, eps and learning rate for LayerNorm, RMSNorm, no norm"
@@ -80,11 +84,11 @@ def build(cfg: SensitivityConfig, norm: str, gain: float = 1.0, bias: float = 0.
     return model
 
 
-def train_one(cfg: SensitivityConfig, norm: str, overrides: Dict, seed: int, tick=lambda n=1: None) -> Dict:
+def train_one(cfg: SensitivityConfig, norm: str, overrides: Dict, seed: int, tick=lambda n=1: None, lr: float = 1e-3) -> Dict:
     data = digits()
     gen = seeded(seed)
     model = build(cfg, norm, **{k: v for k, v in overrides.items() if k != "lr"})
-    opt = adam(model.parameters(), overrides.get("lr", cfg.lr))
+    opt = adam(model.parameters(), overrides.get("lr", lr))
     timer, losses = Timer(), []
     for _ in range(cfg.steps):
         idx = torch.randint(0, data.x_train.shape[0], (cfg.batch,), generator=gen)
@@ -102,16 +106,18 @@ def train_one(cfg: SensitivityConfig, norm: str, overrides: Dict, seed: int, tic
 
 def run(cfg: SensitivityConfig, seeds: Sequence[int], tracker) -> Dict:
     todo = settings(cfg)
-    tracker.experiment(NAME, len(todo) * len(seeds))
+    tracker.experiment(NAME, len(todo) * len(seeds) + len(cfg.norms) * (len(cfg.tune_lrs) * cfg.tune_seeds if len(cfg.tune_lrs) > 1 else 0))
+    tuned = tune(NAME, cfg.norms, cfg.tune_lrs, cfg.tune_seeds, cfg.steps, tracker,
+                 lambda norm, lr, seed, tick: train_one(cfg, norm, {}, seed, tick, lr)["final_acc"])
     arms = {}
     for norm, name, overrides in todo:
-        runs = []
+        runs, lr = [], overrides.get("lr", tuned[norm]["lr"])
         for seed in seeds:
             with tracker.run(f"{LABELS[norm]}, {name}, seed {seed}", cfg.steps) as tick:
-                runs.append(train_one(cfg, norm, overrides, seed, tick))
-        arms[_key(norm, name)] = {"norm": norm, "setting": name, "final_acc": stat_dict(values(runs, "final_acc")), "runs": runs}
+                runs.append(train_one(cfg, norm, overrides, seed, tick, tuned[norm]["lr"]))
+        arms[_key(norm, name)] = {"norm": norm, "setting": name, "lr": lr, "final_acc": stat_dict(values(runs, "final_acc")), "runs": runs}
     return {"norms": list(cfg.norms), "settings": list(dict.fromkeys(name for _, name, _ in todo)), "arms": arms,
-            "base_lr": cfg.lr, "lrs": list(cfg.lrs)}
+            "base_lr": {n: tuned[n]["lr"] for n in cfg.norms}, "tuning": tuned, "lrs": list(cfg.lrs)}
 
 
 def _v(result: Dict, norm: str, setting: str) -> List:
@@ -128,10 +134,20 @@ def _harm(result: Dict, setting: str, what: str) -> Finding:
                    context=f"The claim holds if the default beats {setting} (all else at the defaults);")
 
 
+def _base(result: Dict, norm: str) -> str:
+    lr = result["base_lr"].get(norm) if isinstance(result["base_lr"], dict) else result["base_lr"]
+    return f"{LABELS[norm]} (lr {lr:g})"
+
+
 def findings(result: Dict) -> List[Finding]:
-    out = [compare(NAME, "Layer norm helps at its default settings", "final test accuracy", "LayerNorm", _v(result, "layer", "default"),
-                   "no norm", _v(result, "none", "default"), unit="final test acc",
-                   context=f"A {len(result['arms'])}-setting sweep's reference point (lr {result['base_lr']:g}):")]
+    out = []
+    if "rms" in result["norms"]:
+        out.append(compare_equivalence(NAME, "RMSNorm is on par with LayerNorm (±0.02)", "final test accuracy", _base(result, "rms"),
+                                       _v(result, "rms", "default"), _base(result, "layer"), _v(result, "layer", "default"), margin=0.02,
+                                       unit="final test acc", key="sensitivity.rms", context="Both at their defaults and tuned rates:"))
+    out.append(compare(NAME, "Layer norm helps over no norm, each at its tuned rate", "final test accuracy", _base(result, "layer"),
+                       _v(result, "layer", "default"), _base(result, "none"), _v(result, "none", "default"), unit="final test acc",
+                       context=f"A {len(result['arms'])}-setting sweep's reference point:"))
     gains = [s for s in result["settings"] if s.startswith("gain")]
     biases = [s for s in result["settings"] if s.startswith("bias -")]
     eps = [s for s in result["settings"] if s.startswith("eps")]
@@ -178,6 +194,13 @@ def plots(result: Dict, out_dir: Path) -> List[Path]:
                 ss.append(arm["final_acc"]["std"])
         ax.bar(xs, ms, width, yerr=ss, capsize=2, label=LABELS[n])
     ax.set_xticks(range(len(settings_)), settings_, rotation=30, fontsize=8, ha="right")
-    ax.set(ylabel="final test accuracy", ylim=(0, 1), title="one factor at a time (defaults: gain 1, bias 0, eps 1e-5, lr 1e-3)")
+    ax.set(ylabel="final test accuracy", ylim=(0, 1), title="one factor at a time (defaults: gain 1, bias 0, eps 1e-5, tuned lr)")
     ax.legend(fontsize=7)
     return [save(fig, out_dir, "sensitivity.png")]
+
+
+def scale(cfg: SensitivityConfig, result: Dict) -> str:
+    params = count_params(MLP(64, cfg.width, cfg.depth, 10, "layer"))
+    return (f"{cfg.depth}-layer ReLU MLP, width {cfg.width} ({params:,} parameters with LayerNorm); {cfg.steps} Adam steps at batch "
+            f"{cfg.batch}; digits; {cfg.seeds} test seeds per setting, each norm's rate chosen on {cfg.tune_seeds} tuning seeds × "
+            f"{len(cfg.tune_lrs)} rates ({', '.join(f'{r:g}' for r in cfg.tune_lrs)})")
