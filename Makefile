@@ -70,8 +70,9 @@ sanitize: install
 	$(SANITIZE_ENV) $(PY) -c "import normkit._C as c; assert '$(SANITIZE_DIR)/' in c.__file__, c.__file__; print('sanitized:', c.__file__)"
 	$(SANITIZE_ENV) NORMKIT_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -p no:cacheprovider --capture=sys -m fuzz tests/test_fuzz_native.py $(PYTEST_ARGS)
 
-# the lab's quick preset (= normkit demo): nine experiments, 5 seeds per arm, about 2-3 minutes on
-# the 2-core machine; report in lab-report/
+# the lab's quick preset (= normkit demo): the pre-registered primary claims with tuned arms,
+# 12-16 test seeds per arm plus tuning seeds, about 5-7 minutes on the 2-core machine;
+# report in lab-report/
 demo: install
 	$(VENV)/bin/normkit lab --quick
 
