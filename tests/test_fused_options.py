@@ -511,3 +511,35 @@ def test_torch_compile_fullgraph_with_options():
     ge = torch.autograd.grad(sum(t.sum() for t in eager), x)[0]
     gc = torch.autograd.grad(sum(t.sum() for t in compiled), x)[0]
     torch.testing.assert_close(gc, ge)
+
+
+@pytest.mark.parametrize("is_rms", [False, True])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_out_is_written_by_the_kernel_without_a_copy(monkeypatch, is_rms, with_residual):
+    """Without gradients on the native route, ``out=`` is the kernel's own output buffer: the
+    same bits as the allocating call, and no ``copy_`` into it."""
+    from normkit.backends import cpu
+
+    if cpu.extension is None:
+        pytest.skip("needs normkit._C")
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 7, 33, generator=g) + 3.0
+    r = torch.randn(5, 7, 33, generator=g) if with_residual else None
+    w, b = torch.randn(7, 33, generator=g), torch.randn(7, 33, generator=g)
+    fn = normkit.rms_norm if is_rms else normkit.layer_norm
+    kw = dict(residual=r)
+    want = fn(x, (7, 33), w, **kw) if is_rms else fn(x, (7, 33), w, b, **kw)
+    out = torch.full_like(x, float("nan"))
+    copies = []
+    real_copy = torch.Tensor.copy_
+    monkeypatch.setattr(torch.Tensor, "copy_", lambda self, src, *a, **k: copies.append(self) or real_copy(self, src, *a, **k))
+    got = fn(x, (7, 33), w, out=out, **kw) if is_rms else fn(x, (7, 33), w, b, out=out, **kw)
+    monkeypatch.undo()
+    assert got is out and not copies, "out= must be written by the kernel, not copied into"
+    assert torch.equal(out, want)
+    # with gradients the composition runs, and out carries them
+    xg = x.clone().requires_grad_()
+    out2 = torch.empty_like(x)
+    y2 = fn(xg, (7, 33), w, out=out2, **kw) if is_rms else fn(xg, (7, 33), w, b, out=out2, **kw)
+    assert y2.grad_fn is not None
+    torch.testing.assert_close(y2.detach(), want)

@@ -21,19 +21,11 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import normkit
 from helpers import randn
-from test_rnn import KINDS, PAIRS, make, make_hx, states
+from test_rnn import KINDS, PAIRS, _one_thread, make, make_hx, states  # noqa: F401 (_one_thread: autouse fixture)
 
 F64 = torch.float64
 EPS32 = torch.finfo(torch.float32).eps
 BACKENDS = ["default", "reference"]  # default: the registry's choice (compiled C++ loop for float32)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def _backend(name):

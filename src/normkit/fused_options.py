@@ -30,6 +30,7 @@ sum apart when it is stored in 16 bits.
 
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
@@ -290,6 +291,40 @@ def _only_dim(o: FusedOptions, residual, prenorm: bool, plan: _Plan, llama: bool
     )
 
 
+def _kernel_writes_out(x, residual, weight, bias, is_rms, prenorm, plan: _Plan, llama: bool, o: FusedOptions) -> bool:
+    """``out=`` (with or without a residual) on the native route without gradients: the C++
+    kernel writes ``y`` straight into ``out`` (``normkit._C.forward(..., out)``), one pass over
+    memory like the allocating call, instead of computing ``y`` and copying it. Returns whether
+    it ran; any other call composes as below."""
+    from normkit import functional
+
+    if not (
+        not prenorm
+        and plan.dropout_p == 0.0
+        and not llama
+        and not (is_rms and bias is not None)
+        and o.x1 is None
+        and o.weight1 is None
+        and o.rowscale is None
+        and not o.return_dropout_mask
+        and (o.out_dtype is None or o.out_dtype == x.dtype)
+        and not o.residual_in_fp32
+        and o.out.is_contiguous()
+        and type(o.out) is Tensor
+        and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, residual, weight, bias, o.out)))
+        and functional.native_call(x, plan.shape, weight, bias, plan.eps, residual, 0.0, False)
+    ):
+        return False
+    n = math.prod(plan.shape)  # native_call accepted: x is contiguous and not empty
+    rows = x.numel() // n
+    flat = lambda t: None if t is None else t.reshape(n)  # noqa: E731
+    functional._cpu.extension.forward(
+        x.view(rows, n), None if residual is None else residual.view(rows, n), flat(weight), flat(bias), plan.eps,
+        is_rms, False, o.out.view(rows, n),
+    )
+    return True
+
+
 def fused_norm(
     x: Tensor,
     normalized_shape,
@@ -321,6 +356,8 @@ def fused_norm(
     def back(t):
         return t if t is None or not moved else t.movedim(dst_dims, src_dims)
 
+    if o.out is not None and not moved and _kernel_writes_out(x, residual, weight, bias, is_rms, prenorm, plan, llama, o):
+        return o.out
     if moved and _only_dim(o, residual, prenorm, plan, llama):
         from normkit.functional import native_norm_dim
 
