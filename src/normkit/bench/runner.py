@@ -167,11 +167,6 @@ def machine_info(device: str) -> dict:
         info["normkit"] = normkit.__version__
     except Exception:  # pragma: no cover - normkit is what runs this
         pass
-    with contextlib.suppress(Exception):
-        import numba
-
-        info["numba"] = numba.__version__
-        info["numba_threads"] = numba.config.NUMBA_NUM_THREADS
     if device == "cuda":
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
         info["gpu"] = props.name
