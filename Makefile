@@ -10,12 +10,12 @@ PYTEST_ARGS ?=
 
 # Two steps: the pinned stack first, then normkit itself without build isolation, so its C++
 # kernels (normkit._C, setup.py) compile against the torch just installed (~1 min; without a
-# compiler the install still succeeds and normkit runs its numba kernels, or torch's ops).
+# compiler the install still succeeds and normkit runs torch's ops).
 $(STAMP): pyproject.toml constraints.txt setup.py $(wildcard src/normkit/csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt torch setuptools ninja
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev]" --no-build-isolation
-	$(PY) -c "from normkit.backends import cpu; print('normkit: compiled CPU kernels (normkit._C):', 'built' if cpu.extension else 'NOT built, the numba kernels run instead')"
+	$(PY) -c "from normkit.backends import cpu; print('normkit: compiled CPU kernels (normkit._C):', 'built' if cpu.extension else 'NOT built, the reference composite (torch ops) runs instead: ' + str(cpu.unavailable_reason()))"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -144,7 +144,7 @@ def run(shapes: List[Tuple[int, int, int]], kinds: List[str], warmup: int, repea
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=15, help="timed runs per entry (median reported)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed runs first (numba compile, allocator)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed runs first (compilation, allocator)")
     p.add_argument("--cells", default="LSTM,GRU", help="comma-separated: LSTM, GRU")
     p.add_argument("--shapes", default=None, help="e.g. '100x1x512,100x32x256' (seq x batch x hidden)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")

@@ -53,7 +53,7 @@ venv gets ``+cpu`` and the check says "no CUDA device". The one extra step there
 build of torch 2.13.0 into ``.venv`` (with a registry: ``.venv/bin/pip install --force-reinstall
 torch==2.13.0 --index-url https://download.pytorch.org/whl/cuXXX``, the CUDA version the driver
 takes; offline, its wheel must be carried, and with its nvidia-* libraries that is gigabytes).
-On a machine without a registry whose Python already has a CUDA torch, Triton, numba and rich
+On a machine without a registry whose Python already has a CUDA torch, Triton and rich
 (an image with PyTorch preinstalled), skip ``make`` and run this file with that Python::
 
     python3 benchmarks/gpu_check.py --out gpu-check
@@ -137,8 +137,8 @@ PLANS = {
     ),
     # Interpreted Triton runs each program in Python: a few rows, one looped width (8200 loops in
     # backward), one kernel shape. The dry run takes 40-90 s on the 2-core project machine with
-    # warm caches, and about 3 minutes on a fresh clone of a busy one (numba compiles the RNN
-    # step kernels, inductor its C++); the budgets leave that slack, since the dry run checks
+    # warm caches, and about 3 minutes on a fresh clone of a busy one (inductor compiles
+    # its C++); the budgets leave that slack, since the dry run checks
     # the script, not speed (tests/test_gpu_check.py asserts that every stage checked something).
     "dry": Plan(
         budget_s=540,

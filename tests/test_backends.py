@@ -1,6 +1,6 @@
 """One suite of cases run against every backend: forward and all gradients vs a float64 truth.
 
-Each backend (``reference``, ``cpu`` (numba), ``triton`` — on CPU tensors through
+Each backend (``reference``, ``cpu`` (C++, ``normkit._C``), ``triton`` — on CPU tensors through
 ``TRITON_INTERPRET=1`` when there is no GPU) is forced with :func:`normkit.use_backend`; a case
 whose dtype a backend does not support is skipped here (the fallback is tested elsewhere), and
 every case checks that the forced backend really ran.
@@ -19,7 +19,7 @@ from normkit.backends import select_backend
 
 from helpers import assert_close_to_truth, backend_or_skip, params, randn
 
-BACKENDS = ["reference", "cpu", "numba", "triton"]
+BACKENDS = ["reference", "cpu", "triton"]
 WIDTHS = [1, 3, 1000, 4097]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 VARIANTS = ["plain", "residual_prenorm", "no_affine"]

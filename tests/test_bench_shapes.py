@@ -201,7 +201,7 @@ def test_summarize_done_when_statistics():
 
 def _shapes_doc(cells):
     return {"suite": "shapes", "date": "2026-12-02T04:40:00Z", "git": {"commit": "abc1234", "dirty": False},
-            "machine": {"device": "cpu", "cpu": "Test CPU", "cpu_count": 2, "torch": "x", "numba": "y",
+            "machine": {"device": "cpu", "cpu": "Test CPU", "cpu_count": 2, "torch": "x",
                         "load_average_start": [0.5, 0.4, 0.3], "load_average_end": [0.7, 0.5, 0.3]},
             "config": {"dtype": "float32"}, "cells": cells, "summary": S.summarize(cells)}
 
@@ -247,7 +247,7 @@ def test_cli_shapes_end_to_end(tmp_path, capsys, monkeypatch):
     assert rc == 0 and torch.get_num_threads() == saved
     doc = json.loads(out.read_text())
     assert doc["suite"] == "shapes" and "--suite shapes" in doc["command"] and doc["date"].endswith("Z")
-    assert doc["machine"]["cpu"] and "numba" in doc["machine"] and doc["machine"]["load_average_start"]
+    assert doc["machine"]["cpu"] and doc["machine"]["torch"] == torch.__version__ and doc["machine"]["load_average_start"]
     assert doc["git"] is None or doc["git"]["commit"]
     assert doc["config"]["pairs"] == 6 and doc["config"]["threads"] == [1, 2]
     cells = doc["cells"]

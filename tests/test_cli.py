@@ -64,8 +64,8 @@ def test_backends_explain_prints_a_calls_path_and_backend(capsys):
     out = capsys.readouterr().out
     from normkit.backends import cpu as compiled
 
-    path = "native" if compiled.extension is not None else "eager"  # the compiled call, else numba's
-    backend = "cpu" if compiled.extension is not None else "numba"
+    path = "native" if compiled.extension is not None else "eager"  # the compiled call, else torch's ops
+    backend = "cpu" if compiled.extension is not None else "reference"
     assert f"path:    {path}:" in out and f"backend: {backend}: the first available backend" in out
     assert cli.main(["backends", "--explain", "0,512"]) == 0
     assert "path:    composite:" in capsys.readouterr().out  # an empty input: no backend runs

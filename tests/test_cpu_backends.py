@@ -1,6 +1,6 @@
-"""What is specific to the two CPU backends, ``"cpu"`` (compiled C++, normkit._C) and ``"numba"``;
-their correctness against the float64 truth is covered by the shared suite
-(tests/test_backends.py, which runs every case on both too).
+"""What is specific to the CPU backend, ``"cpu"`` (compiled C++, normkit._C); its correctness
+against the float64 truth is covered by the shared suite (tests/test_backends.py, which runs
+every case on it too).
 
 Shapes are chosen to reach both launch paths: the serial kernel (few elements or one row) and
 the parallel one with several row chunks (so the backward's partial sums are exercised).
@@ -20,15 +20,14 @@ from normkit.backends import select_backend
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
-@pytest.fixture(scope="module", params=["cpu", "numba"])
-def cpu(request):
-    """Each CPU backend in turn (tests of what both must do)."""
-    return backend_or_skip(request.param)
+#: Calls with at most this many elements (or one row) run serially (kSerialMaxElements in
+#: csrc/cpu_runtime.h).
+SERIAL_MAX_ELEMENTS = 1 << 15
 
 
 @pytest.fixture(scope="module")
-def numba_backend():
-    return backend_or_skip("numba")
+def cpu():
+    return backend_or_skip("cpu")
 
 
 def _grads(fn, x, w, b, dy, r=None, ds=None, prenorm=False):
@@ -52,71 +51,27 @@ def _rms(x, w, b, r, prenorm=False):
 # --- selection -------------------------------------------------------------------------------
 
 
-def test_the_compiled_backend_is_the_cpu_default_and_numba_the_next():
+def test_the_compiled_backend_is_the_cpu_default_and_the_reference_the_next():
     from normkit.backends import cpu as compiled
 
     if compiled.extension is None:
         pytest.skip(f"normkit._C not built: {compiled.BACKEND.unavailable_reason()}")
-    assert normkit.backends.available()[:2] in (["cpu", "numba"], ["triton", "cpu"])
+    assert normkit.backends.available()[-2:] == ["cpu", "reference"]
     for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         assert select_backend(torch.ones(2, 3, dtype=dtype)).name == "cpu", dtype
     assert select_backend(torch.ones(2, 3), dropout_p=0.1).name == "reference"
     assert not compiled.BACKEND.supports(torch.ones(2, 3, device="meta"), 0.0)
 
 
-def test_numba_handles_float32_and_bfloat16(numba_backend):
-    with normkit.use_backend("numba"):
-        for dtype in (torch.float32, torch.bfloat16):
-            assert select_backend(torch.ones(2, 3, dtype=dtype)).name == "numba", dtype
-        for dtype in (torch.float64, torch.float16):
-            assert select_backend(torch.ones(2, 3, dtype=dtype)).name == "reference", dtype
-    assert not numba_backend.supports(torch.ones(2, 3, device="meta"), 0.0)
-
-
-def test_unsupported_calls_fall_back_to_the_reference(numba_backend):
-    x = randn((4, 33), torch.float64, seed=1)
-    with normkit.use_backend("numba"):
-        assert select_backend(x).name == "reference"
-        y = normkit.layer_norm(x, (33,))
-    torch.testing.assert_close(y, ref.layer_norm(x, (33,)), rtol=1e-12, atol=1e-12)
+def test_unsupported_calls_fall_back_to_the_reference(cpu):
+    x = randn((4, 33), seed=1)
+    with normkit.use_backend("cpu"):
+        assert select_backend(x).name == "cpu"
+        assert select_backend(x, dropout_p=0.1).name == "reference"
+        assert "does not support" in normkit.backends.explain_backend(x, dropout_p=0.1)
 
 
 # --- bfloat16 conversion ---------------------------------------------------------------------
-
-
-def test_float32_to_bfloat16_rounds_like_torch(numba_backend):
-    from normkit.backends import numba_kernels as k
-
-    special = torch.tensor(
-        [0.0, -0.0, 1.0, -1.0, float("inf"), float("-inf"), 3.4028235e38, -3.4028235e38, 1e-40, -1e-45, 1.17549435e-38],
-        dtype=torch.float32,
-    )
-    # Exact ties (low half 0x8000) with even and odd kept halves, and one ulp either side.
-    hi = torch.tensor([0x3F80, 0x3F81, 0x4049, 0xC04A, 0x7F7F, 0x0001], dtype=torch.int64)
-    ties = torch.cat([(hi << 16) | low for low in (0x7FFF, 0x8000, 0x8001)])
-    ties = ((ties + 2**31) % 2**32 - 2**31).to(torch.int32).view(torch.float32)
-    rand = randn((100_000,), seed=2, scale=1e3) * torch.rand(100_000, generator=torch.Generator().manual_seed(3)).pow(8)
-    src = torch.cat([special, ties, rand.float()])
-    out = torch.empty(src.shape, dtype=torch.uint16)
-    k.f32_to_bf16_bits(src.numpy(), out.numpy())
-    expected = src.to(torch.bfloat16).view(torch.uint16)
-    assert torch.equal(out, expected), f"first mismatch at {int((out != expected).nonzero()[0])}"
-
-    nans = torch.tensor([float("nan"), -float("nan")]).view(torch.int32)
-    nans = torch.cat([nans, torch.tensor([0x7F800001, 0x7FFFFFFF, -0x007F_FFFF], dtype=torch.int32)]).view(torch.float32)
-    out = torch.empty(nans.shape, dtype=torch.uint16)
-    k.f32_to_bf16_bits(nans.numpy(), out.numpy())
-    # 0xFF800001 is a NaN whose payload lies in the low half only: it must not round to Inf.
-    assert torch.isnan(out.view(torch.bfloat16)).all(), out
-
-
-def test_bfloat16_to_float32_is_exact_for_every_bit_pattern(numba_backend):
-    from normkit.backends import numba_kernels as k
-
-    bits = torch.arange(2**16, dtype=torch.int32).to(torch.uint16)
-    out = torch.empty(2**16, dtype=torch.float32)
-    k.bf16_bits_to_f32(bits.numpy(), out.numpy())
-    assert torch.equal(out.view(torch.int32), bits.view(torch.bfloat16).float().view(torch.int32))
 
 
 def test_bfloat16_fused_sum_is_rounded_once_exactly(cpu):
@@ -160,8 +115,6 @@ def test_shapes_match_the_reference_in_float32(cpu, fn, rows, n):
 
 
 def test_serial_and_parallel_paths_agree(cpu):
-    from normkit.backends.numba import SERIAL_MAX_ELEMENTS  # the C++ kernels use the same threshold
-
     n = 512
     rows = 4 * SERIAL_MAX_ELEMENTS // n  # parallel path, several chunks
     x = randn((rows, n), seed=10)
@@ -189,30 +142,6 @@ def test_gradients_are_bit_identical_across_runs_and_thread_counts(cpu, fn):
     for a, c, d in zip(first, second, single):
         assert torch.equal(a, c), "two identical runs gave different bits"
         assert torch.equal(a, d), "1 thread and the default thread count gave different bits"
-
-
-def test_one_thread_budget_never_wakes_the_numba_pool(numba_backend, monkeypatch):
-    """With torch.set_num_threads(1) the kernels run in the calling thread: a one-thread
-    launch of numba's OpenMP pool left a worker spinning (twice the CPU time, same wall time)."""
-    from normkit.backends import numba_kernels
-
-    for name in ("fwd_parallel", "bwd_parallel", "sum_partials"):
-        monkeypatch.setattr(numba_kernels, name, lambda *a, _n=name: pytest.fail(f"{_n} launched with a one-thread budget"))
-    x = randn((3000, 257), seed=16, requires_grad=True)  # big enough for the parallel path
-    w, b = (t.requires_grad_(True) for t in params((257,), seed=17))
-    with torch_threads(1), normkit.use_backend("numba"):
-        normkit.layer_norm(x, (257,), w, b).sum().backward()
-    assert x.grad is not None and w.grad is not None
-
-
-def test_numba_thread_setting_is_restored(numba_backend):
-    import numba
-
-    before = numba.get_num_threads()
-    x = randn((2000, 300), seed=15)
-    with torch_threads(1), normkit.use_backend("numba"):
-        normkit.layer_norm(x, (300,))
-    assert numba.get_num_threads() == before
 
 
 # --- parameters of another dtype ---------------------------------------------------------------

@@ -217,7 +217,7 @@ def test_bad_arguments_get_a_clear_error(kwargs, exc, match, tmp_path):
 @pytest.mark.parametrize("cls", [normkit.nn.LayerNormLSTM, normkit.nn.LayerNormGRU])
 @pytest.mark.parametrize("opset", [17, 18])
 def test_recurrent_modules_export_through_the_reference_path(cls, opset, tmp_path):
-    """The fused numba time loop cannot be traced: exports (TorchScript trace or torch.export)
+    """The fused C++ time loop cannot be traced: exports (TorchScript trace or torch.export)
     run the per-step reference, unrolled for the traced sequence length."""
     rnn = cls(6, 5, bidirectional=True, batch_first=True)
     x = randn((2, 3, 6), seed=7)

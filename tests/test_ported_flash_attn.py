@@ -58,9 +58,9 @@ sets ``residual_in_fp32`` only without a residual.
 ``residual_in_fp32=`` as flash-attn's). Triton: 2 cases.
 
 ``make test`` runs a fixed sample of these matrices (``tests/conftest.py``); ``make test-full``
-runs them all, and ``pytest -rsx`` lists every skip and xfail with its reason. numba has no
-float16 kernel (the call falls back to the reference): its cases whose normalized tensor is
-float16 are skipped as duplicates of the reference run. flash-attn's bound is statistical: at
+runs them all, and ``pytest -rsx`` lists every skip and xfail with its reason. A backend's
+cases in a dtype it has no kernel for (the call falls back to the reference) are skipped as
+duplicates of the reference run. flash-attn's bound is statistical: at
 seeds other than the fixed one, a few width-1 float32 RMS cases with dropout on x and x1 miss it
 (up to about 1 in 700 case draws), from one more rounding in normkit's dropout scaling
 (``x * mask * (1/(1-p))``, as torch's dropout and normkit's reference backend scale) than in
@@ -85,7 +85,7 @@ from helpers import backend_or_skip
 EPS = 1e-6
 P_DROP = 0.27
 HIDDEN = (1, 3, 192, 1000)
-BACKENDS = ("reference", "cpu", "numba")
+BACKENDS = ("reference", "cpu")
 IO_DTYPES = [  # (input, residual), flash-attn's five (bfloat16 ones gated on sm80+ there)
     (torch.float16, torch.float16),
     (torch.float16, torch.float32),

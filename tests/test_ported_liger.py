@@ -23,12 +23,12 @@ is ``normkit.rms_norm(x, (hd,), w, eps, zero_centered_weight=offset == 1, castin
 ``LigerLayerNorm`` / ``liger_layer_norm`` are ``normkit.nn.LayerNorm`` / ``normkit.layer_norm``.
 
 Tighter than Liger where normkit is exact (README, "casting_mode"): in bfloat16 the reference
-backend's forward is bit-identical to ``LlamaRMSNorm`` and ``GemmaRMSNorm``, the cpu and numba
+backend's forward is bit-identical to ``LlamaRMSNorm`` and ``GemmaRMSNorm``, the cpu
 kernels are within 1 ulp (gemma) and 2 ulps (llama). Weights: Liger's modules start at ones
 (``LigerRMSNorm``; ``LigerLayerNorm``: ones and zero bias), which hides a misapplied gain or bias,
 so each module case also runs with random weights (copied into both modules).
 
-Cases per backend (reference, cpu, numba; a tiny triton-interpreter subset besides):
+Cases per backend (reference, cpu; a tiny triton-interpreter subset besides):
 
 - ``test_correctness``: 2 shapes × 2 dtypes × 3 (reference, offset, casting) × 2 in_place × 3
   affine (Liger: ``elementwise_affine`` True/False; here True twice, Liger's ones and random) = 72.
@@ -49,8 +49,8 @@ Cases per backend (reference, cpu, numba; a tiny triton-interpreter subset besid
   computes on the GPU Liger's tests run on: torch's CPU float16 backward rounds intermediates and
   is up to ~1.5 ulps off float64 (normkit's 0.5), more than Liger's 1e-3 absorbs at gradients ~15.
 
-Skipped per backend: the ``in_place=True`` cases, and on numba its float16 layer-norm cases (it
-has no float16 kernel and falls back to the reference, so they duplicate the reference run);
+Skipped per backend: the ``in_place=True`` cases, and a backend's cases in a dtype it has no
+kernel for (it falls back to the reference, so they would duplicate the reference run);
 ``pytest -rsx`` lists them with their reasons. ``make test`` runs a fixed sample of the matrix
 (``tests/conftest.py``), ``make test-full`` all of it. The triton subset
 (one test, 7 tiny cases) and a sanity test per function (a perturbed output must fail) come on
@@ -70,7 +70,7 @@ from normkit.backends import select_backend
 
 from helpers import backend_or_skip
 
-BACKENDS = ("reference", "cpu", "numba")
+BACKENDS = ("reference", "cpu")
 EPS = 1e-6
 RMS_TOL = {torch.float32: (1e-4, 1e-6), torch.bfloat16: (2e-1, 2e-2)}  # (atol, rtol), Liger's
 LN_TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-3, 1e-3), torch.bfloat16: (2e-1, 2e-2)}

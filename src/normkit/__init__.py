@@ -1,6 +1,6 @@
 """normkit: layer normalization and its family for PyTorch.
 
-Exact reference semantics (:mod:`normkit.reference`), fast backends (numba on CPU, Triton on
+Exact reference semantics (:mod:`normkit.reference`), fast backends (C++ on CPU, Triton on
 GPU) chosen per call (:mod:`normkit.backends`), drop-in modules (:mod:`normkit.nn`), input
 scalers (:mod:`normkit.data`) and practitioner tools (:mod:`normkit.tools`).
 """

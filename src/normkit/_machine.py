@@ -48,8 +48,8 @@ def load_average() -> Optional[List[float]]:
 
 @contextlib.contextmanager
 def torch_threads(n: int) -> Iterator[None]:
-    """Run the body with ``torch.set_num_threads(n)`` (normkit's numba kernels follow torch's
-    count), restoring the previous count afterwards.
+    """Run the body with ``torch.set_num_threads(n)`` (normkit's C++ kernels use torch's
+    intra-op pool), restoring the previous count afterwards.
 
     The lab's models are small: one thread is about as fast as two on an idle machine, and on a
     shared one it is many times faster, because a multi-threaded op waits at a barrier for a

@@ -28,8 +28,9 @@ def _available() -> dict:
     for name, spec in SUBCOMMANDS.items():
         try:
             present = importlib.util.find_spec(spec[0]) is not None
-        except ModuleNotFoundError:
-            present = False
+        except ModuleNotFoundError as exc:
+            # the package is there but imports a missing extra: main() names the extra
+            present = spec[2] is not None and not (exc.name or "").startswith("normkit")
         if present:
             found[name] = spec
     return found

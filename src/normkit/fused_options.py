@@ -14,7 +14,7 @@ with :math:`\hat s` the layer- or RMS-normalized :math:`s`, :math:`\rho` the per
 
 The design trade-off: nothing here is a new kernel. Each option is torch ops around one call of
 the ordinary norm (two for ``weight1``: both normalize the same stored ``s``), so the options run
-on the reference, ``cpu``, ``numba`` and Triton backends alike and autograd differentiates the
+on the reference, ``cpu`` and Triton backends alike and autograd differentiates the
 composition, but the extra terms of the sum, the second gain and the casts are separate passes
 over memory where flash-attn makes one. When a call needs none of them (say ``weight1`` or
 ``out=`` with a plain residual) the residual add and dropout stay fused in the kernel.

@@ -1,8 +1,8 @@
 r"""Reference semantics of every normkit op, in plain PyTorch.
 
-This module *defines* what normkit computes. Every fast backend (numba on CPU, Triton on GPU)
-is tested against it, and it is the fallback for anything a fast backend does not support.
-It imports neither numba nor Triton.
+This module *defines* what normkit computes. Every fast backend (C++ on CPU, Triton on GPU)
+is tested against it, and it is the fallback for anything a fast backend does not support
+(and for every CPU call when the C++ extension is not built). It imports no kernel code.
 
 For one row :math:`s \in \mathbb{R}^N` (the trailing ``normalized_shape`` elements of the input,
 ``N = prod(normalized_shape)``), with gain :math:`g` and bias :math:`b`:

@@ -15,10 +15,8 @@ name           runs on                                     module
                ``TRITON_INTERPRET=1``, when forced)
 ``cpu``        CPU tensors, float32/64, bfloat16, float16  :mod:`normkit.backends.cpu`
                (compiled C++ kernels, ``normkit._C``)
-``numba``      CPU tensors, float32 / bfloat16 (numba;     :mod:`normkit.backends.numba`
-               the CPU default when ``normkit._C`` is
-               not built)
-``reference``  anything (plain PyTorch)                    :mod:`normkit.backends.reference`
+``reference``  anything (plain PyTorch; the CPU default     :mod:`normkit.backends.reference`
+               when ``normkit._C`` is not built)
 =============  ==========================================  ===============================
 
 :func:`select_backend` takes the first available backend that supports the call. A backend
@@ -56,11 +54,10 @@ __all__ = [
     "use_backend",
 ]
 
-# Built-ins are imported on first use, so `import normkit` stays light (no numba, no Triton).
+# Built-ins are imported on first use, so `import normkit` stays light.
 _BUILTIN_MODULES = {
     "triton": "normkit.backends.triton",
     "cpu": "normkit.backends.cpu",
-    "numba": "normkit.backends.numba",
     "reference": "normkit.backends.reference",
 }
 _registry: Dict[str, Optional[Backend]] = {name: None for name in _BUILTIN_MODULES}

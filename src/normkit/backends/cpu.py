@@ -15,9 +15,8 @@ autograd node included, in C++. :func:`normkit.functional.route` sends plain eag
 there (route ``"native"``), so a call costs what a native torch op costs.
 
 Without the extension (no compiler at install time, ``NORMKIT_NO_EXTENSION=1``) this backend is
-unavailable: CPU calls run the numba backend (:mod:`normkit.backends.numba`) where the ``numba``
-extra is installed, else the reference composite (torch's own ops), and normkit says so once,
-on the first CPU call. A build made for another torch is not loaded (:func:`build_mismatch`).
+unavailable: CPU calls run the reference composite (torch's own ops, :mod:`normkit.reference`),
+and normkit says so once, on the first CPU call. A build made for another torch is not loaded (:func:`build_mismatch`).
 """
 
 from __future__ import annotations
@@ -105,19 +104,11 @@ def warn_once_if_missing() -> None:
     if extension is None and not _warned:
         _warned = True
         warnings.warn(
-            f"normkit: compiled CPU kernels unavailable: {_UNAVAILABLE}. Using {_fallback_name()} "
-            "(same results, slower).",
+            f"normkit: compiled CPU kernels unavailable: {_UNAVAILABLE}. Using torch's own ops "
+            "(the reference composite; same results, slower).",
             RuntimeWarning,
             stacklevel=3,
         )
-
-
-def _fallback_name() -> str:
-    import importlib.util
-
-    if importlib.util.find_spec("numba") is not None:
-        return "the numba kernels"
-    return "torch's own ops (the reference composite; `pip install 'normkit[numba]'` for faster kernels)"
 
 
 class CpuBackend(Backend):

@@ -28,8 +28,6 @@ def header_line(doc: dict) -> str:
     m = doc["machine"]
     where = m.get("gpu") if m["device"] == "cuda" else m.get("cpu")
     threads = f"{m['torch_threads']} torch threads"
-    if "numba_threads" in m:
-        threads += f", {m['numba_threads']} numba"
     backends = sorted({r["normkit_backend"] for r in doc["results"]}) or ["-"]
     copy = doc["copy_bandwidth"]
     return (
@@ -242,7 +240,7 @@ def shapes_header_line(doc: dict) -> str:
     commit = git.get("commit", "unknown") + (" (+ uncommitted changes)" if git.get("dirty") else "")
     load = " -> ".join(f"{la[0]:.2f}" for la in (m.get("load_average_start"), m.get("load_average_end")) if la)
     parts = [f"normkit bench --suite shapes | {m['device']}: {m.get('cpu')} ({m.get('cpu_count')} logical CPUs)",
-             f"torch {m['torch']}", f"numba {m.get('numba', '-')}", cfg["dtype"], f"commit {commit}", doc["date"]]
+             f"torch {m['torch']}", cfg["dtype"], f"commit {commit}", doc["date"]]
     if load:
         parts.append(f"load average (1 min) {load}")
     return " | ".join(parts)

@@ -121,12 +121,13 @@ MAX_SPREAD = 1.5
 
 def unreliable(timing: dict) -> Optional[str]:
     """Why a timing (:meth:`Timing.as_dict`) cannot carry a ratio, or ``None``."""
+    why = []
     if timing["samples"] < MIN_SAMPLES:
-        return f"{timing['samples']} samples (< {MIN_SAMPLES})"
+        why.append(f"{timing['samples']} samples (< {MIN_SAMPLES})")
     spread = timing["max_ms"] / timing["min_ms"] if timing["min_ms"] > 0 else float("inf")
     if spread > MAX_SPREAD:
-        return f"max/min {spread:.2f} (> {MAX_SPREAD})"
-    return None
+        why.append(f"max/min {spread:.2f} (> {MAX_SPREAD})")
+    return ", ".join(why) or None
 
 
 def _add_ratios(row: dict) -> None:
@@ -167,11 +168,6 @@ def machine_info(device: str) -> dict:
         info["normkit"] = normkit.__version__
     except Exception:  # pragma: no cover - normkit is what runs this
         pass
-    with contextlib.suppress(Exception):
-        import numba
-
-        info["numba"] = numba.__version__
-        info["numba_threads"] = numba.config.NUMBA_NUM_THREADS
     if device == "cuda":
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
         info["gpu"] = props.name

@@ -8,7 +8,7 @@
   is overwritten, so every sample reads its inputs from HBM (a cache-hot number would exceed
   the memory bandwidth the benchmark compares against).
 
-Warm-up calls are never timed: they absorb ``torch.compile`` / Triton / numba compilation,
+Warm-up calls are never timed: they absorb ``torch.compile`` / Triton compilation,
 allocator growth and first-touch page faults. The garbage collector is paused while timing.
 """
 

@@ -7,7 +7,7 @@
 // then the sum of squared deviations and of the deviations themselves, which refines the mean
 // (exact for a constant row) and keeps the variance exact at large means. Sums run in blocks
 // of kBlock elements summed in Acc (vectorized: `omp simd reduction` lets the compiler keep
-// one partial sum per vector lane), the blocks added in double, as the numba kernels do.
+// one partial sum per vector lane), the blocks added in double.
 #pragma once
 
 #include <c10/util/BFloat16.h>

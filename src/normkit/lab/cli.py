@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 import time
 from pathlib import Path
@@ -60,10 +59,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"normkit lab: unknown experiment {', '.join(map(repr, unknown))}; expected one of {', '.join(EXPERIMENTS)}", file=sys.stderr)
         return 2
     from normkit.lab.report import print_summary
-    with contextlib.suppress(ImportError):  # no numba: nothing to idle
-        from normkit.backends.numba_runtime import idle_numba_workers
-
-        idle_numba_workers()
     from normkit.lab.runner import run_lab
 
     console = Console()

@@ -17,7 +17,6 @@ happens before the timing (a smoke run first). One thread, like the lab.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 import time
@@ -92,10 +91,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--json", type=Path)
     parser.add_argument("experiments", nargs="*", metavar="EXPERIMENT")
     args = parser.parse_args(argv)
-    with contextlib.suppress(ImportError):  # no numba: nothing to idle
-        from normkit.backends.numba_runtime import idle_numba_workers
-
-        idle_numba_workers()
     from normkit.lab.runner import machine_info
 
     result = estimate(args.preset, args.seeds, args.steps, args.experiments or None)

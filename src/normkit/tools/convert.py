@@ -270,7 +270,7 @@ def convert(model: nn.Module, to: Optional[str] = None, fused: bool = True, batc
         to: ``None`` keeps each layer's kind; ``"rms_norm"`` / ``"layer_norm"`` converts all
             of them to that kind, ``"dyt"`` replaces them with :class:`normkit.nn.DyT` (outputs
             change; the summary says so).
-        fused: ``True`` installs normkit modules: normkit's kernels (numba on CPU, Triton on
+        fused: ``True`` installs normkit modules: normkit's kernels (C++ on CPU, Triton on
             GPU), and a ``forward(x, residual=None, *, prenorm=False, dropout_p=0.0)`` that
             fuses the residual add (+ dropout) into the norm. The fusion happens only where the
             model *calls* ``norm(x, residual)``; convert never rewrites model code, so a model

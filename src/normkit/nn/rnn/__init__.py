@@ -11,7 +11,7 @@ module                    what it holds
 
 The compiled time loop lives with the other CPU kernels (``src/normkit/csrc/rnn_cpu.cpp``, in
 ``normkit._C``) and is chosen through the backend registry (``Backend.rnn_steps``):
-``normkit.backends.use("reference")`` (or ``"numba"``) runs the plain-torch steps.
+``normkit.backends.use("reference")`` runs the plain-torch steps.
 """
 
 from normkit.nn.rnn.cells import LayerNormGRUCell, LayerNormLSTMCell

@@ -22,8 +22,8 @@ One layer, one direction, as one :class:`torch.autograd.Function` over the whole
 
 For float32 CPU tensors the whole loop (2 and 3) runs in C++ (``normkit._C.lstm_forward`` ...,
 ``csrc/rnn_cpu.cpp``), which computes exactly the quantities of the plain-torch ``*_step_torch``
-functions below; those run the loop otherwise (other dtypes and devices, the ``reference`` and
-``numba`` backends, no compiled extension).
+functions below; those run the loop otherwise (other dtypes and devices, the ``reference``
+backend, no compiled extension).
 float16/bfloat16 layers run the recurrence in float32. Sequences use the packed layout
 described in :mod:`normkit.nn.rnn.reference`; a dense ``(T, B)`` batch is ``batch_sizes = [B]*T``.
 
