@@ -279,3 +279,22 @@ def test_noisy_timings_are_flagged_not_reported_as_ratios():
     _, rows = report.table_rows(doc, markup=False)
     assert rows[0][-1] == "2.00" and rows[1][-1] == "(1775.00?)"
     assert any("ratio to torch unreliable" in n for n in report.notes(doc))
+
+
+def test_options_suite_times_every_row_against_a_copy(tmp_path, capsys):
+    import json
+
+    from normkit.bench import options as O
+    from normkit.bench.cli import main as bench_main
+
+    out = tmp_path / "options.json"
+    assert bench_main(["--suite", "options", "--quick", "--threads", "1", "--json", str(out), "--quiet"]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["suite"] == "options" and doc["command"].startswith("normkit bench --suite options")
+    assert [r["option"] for r in doc["results"]] == [r.name for r in O.ROWS]
+    for r in doc["results"]:
+        assert r["time_over_copy"] > 0 and r["ci_low"] <= r["time_over_copy"] <= r["ci_high"]
+        assert abs(r["over_ideal"] - r["time_over_copy"] / r["ideal"]) < 1e-12
+    table = capsys.readouterr().out
+    assert "| out=buf | 1.00x |" in table
+    assert bench_main(["--suite", "options", "--modes", "inference"]) == 2  # a shapes-only option

@@ -1,11 +1,13 @@
 """``normkit bench``: kernel speed against the memory bandwidth and against PyTorch.
 
-Two suites:
+Three suites:
 
 * ``kernels`` (the default): each op's kernel on 64 MiB tensors, GB/s against the copy
   bandwidth and against torch eager / ``torch.compile`` (:mod:`normkit.bench.runner`);
 * ``shapes``: ``normkit.nn`` modules against ``torch.nn``'s at the shapes models use, 1 to 4096
-  rows, 1 and 2 threads, interleaved pairs (:mod:`normkit.bench.shapes`).
+  rows, 1 and 2 threads, interleaved pairs (:mod:`normkit.bench.shapes`);
+* ``options``: each fused option's call against a copy of its input and against the bytes one
+  fused pass must move (:mod:`normkit.bench.options`).
 
 Examples::
 
@@ -18,6 +20,7 @@ Examples::
     normkit bench --suite shapes --json shapes.json # module vs module, the whole grid (~3 min)
     normkit bench --suite shapes --quick            # the same in seconds (a smoke test)
     normkit bench --suite shapes --ops layer_norm --modes inference --rows 1,8 --threads 1
+    normkit bench --suite options --json options.json  # each fused option against a copy and its one-pass ideal
 
 The same harness runs from ``benchmarks/bench_norm.py``. See :mod:`normkit.bench` for what
 is measured and how.
@@ -53,7 +56,7 @@ DEFAULTS = {  # device -> (dtypes, warmup, repeats)
     "cuda": (("bfloat16", "float32"), 10, 30),
 }
 QUICK_WARMUP, QUICK_REPEATS = 1, 3
-SUITES = ("kernels", "shapes")
+SUITES = ("kernels", "shapes", "options")
 # Options that only one suite reads: naming one with the other suite is an error, not a no-op.
 KERNELS_ONLY = ("directions", "plot", "no_compile", "no_third_party")
 SHAPES_ONLY = ("threads", "modes", "cell_seconds")
@@ -92,7 +95,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--suite", default="kernels",
                         help="kernels (default): each kernel's GB/s against the copy bandwidth and torch; "
                              "shapes: normkit.nn modules against torch.nn's at rows 1..4096 x widths "
-                             "768, 1024, 4096, 1 and 2 threads, interleaved pairs (cpu)")
+                             "768, 1024, 4096, 1 and 2 threads, interleaved pairs (cpu); "
+                             "options: each fused option against a copy and its one-pass ideal (cpu)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="where to run (default: cpu); cuda also compares Liger-Kernel and QuACK when installed")
     parser.add_argument("--dtype", default=None,
@@ -233,6 +237,11 @@ def _check_suite_options(args: argparse.Namespace) -> str:
     suite = getattr(args, "suite", "kernels")
     if suite not in SUITES:
         raise UsageError(f"--suite: unknown {suite!r}; expected one of {', '.join(SUITES)}")
+    if suite == "options":  # reads --rows, --widths (one each), --threads, --seed, --quick, --json, --markdown
+        for opt in KERNELS_ONLY + ("modes", "cell_seconds"):
+            if getattr(args, opt, None) not in (None, False):
+                raise UsageError(f"--{opt.replace('_', '-')} does not apply to --suite options")
+        return suite
     other, foreign = ("shapes", SHAPES_ONLY) if suite == "kernels" else ("kernels", KERNELS_ONLY)
     for opt in foreign:
         value = getattr(args, opt, None)
@@ -242,8 +251,11 @@ def _check_suite_options(args: argparse.Namespace) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
-    if _check_suite_options(args) == "shapes":
+    suite = _check_suite_options(args)
+    if suite == "shapes":
         return _run_shapes(args)
+    if suite == "options":
+        return _run_options(args)
     _check_device(args.device)
     cases, warmup, repeats, _ = build_plan(args)
     if args.plot:
@@ -365,6 +377,41 @@ def _run_shapes(args: argparse.Namespace) -> int:
     if args.json:
         write_json(doc, args.json, inline_lists=True)
     _write_markdown(doc, args.markdown)
+    return 0
+
+
+def _run_options(args: argparse.Namespace) -> int:
+    """``--suite options``: each fused option's time against a copy and its fused-pass ideal."""
+    from normkit.bench import options as O
+
+    if args.device != "cpu":
+        raise UsageError("--suite options measures the CPU path; use --device cpu")
+    rows = _ints(args.rows, "rows") if args.rows else [64 if args.quick else 4096]
+    widths = _ints(args.widths, "widths") if args.widths else [256 if args.quick else 2048]
+    threads = _ints(args.threads, "threads") if args.threads else [1, 2]
+    if len(rows) != 1 or len(widths) != 1:
+        raise UsageError("--suite options measures one shape: give one --rows and one --widths value")
+    load_start = S.load_average()
+
+    def progress(r: dict) -> None:
+        if not args.quiet:
+            print(f"{r['option']} {r['threads']}t: {r['time_over_copy']:.2f}x copy ({r['ci_low']:.2f}-{r['ci_high']:.2f}), "
+                  f"ideal {r['ideal']:.2f}x", file=sys.stderr, flush=True)
+
+    results = O.run_suite(rows[0], widths[0], threads, budget_s=0.2 if args.quick else 2.0, seed=args.seed,
+                          on_result=progress)
+    doc = {
+        "suite": "options", "command": command_line(args), "date": S.utc_now(), "git": S.git_commit(),
+        "machine": {**machine_info("cpu"), "load_average_start": load_start, "load_average_end": S.load_average()},
+        "results": results,
+    }
+    table = O.markdown(results)
+    print(table, file=sys.stderr if args.json == "-" else sys.stdout)
+    if args.json:
+        write_json(doc, args.json, inline_lists=True)
+    if args.markdown:
+        with open(args.markdown, "w") as fh:
+            fh.write(table + "\n")
     return 0
 
 
