@@ -100,3 +100,22 @@ def test_an_extension_built_for_another_torch_is_not_loaded(tmp_path):
     reason, warned = out.stdout.strip().splitlines()[-2:]
     assert "built against torch 2.0.0+cpu" in reason and "pip install --force-reinstall" in reason
     assert warned == "1"
+
+
+def test_the_kernels_run_on_torchs_intra_op_threads():
+    """torch's OpenMP intra-op backend is a header template compiled into the extension: built
+    without -fopenmp, every at::parallel_for in normkit._C would run on one thread."""
+    import torch
+
+    from normkit.backends import cpu
+
+    if cpu.extension is None:
+        pytest.skip(f"normkit._C not loaded: {cpu.unavailable_reason()}")
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert cpu.extension.parallel_threads() == 2
+        torch.set_num_threads(1)
+        assert cpu.extension.parallel_threads() == 1
+    finally:
+        torch.set_num_threads(old)

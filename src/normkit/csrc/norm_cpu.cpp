@@ -20,6 +20,8 @@
 #include <torch/extension.h>
 
 
+#include <mutex>
+#include <set>
 #include <vector>
 
 #include "arg_checks.h"
@@ -651,6 +653,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "normkit's compiled CPU kernels (see normkit.backends.cpu)";
   m.attr("BUILT_TORCH") = NORMKIT_BUILT_TORCH;
   m.attr("BUILT_CXX11_ABI") = NORMKIT_BUILT_CXX11_ABI;
+  // How many of torch's intra-op threads at::parallel_for reaches from this module: a build
+  // without OpenMP compiles torch's header-only OpenMP backend out and runs every loop serially.
+  m.def("parallel_threads", []() {
+    std::mutex mu;
+    std::set<int> ids;
+    at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+      std::lock_guard<std::mutex> lock(mu);
+      ids.insert(at::get_thread_num());
+    });
+    return static_cast<int64_t>(ids.size());
+  }, "the number of distinct threads one at::parallel_for over get_num_threads() items runs on");
   normkit::register_rnn(m);
   normkit::register_norm_dim(m);
   using OptTensor = c10::optional<at::Tensor>;
