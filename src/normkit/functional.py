@@ -158,9 +158,8 @@ def _norm(
 
     n = math.prod(shape)
     rows = x.numel() // n
-    x_in = x
-    if path == "eager" and is_rms and _keeps_layout(x):
-        x_in = _GradInLayoutOf.apply(x)
+    layout = _rms_layout(x) if is_rms else None
+    x_in = _GradInLayout.apply(x, layout) if layout is not None and path == "eager" else x
     x2 = x_in.reshape(rows, n).contiguous()
     r2 = None if residual is None else residual.reshape(rows, n).contiguous()
     w1 = None if weight is None else weight.reshape(n).contiguous()
@@ -171,8 +170,8 @@ def _norm(
         y2, s2 = ops.norm_forward_no_grad(x2, r2, w1, b1, call)
     else:
         y2, s2 = ops.norm_forward(x2, r2, w1, b1, call, traced=path == "op")
-    y = _layout_like_torch(y2.view(x.shape), x, is_rms)
-    return (y, _layout_like_torch(s2.view(x.shape), x, is_rms)) if prenorm else y
+    y = _in_layout(y2.view(x.shape), layout)
+    return (y, _in_layout(s2.view(x.shape), layout)) if prenorm else y
 
 
 def _native(x, shape, weight, bias, eps, is_rms, residual, prenorm):
@@ -183,36 +182,36 @@ def _native(x, shape, weight, bias, eps, is_rms, residual, prenorm):
     return out[0], (out[1] if residual is not None else x)
 
 
-def _layout_like_torch(out: Tensor, x: Tensor, is_rms: bool) -> Tensor:
-    """torch's ``rms_norm`` is a composite of elementwise ops, so its output keeps the input's
-    memory format (channels_last, a transposed view); its ``layer_norm`` returns a contiguous
-    tensor. The kernels write contiguous rows; an RMS output is copied to the input's layout."""
-    if not is_rms or x.is_contiguous():
-        return out
+def _rms_layout(x: Tensor) -> Optional[Tuple[int, ...]]:
+    """The strides torch's ``rms_norm`` gives its output and its input gradient for ``x``, or
+    ``None`` when they are contiguous. torch's ``rms_norm`` is a composite of elementwise ops,
+    so both keep a dense input's memory format (channels_last, a transposed view); its
+    ``layer_norm`` returns contiguous tensors. The kernels write contiguous rows."""
+    if x.is_contiguous():
+        return None
     like = torch.empty_like(x)  # preserve_format: x's strides when x is dense
-    return out if like.is_contiguous() else like.copy_(out)
+    return None if like.is_contiguous() else like.stride()
 
 
-def _keeps_layout(x: Tensor) -> bool:
-    """Whether torch's composite ``rms_norm`` would keep ``x``'s non-contiguous dense layout
-    (channels_last, a transposed view) in its output and its input gradient."""
-    return not x.is_contiguous() and not torch.empty_like(x).is_contiguous()
+def _in_layout(t: Tensor, strides: Optional[Tuple[int, ...]]) -> Tensor:
+    """``t`` copied into a tensor of ``strides`` (one pass), or ``t`` itself for ``None``."""
+    if strides is None or t.stride() == strides:
+        return t
+    return torch.empty_strided(t.shape, strides, dtype=t.dtype, device=t.device).copy_(t)
 
 
-class _GradInLayoutOf(torch.autograd.Function):
-    """The identity on ``x``; backward returns the gradient in ``x``'s memory format, as torch's
-    composite ``rms_norm`` does (one copy, only on this path: the kernels write contiguous rows)."""
+class _GradInLayout(torch.autograd.Function):
+    """The identity on ``x``; backward returns the gradient with ``strides``
+    (:func:`_rms_layout`), as torch's composite ``rms_norm`` does."""
 
     @staticmethod
-    def forward(ctx, x):
-        ctx.shape, ctx.strides = x.shape, torch.empty_like(x).stride()
+    def forward(ctx, x, strides):
+        ctx.strides = strides
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, g):
-        if g.stride() == ctx.strides:
-            return g
-        return torch.empty_strided(ctx.shape, ctx.strides, dtype=g.dtype, device=g.device).copy_(g)
+        return _in_layout(g, ctx.strides), None
 
 
 def _native_preconditions() -> bool:
@@ -341,8 +340,10 @@ def layer_norm(
             float32 (float64 for float64 input) and rounded once to ``out_dtype``. For
             float32 input that is a cast of the kernel's result; for 16-bit input the norm
             runs on a float32 copy of the (rounded) sum, one extra pass.
-        out, residual_out: buffers of the result's shape, dtype and device; ``y`` and the
-            prenorm sum are copied into them (``copy_``, an extra pass) and they are returned.
+        out, residual_out: buffers of the result's shape, dtype and device, returned. Without
+            gradients on the compiled CPU kernels, ``out`` (with or without ``residual``, no
+            other option) is written by the kernel itself; otherwise ``y`` and the prenorm sum
+            are computed, then copied into them (``copy_``, an extra pass).
             ``residual_out`` needs ``prenorm=True``. A buffer may not share memory with an
             input or with the other buffer (:class:`~normkit.errors.NormOverlapError`): the
             copies would overwrite what the call returns.

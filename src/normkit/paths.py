@@ -44,7 +44,6 @@ def onnx_norm(x, shape, weight, bias, eps, is_rms, residual, prenorm, dropout_p)
     return (y, s) if prenorm else y
 
 
-
 def nested_norm(norm, x, normalized_shape, *args):
     """A nested tensor (torch.nested, jagged or strided layout): ``norm(component, shape,
     *args)`` on each component, re-wrapped in ``x``'s layout; autograd flows through

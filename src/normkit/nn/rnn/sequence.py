@@ -187,8 +187,9 @@ def _composite_backward(*grads: Optional[Tensor]) -> bool:
 
 
 def _differentiable_backward(ctx, recurrence_ref, n_states: int, n_params: int, grads: Sequence[Tensor]) -> tuple:
-    """The backward of :class:`_LNLSTMSequence` / :class:`_LNGRUSequence` under
-    ``create_graph=True`` (autograd runs a backward with grad mode on exactly then).
+    """The backward of :class:`_LNLSTMSequence` / :class:`_LNGRUSequence` when
+    :func:`_composite_backward` says so: under ``create_graph=True`` (autograd runs a backward
+    with grad mode on exactly then) or for a vmap batch of gradients.
 
     The first saved tensors are the function's tensor inputs after ``xg``: ``(*states,
     *params, proj, ln_ih_w, b)``. ``xg`` itself is not saved (nothing else keeps it, and it is
