@@ -317,6 +317,128 @@ def _backward_formula(dy, dsum, s_hat, rstd, weight, is_rms, keep_scale):
     return dx.to(dy.dtype), ds.to(dy.dtype), (dy32 * s_hat).sum(0), dy32.sum(0)
 
 
+# --- The fused kernel contract (normkit.backends.contract): every option, one forward, one backward.
+
+
+def fused_forward(
+    x: Tensor,
+    residual: Optional[Tensor],
+    x1: Optional[Tensor],
+    rowscale: Optional[Tensor],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    weight1: Optional[Tensor],
+    bias1: Optional[Tensor],
+    spec,
+    keep: Optional[Tensor] = None,
+    keep1: Optional[Tensor] = None,
+):
+    """The contract's forward (:mod:`normkit.backends.contract`, whose docstring has the math)
+    on ``(M, N)`` tensors, as torch ops that autograd differentiates: ``keep``/``keep1`` are
+    the boolean keep masks of ``x`` and ``x1`` (``None`` without dropout). Returns a
+    :class:`~normkit.backends.contract.ForwardOut`; the masks in it are ``keep``/``keep1``
+    when ``spec.store_mask``."""
+    from normkit.backends.contract import ForwardOut, sum_is_input
+
+    p = spec.dropout_p
+    if sum_is_input(x, residual, x1, rowscale, spec):
+        s = x
+    else:
+        acc = compute_dtype(x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype))
+        t = x.to(acc)
+        if rowscale is not None:
+            t = t * rowscale.to(acc).unsqueeze(-1)
+        if keep is not None:
+            t = t * keep.to(acc) * (1.0 / (1.0 - p))
+        if x1 is not None:
+            t1 = x1.to(acc)
+            if keep1 is not None:
+                t1 = t1 * keep1.to(acc) * (1.0 / (1.0 - p))
+            t = t + t1
+        if residual is not None:
+            t = t + residual.to(acc)
+        s = t.to(spec.sum_dtype)
+    acc = compute_dtype(torch.promote_types(s.dtype, x.dtype))
+    s_acc = s.to(acc)
+    mean, rstd = statistics(s_acc, (-1,), spec.eps, spec.is_rms)
+    s_hat = (s_acc if mean is None else s_acc - mean) * rstd
+
+    def affine(w, b):
+        y = s_hat if w is None else s_hat * w.to(acc)
+        return (y if b is None else y + b.to(acc)).to(spec.out_dtype)
+
+    masks = spec.store_mask and p > 0.0
+    return ForwardOut(
+        affine(weight, bias),
+        None if weight1 is None else affine(weight1, bias1),
+        s if spec.store_sum else None,
+        None if mean is None else mean.squeeze(-1),
+        rstd.squeeze(-1),
+        keep if masks else None,
+        keep1 if masks and x1 is not None else None,
+    )
+
+
+def fused_backward(
+    dy: Optional[Tensor],
+    dy1: Optional[Tensor],
+    dsum: Optional[Tensor],
+    s: Tensor,
+    weight: Optional[Tensor],
+    weight1: Optional[Tensor],
+    rowscale: Optional[Tensor],
+    spec,
+    needs,
+    x_dtype: torch.dtype,
+    residual_dtype: Optional[torch.dtype],
+    keep: Optional[Tensor] = None,
+    keep1: Optional[Tensor] = None,
+):
+    """The contract's backward (the formulas of :mod:`normkit.backends.contract`) as torch ops
+    from the saved sum ``s``: the row statistics are recomputed from ``s`` with differentiable
+    ops, so under ``create_graph=True`` this is also every backend's differentiable backward
+    (double backward), and its first-order result is the kernels' reference. Returns a
+    :class:`~normkit.backends.contract.GradsOut` with ``None`` where ``needs`` says so."""
+    from normkit.backends.contract import GradsOut
+
+    acc = compute_dtype(torch.promote_types(s.dtype, x_dtype))
+    s_acc = s.to(acc)
+    mean, rstd = statistics(s_acc, (-1,), spec.eps, spec.is_rms)
+    s_hat = (s_acc if mean is None else s_acc - mean) * rstd
+    dy_acc = None if dy is None else dy.to(acc)
+    dy1_acc = None if dy1 is None else dy1.to(acc)
+    g = torch.zeros_like(s_hat)
+    if dy_acc is not None:
+        g = g + (dy_acc if weight is None else dy_acc * weight.to(acc))
+    if dy1_acc is not None:
+        g = g + dy1_acc * weight1.to(acc)
+    ds = normalized_gradient(g, s_hat, rstd, spec.is_rms)
+    if dsum is not None:
+        ds = ds + dsum.to(acc)
+    scale = 1.0 / (1.0 - spec.dropout_p) if spec.dropout_p > 0.0 else 1.0
+    dx = dx1 = None
+    if needs.x:
+        dx = ds if rowscale is None else ds * rowscale.to(acc).unsqueeze(-1)
+        if keep is not None:
+            dx = dx * keep.to(acc) * scale
+        dx = dx.to(x_dtype)
+    if needs.x1:
+        dx1 = (ds if keep1 is None else ds * keep1.to(acc) * scale).to(x_dtype)
+
+    def total(t):
+        return torch.zeros(s.shape[-1], dtype=acc, device=s.device) if t is None else t.sum(0)
+
+    return GradsOut(
+        dx,
+        dx1,
+        ds.to(residual_dtype) if needs.residual else None,
+        total(None if dy_acc is None else dy_acc * s_hat) if needs.weight else None,
+        total(dy_acc) if needs.bias else None,
+        total(None if dy1_acc is None else dy1_acc * s_hat) if needs.weight1 else None,
+        total(dy1_acc) if needs.bias1 else None,
+    )
+
+
 def default_rms_eps(dtype: torch.dtype) -> float:
     """``torch.nn.functional.rms_norm``'s default epsilon for input ``dtype``.
 
