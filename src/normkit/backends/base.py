@@ -17,6 +17,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from normkit.backends.contract import ForwardOut, GradNeeds, GradsOut, KernelSpec
+
 ForwardResult = Tuple[Tensor, Optional[Tensor], Optional[Tensor], Tensor]
 BackwardResult = Tuple[Tensor, Tensor, Tensor, Tensor]
 
@@ -77,6 +79,70 @@ class Backend:
         ``dweight``/``dbias`` of shape ``(N,)`` in float32 (float64 for float64 input)."""
         raise NotImplementedError
 
+    # --- the fused contract (normkit.backends.contract): every option in one forward and one
+    # backward kernel. The defaults run the reference's torch ops with the reference's dropout
+    # stream, so a backend without its own kernels for an option is still correct.
+
+    def fused_supports(self, x: Tensor, spec: KernelSpec) -> bool:
+        """Whether :meth:`fused_forward` / :meth:`fused_backward` run this backend's kernels for
+        input ``x`` (device, dtype) and ``spec``; when not, the caller picks another backend."""
+        return self.supports(x, spec.dropout_p)
+
+    def fused_forward(
+        self,
+        x: Tensor,
+        residual: Optional[Tensor],
+        x1: Optional[Tensor],
+        rowscale: Optional[Tensor],
+        weight: Optional[Tensor],
+        bias: Optional[Tensor],
+        weight1: Optional[Tensor],
+        bias1: Optional[Tensor],
+        spec: KernelSpec,
+        seed: int,
+        out: Optional[Tensor] = None,
+        out1: Optional[Tensor] = None,
+        residual_out: Optional[Tensor] = None,
+    ) -> ForwardOut:
+        """The contract's forward on contiguous ``(M, N)`` tensors (``rowscale`` ``(M,)``,
+        parameters ``(N,)``), the dropout masks drawn from ``seed``. ``out`` / ``out1`` /
+        ``residual_out``, when given, are contiguous ``(M, N)`` buffers of ``y``'s / ``y1``'s /
+        ``s``'s dtype that share no memory with an input: the kernel writes them and returns them."""
+        from normkit import reference
+
+        keep, keep1 = fused_keep_masks(seed, x, x1, spec.dropout_p)
+        res = reference.fused_forward(x, residual, x1, rowscale, weight, bias, weight1, bias1, spec, keep, keep1)
+        return _into_buffers(res, out, out1, residual_out)
+
+    def fused_backward(
+        self,
+        dy: Optional[Tensor],
+        dy1: Optional[Tensor],
+        dsum: Optional[Tensor],
+        s: Tensor,
+        weight: Optional[Tensor],
+        weight1: Optional[Tensor],
+        rowscale: Optional[Tensor],
+        mean: Optional[Tensor],
+        rstd: Tensor,
+        spec: KernelSpec,
+        seed: int,
+        needs: GradNeeds,
+        x_dtype: torch.dtype,
+        residual_dtype: Optional[torch.dtype],
+    ) -> GradsOut:
+        """The contract's backward: ``dy``/``dy1`` of ``spec.out_dtype`` (either may be
+        ``None``: zero), ``dsum`` of ``s``'s dtype or ``None``, ``s`` the saved sum (``x`` when
+        no sum was formed), ``mean``/``rstd`` as the forward returned them, the masks
+        regenerated from ``seed``. Computes only what ``needs`` asks for."""
+        from normkit import reference
+
+        keep, keep1 = fused_keep_masks(seed, s, None if dy1 is None and not needs.x1 else s, spec.dropout_p)
+        with torch.no_grad():
+            return reference.fused_backward(
+                dy, dy1, dsum, s, weight, weight1, rowscale, spec, needs, x_dtype, residual_dtype, keep, keep1
+            )
+
     def rnn_steps(self, x: Tensor):
         """The compiled LN-LSTM/GRU time loops for buffers like ``x`` (an object with
         ``lstm_forward``, ``lstm_backward``, ``gru_forward``, ``gru_backward`` and
@@ -99,3 +165,26 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     from normkit.reference import compute_dtype as _compute_dtype
 
     return _compute_dtype(dtype)
+
+
+def fused_keep_masks(seed: int, x: Tensor, x1: Optional[Tensor], dropout_p: float):
+    """The reference dropout stream of the fused contract: ``(keep, keep1)`` boolean masks of
+    ``x``'s shape (``None`` without dropout; ``keep1`` only with ``x1``), stream 0 seeded by
+    ``seed``, stream 1 by ``seed + 2**31`` (seeds are below ``2**31``, so the streams of all
+    calls are distinct)."""
+    if dropout_p == 0.0:
+        return None, None
+    from normkit.reference import dropout_keep_mask
+
+    keep = dropout_keep_mask(seed, x.shape, dropout_p, x.device)
+    keep1 = None if x1 is None else dropout_keep_mask(seed + 2**31, x.shape, dropout_p, x.device)
+    return keep, keep1
+
+
+def _into_buffers(res: ForwardOut, out, out1, residual_out) -> ForwardOut:
+    """``res`` with ``y``/``y1``/``s`` copied into the caller's buffers where given (for
+    implementations that cannot write them directly)."""
+    y = res.y if out is None else out.copy_(res.y)
+    y1 = res.y1 if out1 is None or res.y1 is None else out1.copy_(res.y1)
+    s = res.s if residual_out is None or res.s is None else residual_out.copy_(res.s)
+    return res._replace(y=y, y1=y1, s=s)
