@@ -128,13 +128,13 @@ class _CountingBackend(Backend):
     def supports(self, x, dropout_p):
         return x.dtype == torch.float32
 
-    def forward(self, *args):
+    def fused_forward(self, *args):
         self.calls += 1
-        return get_backend("reference").forward(*args)
+        return get_backend("reference").fused_forward(*args)
 
-    def backward(self, *args):
+    def fused_backward(self, *args):
         self.calls += 1
-        return get_backend("reference").backward(*args)
+        return get_backend("reference").fused_backward(*args)
 
 
 def test_registered_backend_runs_and_unsupported_falls_back(monkeypatch):
@@ -215,7 +215,14 @@ def test_eager_path_skips_the_custom_op_and_compile_uses_it(monkeypatch):
 def test_custom_op_passes_torch_opcheck():
     x, r = randn((4, 9), seed=10), randn((4, 9), seed=11)
     w, b = params((9,))
-    for args in [(x, r, w, b, 1e-5, False, 0.0, True, "reference"), (x, None, w, None, 1e-6, True, 0.0, False, "reference")]:
+    f32, bf16 = torch.float32, torch.bfloat16
+    x1, rowscale = randn((4, 9), seed=12), randn((4,), seed=13)
+    for args in [
+        (x, r, None, None, w, b, None, None, False, 1e-5, 0.0, f32, f32, True, False, "reference"),
+        (x, None, None, None, w, None, None, None, True, 1e-6, 0.0, f32, f32, False, False, "reference"),
+        (x, r, x1, None, w, b, w, b, False, 1e-5, 0.0, f32, bf16, True, False, "reference"),
+        (x, r, None, rowscale, w, None, None, None, True, 1e-5, 0.0, torch.float64, f32, True, False, "reference"),
+    ]:
         torch.library.opcheck(torch.ops.normkit.norm_fwd.default, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
 
 

@@ -35,7 +35,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from normkit.functional import layer_norm, native_norm_dim
+from normkit.dispatch import native_dim_call, native_norm_dim
+from normkit.functional import layer_norm
 from normkit.reference import compute_dtype, normalize
 from normkit.validation import check_eps, check_floating_tensor
 
@@ -112,8 +113,9 @@ def layer_norm_2d(
         # The NHWC view is contiguous: rows of C channels, exactly what the kernels normalize.
         y = layer_norm(input.permute(0, 2, 3, 1), (int(input.shape[1]),), weight, bias, eps)
         return y.permute(0, 3, 1, 2)
-    y = native_norm_dim(input, 1, 1, weight, bias, eps, False)  # the compiled strided kernel (CPU)
-    return y if y is not None else _layer_norm_dim1(input, weight, bias, eps)
+    if native_dim_call(input, weight, bias, eps):  # the compiled strided kernel (CPU)
+        return native_norm_dim(input, 1, 1, weight, bias, eps, False)
+    return _layer_norm_dim1(input, weight, bias, eps)
 
 
 def layer_norm_chw(

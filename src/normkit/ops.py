@@ -1,80 +1,87 @@
-"""The normkit op: one ``torch.library`` custom op for forward and one for backward, with autograd.
+"""The normkit op: the kernel contract (:mod:`normkit.backends.contract`) with autograd, once.
 
-Every backend runs behind the same two ops (``normkit::norm_fwd`` / ``normkit::norm_bwd``),
-named by a string argument, so ``torch.compile(fullgraph=True)`` sees one opaque node with a
-fake (meta) implementation whatever the backend, and autograd is wired once. The ops work on
-contiguous 2-D ``(M, N)`` tensors; :mod:`normkit.functional` validates and reshapes.
-
-Eager calls on plain tensors skip the op dispatcher: :class:`_EagerNorm` runs the same
-forward/backward bodies (``_forward_impl``/``_backward_impl``) as an ``autograd.Function``,
-because ``torch.library``'s dispatch and autograd wrapper cost more than the kernels on all
-but large inputs. Whatever traces (compile, export, ``make_fx``, ``jit.trace``) sees the op.
+One ``torch.library`` custom op for forward and one for backward (``normkit::norm_fwd`` /
+``normkit::norm_bwd``), naming the backend by a string argument, so ``torch.compile`` sees one
+opaque node with a fake (meta) implementation whatever the backend; and one eager
+``autograd.Function`` (:class:`_EagerNorm`) running the same forward and backward bodies,
+because ``torch.library``'s dispatch and autograd wrapper cost more than the kernels on all but
+large inputs. Both share one backward (:func:`_input_grads`): the backend's backward kernel,
+or under ``create_graph=True`` (and for a vmap batch of gradients) the differentiable one,
+:func:`normkit.reference.fused_backward`. Every option of a call (residual, ``x1``,
+``rowscale``, dropout, ``weight1``/``bias1``, the sum's and the output's dtypes) travels in
+the same two ops; the ops work on contiguous ``(M, N)`` tensors, validated and reshaped by
+:mod:`normkit.dispatch`.
 
 Dropout seeds are drawn *inside* the forward op and returned as a tensor, so a compiled graph
-draws a fresh seed every call instead of baking one in, and backward regenerates the mask.
+draws a fresh seed every call instead of baking one in, and backward regenerates the masks.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional, Tuple
+from dataclasses import dataclass, replace
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from normkit import _torch_private as private
-from normkit.backends import get_backend
 from normkit import reference
+from normkit.backends import get_backend
+from normkit.backends.base import into_buffers
+from normkit.backends.contract import ForwardOut, GradNeeds, GradsOut, KernelSpec, sum_is_input
 from normkit.reference import compute_dtype
 
-__all__ = ["NormCall", "norm_forward", "norm_forward_no_grad", "plain_eager"]
+__all__ = ["KernelCall", "run", "plain_eager"]
+
+#: The op's tensor inputs, in its schema's order (their gradients come back in this order).
+INPUTS = ("x", "residual", "x1", "rowscale", "weight", "bias", "weight1", "bias1")
+
 
 @dataclass(frozen=True)
-class NormCall:
-    """The non-tensor arguments of one norm call, as validated by :mod:`normkit.functional`.
+class KernelCall:
+    """The non-tensor arguments of one kernel call: the :class:`KernelSpec` and the name of
+    the backend that runs it (chosen by :mod:`normkit.dispatch`)."""
 
-    Attributes:
-        eps: added to the variance (to the mean square for RMS norm).
-        is_rms: RMS norm (no centering, no bias) instead of layer norm.
-        dropout_p: dropout rate applied to ``x`` before the residual add (0 outside training).
-        prenorm: also return the normalized sum ``s``.
-        backend: name of the backend that runs the kernels.
-    """
-
-    eps: float
-    is_rms: bool
-    dropout_p: float
-    prenorm: bool
+    spec: KernelSpec
     backend: str
-
-    def stores_sum(self, residual: Optional[Tensor]) -> bool:
-        """The normalized input differs from ``x`` (and is kept for backward) with a residual
-        or dropout."""
-        return residual is not None or self.dropout_p > 0.0
 
     def op_args(self) -> tuple:
         """The custom op's scalar arguments, in its schema's order."""
-        return (self.eps, self.is_rms, self.dropout_p, self.prenorm, self.backend)
+        s = self.spec
+        return (s.is_rms, s.eps, s.dropout_p, s.sum_dtype, s.out_dtype, s.store_sum, s.store_mask, self.backend)
+
+
+def _acc(x: Tensor, spec: KernelSpec) -> torch.dtype:
+    return compute_dtype(torch.promote_types(x.dtype, spec.sum_dtype))
 
 
 def _empty(like: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
     return like.new_empty((0,), dtype=dtype or like.dtype)
 
 
-def _forward_impl(x, residual, weight, bias, call: NormCall):
-    """The forward op's body: the backend's forward, outputs padded to the op's fixed schema
-    ``(y, s, mean, rstd, seed)``."""
-    seed = reference.draw_dropout_seed(call.dropout_p)
-    store_sum = call.stores_sum(residual)
-    y, s, mean, rstd = get_backend(call.backend).forward(
-        x, residual, weight, bias, call.eps, call.is_rms, call.dropout_p, seed, store_sum
-    )
-    stat = compute_dtype(x.dtype)
+def _forward_impl(x, residual, x1, rowscale, weight, bias, weight1, bias1, call: KernelCall):
+    """The forward op's body: the backend's forward, padded to the op's fixed schema
+    ``(y, y1, s, mean, rstd, mask, mask1, seed)`` (empty tensors for absent outputs; ``s`` is
+    empty when it is ``x`` itself: an op may not return an alias of its input)."""
+    spec = call.spec
+    seed = reference.draw_dropout_seed(spec.dropout_p)
+    res = get_backend(call.backend).fused_forward(x, residual, x1, rowscale, weight, bias, weight1, bias1, spec, seed)
+    return _padded(res, x, spec, seed)
+
+
+def _padded(res: ForwardOut, x: Tensor, spec: KernelSpec, seed: int):
+    def some(t, dtype=None):
+        return _empty(x, dtype) if t is None else t
+
+    s = None if res.s is x else res.s
     return (
-        y,
-        s if store_sum else _empty(x),
-        _empty(x, stat) if mean is None else mean,
-        rstd,
+        res.y,
+        some(res.y1, spec.out_dtype),
+        some(s, spec.sum_dtype),
+        some(res.mean, _acc(x, spec)),
+        res.rstd,
+        some(res.mask, torch.bool),
+        some(res.mask1, torch.bool),
         torch.tensor(seed, dtype=torch.int64),
     )
 
@@ -83,152 +90,187 @@ def _forward_impl(x, residual, weight, bias, call: NormCall):
 def _norm_fwd(
     x: Tensor,
     residual: Optional[Tensor],
+    x1: Optional[Tensor],
+    rowscale: Optional[Tensor],
     weight: Optional[Tensor],
     bias: Optional[Tensor],
-    eps: float,
+    weight1: Optional[Tensor],
+    bias1: Optional[Tensor],
     is_rms: bool,
+    eps: float,
     dropout_p: float,
-    prenorm: bool,
+    sum_dtype: torch.dtype,
+    out_dtype: torch.dtype,
+    store_sum: bool,
+    store_mask: bool,
     backend: str,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return _forward_impl(x, residual, weight, bias, NormCall(eps, is_rms, dropout_p, prenorm, backend))
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    call = KernelCall(KernelSpec(is_rms, eps, dropout_p, sum_dtype, out_dtype, store_sum, store_mask), backend)
+    return _forward_impl(x, residual, x1, rowscale, weight, bias, weight1, bias1, call)
 
 
 @_norm_fwd.register_fake
-def _norm_fwd_fake(x, residual, weight, bias, eps, is_rms, dropout_p, prenorm, backend):
+def _norm_fwd_fake(x, residual, x1, rowscale, weight, bias, weight1, bias1, is_rms, eps, dropout_p, sum_dtype, out_dtype, store_sum, store_mask, backend):
+    spec = KernelSpec(is_rms, eps, dropout_p, sum_dtype, out_dtype, store_sum, store_mask)
     rows = x.shape[0]
-    stat = compute_dtype(x.dtype)
+    acc = _acc(x, spec)
+    masks = store_mask and dropout_p > 0.0
+    formed = store_sum and not sum_is_input(x, residual, x1, rowscale, spec)
     return (
-        torch.empty_like(x),
-        torch.empty_like(x) if NormCall(eps, is_rms, dropout_p, prenorm, backend).stores_sum(residual) else _empty(x),
-        x.new_empty((0,) if is_rms else (rows,), dtype=stat),
-        x.new_empty((rows,), dtype=stat),
+        x.new_empty(x.shape, dtype=out_dtype),
+        x.new_empty(x.shape, dtype=out_dtype) if weight1 is not None else _empty(x, out_dtype),
+        x.new_empty(x.shape, dtype=sum_dtype) if formed else _empty(x, sum_dtype),
+        _empty(x, acc) if is_rms else x.new_empty((rows,), dtype=acc),
+        x.new_empty((rows,), dtype=acc),
+        x.new_empty(x.shape, dtype=torch.bool) if masks else _empty(x, torch.bool),
+        x.new_empty(x.shape, dtype=torch.bool) if masks and x1 is not None else _empty(x, torch.bool),
         torch.empty((), dtype=torch.int64),
     )
 
 
-def _backward_impl(dy, dsum, s, weight, mean, rstd, seed, is_rms, dropout_p, backend, need_dres):
-    """The backward op's body: the backend's backward, outputs padded to the op's schema."""
-    dx, dres, dw, db = get_backend(backend).backward(
-        dy,
-        dsum,
-        s,
-        weight,
-        None if is_rms else mean,
-        rstd,
-        is_rms,
-        dropout_p,
-        int(seed.item()),
+def _backward_impl(dy, dy1, dsum, s, weight, weight1, rowscale, mean, rstd, seed, call: KernelCall, needs: GradNeeds, x_dtype, residual_dtype):
+    """The backward op's body: the backend's backward kernel. Returns a :class:`GradsOut`."""
+    spec = call.spec
+    return get_backend(call.backend).fused_backward(
+        dy, dy1, dsum, s, weight, weight1, rowscale, None if spec.is_rms else mean, rstd, spec, int(seed.item()), needs, x_dtype, residual_dtype
     )
-    # Custom ops may not return aliases of each other; dx is ds itself without dropout. Copy
-    # it only when the residual's gradient is wanted (a full extra pass over memory).
-    if not need_dres:
-        dres = _empty(dy)
-    elif dres is dx:
-        dres = get_backend(backend).empty_like(dx).copy_(dx)
-    return dx, dres, dw, db
 
 
 @torch.library.custom_op("normkit::norm_bwd", mutates_args=())
 def _norm_bwd(
-    dy: Tensor,
+    dy: Optional[Tensor],
+    dy1: Optional[Tensor],
     dsum: Optional[Tensor],
     s: Tensor,
     weight: Optional[Tensor],
+    weight1: Optional[Tensor],
+    rowscale: Optional[Tensor],
     mean: Tensor,
     rstd: Tensor,
     seed: Tensor,
     is_rms: bool,
+    eps: float,
     dropout_p: float,
+    sum_dtype: torch.dtype,
+    out_dtype: torch.dtype,
     backend: str,
-    need_dres: bool,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _backward_impl(dy, dsum, s, weight, mean, rstd, seed, is_rms, dropout_p, backend, need_dres)
+    needs: List[bool],
+    x_dtype: torch.dtype,
+    residual_dtype: torch.dtype,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    call = KernelCall(KernelSpec(is_rms, eps, dropout_p, sum_dtype, out_dtype), backend)
+    g = _backward_impl(dy, dy1, dsum, s, weight, weight1, rowscale, mean, rstd, seed, call, GradNeeds(*needs), x_dtype, residual_dtype)
+    # Custom ops return neither absent outputs nor aliases (dx is the residual's gradient
+    # itself when nothing scales it): an empty tensor for the first, a copy for the second.
+    outs: List[Tensor] = []
+    for t in g:
+        if t is None:
+            t = _empty(s)
+        elif any(t is o for o in outs) or any(t is i for i in (dy, dy1, dsum, s)):
+            t = t.clone()
+        outs.append(t)
+    return tuple(outs)
 
 
 @_norm_bwd.register_fake
-def _norm_bwd_fake(dy, dsum, s, weight, mean, rstd, seed, is_rms, dropout_p, backend, need_dres):
-    n = dy.shape[-1]
-    acc = compute_dtype(s.dtype)
-    dres = torch.empty_like(dy) if need_dres else _empty(dy)
-    return torch.empty_like(dy), dres, dy.new_empty((n,), dtype=acc), dy.new_empty((n,), dtype=acc)
+def _norm_bwd_fake(dy, dy1, dsum, s, weight, weight1, rowscale, mean, rstd, seed, is_rms, eps, dropout_p, sum_dtype, out_dtype, backend, needs, x_dtype, residual_dtype):
+    n = s.shape[-1]
+    acc = compute_dtype(torch.promote_types(s.dtype, x_dtype))
+    full = (x_dtype, x_dtype, residual_dtype)
+    outs = [s.new_empty(s.shape, dtype=d) if need else _empty(s, d) for need, d in zip(needs[:3], full)]
+    outs += [s.new_empty((n,), dtype=acc) if need else _empty(s, acc) for need in needs[3:]]
+    return tuple(outs)
 
 
-def _save_for_backward(ctx, x, residual, weight, bias, call: NormCall, output) -> None:
-    """What backward needs, for the custom op's and the eager Function's autograd alike."""
-    _, s, mean, rstd, seed = output
+# --- autograd, shared by the custom op and the eager Function -----------------------------------
+
+
+def _save_for_backward(ctx, inputs, call: KernelCall, output) -> None:
+    """What backward needs: the normalized sum (``x`` itself when no sum is formed), the gains,
+    ``rowscale``, the statistics and the seed; the dtypes of the inputs whose gradients it
+    returns."""
+    x, residual, x1, rowscale, weight, bias, weight1, bias1 = inputs
+    _, _, s, mean, rstd, _, _, seed = output
     ctx.call = call
-    ctx.store_sum = call.stores_sum(residual)
-    ctx.has_residual = residual is not None
-    ctx.weight_dtype = None if weight is None else weight.dtype
-    ctx.bias_dtype = None if bias is None else bias.dtype
-    ctx.save_for_backward(s if ctx.store_sum else x, weight, mean, rstd, seed)
+    ctx.formed = not sum_is_input(x, residual, x1, rowscale, call.spec)
+    ctx.x_dtype = x.dtype
+    ctx.residual_dtype = x.dtype if residual is None else residual.dtype
+    ctx.present = tuple(t is not None for t in inputs)
+    ctx.param_dtypes = tuple(None if p is None else p.dtype for p in (weight, bias, weight1, bias1))
+    ctx.save_for_backward(s if ctx.formed else x, weight, weight1, rowscale, mean, rstd, seed)
 
 
 def _setup_context(ctx, inputs, output):
-    x, residual, weight, bias, *scalars = inputs
-    _save_for_backward(ctx, x, residual, weight, bias, NormCall(*scalars), output)
+    *tensors, is_rms, eps, dropout_p, sum_dtype, out_dtype, store_sum, store_mask, backend = inputs
+    spec = KernelSpec(is_rms, eps, dropout_p, sum_dtype, out_dtype, store_sum, store_mask)
+    _save_for_backward(ctx, tensors, KernelCall(spec, backend), output)
 
 
-def _input_grads(ctx, dy, dsum, norm_bwd=None):
-    """Gradients of ``(x, residual, weight, bias)``. Under ``create_graph=True`` (autograd runs
-    a backward with grad mode on only then) they are built from differentiable torch ops, so
-    they can be differentiated again; otherwise the backend's kernels run."""
-    call: NormCall = ctx.call
-    s, weight, mean, rstd, seed = ctx.saved_tensors
-    if dy is None:  # the eager Function does not materialize the gradient of an unused y
-        dy = torch.zeros_like(s)
-    # Without residual and dropout the sum output is a placeholder (x itself is returned as the
-    # prenorm output, so its gradient reaches x directly): ignore what autograd passes for it.
-    # With them, the sum is a real output whose gradient adds to ds; it arrives even with
-    # prenorm=False when a double backward differentiates through the saved sum.
-    dsum = dsum.contiguous() if (ctx.store_sum and dsum is not None) else None
-    needs = ctx.needs_input_grad
-    need_dres = bool(ctx.has_residual and needs[1])
-    if torch.is_grad_enabled() or private.functorch_transforms_active() or any(
-        g is not None and private.is_batched(g) for g in (dy, dsum)
-    ):
-        # create_graph=True, or a batched backward (is_grads_batched, vmap over vjp): the
-        # gradients as torch ops, which autograd and vmap can see through
-        dx, dres, dw, db = _differentiable_backward(call, dy, dsum, s, weight, mean, rstd, seed)
-    else:
-        dx, dres, dw, db = (norm_bwd or _norm_bwd)(
-            dy.contiguous(), dsum, s, weight, mean, rstd, seed, call.is_rms, call.dropout_p, call.backend, need_dres
+def _keep_masks(call: KernelCall, s: Tensor, has_x1: bool, seed: Tensor):
+    """The backend's own dropout masks of a call (for the differentiable backward): its forward
+    run again with ``store_mask`` on an input of zeros, which draws the same masks from the seed."""
+    if call.spec.dropout_p == 0.0:
+        return None, None
+    spec = replace(call.spec, store_sum=False, store_mask=True, sum_dtype=s.dtype, out_dtype=s.dtype)
+    with torch.no_grad():
+        zeros = torch.zeros(s.shape, dtype=s.dtype, device=s.device)
+        res = get_backend(call.backend).fused_forward(zeros, None, zeros if has_x1 else None, None, None, None, None, None, spec, int(seed.item()))
+    return res.mask, res.mask1
+
+
+def _input_grads(ctx, dy, dy1, dsum, *, traced: bool):
+    """Gradients of the op's tensor inputs (:data:`INPUTS` order). Under ``create_graph=True``
+    (autograd runs a backward with grad mode on only then), under a ``torch.func`` transform or
+    for a vmap batch of gradients they are :func:`normkit.reference.fused_backward`'s torch ops,
+    which autograd and vmap see through; otherwise the backend's backward kernel runs."""
+    call: KernelCall = ctx.call
+    s, weight, weight1, rowscale, mean, rstd, seed = ctx.saved_tensors
+    present = ctx.present
+    wanted = [n and p for n, p in zip(ctx.needs_input_grad[:8], present)]
+    needs = GradNeeds(x=wanted[0], x1=wanted[2], residual=wanted[1], weight=wanted[4], bias=wanted[5], weight1=wanted[6], bias1=wanted[7])
+    # Without a formed sum the sum output is a placeholder (x itself is returned as the prenorm
+    # output, so its gradient reaches x directly): ignore what autograd passes for it.
+    dsum = dsum if (ctx.formed and dsum is not None and dsum.numel() > 0) else None
+    dy1 = dy1 if (present[6] and dy1 is not None and dy1.numel() > 0) else None
+    if dy is None and dy1 is None and dsum is None:
+        return (None,) * 8
+    if dy is None and dy1 is None:  # only the prenorm output is used
+        dy = torch.zeros(s.shape, dtype=call.spec.out_dtype, device=s.device)
+    grads = (dy, dy1, dsum)
+    if torch.is_grad_enabled() or private.functorch_transforms_active() or any(g is not None and private.is_batched(g) for g in grads):
+        keep, keep1 = _keep_masks(call, s, present[2], seed)
+        g = reference.fused_backward(
+            dy, dy1, dsum, s, weight, weight1, rowscale, call.spec, needs, ctx.x_dtype, ctx.residual_dtype, keep, keep1
         )
-    return (
-        dx if needs[0] else None,
-        dres if need_dres else None,
-        dw.to(ctx.weight_dtype) if ctx.weight_dtype is not None and needs[2] else None,
-        db.to(ctx.bias_dtype) if ctx.bias_dtype is not None and needs[3] else None,
-    )
+    else:
+        grads = tuple(None if t is None else t.contiguous() for t in grads)
+        if traced:
+            flags = [needs.x, needs.x1, needs.residual, needs.weight, needs.bias, needs.weight1, needs.bias1]
+            spec = call.spec
+            outs = _norm_bwd(*grads, s, weight, weight1, rowscale, mean, rstd, seed, spec.is_rms, spec.eps, spec.dropout_p,
+                             spec.sum_dtype, spec.out_dtype, call.backend, flags, ctx.x_dtype, ctx.residual_dtype)
+            g = GradsOut(*(o if f else None for o, f in zip(outs, flags)))
+        else:
+            g = _backward_impl(*grads, s, weight, weight1, rowscale, mean, rstd, seed, call, needs, ctx.x_dtype, ctx.residual_dtype)
+
+    def cast(t, dtype):
+        return None if t is None or dtype is None else t.to(dtype)
+
+    # dx is the residual's gradient itself when nothing scales it; autograd would accumulate a
+    # shared tensor twice (gradient accumulation), so the second one is a copy
+    dx1 = g.dx1 if g.dx1 is None or g.dx1 is not g.dx else g.dx1.clone()
+    dres = g.dresidual
+    if dres is not None and (dres is g.dx or dres is g.dx1):
+        dres = dres.clone()
+    g = g._replace(dx1=dx1, dresidual=dres)
+
+    w_dt, b_dt, w1_dt, b1_dt = ctx.param_dtypes
+    return (g.dx, g.dresidual, g.dx1, None, cast(g.dweight, w_dt), cast(g.dbias, b_dt), cast(g.dweight1, w1_dt), cast(g.dbias1, b1_dt))
 
 
-def _backward(ctx, dy, dsum, _dmean, _drstd, _dseed):
+def _backward(ctx, dy, dy1, dsum, _dmean, _drstd, _dmask, _dmask1, _dseed):
     """The custom op's autograd: one gradient per op input (``None`` for the scalars)."""
-    return _input_grads(ctx, dy, dsum) + (None,) * 5
-
-
-def _differentiable_backward(call: NormCall, dy, dsum, s, weight, mean, rstd, seed):
-    """The backward as composite torch ops (:func:`normkit.reference.norm_backward_differentiable`),
-    for double backward on every backend. ``s`` is the saved sum (an output of this op, so a
-    second differentiation flows back through this op to x and the residual) or x itself.
-    The dropout mask is the backend's own: its backward applied to ``dy = 0, dsum = 1`` returns
-    exactly ``mask / (1 - p)``, whatever random stream the backend uses."""
-    keep_scale = None
-    if call.dropout_p > 0.0:
-        with torch.no_grad():
-            keep_scale, _, _, _ = get_backend(call.backend).backward(
-                torch.zeros_like(s),
-                torch.ones_like(s),
-                s.detach(),
-                None,
-                None if call.is_rms else mean,
-                rstd,
-                call.is_rms,
-                call.dropout_p,
-                int(seed.item()),
-            )
-    return reference.norm_backward_differentiable(dy, dsum, s, weight, call.eps, call.is_rms, keep_scale)
+    return _input_grads(ctx, dy, dy1, dsum, traced=True) + (None,) * 8
 
 
 torch.library.register_autograd("normkit::norm_fwd", _backward, setup_context=_setup_context)
@@ -253,50 +295,53 @@ class _EagerNorm(torch.autograd.Function):
     """The same forward and backward as the custom ops, for eager mode: it calls the backend
     directly, skipping the op dispatcher and ``torch.library``'s autograd wrapper, which cost
     over 100 µs per forward+backward (more than the kernels on inputs up to ~1M elements).
-    The custom ops stay what ``torch.compile`` sees. Its backward is differentiable under
-    ``create_graph=True``; ``torch.func`` transforms and forward-mode AD never reach it
-    (:func:`normkit.functional.route` sends them to the reference composite)."""
+    The custom ops stay what ``torch.compile`` sees. ``torch.func`` transforms and forward-mode
+    AD never reach it (:func:`normkit.dispatch.route` sends them to the reference composite)."""
 
     # The ctx-in-forward style on purpose: with a separate ``setup_context`` torch binds the
     # arguments through ``inspect.signature`` on every call (~10 µs), and the transforms that
     # style exists for are routed to the reference composite before they reach this Function.
     @staticmethod
-    def forward(ctx, x, residual, weight, bias, call):
-        output = _forward_impl(x, residual, weight, bias, call)
-        _save_for_backward(ctx, x, residual, weight, bias, call, output)
-        ctx.mark_non_differentiable(*output[2:])
-        ctx.set_materialize_grads(False)  # no zero-filled gradient for an unused sum output
+    def forward(ctx, x, residual, x1, rowscale, weight, bias, weight1, bias1, call):
+        inputs = (x, residual, x1, rowscale, weight, bias, weight1, bias1)
+        output = _forward_impl(*inputs, call)
+        _save_for_backward(ctx, inputs, call, output)
+        ctx.mark_non_differentiable(*output[3:])
+        ctx.set_materialize_grads(False)  # no zero-filled gradient for an unused output
         return output
 
     @staticmethod
-    def backward(ctx, dy, dsum, _dmean, _drstd, _dseed):
-        return _input_grads(ctx, dy, dsum, norm_bwd=_backward_impl) + (None,)
+    def backward(ctx, dy, dy1, dsum, _dmean, _drstd, _dmask, _dmask1, _dseed):
+        return _input_grads(ctx, dy, dy1, dsum, traced=False) + (None,)
 
 
-def _prenorm_outputs(x, residual, y, s, call: NormCall) -> Tuple[Tensor, Optional[Tensor]]:
-    if not call.prenorm:
-        return y, None
-    return y, (s if call.stores_sum(residual) else x)
-
-
-def norm_forward(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor], call: NormCall, *, traced: bool) -> Tuple[Tensor, Optional[Tensor]]:
-    """``(y, s)`` on contiguous ``(M, N)`` tensors, differentiable: through the custom op
-    when ``traced`` (the caller's route said so), else through the eager autograd Function;
-    ``s`` is the normalized input when ``call.prenorm`` (``x`` itself without residual and
-    dropout), else ``None``."""
-    if traced:
-        y, s, _, _, _ = _norm_fwd(x, residual, weight, bias, *call.op_args())
+def run(path: str, x: Tensor, residual, x1, rowscale, weight, bias, weight1, bias1, call: KernelCall,
+        out: Optional[Tensor] = None, out1: Optional[Tensor] = None, residual_out: Optional[Tensor] = None) -> ForwardOut:
+    """One kernel call on contiguous ``(M, N)`` tensors by ``path`` (a route of
+    :func:`normkit.dispatch.route`): ``"op"`` the custom op (traced), ``"eager"`` the autograd
+    Function, ``"eager_no_grad"`` the backend directly, which writes ``out`` / ``out1`` /
+    ``residual_out`` itself; with autograd they are filled by ``copy_`` (a differentiable
+    copy). ``s`` in the result is ``x`` itself when no sum is formed and ``spec.store_sum``."""
+    spec = call.spec
+    inputs = (x, residual, x1, rowscale, weight, bias, weight1, bias1)
+    if path == "eager_no_grad":
+        seed = reference.draw_dropout_seed(spec.dropout_p)
+        return get_backend(call.backend).fused_forward(*inputs, spec, seed, out, out1, residual_out)
+    formed = not sum_is_input(x, residual, x1, rowscale, spec)
+    if formed and not spec.store_sum:  # backward reads the normalized sum
+        call = replace(call, spec=replace(spec, store_sum=True))
+    if path == "op":
+        y, y1, s, mean, rstd, mask, mask1, _ = _norm_fwd(*inputs, *call.op_args())
     else:
-        y, s, _, _, _ = _EagerNorm.apply(x, residual, weight, bias, call)
-    return _prenorm_outputs(x, residual, y, s, call)
-
-
-def norm_forward_no_grad(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor], call: NormCall) -> Tuple[Tensor, Optional[Tensor]]:
-    """Same as :func:`norm_forward` when nothing needs a gradient, calling the backend
-    directly: skips the dispatcher and autograd bookkeeping that dominate small inference
-    calls. Not for use under ``torch.compile`` (the custom op is what the compiler sees)."""
-    store_sum = call.stores_sum(residual) and call.prenorm
-    y, s, _, _ = get_backend(call.backend).forward(
-        x, residual, weight, bias, call.eps, call.is_rms, call.dropout_p, reference.draw_dropout_seed(call.dropout_p), store_sum
+        y, y1, s, mean, rstd, mask, mask1, _ = _EagerNorm.apply(*inputs, call)
+    masks = spec.store_mask and spec.dropout_p > 0.0
+    res = ForwardOut(
+        y,
+        y1 if weight1 is not None else None,
+        (s if formed else x) if spec.store_sum else None,
+        None if spec.is_rms else mean,
+        rstd,
+        mask if masks else None,
+        mask1 if masks and x1 is not None else None,
     )
-    return _prenorm_outputs(x, residual, y, s, call)
+    return into_buffers(res, out, out1, residual_out)

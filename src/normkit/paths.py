@@ -9,7 +9,7 @@ import torch
 
 from normkit import reference as ref
 
-__all__ = ["composite_norm", "onnx_norm", "nested_norm", "complex_rms_norm"]
+__all__ = ["composite_norm", "onnx_norm", "nested_norm", "complex_rms_norm", "fused_composite"]
 
 
 def composite_norm(x, shape, weight, bias, eps, is_rms, residual, prenorm, dropout_p):
@@ -57,3 +57,13 @@ def complex_rms_norm(x, normalized_shape, weight, eps):
     ``eps`` defaulting to the real dtype's machine epsilon. normkit's kernels are real-only, so
     torch's own op runs it (plain calls only; the fused options raise for complex input)."""
     return torch.nn.functional.rms_norm(x, normalized_shape, weight, eps)
+
+
+def fused_composite(x, residual, x1, rowscale, weight, bias, weight1, bias1, spec):
+    """A call with fused options as the reference composite (:func:`normkit.reference.fused_forward`,
+    torch ops every autograd mode and exporter understands), on ``(M, N)`` tensors, with the
+    reference backend's dropout streams. Returns a :class:`~normkit.backends.contract.ForwardOut`."""
+    from normkit.backends.base import fused_keep_masks
+
+    keep, keep1 = fused_keep_masks(ref.draw_dropout_seed(spec.dropout_p), x, x1, spec.dropout_p)
+    return ref.fused_forward(x, residual, x1, rowscale, weight, bias, weight1, bias1, spec, keep, keep1)

@@ -112,7 +112,7 @@ class Backend:
 
         keep, keep1 = fused_keep_masks(seed, x, x1, spec.dropout_p)
         res = reference.fused_forward(x, residual, x1, rowscale, weight, bias, weight1, bias1, spec, keep, keep1)
-        return _into_buffers(res, out, out1, residual_out)
+        return into_buffers(res, out, out1, residual_out)
 
     def fused_backward(
         self,
@@ -181,7 +181,7 @@ def fused_keep_masks(seed: int, x: Tensor, x1: Optional[Tensor], dropout_p: floa
     return keep, keep1
 
 
-def _into_buffers(res: ForwardOut, out, out1, residual_out) -> ForwardOut:
+def into_buffers(res: ForwardOut, out, out1, residual_out) -> ForwardOut:
     """``res`` with ``y``/``y1``/``s`` copied into the caller's buffers where given (for
     implementations that cannot write them directly)."""
     y = res.y if out is None else out.copy_(res.y)

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from normkit import _torch_private as private
-from normkit.functional import _in_forward_ad
+from normkit.dispatch import _in_forward_ad
 from normkit.nn.rnn import sequence
 from normkit.nn.rnn.cells import check_input_dtype, check_positive_size, fold_torch_lstm_bias, reset_rnn_parameters
 from normkit.nn.rnn.reference import gru_layer_ref, lstm_layer_ref
