@@ -51,6 +51,7 @@ import torch
 from torch import Tensor
 
 from normkit.backends.base import Backend, BackwardResult, ForwardResult
+from normkit.backends.contract import ForwardOut, GradNeeds, GradsOut, KernelSpec, sum_is_input
 
 __all__ = ["BACKEND", "LaunchConfig", "TritonBackend", "launch_config"]
 
@@ -171,13 +172,13 @@ class TritonBackend(Backend):
             return False
         return x.is_cuda or (x.device.type == "cpu" and _interpreting())
 
-    def _config(self, x: Tensor, backward: bool, dropout: bool = False) -> LaunchConfig:
+    def _config(self, x: Tensor, backward: bool, dropout: bool = False, element_size: Optional[int] = None) -> LaunchConfig:
         rows, n = x.shape
         sms = _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device()) if x.is_cuda else 1
         return launch_config(
             rows,
             n,
-            x.element_size(),
+            x.element_size() if element_size is None else element_size,
             backward=backward,
             sm_count=sms,
             dropout=dropout,
@@ -250,6 +251,129 @@ class TritonBackend(Backend):
         return dx, dres, dw_part.sum(0), db_part.sum(0)
 
 
+    # --- the fused contract (normkit.backends.contract): one forward and one backward kernel,
+    # every option a constexpr switch.
+
+    def fused_supports(self, x: Tensor, spec: KernelSpec) -> bool:
+        return self.supports(x, spec.dropout_p) and spec.sum_dtype in _DTYPES and spec.out_dtype in _DTYPES
+
+    def fused_forward(
+        self, x, residual, x1, rowscale, weight, bias, weight1, bias1, spec: KernelSpec, seed: int,
+        out=None, out1=None, residual_out=None,
+    ) -> ForwardOut:
+        if x.numel() == 0:
+            return super().fused_forward(x, residual, x1, rowscale, weight, bias, weight1, bias1, spec, seed, out, out1, residual_out)
+        k = _kernels()
+        rows, n = x.shape
+        dropout = spec.dropout_p > 0.0
+        forms_sum = not sum_is_input(x, residual, x1, rowscale, spec)
+        # A sum is written when one is formed and asked for, or when x itself is the sum and the
+        # caller's residual_out is to receive it (the kernel's store saves a separate copy).
+        store_sum = spec.store_sum and (forms_sum or residual_out is not None)
+        cfg = self._config(x, backward=False, dropout=dropout, element_size=max(x.element_size(), spec.sum_dtype.itemsize))
+        new = functools.partial(torch.empty, (rows, n), device=x.device)
+        y = new(dtype=spec.out_dtype) if out is None else out
+        y1 = None if weight1 is None else (new(dtype=spec.out_dtype) if out1 is None else out1)
+        s = None if not store_sum else (new(dtype=spec.sum_dtype) if residual_out is None else residual_out)
+        store_mask = spec.store_mask and dropout
+        mask = new(dtype=torch.bool) if store_mask else None
+        mask1 = new(dtype=torch.bool) if store_mask and x1 is not None else None
+        f32 = dict(dtype=torch.float32, device=x.device)
+        mean = None if spec.is_rms else torch.empty(rows, **f32)
+        rstd = torch.empty(rows, **f32)
+        with _on_device(x):
+            k._fused_fwd_kernel[(cfg.grid,)](
+                x, residual, x1, rowscale, weight, bias, weight1, bias1, y, y1, s, mask, mask1, mean, rstd,
+                rows, n, float(spec.eps), float(spec.dropout_p), _keep_scale(spec.dropout_p), int(seed), rows * n,
+                IS_RMS_NORM=spec.is_rms,
+                HAS_RESIDUAL=residual is not None,
+                HAS_X1=x1 is not None,
+                HAS_ROWSCALE=rowscale is not None,
+                HAS_DROPOUT=dropout,
+                STORE_DROPOUT_MASK=store_mask,
+                HAS_W=weight is not None,
+                HAS_B=bias is not None,
+                HAS_W1=weight1 is not None,
+                HAS_B1=weight1 is not None and bias1 is not None,
+                STORE_SUM=store_sum,
+                SUM_DTYPE=_TL_DTYPES[spec.sum_dtype](),
+                BLOCK_M=cfg.block_m,
+                BLOCK_N=cfg.block_n,
+                SINGLE_PASS=cfg.single_pass,
+                num_warps=cfg.num_warps,
+            )
+        if spec.store_sum and s is None:
+            s = x  # no sum is formed: s is x itself (contract.sum_is_input)
+        return ForwardOut(y, y1, s, mean, rstd, mask, mask1)
+
+    def fused_backward(
+        self, dy, dy1, dsum, s, weight, weight1, rowscale, mean, rstd, spec: KernelSpec, seed: int,
+        needs: GradNeeds, x_dtype: torch.dtype, residual_dtype,
+    ) -> GradsOut:
+        rows, n = s.shape
+        if s.numel() == 0:
+            return super().fused_backward(dy, dy1, dsum, s, weight, weight1, rowscale, mean, rstd, spec, seed, needs, x_dtype, residual_dtype)
+        k = _kernels()
+        dropout = spec.dropout_p > 0.0
+        cfg = self._config(s, backward=True, dropout=dropout, element_size=max(s.element_size(), x_dtype.itemsize))
+        new = functools.partial(torch.empty, (rows, n), device=s.device)
+        dx = new(dtype=x_dtype) if needs.x else None
+        dx1 = new(dtype=x_dtype) if needs.x1 else None
+        dres = new(dtype=residual_dtype) if needs.residual else None
+        f32 = dict(dtype=torch.float32, device=s.device)
+        # Partial sums (one row per program) of the parameter gradients asked for; a gradient of
+        # a missing dy / dy1 is zero and needs no kernel work.
+        need = dict(dw=needs.weight and dy is not None, db=needs.bias and dy is not None,
+                    dw1=needs.weight1 and dy1 is not None, db1=needs.bias1 and dy1 is not None)
+        parts = {name: torch.empty((cfg.grid, n), **f32) if on else None for name, on in need.items()}
+        c1 = c2 = None
+        with _on_device(s):
+            if not cfg.single_pass:
+                c1, c2 = torch.empty(rows, **f32), torch.empty(rows, **f32)
+                k._fused_bwd_row_stats_kernel[(math.ceil(rows / cfg.block_m),)](  # one program per tile
+                    s, dy, dy1, weight, weight1, mean, rstd, c1, c2, rows, n,
+                    IS_RMS_NORM=spec.is_rms,
+                    HAS_DY=dy is not None,
+                    HAS_DY1=dy1 is not None,
+                    HAS_W=weight is not None,
+                    BLOCK_M=cfg.block_m,
+                    BLOCK_N=cfg.block_n,
+                    num_warps=cfg.num_warps,
+                )
+            k._fused_bwd_kernel[(cfg.grid,)](
+                s, dy, dy1, dsum, weight, weight1, rowscale, mean, rstd, c1, c2, dx, dx1, dres,
+                parts["dw"], parts["db"], parts["dw1"], parts["db1"],
+                rows, n, float(spec.dropout_p), _keep_scale(spec.dropout_p), int(seed), rows * n,
+                IS_RMS_NORM=spec.is_rms,
+                HAS_DY=dy is not None,
+                HAS_DY1=dy1 is not None,
+                HAS_DSUM=dsum is not None,
+                HAS_W=weight is not None,
+                HAS_ROWSCALE=rowscale is not None,
+                HAS_DROPOUT=dropout,
+                NEED_DX=needs.x,
+                NEED_DX1=needs.x1,
+                NEED_DRES=needs.residual,
+                NEED_DW=need["dw"],
+                NEED_DB=need["db"],
+                NEED_DW1=need["dw1"],
+                NEED_DB1=need["db1"],
+                BLOCK_M=cfg.block_m,
+                BLOCK_N=cfg.block_n,
+                SINGLE_PASS=cfg.single_pass,
+                num_warps=cfg.num_warps,
+            )
+
+        def total(name: str, asked: bool):
+            # One final fixed-order reduction of the per-program partial sums: deterministic.
+            if not asked:
+                return None
+            return torch.zeros(n, **f32) if parts[name] is None else parts[name].sum(0)
+
+        return GradsOut(dx, dx1, dres, total("dw", needs.weight), total("db", needs.bias),
+                        total("dw1", needs.weight1), total("db1", needs.bias1))
+
+
 def _keep_scale(dropout_p: float) -> float:
     return 1.0 / (1.0 - dropout_p) if dropout_p > 0.0 else 1.0
 
@@ -257,6 +381,20 @@ def _keep_scale(dropout_p: float) -> float:
 def _on_device(x: Tensor):
     """Launch on ``x``'s GPU (Triton launches on the current device)."""
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+def _tl_dtype(name: str):
+    def get():
+        import triton.language as tl
+
+        return getattr(tl, name)
+
+    return get
+
+
+# The Triton dtype a torch dtype rounds to inside a kernel (looked up at launch: importing
+# triton.language here would import Triton with normkit).
+_TL_DTYPES = {torch.float32: _tl_dtype("float32"), torch.float16: _tl_dtype("float16"), torch.bfloat16: _tl_dtype("bfloat16")}
 
 
 @functools.lru_cache(maxsize=1)
