@@ -1,24 +1,39 @@
-r"""Triton kernels for layer norm and RMS norm: one forward kernel, one backward kernel, and a
-row-statistics kernel for rows too wide to keep on chip. Launchers live in
-:mod:`normkit.backends.triton`; the semantics are :mod:`normkit.reference`'s.
+r"""Triton kernels for layer norm and RMS norm with every option of the fused contract
+(:mod:`normkit.backends.contract`): one forward kernel, one backward kernel, and a
+row-statistics pass for rows too wide to keep on chip. Launchers live in
+:mod:`normkit.backends.triton`; the semantics are :func:`normkit.reference.fused_forward` /
+``fused_backward``'s.
+
+flash-attn's design (``HAS_RESIDUAL``, ``HAS_X1``, ``HAS_W1``, ``HAS_ROWSCALE``,
+``STORE_DROPOUT_MASK``): each option a tensor or flag turns on is a ``tl.constexpr``, so a call
+compiles a variant with exactly its options and pays for nothing else; the plain contract
+(``TritonBackend.forward/backward``) is the variant with the options off. Dtypes come from the
+pointers: ``y``/``y1`` round to ``Y``'s element type, ``dx``/``dx1`` to ``DX``'s, the residual
+gradient to ``DRES``'s, the sum to ``SUM_DTYPE`` (a constexpr, because ``S`` is not passed when
+the sum is not stored). A residual of its own dtype (float32 beside bfloat16 ``x``) is loaded
+as it is: every load is upcast to float32.
 
 Importing this module imports Triton: only :mod:`normkit.backends.triton` does, and only when a
 kernel is first launched (``TRITON_INTERPRET=1`` must be set before that for the interpreter).
 
 Layout: every tensor is a contiguous ``(M, N)`` matrix (row ``m`` starts at ``m * N``); a program
 works on a tile of ``BLOCK_M`` rows by ``BLOCK_N`` columns. Statistics and partial sums are
-float32; loads are upcast to float32, stores round to the output's dtype.
+float32; the sum is formed in float32 in the contract's order and rounded once to its dtype, and
+the statistics are those of that rounded sum.
 
 * ``SINGLE_PASS`` (``BLOCK_N >= N``): the whole tile stays in registers; each element is read
-  once and written once.
+  once and written once. Mean, then one refinement by the mean of the residues (as
+  ``reference.statistics``), then the centred second moment.
 * looped (``BLOCK_N < N``): the row is walked in ``BLOCK_N`` chunks twice, once for the
   statistics and once to normalize. The layer-norm variance of each chunk is computed about the
   chunk's own mean and chunks are merged with Chan et al.'s parallel formula, so the looped
-  path keeps the two-pass accuracy at large means (``E[s^2] - E[s]^2`` would not).
+  path keeps the two-pass accuracy at large means (``E[s^2] - E[s]^2`` would not). Backward
+  runs :func:`_fused_bwd_row_stats_kernel` first for the two row means it needs.
 
-Dropout: the keep mask of element ``(m, n)`` is ``rand(seed, m * N + n) >= p`` (Philox, counter =
-flat index), a pure function of ``(seed, m, n)``; the backward kernel regenerates it, so it is
-never stored.
+Dropout: the keep mask of element ``(m, n)`` is ``rand(seed, m * N + n) >= p`` for ``x``
+(stream 0) and ``rand(seed, M * N + m * N + n) >= p`` for ``x1`` (stream 1): Philox with the flat
+index as counter, a pure function of ``(seed, stream, M, N, p)``. The backward kernel
+regenerates them; ``STORE_DROPOUT_MASK`` also writes them (bool) for the caller.
 """
 
 from __future__ import annotations
@@ -40,242 +55,6 @@ def _round_to(v, dtype: tl.constexpr):
         bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
         v = tl.where(v != v, v, bits.to(tl.float32, bitcast=True))  # keep NaN a NaN
     return v.to(dtype)
-
-
-@triton.jit
-def _dropped_sum(X, R, offs, mask, seed, dropout_p, dropout_scale,
-                 HAS_RESIDUAL: tl.constexpr, HAS_DROPOUT: tl.constexpr):
-    """``s = drop(x) + r`` in float32, rounded once to x's dtype (as the reference does)."""
-    s = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-    if HAS_DROPOUT:
-        keep = tl.rand(seed, offs) >= dropout_p
-        s = tl.where(keep, s * dropout_scale, 0.0)
-    if HAS_RESIDUAL:
-        s += tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)
-    if HAS_RESIDUAL or HAS_DROPOUT:
-        s = _round_to(s, X.dtype.element_ty).to(tl.float32)
-    return s
-
-
-@triton.jit(do_not_specialize=["seed"])  # a fresh seed per call must not mean a recompile
-def _norm_fwd_kernel(
-    X, R, W, B, Y, S, MEAN, RSTD,
-    M, N, eps, dropout_p, dropout_scale, seed,
-    IS_RMS_NORM: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr,
-    STORE_SUM: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    SINGLE_PASS: tl.constexpr,
-):
-    """One program normalizes rows ``[pid * BLOCK_M, (pid + 1) * BLOCK_M)``:
-    ``y = (s - mean) * rstd * w + b`` with ``rstd = 1 / sqrt(var + eps)`` (mean = 0 for RMS)."""
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = rows < M
-    row_start = rows.to(tl.int64)[:, None] * N  # (BLOCK_M, 1); int64: M * N may pass 2**31
-    cols = tl.arange(0, BLOCK_N)
-
-    if SINGLE_PASS:
-        col_mask = cols < N
-        mask = row_mask[:, None] & col_mask[None, :]
-        offs = row_start + cols[None, :]
-        s = _dropped_sum(X, R, offs, mask, seed, dropout_p, dropout_scale, HAS_RESIDUAL, HAS_DROPOUT)
-        if STORE_SUM:
-            tl.store(S + offs, _round_to(s, S.dtype.element_ty), mask=mask)
-        if IS_RMS_NORM:
-            xc = s
-        else:
-            mean = tl.sum(s, axis=1) / N
-            # Refine the mean by the mean of the residues (corrected two-pass, Chan, Golub &
-            # LeVeque 1983): exact for a constant row, whose rounded mean is off by ulps that
-            # rstd would amplify. (The looped path's shifted chunk sums are exact there already.)
-            mean += tl.sum(tl.where(mask, s - mean[:, None], 0.0), axis=1) / N
-            tl.store(MEAN + rows, mean, mask=row_mask)
-            xc = tl.where(mask, s - mean[:, None], 0.0)
-        var = tl.sum(xc * xc, axis=1) / N
-        rstd = 1.0 / tl.sqrt_rn(var + eps)
-        tl.store(RSTD + rows, rstd, mask=row_mask)
-        y = xc * rstd[:, None]
-        if HAS_WEIGHT:
-            y *= tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-        if HAS_BIAS:
-            y += tl.load(B + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-        tl.store(Y + offs, _round_to(y, Y.dtype.element_ty), mask=mask)
-    else:
-        # Pass 1: statistics, chunk by chunk. For layer norm the data are first shifted by the
-        # mean of the row's first chunk (s - shift is exact for s near shift), so the chunk sums
-        # see values of the size of the spread, not of the mean.
-        shift = tl.zeros([BLOCK_M], dtype=tl.float32)
-        if not IS_RMS_NORM:
-            first = row_mask[:, None] & (cols < N)[None, :]
-            s = _dropped_sum(X, R, row_start + cols[None, :], first, seed, dropout_p, dropout_scale, HAS_RESIDUAL, HAS_DROPOUT)
-            shift = tl.sum(s, axis=1) / tl.minimum(N, BLOCK_N).to(tl.float32)
-        mean = tl.zeros([BLOCK_M], dtype=tl.float32)  # of s - shift
-        m2 = tl.zeros([BLOCK_M], dtype=tl.float32)  # sum of squared deviations (sum s^2 for RMS)
-        for start in range(0, N, BLOCK_N):
-            c = start + cols
-            mask = row_mask[:, None] & (c < N)[None, :]
-            offs = row_start + c[None, :]
-            s = _dropped_sum(X, R, offs, mask, seed, dropout_p, dropout_scale, HAS_RESIDUAL, HAS_DROPOUT)
-            if STORE_SUM:
-                tl.store(S + offs, _round_to(s, S.dtype.element_ty), mask=mask)
-            if IS_RMS_NORM:
-                m2 += tl.sum(s * s, axis=1)
-            else:
-                # Chan et al.: merge (count, mean, m2) of the rows so far with the chunk's.
-                n_before = tl.cast(start, tl.float32)
-                n_chunk = tl.minimum(N - start, BLOCK_N).to(tl.float32)
-                n_after = n_before + n_chunk
-                d = tl.where(mask, s - shift[:, None], 0.0)
-                chunk_mean = tl.sum(d, axis=1) / n_chunk
-                d = tl.where(mask, d - chunk_mean[:, None], 0.0)
-                delta = chunk_mean - mean
-                mean += delta * (n_chunk / n_after)
-                m2 += tl.sum(d * d, axis=1) + delta * delta * (n_before * n_chunk / n_after)
-        if not IS_RMS_NORM:
-            mean += shift
-            tl.store(MEAN + rows, mean, mask=row_mask)
-        rstd = 1.0 / tl.sqrt_rn(m2 / N + eps)
-        tl.store(RSTD + rows, rstd, mask=row_mask)
-        # Pass 2: normalize. s is recomputed from x (and r, and the regenerated mask) rather
-        # than read back from S, which is bit-identical and needs no intra-program barrier.
-        for start in range(0, N, BLOCK_N):
-            c = start + cols
-            col_mask = c < N
-            mask = row_mask[:, None] & col_mask[None, :]
-            offs = row_start + c[None, :]
-            s = _dropped_sum(X, R, offs, mask, seed, dropout_p, dropout_scale, HAS_RESIDUAL, HAS_DROPOUT)
-            if IS_RMS_NORM:
-                y = s * rstd[:, None]
-            else:
-                y = (s - mean[:, None]) * rstd[:, None]
-            if HAS_WEIGHT:
-                y *= tl.load(W + c, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-            if HAS_BIAS:
-                y += tl.load(B + c, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-            tl.store(Y + offs, _round_to(y, Y.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _row_grad_terms(S, DY, W, offs, c, mask, col_mask, mean, rstd,
-                    IS_RMS_NORM: tl.constexpr, HAS_WEIGHT: tl.constexpr):
-    """``(dy, s_hat, g_hat)`` of one tile in float32, zero outside ``mask``."""
-    s = tl.load(S + offs, mask=mask, other=0.0).to(tl.float32)
-    dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
-    if IS_RMS_NORM:
-        s_hat = s * rstd[:, None]
-    else:
-        s_hat = tl.where(mask, (s - mean[:, None]) * rstd[:, None], 0.0)
-    g_hat = dy
-    if HAS_WEIGHT:
-        g_hat = dy * tl.load(W + c, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    return dy, s_hat, g_hat
-
-
-@triton.jit
-def _norm_bwd_row_stats_kernel(
-    S, DY, W, MEAN, RSTD, C1, C2, M, N,
-    IS_RMS_NORM: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    """Looped backward, pass 1: per row ``c1 = mean(g_hat * s_hat)`` and ``c2 = mean(g_hat)``."""
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = rows < M
-    row_start = rows.to(tl.int64)[:, None] * N
-    cols = tl.arange(0, BLOCK_N)
-    rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
-    mean = rstd
-    if not IS_RMS_NORM:
-        mean = tl.load(MEAN + rows, mask=row_mask, other=0.0)
-    c1 = tl.zeros([BLOCK_M], dtype=tl.float32)
-    c2 = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for start in range(0, N, BLOCK_N):
-        c = start + cols
-        col_mask = c < N
-        mask = row_mask[:, None] & col_mask[None, :]
-        offs = row_start + c[None, :]
-        dy, s_hat, g_hat = _row_grad_terms(S, DY, W, offs, c, mask, col_mask, mean, rstd, IS_RMS_NORM, HAS_WEIGHT)
-        c1 += tl.sum(g_hat * s_hat, axis=1)
-        c2 += tl.sum(g_hat, axis=1)
-    tl.store(C1 + rows, c1 / N, mask=row_mask)
-    tl.store(C2 + rows, c2 / N, mask=row_mask)
-
-
-@triton.jit(do_not_specialize=["seed"])
-def _norm_bwd_kernel(
-    S, DY, DSUM, W, MEAN, RSTD, C1, C2, DX, DRES, DW_PART, DB_PART,
-    M, N, dropout_p, dropout_scale, seed,
-    IS_RMS_NORM: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr,
-    HAS_DSUM: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    SINGLE_PASS: tl.constexpr,
-):
-    """Persistent backward: program ``pid`` of ``G`` takes row tiles ``pid, pid + G, ...``.
-
-    Per row ``ds = rstd * (g_hat - s_hat * c1 - c2) + dsum`` (no ``c2`` for RMS), ``dx = ds *
-    keep / (1 - p)``; ``DRES`` gets ``ds`` when dropout makes it differ from ``dx``. The program's
-    share of ``dw = sum dy * s_hat`` and ``db = sum dy`` accumulates in float32 and is written to
-    row ``pid`` of ``DW_PART`` / ``DB_PART`` (``(G, N)``); the caller sums those rows. No atomics,
-    so the result is the same bits every run.
-
-    Looped (``BLOCK_N < N``, ``c1``/``c2`` precomputed by :func:`_norm_bwd_row_stats_kernel`):
-    column chunks outside, row tiles inside, so a chunk's partial sums stay in registers.
-    """
-    pid = tl.program_id(0)
-    n_programs = tl.num_programs(0)
-    n_tiles = tl.cdiv(M, BLOCK_M)
-    cols = tl.arange(0, BLOCK_N)
-    for start in range(0, N, BLOCK_N):  # one chunk when SINGLE_PASS (BLOCK_N >= N)
-        c = start + cols
-        col_mask = c < N
-        dw = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        db = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for tile in range(pid, n_tiles, n_programs):
-            rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-            row_mask = rows < M
-            mask = row_mask[:, None] & col_mask[None, :]
-            offs = rows.to(tl.int64)[:, None] * N + c[None, :]
-            rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
-            mean = rstd
-            if not IS_RMS_NORM:
-                mean = tl.load(MEAN + rows, mask=row_mask, other=0.0)
-            dy, s_hat, g_hat = _row_grad_terms(S, DY, W, offs, c, mask, col_mask, mean, rstd, IS_RMS_NORM, HAS_WEIGHT)
-            if SINGLE_PASS:
-                c1 = tl.sum(g_hat * s_hat, axis=1) / N
-                inner = g_hat - s_hat * c1[:, None]
-                if not IS_RMS_NORM:
-                    inner -= (tl.sum(g_hat, axis=1) / N)[:, None]
-            else:
-                c1 = tl.load(C1 + rows, mask=row_mask, other=0.0)
-                inner = g_hat - s_hat * c1[:, None]
-                if not IS_RMS_NORM:
-                    inner -= tl.load(C2 + rows, mask=row_mask, other=0.0)[:, None]
-            ds = inner * rstd[:, None]
-            if HAS_DSUM:
-                ds += tl.load(DSUM + offs, mask=mask, other=0.0).to(tl.float32)
-            if HAS_DROPOUT:
-                tl.store(DRES + offs, _round_to(ds, DRES.dtype.element_ty), mask=mask)
-                keep = tl.rand(seed, offs) >= dropout_p
-                ds = tl.where(keep, ds * dropout_scale, 0.0)
-            tl.store(DX + offs, _round_to(ds, DX.dtype.element_ty), mask=mask)
-            dw += dy * s_hat
-            db += dy
-        part = pid.to(tl.int64) * N + c
-        tl.store(DW_PART + part, tl.sum(dw, axis=0), mask=col_mask)
-        tl.store(DB_PART + part, tl.sum(db, axis=0), mask=col_mask)
-
-
-# --- The fused contract (normkit.backends.contract): every option a constexpr switch.
 
 
 @triton.jit
