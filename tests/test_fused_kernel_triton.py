@@ -10,6 +10,7 @@ a float64 truth is at most 2x the error of torch's own ops in the same dtypes, p
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -108,8 +109,8 @@ def check_backward(backend, t, spec, fwd, needs=ALL_GRADS, *, dy=True, dy1=None,
     )
     s = t["x"] if fwd.s is None else fwd.s
     res_dtype = None if t["residual"] is None else t["residual"].dtype
-    needs = needs if res_dtype is not None else GradNeeds(**{**needs.__dict__, "residual": False})
-    needs = needs if t["x1"] is not None else GradNeeds(**{**needs.__dict__, "x1": False})
+    # No residual (x1): no gradient of it to ask for.
+    needs = dataclasses.replace(needs, residual=needs.residual and res_dtype is not None, x1=needs.x1 and t["x1"] is not None)
     got = backend.fused_backward(**g, s=s, weight=t["weight"], weight1=t["weight1"], rowscale=t["rowscale"],
                                  mean=fwd.mean, rstd=fwd.rstd, spec=spec, seed=seed, needs=needs,
                                  x_dtype=t["x"].dtype, residual_dtype=res_dtype)
@@ -158,7 +159,7 @@ def test_forward_and_backward_match_the_reference(device, path, is_rms, case):
     t = _inputs(device, 3, n, dtype, **inputs, seed=len(case))
     spec = _spec(dtype, is_rms=is_rms, **spec_kw)
     fwd = check_forward(PATHS[path], t, spec)
-    if spec.store_sum or fwd.s is None and t["residual"] is None:
+    if spec.store_sum:  # backward needs the stored sum
         check_backward(PATHS[path], t, spec, fwd)
 
 
@@ -203,7 +204,7 @@ def test_grad_needs_subsets(device, path, is_rms):
     again = check_backward(backend, t, spec, fwd, ALL_GRADS, seed=5)
     for name, a, b in zip(full._fields, full, again):
         assert torch.equal(a, b), f"{name}: two identical backward passes gave different bits"
-    fields = list(ALL_GRADS.__dict__)
+    fields = [f.name for f in dataclasses.fields(GradNeeds)]
     for subset in (dict(x=True), dict(x=False, residual=True), dict(x=False, x1=True, weight1=True),
                    dict(x=True, weight=True, bias1=True), dict(x=False, bias=True, weight1=True)):
         needs = GradNeeds(**{f: subset.get(f, False) for f in fields})
@@ -280,3 +281,17 @@ def test_fused_supports(device):
     assert not backend.fused_supports(x.double(), _spec(torch.float64, is_rms=False))
     assert not backend.fused_supports(x, _spec(F32, is_rms=False, residual=torch.float64))
     assert not backend.fused_supports(x, _spec(F32, is_rms=False, out_dtype=torch.float64))
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_unstored_sum_is_rounded_like_the_stored_one(device, path):
+    """Without ``store_sum`` the kernel still rounds the sum to ``sum_dtype`` before its
+    statistics: the outputs are the same bits as with the sum stored."""
+    t = _inputs(device, 4, 45, BF16, residual=BF16, x1=True, seed=3)
+    for is_rms in (False, True):
+        stored = PATHS[path].fused_forward(**t, spec=_spec(BF16, is_rms=is_rms, residual=BF16), seed=1)
+        unstored = PATHS[path].fused_forward(**t, spec=_spec(BF16, is_rms=is_rms, residual=BF16, store_sum=False), seed=1)
+        assert unstored.s is None
+        for name in ("y", "mean", "rstd"):
+            a, b = getattr(stored, name), getattr(unstored, name)
+            assert (a is None and b is None) or torch.equal(a, b), name
