@@ -123,7 +123,8 @@ def check_backward(backend, t, spec, fwd, needs=ALL_GRADS, *, dy=True, dy1=None,
         if b is None:
             assert gv is None, f"{name}: not asked for, yet returned"
             continue
-        assert gv is not None and gv.dtype == b.dtype and gv.shape == b.shape, f"{name}: got {gv if gv is None else (gv.dtype, gv.shape)}, expected {b.dtype}{list(b.shape)}"
+        assert gv is not None, f"{name}: asked for, not returned"
+        assert gv.dtype == b.dtype and gv.shape == b.shape, f"{name}: got {gv.dtype}{list(gv.shape)}, expected {b.dtype}{list(b.shape)}"
         assert_close_to_truth(gv, tr, b, what=name)
     return got
 

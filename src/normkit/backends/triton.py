@@ -227,14 +227,19 @@ class TritonBackend(Backend):
     # every option a constexpr switch.
 
     def fused_supports(self, x: Tensor, spec: KernelSpec) -> bool:
+        # float64 anywhere (x, a float64 residual's sum, the output) makes the contract's Acc
+        # float64; the kernels compute in float32, so such calls go to another backend.
         return self.supports(x, spec.dropout_p) and spec.sum_dtype in _DTYPES and spec.out_dtype in _DTYPES
 
     def fused_forward(
         self, x, residual, x1, rowscale, weight, bias, weight1, bias1, spec: KernelSpec, seed: int,
         out=None, out1=None, residual_out=None,
     ) -> ForwardOut:
+        """:meth:`Backend.fused_forward` in one launch of ``_fused_fwd_kernel``, which writes
+        ``out`` / ``out1`` / ``residual_out`` itself when they are given."""
         if x.numel() == 0:
-            return super().fused_forward(x, residual, x1, rowscale, weight, bias, weight1, bias1, spec, seed, out, out1, residual_out)
+            return super().fused_forward(x, residual, x1, rowscale, weight, bias, weight1, bias1, spec, seed,
+                                         out, out1, residual_out)
         k = _kernels()
         rows, n = x.shape
         dropout = spec.dropout_p > 0.0
@@ -282,9 +287,12 @@ class TritonBackend(Backend):
         self, dy, dy1, dsum, s, weight, weight1, rowscale, mean, rstd, spec: KernelSpec, seed: int,
         needs: GradNeeds, x_dtype: torch.dtype, residual_dtype,
     ) -> GradsOut:
+        """:meth:`Backend.fused_backward` in one launch of ``_fused_bwd_kernel`` (after
+        ``_fused_bwd_row_stats_kernel`` on the looped path); every gradient a tensor of its own."""
         rows, n = s.shape
         if s.numel() == 0:
-            return super().fused_backward(dy, dy1, dsum, s, weight, weight1, rowscale, mean, rstd, spec, seed, needs, x_dtype, residual_dtype)
+            return super().fused_backward(dy, dy1, dsum, s, weight, weight1, rowscale, mean, rstd, spec, seed, needs,
+                                          x_dtype, residual_dtype)
         k = _kernels()
         dropout = spec.dropout_p > 0.0
         cfg = self._config(s, backward=True, dropout=dropout, element_size=max(s.element_size(), x_dtype.itemsize),
