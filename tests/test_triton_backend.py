@@ -88,6 +88,10 @@ def test_launch_config_keeps_rows_whole_while_they_fit_then_loops():
     assert launch_config(4096, 8192, 2, backward=True, sm_count=132).single_pass
     assert not launch_config(4096, 8192, 2, backward=True, sm_count=132, dropout=True).single_pass
     assert not launch_config(4096, 16384, 2, backward=True, sm_count=132).single_pass
+    # a backward with dy1 (four accumulators) gets half the elements per thread, at most 32 warps
+    heavy = launch_config(4096, 1000, 2, backward=True, sm_count=132, second_output=True)
+    assert heavy.block_m * heavy.block_n == 2048 and heavy.num_warps == 16, heavy
+    assert not launch_config(4096, 8192, 2, backward=True, sm_count=132, second_output=True).single_pass
 
 
 def test_launch_config_packs_rows_for_small_widths_and_bounds_the_backward_grid():
@@ -308,9 +312,9 @@ def test_kernels_compile_for_sm90_without_spilling():
     out = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.strip().splitlines()
-    assert len(lines) == 4 and all("REG:" in line for line in lines), out.stdout
-    for line in lines:  # without dropout the chosen configs must not spill registers
-        if "dropout=0" in line:
+    assert len(lines) == 6 and all("REG:" in line for line in lines), out.stdout
+    for line in lines:  # without dropout, and with every fused option, the configs must not spill
+        if "dropout=0" in line or "all-options" in line:
             assert set(re.findall(r"STACK:(\d+)", line)) == {"0"}, line
 
 

@@ -18,6 +18,7 @@ import sys
 import tempfile
 
 import triton
+import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -25,6 +26,7 @@ from normkit.backends import triton_kernels as k
 from normkit.backends.triton import launch_config
 
 TARGET = GPUTarget("cuda", 90, 32)
+_TL = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 def _compile(kernel, args: dict, num_warps: int):
@@ -39,29 +41,46 @@ def _compile(kernel, args: dict, num_warps: int):
     return triton.compile(ASTSource(kernel, sig, const), target=TARGET, options={"num_warps": num_warps})
 
 
-def forward(dt, cfg, *, is_rms=False, dropout=True):
+def forward(dt, cfg, *, is_rms=False, dropout=True, fused=False):
+    """The plain contract's variant (residual, weight, bias, stored sum), or with ``fused`` every
+    option on (float32 residual and sum, x1, rowscale, weight1/bias1, stored masks)."""
     p = f"*{dt}"
-    return _compile(k._norm_fwd_kernel, dict(
-        X=p, R=p, W="*fp32", B=None if is_rms else "*fp32", Y=p, S=p, MEAN=None if is_rms else "*fp32", RSTD="*fp32",
-        M="i32", N="i32", eps="fp32", dropout_p="fp32", dropout_scale="fp32", seed="i32",
-        IS_RMS_NORM=is_rms, HAS_RESIDUAL=True, HAS_WEIGHT=True, HAS_BIAS=not is_rms, HAS_DROPOUT=dropout,
-        STORE_SUM=True, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SINGLE_PASS=cfg.single_pass), cfg.num_warps)
-
-
-def backward(dt, cfg, *, is_rms=False, dropout=True):
-    p = f"*{dt}"
-    c = None if cfg.single_pass else "*fp32"
-    return _compile(k._norm_bwd_kernel, dict(
-        S=p, DY=p, DSUM=p, W="*fp32", MEAN=None if is_rms else "*fp32", RSTD="*fp32", C1=c, C2=c, DX=p, DRES=p,
-        DW_PART="*fp32", DB_PART="*fp32", M="i32", N="i32", dropout_p="fp32", dropout_scale="fp32", seed="i32",
-        IS_RMS_NORM=is_rms, HAS_WEIGHT=True, HAS_DSUM=True, HAS_DROPOUT=dropout,
+    f = fused or None
+    return _compile(k._fused_fwd_kernel, dict(
+        X=p, R="*fp32" if fused else p, X1=f and p, ROWSCALE=f and "*fp32", W="*fp32", B="*fp32" if fused or not is_rms else None, W1=f and "*fp32",
+        B1=f and "*fp32", Y=p, Y1=f and p, S="*fp32" if fused else p, MASK="*i1" if fused and dropout else None,
+        MASK1="*i1" if fused and dropout else None, MEAN=None if is_rms else "*fp32", RSTD="*fp32",
+        M="i32", N="i32", eps="fp32", dropout_p="fp32", dropout_scale="fp32", seed="i32", stream1="i32",
+        IS_RMS_NORM=is_rms, HAS_RESIDUAL=True, HAS_X1=fused, HAS_ROWSCALE=fused, HAS_DROPOUT=dropout,
+        STORE_DROPOUT_MASK=fused and dropout, HAS_W=True, HAS_B=not is_rms or fused, HAS_W1=fused, HAS_B1=fused,
+        STORE_SUM=True, SUM_DTYPE=tl.float32 if fused else getattr(tl, _TL[dt]),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SINGLE_PASS=cfg.single_pass), cfg.num_warps)
 
 
-def row_stats(dt, cfg, *, is_rms=False):
-    return _compile(k._norm_bwd_row_stats_kernel, dict(
-        S=f"*{dt}", DY=f"*{dt}", W="*fp32", MEAN=None if is_rms else "*fp32", RSTD="*fp32", C1="*fp32", C2="*fp32",
-        M="i32", N="i32", IS_RMS_NORM=is_rms, HAS_WEIGHT=True, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n), cfg.num_warps)
+def backward(dt, cfg, *, is_rms=False, dropout=True, fused=False):
+    p = f"*{dt}"
+    f = fused or None
+    c = None if cfg.single_pass else "*fp32"
+    part = "*fp32"
+    return _compile(k._fused_bwd_kernel, dict(
+        S="*fp32" if fused else p, DY=p, DY1=f and p, DSUM="*fp32" if fused else p, W="*fp32", W1=f and "*fp32",
+        ROWSCALE=f and "*fp32", MEAN=None if is_rms else "*fp32", RSTD="*fp32", C1=c, C2=c, DX=p, DX1=f and p,
+        DRES="*fp32" if fused else (p if dropout else None),
+        DW_PART=part, DB_PART=part, DW1_PART=f and part, DB1_PART=f and part,
+        M="i32", N="i32", dropout_p="fp32", dropout_scale="fp32", seed="i32", stream1="i32",
+        IS_RMS_NORM=is_rms, HAS_DY=True, HAS_DY1=fused, HAS_DSUM=True, HAS_W=True, HAS_ROWSCALE=fused,
+        HAS_DROPOUT=dropout, NEED_DX=True, NEED_DX1=fused, NEED_DRES=fused or dropout, NEED_DW=True, NEED_DB=True,
+        NEED_DW1=fused, NEED_DB1=fused,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SINGLE_PASS=cfg.single_pass), cfg.num_warps)
+
+
+def row_stats(dt, cfg, *, is_rms=False, fused=False):
+    f = fused or None
+    return _compile(k._fused_bwd_row_stats_kernel, dict(
+        S="*fp32" if fused else f"*{dt}", DY=f"*{dt}", DY1=f and f"*{dt}", W="*fp32", W1=f and "*fp32",
+        MEAN=None if is_rms else "*fp32", RSTD="*fp32", C1="*fp32", C2="*fp32", M="i32", N="i32",
+        IS_RMS_NORM=is_rms, HAS_DY=True, HAS_DY1=fused, HAS_W=True, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n),
+        cfg.num_warps)
 
 
 def resources(compiled) -> str:
@@ -78,16 +97,19 @@ def main(argv) -> int:
     if "--all" in argv:
         cases = [(dt, n, rms, drop) for dt in ("bf16", "fp32") for n in (1024, 4096, 8192, 16384, 65536)
                  for rms in (False, True) for drop in (False, True)]
+        cases += [("bf16", n, False, True, True) for n in (1024, 4096, 8192, 16384)]
     else:  # each kernel and each constexpr branch at least once
-        cases = [("bf16", 1000, False, True), ("bf16", 1000, True, False), ("fp32", 65536, False, False), ("bf16", 65536, True, True)]
-    for dt, n, is_rms, dropout in cases:
+        cases = [("bf16", 1000, False, True), ("bf16", 1000, True, False), ("fp32", 65536, False, False), ("bf16", 65536, True, True),
+                 ("bf16", 1000, False, True, True), ("bf16", 65536, True, True, True)]
+    for dt, n, is_rms, dropout, fused in [c if len(c) == 5 else (*c, False) for c in cases]:
         size = 2 if dt == "bf16" else 4
         fwd = launch_config(8192, n, size, backward=False, sm_count=132, dropout=dropout)
-        bwd = launch_config(8192, n, size, backward=True, sm_count=132, dropout=dropout)
-        line = f"{dt} N={n:<6} rms={is_rms:d} dropout={dropout:d}"
-        print(f"{line} fwd {fwd.block_m}x{fwd.block_n} w{fwd.num_warps}: {resources(forward(dt, fwd, is_rms=is_rms, dropout=dropout))}"
-              f" | bwd {bwd.block_m}x{bwd.block_n} w{bwd.num_warps}: {resources(backward(dt, bwd, is_rms=is_rms, dropout=dropout))}"
-              + ("" if bwd.single_pass else f" | row stats: {resources(row_stats(dt, bwd, is_rms=is_rms))}"), flush=True)
+        bwd = launch_config(8192, n, size, backward=True, sm_count=132, dropout=dropout, second_output=fused)
+        kw = dict(is_rms=is_rms, fused=fused)
+        line = f"{dt} N={n:<6} rms={is_rms:d} dropout={dropout:d}" + (" all-options" if fused else "")
+        print(f"{line} fwd {fwd.block_m}x{fwd.block_n} w{fwd.num_warps}: {resources(forward(dt, fwd, dropout=dropout, **kw))}"
+              f" | bwd {bwd.block_m}x{bwd.block_n} w{bwd.num_warps}: {resources(backward(dt, bwd, dropout=dropout, **kw))}"
+              + ("" if bwd.single_pass else f" | row stats: {resources(row_stats(dt, bwd, **kw))}"), flush=True)
     return 0
 
 

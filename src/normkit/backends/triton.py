@@ -1,7 +1,10 @@
 r"""The ``"triton"`` backend: fused layer norm / RMS norm kernels for CUDA tensors.
 
-The kernels are in :mod:`normkit.backends.triton_kernels`; this module holds the backend class,
-the launch configuration and the launchers. It never imports the kernels module before the first
+The kernels are in :mod:`normkit.backends.triton_kernels`: one forward and one backward kernel
+implementing the fused contract (:mod:`normkit.backends.contract`), each option a constexpr;
+:meth:`TritonBackend.forward` / :meth:`~TritonBackend.backward` (the plain contract) launch the
+same kernels with the options off. This module holds the backend class, the launch
+configuration and the launchers. It never imports the kernels module before the first
 launch, and asks Triton nothing until :meth:`TritonBackend.unavailable_reason` is called.
 
 Under ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors through Triton's interpreter:
@@ -27,6 +30,11 @@ GPU); they have *not* been timed on a GPU.
 * **num_warps from the tile size**: 8 elements per thread (``tile / 256`` warps, clamped to
   1..32). At 16 per thread the backward kernel already spills at 4K-8K wide rows; 8 leaves room
   for the float32 copies backward keeps (s, dy, s_hat, g_hat, accumulators).
+  A backward with a second output (``dy1``: two gradient streams, four float32 accumulator
+  tiles for dw/db/dw1/db1) gets 4 elements per thread, so at most 4096 elements per row on chip
+  (32 warps) and tiles of at least 2048: ptxas reports 64-128 bytes of spill stack for that
+  variant at 8 per thread, none at 4 (``tests/triton_aot.py --all``). No GPU was available for
+  this choice either: the spill report chose it; it is not timed.
 * **Persistent backward grid**: ``min(row tiles, SMs x max(1, 32 // num_warps))`` programs, each
   looping over row tiles with a stride, so the ``(programs, N)`` float32 partial-sum buffer for
   dweight/dbias stays small and its final ``sum(0)`` is cheap. No atomics: the same input gives
@@ -51,6 +59,7 @@ import torch
 from torch import Tensor
 
 from normkit.backends.base import Backend, BackwardResult, ForwardResult
+from normkit.backends.contract import ForwardOut, GradNeeds, GradsOut, KernelSpec, sum_is_input
 
 __all__ = ["BACKEND", "LaunchConfig", "TritonBackend", "launch_config"]
 
@@ -123,17 +132,24 @@ def launch_config(
     max_fused_bytes: int = MAX_FUSED_BYTES,
     loop_block_n: int = LOOP_BLOCK_N,
     min_tile: Optional[int] = None,
+    second_output: bool = False,
 ) -> LaunchConfig:
-    """The launch configuration for an ``(rows, n)`` input (heuristics in the module docstring)."""
+    """The launch configuration for an ``(rows, n)`` input (heuristics in the module docstring).
+    ``second_output``: a backward with ``dy1`` (four float32 accumulators, two gradient streams),
+    which gets half the elements per thread."""
+    per_thread = ELEMENTS_PER_THREAD // 2 if second_output else ELEMENTS_PER_THREAD
+    widest = 32 * 32 * per_thread if second_output else MAX_SINGLE_PASS[backward, dropout]  # 32 warps
     block_n = _next_pow2(n)
-    single_pass = block_n <= min(max_fused_bytes // element_size, MAX_SINGLE_PASS[backward, dropout])
+    single_pass = block_n <= min(max_fused_bytes // element_size, MAX_SINGLE_PASS[backward, dropout], widest)
     if not single_pass:
-        block_n = min(_next_pow2(loop_block_n), block_n)
+        block_n = min(_next_pow2(loop_block_n), block_n, widest)
     if min_tile is None:
         min_tile = _INTERPRETER_MIN_TILE if interpreter else MIN_TILE
+    if second_output and not interpreter:
+        min_tile //= 2
     block_m = min(_next_pow2(rows), max(1, min_tile // block_n))
     tile = block_m * block_n
-    num_warps = max(1, min(32, _next_pow2(tile) // (32 * ELEMENTS_PER_THREAD)))
+    num_warps = max(1, min(32, _next_pow2(tile) // (32 * per_thread)))
     n_tiles = math.ceil(rows / block_m)
     grid = n_tiles
     if backward:
@@ -171,13 +187,14 @@ class TritonBackend(Backend):
             return False
         return x.is_cuda or (x.device.type == "cpu" and _interpreting())
 
-    def _config(self, x: Tensor, backward: bool, dropout: bool = False) -> LaunchConfig:
+    def _config(self, x: Tensor, backward: bool, dropout: bool = False, element_size: Optional[int] = None,
+                second_output: bool = False) -> LaunchConfig:
         rows, n = x.shape
         sms = _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device()) if x.is_cuda else 1
         return launch_config(
             rows,
             n,
-            x.element_size(),
+            x.element_size() if element_size is None else element_size,
             backward=backward,
             sm_count=sms,
             dropout=dropout,
@@ -185,69 +202,157 @@ class TritonBackend(Backend):
             max_fused_bytes=self.max_fused_bytes,
             loop_block_n=self.loop_block_n,
             min_tile=self.min_tile,
+            second_output=second_output,
         )
 
+    # The plain contract is the fused one with its options off: the same two kernels serve both.
+
     def forward(self, x, residual, weight, bias, eps, is_rms, dropout_p, seed, store_sum) -> ForwardResult:
+        spec = KernelSpec(is_rms, float(eps), float(dropout_p), x.dtype, x.dtype, store_sum=store_sum)
+        # This contract's s is a tensor of its own even when it equals x: the kernel writes it.
+        copy = store_sum and sum_is_input(x, residual, None, None, spec)
+        res = self.fused_forward(x, residual, None, None, weight, bias, None, None, spec, seed,
+                                 residual_out=torch.empty_like(x) if copy else None)
+        return res.y, res.s, res.mean, res.rstd
+
+    def backward(self, dy, dsum, s, weight, mean, rstd, is_rms, dropout_p, seed) -> BackwardResult:
+        dropout = dropout_p > 0.0
+        spec = KernelSpec(is_rms, 0.0, float(dropout_p), s.dtype, dy.dtype)
+        # Without dropout the residual's gradient is dx itself: written once, returned twice.
+        needs = GradNeeds(x=True, residual=dropout, weight=True, bias=True)
+        g = self.fused_backward(dy, None, dsum, s, weight, None, None, mean, rstd, spec, seed, needs, dy.dtype, dy.dtype)
+        return g.dx, g.dresidual if dropout else g.dx, g.dweight, g.dbias
+
+    # --- the fused contract (normkit.backends.contract): one forward and one backward kernel,
+    # every option a constexpr switch.
+
+    def fused_supports(self, x: Tensor, spec: KernelSpec) -> bool:
+        # float64 anywhere (x, a float64 residual's sum, the output) makes the contract's Acc
+        # float64; the kernels compute in float32, so such calls go to another backend.
+        return self.supports(x, spec.dropout_p) and spec.sum_dtype in _DTYPES and spec.out_dtype in _DTYPES
+
+    def fused_forward(
+        self, x, residual, x1, rowscale, weight, bias, weight1, bias1, spec: KernelSpec, seed: int,
+        out=None, out1=None, residual_out=None,
+    ) -> ForwardOut:
+        """:meth:`Backend.fused_forward` in one launch of ``_fused_fwd_kernel``, which writes
+        ``out`` / ``out1`` / ``residual_out`` itself when they are given."""
+        if x.numel() == 0:
+            return super().fused_forward(x, residual, x1, rowscale, weight, bias, weight1, bias1, spec, seed,
+                                         out, out1, residual_out)
         k = _kernels()
         rows, n = x.shape
-        cfg = self._config(x, backward=False, dropout=dropout_p > 0.0)
-        y = torch.empty_like(x)
-        s = torch.empty_like(x) if store_sum else None
-        mean = None if is_rms else torch.empty(rows, dtype=torch.float32, device=x.device)
-        rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
+        dropout = spec.dropout_p > 0.0
+        forms_sum = not sum_is_input(x, residual, x1, rowscale, spec)
+        # A sum is written when one is formed and asked for, or when x itself is the sum and the
+        # caller's residual_out is to receive it (the kernel's store saves a separate copy).
+        store_sum = spec.store_sum and (forms_sum or residual_out is not None)
+        cfg = self._config(x, backward=False, dropout=dropout, element_size=max(x.element_size(), spec.sum_dtype.itemsize))
+        new = functools.partial(torch.empty, (rows, n), device=x.device)
+        y = new(dtype=spec.out_dtype) if out is None else out
+        y1 = None if weight1 is None else (new(dtype=spec.out_dtype) if out1 is None else out1)
+        s = None if not store_sum else (new(dtype=spec.sum_dtype) if residual_out is None else residual_out)
+        store_mask = spec.store_mask and dropout
+        mask = new(dtype=torch.bool) if store_mask else None
+        mask1 = new(dtype=torch.bool) if store_mask and x1 is not None else None
+        f32 = dict(dtype=torch.float32, device=x.device)
+        mean = None if spec.is_rms else torch.empty(rows, **f32)
+        rstd = torch.empty(rows, **f32)
         with _on_device(x):
-            k._norm_fwd_kernel[(cfg.grid,)](
-                x, residual, weight, bias, y, s, mean, rstd,
-                rows, n, float(eps), float(dropout_p), _keep_scale(dropout_p), int(seed),
-                IS_RMS_NORM=is_rms,
+            k._fused_fwd_kernel[(cfg.grid,)](
+                x, residual, x1, rowscale, weight, bias, weight1, bias1, y, y1, s, mask, mask1, mean, rstd,
+                rows, n, float(spec.eps), float(spec.dropout_p), _keep_scale(spec.dropout_p), int(seed), rows * n,
+                IS_RMS_NORM=spec.is_rms,
                 HAS_RESIDUAL=residual is not None,
-                HAS_WEIGHT=weight is not None,
-                HAS_BIAS=bias is not None,
-                HAS_DROPOUT=dropout_p > 0.0,
+                HAS_X1=x1 is not None,
+                HAS_ROWSCALE=rowscale is not None,
+                HAS_DROPOUT=dropout,
+                STORE_DROPOUT_MASK=store_mask,
+                HAS_W=weight is not None,
+                HAS_B=bias is not None,
+                HAS_W1=weight1 is not None,
+                HAS_B1=weight1 is not None and bias1 is not None,
                 STORE_SUM=store_sum,
+                SUM_DTYPE=_TL_DTYPES[spec.sum_dtype](),
                 BLOCK_M=cfg.block_m,
                 BLOCK_N=cfg.block_n,
                 SINGLE_PASS=cfg.single_pass,
                 num_warps=cfg.num_warps,
             )
-        return y, s, mean, rstd
+        if spec.store_sum and s is None:
+            s = x  # no sum is formed: s is x itself (contract.sum_is_input)
+        return ForwardOut(y, y1, s, mean, rstd, mask, mask1)
 
-    def backward(self, dy, dsum, s, weight, mean, rstd, is_rms, dropout_p, seed) -> BackwardResult:
+    def fused_backward(
+        self, dy, dy1, dsum, s, weight, weight1, rowscale, mean, rstd, spec: KernelSpec, seed: int,
+        needs: GradNeeds, x_dtype: torch.dtype, residual_dtype,
+    ) -> GradsOut:
+        """:meth:`Backend.fused_backward` in one launch of ``_fused_bwd_kernel`` (after
+        ``_fused_bwd_row_stats_kernel`` on the looped path); every gradient a tensor of its own."""
+        rows, n = s.shape
+        if s.numel() == 0:
+            return super().fused_backward(dy, dy1, dsum, s, weight, weight1, rowscale, mean, rstd, spec, seed, needs,
+                                          x_dtype, residual_dtype)
         k = _kernels()
-        rows, n = dy.shape
-        has_dropout = dropout_p > 0.0
-        cfg = self._config(dy, backward=True, dropout=has_dropout)
-        dx = torch.empty_like(dy)
-        dres = torch.empty_like(dy) if has_dropout else dx  # without dropout dx is ds itself
-        f32 = dict(dtype=torch.float32, device=dy.device)
-        dw_part = torch.empty((cfg.grid, n), **f32)
-        db_part = torch.empty((cfg.grid, n), **f32)
+        dropout = spec.dropout_p > 0.0
+        cfg = self._config(s, backward=True, dropout=dropout, element_size=max(s.element_size(), x_dtype.itemsize),
+                           second_output=dy1 is not None)
+        new = functools.partial(torch.empty, (rows, n), device=s.device)
+        dx = new(dtype=x_dtype) if needs.x else None
+        dx1 = new(dtype=x_dtype) if needs.x1 else None
+        dres = new(dtype=residual_dtype) if needs.residual else None
+        f32 = dict(dtype=torch.float32, device=s.device)
+        # Partial sums (one row per program) of the parameter gradients asked for; a gradient of
+        # a missing dy / dy1 is zero and needs no kernel work.
+        need = dict(dw=needs.weight and dy is not None, db=needs.bias and dy is not None,
+                    dw1=needs.weight1 and dy1 is not None, db1=needs.bias1 and dy1 is not None)
+        parts = {name: torch.empty((cfg.grid, n), **f32) if on else None for name, on in need.items()}
         c1 = c2 = None
-        with _on_device(dy):
+        with _on_device(s):
             if not cfg.single_pass:
                 c1, c2 = torch.empty(rows, **f32), torch.empty(rows, **f32)
-                k._norm_bwd_row_stats_kernel[(math.ceil(rows / cfg.block_m),)](  # one program per tile
-                    s, dy, weight, mean, rstd, c1, c2, rows, n,
-                    IS_RMS_NORM=is_rms,
-                    HAS_WEIGHT=weight is not None,
+                k._fused_bwd_row_stats_kernel[(math.ceil(rows / cfg.block_m),)](  # one program per tile
+                    s, dy, dy1, weight, weight1, mean, rstd, c1, c2, rows, n,
+                    IS_RMS_NORM=spec.is_rms,
+                    HAS_DY=dy is not None,
+                    HAS_DY1=dy1 is not None,
+                    HAS_W=weight is not None,
                     BLOCK_M=cfg.block_m,
                     BLOCK_N=cfg.block_n,
                     num_warps=cfg.num_warps,
                 )
-            k._norm_bwd_kernel[(cfg.grid,)](
-                s, dy, dsum, weight, mean, rstd, c1, c2, dx, dres, dw_part, db_part,
-                rows, n, float(dropout_p), _keep_scale(dropout_p), int(seed),
-                IS_RMS_NORM=is_rms,
-                HAS_WEIGHT=weight is not None,
+            k._fused_bwd_kernel[(cfg.grid,)](
+                s, dy, dy1, dsum, weight, weight1, rowscale, mean, rstd, c1, c2, dx, dx1, dres,
+                parts["dw"], parts["db"], parts["dw1"], parts["db1"],
+                rows, n, float(spec.dropout_p), _keep_scale(spec.dropout_p), int(seed), rows * n,
+                IS_RMS_NORM=spec.is_rms,
+                HAS_DY=dy is not None,
+                HAS_DY1=dy1 is not None,
                 HAS_DSUM=dsum is not None,
-                HAS_DROPOUT=has_dropout,
+                HAS_W=weight is not None,
+                HAS_ROWSCALE=rowscale is not None,
+                HAS_DROPOUT=dropout,
+                NEED_DX=needs.x,
+                NEED_DX1=needs.x1,
+                NEED_DRES=needs.residual,
+                NEED_DW=need["dw"],
+                NEED_DB=need["db"],
+                NEED_DW1=need["dw1"],
+                NEED_DB1=need["db1"],
                 BLOCK_M=cfg.block_m,
                 BLOCK_N=cfg.block_n,
                 SINGLE_PASS=cfg.single_pass,
                 num_warps=cfg.num_warps,
             )
-        # One final fixed-order reduction of the per-program partial sums: deterministic.
-        return dx, dres, dw_part.sum(0), db_part.sum(0)
+
+        def total(name: str, asked: bool):
+            # One final fixed-order reduction of the per-program partial sums: deterministic.
+            if not asked:
+                return None
+            return torch.zeros(n, **f32) if parts[name] is None else parts[name].sum(0)
+
+        return GradsOut(dx, dx1, dres, total("dw", needs.weight), total("db", needs.bias),
+                        total("dw1", needs.weight1), total("db1", needs.bias1))
 
 
 def _keep_scale(dropout_p: float) -> float:
@@ -257,6 +362,20 @@ def _keep_scale(dropout_p: float) -> float:
 def _on_device(x: Tensor):
     """Launch on ``x``'s GPU (Triton launches on the current device)."""
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+def _tl_dtype(name: str):
+    def get():
+        import triton.language as tl
+
+        return getattr(tl, name)
+
+    return get
+
+
+# The Triton dtype a torch dtype rounds to inside a kernel (looked up at launch: importing
+# triton.language here would import Triton with normkit).
+_TL_DTYPES = {torch.float32: _tl_dtype("float32"), torch.float16: _tl_dtype("float16"), torch.bfloat16: _tl_dtype("bfloat16")}
 
 
 @functools.lru_cache(maxsize=1)
