@@ -65,13 +65,13 @@ def _off_by_one(t: torch.Tensor) -> torch.Tensor:
 
 
 def _bad_forward(original, *args):
-    y, *rest = original(*args)
-    return (_off_by_one(y), *rest)
+    res = original(*args)
+    return res._replace(y=_off_by_one(res.y))
 
 
 def _bad_backward(original, *args):
-    dx, *rest = original(*args)
-    return (_off_by_one(dx), *rest)
+    res = original(*args)
+    return res if res.dx is None else res._replace(dx=_off_by_one(res.dx))
 
 
 @contextlib.contextmanager
@@ -82,7 +82,7 @@ def forced_triton(fault: Optional[str] = None) -> Iterator[None]:
         stack.enter_context(use_backend("triton"))
         if fault is not None:
             bad = {"forward": _bad_forward, "backward": _bad_backward}[fault]
-            stack.enter_context(_wrapped(get_backend("triton"), fault, bad))
+            stack.enter_context(_wrapped(get_backend("triton"), "fused_" + fault, bad))
         yield
 
 
@@ -324,8 +324,8 @@ def run_compile(stage, plan, device, from_src):
         h = torch.randn(rows, width, device=device)
         eager = model(x, h)
         ge = torch.autograd.grad(eager.sum(), (x, model.ln.weight, model.rms.weight))
-        with _wrapped(backend, "forward", lambda f, *a: calls.append("fwd") or f(*a)), \
-                _wrapped(backend, "backward", lambda f, *a: calls.append("bwd") or f(*a)):
+        with _wrapped(backend, "fused_forward", lambda f, *a: calls.append("fwd") or f(*a)), \
+                _wrapped(backend, "fused_backward", lambda f, *a: calls.append("bwd") or f(*a)):
             compiled = torch.compile(model, fullgraph=True, backend="inductor")(x, h)
             gc = torch.autograd.grad(compiled.sum(), (x, model.ln.weight, model.rms.weight))
         torch._dynamo.reset()

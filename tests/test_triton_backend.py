@@ -328,8 +328,8 @@ def test_torch_compile_fullgraph_with_triton_forced(device, compiler, monkeypatc
     calls = []
     backend = get_backend("triton")
     for method in ("forward", "backward"):
-        original = getattr(backend, method)
-        monkeypatch.setattr(backend, method, lambda *a, _f=original, _m=method: calls.append(_m) or _f(*a))
+        original = getattr(backend, "fused_" + method)
+        monkeypatch.setattr(backend, "fused_" + method, lambda *a, _f=original, _m=method: calls.append(_m) or _f(*a))
     torch._dynamo.reset()
 
     class Block(torch.nn.Module):
