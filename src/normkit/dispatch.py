@@ -340,9 +340,10 @@ def fused_norm(x, normalized_shape, weight, bias, eps, is_rms, residual, prenorm
         res = paths.fused_composite(x2, flat(residual), flat(o.x1), rowscale, param(kernel_w), param(kernel_b),
                                     param(kernel_w1), param(kernel_b1), spec)
     else:
-        # out= / residual_out= are written by the kernel when they are contiguous and in the
-        # kernel's own layout; otherwise the result is copied into them below
-        direct = not moved and not llama
+        # out= / residual_out= are written by the kernel without autograd when they are
+        # contiguous and in the kernel's own layout; otherwise the result is copied into them
+        # below (with autograd: a differentiable copy)
+        direct = path == "eager_no_grad" and not moved and not llama
         buffers = [b.view(rows, n) if direct and b is not None and b.is_contiguous() and type(b) is Tensor else None
                    for b in (o.out, None, o.residual_out)]
         backend = select_backend_name(x2, plan.dropout_p)
@@ -356,19 +357,24 @@ def fused_norm(x, normalized_shape, weight, bias, eps, is_rms, residual, prenorm
         if plan.out_dtype != x.dtype:
             y, y1 = y.to(plan.out_dtype), (None if y1 is None else y1.to(plan.out_dtype))
     y, y1 = back(y), back(y1)
-    if o.out is not None and y.data_ptr() != o.out.data_ptr():
-        y = o.out.copy_(y)
+    if o.out is not None:  # the kernel wrote it (the same memory), or it is filled here
+        y = o.out if _same_memory(y, o.out) else o.out.copy_(y)
     results: List[Optional[Tensor]] = [y]
     if has_y1:
         results.append(y1)
     if prenorm:
         s = x if res.s is x2 else back(res.s.view(shape_last))
-        if o.residual_out is not None and s.data_ptr() != o.residual_out.data_ptr():
-            s = o.residual_out.copy_(s)
+        if o.residual_out is not None:
+            s = o.residual_out if _same_memory(s, o.residual_out) else o.residual_out.copy_(s)
         results.append(s)
     if o.return_dropout_mask:
         results += [back(_mask_view(res.mask, shape_last)), back(_mask_view(res.mask1, shape_last))]
     return results[0] if len(results) == 1 else tuple(results)
+
+
+def _same_memory(t: Tensor, buffer: Tensor) -> bool:
+    """Whether ``t`` is ``buffer``'s memory in ``buffer``'s layout (a view the kernel wrote)."""
+    return t.data_ptr() == buffer.data_ptr() and t.stride() == buffer.stride() and t.grad_fn is None
 
 
 def _mask_view(mask, shape):
