@@ -393,17 +393,24 @@ def fused_backward(
     residual_dtype: Optional[torch.dtype],
     keep: Optional[Tensor] = None,
     keep1: Optional[Tensor] = None,
+    stats: Optional[Tuple[Optional[Tensor], Tensor]] = None,
 ):
     """The contract's backward (the formulas of :mod:`normkit.backends.contract`) as torch ops
-    from the saved sum ``s``: the row statistics are recomputed from ``s`` with differentiable
-    ops, so under ``create_graph=True`` this is also every backend's differentiable backward
-    (double backward), and its first-order result is the kernels' reference. Returns a
+    from the saved sum ``s``. With ``stats=None`` the row statistics are recomputed from ``s``
+    with differentiable ops, so under ``create_graph=True`` this is every backend's
+    differentiable backward (double backward: the second derivative includes the statistics'
+    dependence on ``s``); ``stats = (mean, rstd)`` as the forward saved them (``(M,)``) gives
+    the first-order reference of the kernels. Returns a
     :class:`~normkit.backends.contract.GradsOut` with ``None`` where ``needs`` says so."""
     from normkit.backends.contract import GradsOut
 
     acc = compute_dtype(torch.promote_types(s.dtype, x_dtype))
     s_acc = s.to(acc)
-    mean, rstd = statistics(s_acc, (-1,), spec.eps, spec.is_rms)
+    if stats is None:
+        mean, rstd = statistics(s_acc, (-1,), spec.eps, spec.is_rms)
+    else:
+        mean = None if spec.is_rms or stats[0] is None else stats[0].to(acc).unsqueeze(-1)
+        rstd = stats[1].to(acc).unsqueeze(-1)
     s_hat = (s_acc if mean is None else s_acc - mean) * rstd
     dy_acc = None if dy is None else dy.to(acc)
     dy1_acc = None if dy1 is None else dy1.to(acc)

@@ -1,13 +1,16 @@
 """The backend contract: what a kernel implementation must provide to plug into normkit.
 
-A backend computes layer norm / RMS norm on a contiguous 2-D view ``(M, N)`` of the input,
-with exactly the semantics of :func:`normkit.reference.norm_forward` and
-:func:`normkit.reference.norm_backward`. Validation, reshaping and autograd live above it
-(:mod:`normkit.functional`, :mod:`normkit.ops`), so a backend assumes valid input.
+A backend implements the one kernel contract of :mod:`normkit.backends.contract`:
+:meth:`Backend.fused_forward` and :meth:`Backend.fused_backward` on contiguous 2-D ``(M, N)``
+views, every fused option a switch of one forward and one backward kernel, with exactly the
+semantics of :func:`normkit.reference.fused_forward` / :func:`normkit.reference.fused_backward`
+(the defaults here run those, so a backend is correct for whatever it does not implement).
+Validation, reshaping and autograd live above it (:mod:`normkit.dispatch`, :mod:`normkit.ops`),
+so a backend assumes valid input.
 
-Dropout is described by a seed rather than a mask: ``forward`` and ``backward`` must derive
-the same keep mask from ``(seed, M, N, dropout_p)``, so the mask never has to be stored. Each
-backend may use its own random stream; the reference's is :func:`normkit.reference.dropout_keep_mask`.
+Dropout is described by a seed rather than a mask: forward and backward must derive the same
+keep masks from ``(seed, M, N, dropout_p)``, so a mask is stored only when the caller asks for
+it. Each backend may use its own random stream; the reference's is :func:`fused_keep_masks`.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from normkit.backends.contract import ForwardOut, GradNeeds, GradsOut, KernelSpec
+from normkit.backends.contract import ForwardOut, GradNeeds, GradsOut, KernelSpec, sum_is_input
 
 ForwardResult = Tuple[Tensor, Optional[Tensor], Optional[Tensor], Tensor]
 BackwardResult = Tuple[Tensor, Tensor, Tensor, Tensor]
@@ -47,37 +50,28 @@ class Backend:
         dispatcher falls back to the reference."""
         raise NotImplementedError
 
-    def forward(
-        self,
-        x: Tensor,
-        residual: Optional[Tensor],
-        weight: Optional[Tensor],
-        bias: Optional[Tensor],
-        eps: float,
-        is_rms: bool,
-        dropout_p: float,
-        seed: int,
-        store_sum: bool,
-    ) -> ForwardResult:
-        """``(y, s, mean, rstd)`` as :func:`normkit.reference.norm_forward` returns them;
-        ``mean`` may be ``None`` for RMS norm, ``s`` is ``None`` unless ``store_sum``."""
-        raise NotImplementedError
+    # --- the plain call (residual, prenorm, dropout): the fused contract with every other option
+    # off, kept as a convenience for callers and tests of the (M, N) kernels.
 
-    def backward(
-        self,
-        dy: Tensor,
-        dsum: Optional[Tensor],
-        s: Tensor,
-        weight: Optional[Tensor],
-        mean: Optional[Tensor],
-        rstd: Tensor,
-        is_rms: bool,
-        dropout_p: float,
-        seed: int,
-    ) -> BackwardResult:
-        """``(dx, dresidual, dweight, dbias)`` as :func:`normkit.reference.norm_backward`:
-        ``dweight``/``dbias`` of shape ``(N,)`` in float32 (float64 for float64 input)."""
-        raise NotImplementedError
+    def forward(self, x, residual, weight, bias, eps, is_rms, dropout_p, seed, store_sum) -> ForwardResult:
+        """``(y, s, mean, rstd)`` of :meth:`fused_forward` with the options off: ``y`` in
+        ``x.dtype``, ``s`` (a tensor of its own, even when it equals ``x``) only with
+        ``store_sum``, ``mean`` ``None`` for RMS norm."""
+        spec = KernelSpec(is_rms, float(eps), float(dropout_p), x.dtype, x.dtype, store_sum=store_sum)
+        copy = store_sum and sum_is_input(x, residual, None, None, spec)
+        res = self.fused_forward(x, residual, None, None, weight, bias, None, None, spec, seed,
+                                 residual_out=torch.empty_like(x) if copy else None)
+        return res.y, res.s, res.mean, res.rstd
+
+    def backward(self, dy, dsum, s, weight, mean, rstd, is_rms, dropout_p, seed) -> BackwardResult:
+        """``(dx, dresidual, dweight, dbias)`` of :meth:`fused_backward` with the options off;
+        ``dweight``/``dbias`` ``(N,)`` in the compute dtype. Without dropout the residual's
+        gradient is ``dx`` itself (one tensor, returned twice)."""
+        dropout = dropout_p > 0.0
+        spec = KernelSpec(is_rms, 0.0, float(dropout_p), s.dtype, dy.dtype)
+        needs = GradNeeds(x=True, residual=dropout, weight=True, bias=True)
+        g = self.fused_backward(dy, None, dsum, s, weight, None, None, mean, rstd, spec, seed, needs, dy.dtype, dy.dtype)
+        return g.dx, g.dresidual if dropout else g.dx, g.dweight, g.dbias
 
     # --- the fused contract (normkit.backends.contract): every option in one forward and one
     # backward kernel. The defaults run the reference's torch ops with the reference's dropout
@@ -140,7 +134,7 @@ class Backend:
         keep, keep1 = fused_keep_masks(seed, s, None if dy1 is None and not needs.x1 else s, spec.dropout_p)
         with torch.no_grad():
             return reference.fused_backward(
-                dy, dy1, dsum, s, weight, weight1, rowscale, spec, needs, x_dtype, residual_dtype, keep, keep1
+                dy, dy1, dsum, s, weight, weight1, rowscale, spec, needs, x_dtype, residual_dtype, keep, keep1, (mean, rstd)
             )
 
     def rnn_steps(self, x: Tensor):

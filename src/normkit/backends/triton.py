@@ -207,22 +207,6 @@ class TritonBackend(Backend):
 
     # The plain contract is the fused one with its options off: the same two kernels serve both.
 
-    def forward(self, x, residual, weight, bias, eps, is_rms, dropout_p, seed, store_sum) -> ForwardResult:
-        spec = KernelSpec(is_rms, float(eps), float(dropout_p), x.dtype, x.dtype, store_sum=store_sum)
-        # This contract's s is a tensor of its own even when it equals x: the kernel writes it.
-        copy = store_sum and sum_is_input(x, residual, None, None, spec)
-        res = self.fused_forward(x, residual, None, None, weight, bias, None, None, spec, seed,
-                                 residual_out=torch.empty_like(x) if copy else None)
-        return res.y, res.s, res.mean, res.rstd
-
-    def backward(self, dy, dsum, s, weight, mean, rstd, is_rms, dropout_p, seed) -> BackwardResult:
-        dropout = dropout_p > 0.0
-        spec = KernelSpec(is_rms, 0.0, float(dropout_p), s.dtype, dy.dtype)
-        # Without dropout the residual's gradient is dx itself: written once, returned twice.
-        needs = GradNeeds(x=True, residual=dropout, weight=True, bias=True)
-        g = self.fused_backward(dy, None, dsum, s, weight, None, None, mean, rstd, spec, seed, needs, dy.dtype, dy.dtype)
-        return g.dx, g.dresidual if dropout else g.dx, g.dweight, g.dbias
-
     # --- the fused contract (normkit.backends.contract): one forward and one backward kernel,
     # every option a constexpr switch.
 
