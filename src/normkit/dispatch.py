@@ -27,7 +27,7 @@ from normkit.backends import ENV_VAR as _ENV_VAR
 from normkit.backends import _forced, select_backend_name
 from normkit.backends import cpu as _cpu
 from normkit.backends.contract import KernelSpec
-from normkit.fused_options import FusedOptions, Plan, plan_call
+from normkit.fused_options import FusedOptions, plan_call
 from normkit.validation import (
     FLOAT_DTYPES,
     as_normalized_shape,

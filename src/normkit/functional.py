@@ -17,7 +17,7 @@ from normkit.dispatch import ROUTES, fused_norm, native_call, native_norm_dim, r
 from normkit.dispatch import norm as _norm
 from normkit.fused_options import FusedOptions, zero_centered_gains
 from normkit.reference import default_rms_eps
-from normkit.validation import FLOAT_DTYPES, as_normalized_shape, check_casting_mode, check_input, check_param
+from normkit.validation import FLOAT_DTYPES, check_casting_mode
 
 __all__ = ["layer_norm", "rms_norm", "route", "native_call", "native_norm_dim", "ROUTES"]
 
@@ -201,13 +201,10 @@ def rms_norm(
         options = FusedOptions(residual_in_fp32, x1, weight1, bias1, rowscale, return_dropout_mask, out_dtype, out, residual_out, dim)
         mode = check_casting_mode(casting_mode)
         return fused_norm(input, normalized_shape, weight, bias, eps, True, residual, prenorm, dropout_p, training, options, mode)
-    if casting_mode != "gemma":
-        if check_casting_mode(casting_mode) == "llama" and weight is not None:
-            shape = as_normalized_shape(normalized_shape)
-            check_input(input, shape)
-            check_param("weight", weight, input, shape)  # _norm below never sees the weight
-            out = _norm(input, shape, None, None, eps, True, residual, prenorm, dropout_p, training)
-            y = (weight * (out[0] if prenorm else out)).to(input.dtype)
-            return (y, out[1]) if prenorm else y
+    if casting_mode != "gemma" and check_casting_mode(casting_mode) == "llama" and weight is not None and (
+        isinstance(input, Tensor) and input.dtype in (torch.float16, torch.bfloat16)
+    ):  # x_hat rounded to the input dtype before the gain: the fused path's "llama" switch
+        options = FusedOptions()
+        return fused_norm(input, normalized_shape, weight, None, eps, True, residual, prenorm, dropout_p, training, options, "llama")
     return _norm(input, normalized_shape, weight, None, eps, True, residual, prenorm, dropout_p, training)
 

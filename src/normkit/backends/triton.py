@@ -58,7 +58,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from normkit.backends.base import Backend, BackwardResult, ForwardResult
+from normkit.backends.base import Backend
 from normkit.backends.contract import ForwardOut, GradNeeds, GradsOut, KernelSpec, sum_is_input
 
 __all__ = ["BACKEND", "LaunchConfig", "TritonBackend", "launch_config"]
