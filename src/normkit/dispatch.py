@@ -27,6 +27,7 @@ from normkit.backends import ENV_VAR as _ENV_VAR
 from normkit.backends import _forced, select_backend_name
 from normkit.backends import cpu as _cpu
 from normkit.backends.contract import KernelSpec
+from normkit.errors import UnsupportedModeError
 from normkit.fused_options import FusedOptions, plan_call
 from normkit.validation import (
     FLOAT_DTYPES,
@@ -307,7 +308,10 @@ def fused_norm(x, normalized_shape, weight, bias, eps, is_rms, residual, prenorm
         y = native_norm_dim(x, plan.start, k, weight, bias, plan.eps, is_rms)  # no permute, no copy
         return o.out.copy_(y) if o.out is not None else y
     if path == "dtensor":
-        raise NotImplementedError(_dtensor_options_message(o))
+        raise UnsupportedModeError(
+            "the fused options (x1, weight1, rowscale, out=, dim=, out_dtype, ...) are not implemented for DTensor "
+            "inputs; call normkit.layer_norm / rms_norm on the DTensor without them"
+        )
     src_dims, dst_dims = tuple(range(plan.start, plan.start + k)), tuple(range(nd - k, nd))
 
     def to_last(t):
@@ -391,10 +395,3 @@ def _llama_affine(x_hat: Tensor, w, b, dtype: torch.dtype) -> Tensor:
     if b is not None:
         y = y + b
     return y.to(dtype)
-
-
-def _dtensor_options_message(o: FusedOptions) -> str:
-    return (
-        "the fused options (x1, weight1, rowscale, out=, dim=, ...) are not implemented for DTensor inputs; "
-        "call normkit.layer_norm / rms_norm on the DTensor without them"
-    )
