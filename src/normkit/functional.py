@@ -17,7 +17,7 @@ from torch import Tensor
 from torch.autograd import forward_ad as _forward_ad
 
 from normkit import _torch_private as private
-from normkit import ops, paths
+from normkit import compile_policy, ops, paths
 from normkit.backends import _forced, select_backend_name
 from normkit.backends import ENV_VAR as _ENV_VAR
 from normkit.backends import cpu as _cpu
@@ -98,7 +98,7 @@ def route(
     # export flag is asked only when something traces: it costs more than the rest of this
     # function on a plain eager call.
     if torch.compiler.is_compiling():
-        return "onnx" if torch.onnx.is_in_onnx_export() else "op"
+        return "onnx" if torch.onnx.is_in_onnx_export() else compile_policy.traced_route(x, dropout_p)
     if private.functorch_transforms_active() or _in_forward_ad(tensors):
         return "composite"
     if not ops.plain_eager(x):
