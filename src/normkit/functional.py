@@ -47,13 +47,14 @@ ROUTES = {
     "onnx": "inside ONNX export: standard operators the exporter can write",
     "composite": "torch.func transform, forward-mode AD, an empty input or an eps the kernels do "
     "not take (negative, inf, NaN): the reference composite, whose torch ops every autograd mode "
-    "understands and which computes what the formula gives for any eps, as torch does",
+    "understands and which computes what the formula gives for any eps, as torch does; and "
+    "torch.compile where normkit.compile_policy decomposes (inductor fuses the torch ops)",
     "native": "a plain eager call on contiguous CPU tensors: the compiled kernels and their "
     "autograd node, all in C++ (normkit._C.norm), launched straight from here",
     "native_dim": "dim= (or layer_norm_2d) on CPU: normkit._C.norm_dim normalizes the middle dims "
     "in place of a permute (see native_norm_dim)",
-    "op": "traced (torch.compile, export, make_fx, jit.trace, a tensor subclass): the "
-    "normkit::norm_fwd custom op",
+    "op": "traced (torch.compile where normkit.compile_policy keeps the op, export, make_fx, "
+    "jit.trace, a tensor subclass): the normkit::norm_fwd custom op",
     "eager": "eager with gradients: the autograd Function calling the backend",
     "eager_no_grad": "eager without gradients: the backend directly",
 }
@@ -82,7 +83,8 @@ def route(
     (:func:`native_call` says when; :func:`_norm` asks it before validating, since it accepts
     only valid calls, and the check is what such a call costs); a DTensor is unwrapped first
     (its local call is routed again); empty inputs
-    take the composite; what traces gets the custom op, or standard ops under ONNX export;
+    take the composite; what traces gets the custom op, or standard ops under ONNX export, or
+    under ``torch.compile`` what :func:`normkit.compile_policy.traced_route` says;
     ``torch.func`` transforms and forward AD need ops they can transform, so they take the
     reference composite (same semantics, plain torch ops); then the fast paths.
     """
