@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -37,7 +37,7 @@ from normkit import compile_policy
 from normkit._machine import torch_threads
 from normkit.bench.paired import estimate_ratio, measure_pairs
 
-__all__ = ["MODELS", "VARIANTS", "Settings", "QUICK", "run_suite", "markdown", "PreLNBlock"]
+__all__ = ["MODELS", "VARIANTS", "Settings", "QUICK", "PreLNBlock", "run_model", "run_suite", "markdown"]
 
 MODELS: Tuple[str, ...] = ("block", "llama")
 #: normkit variant -> the compile_policy mode it is traced under
@@ -46,7 +46,7 @@ VARIANTS: Dict[str, str] = {"normkit (auto)": "auto", "normkit op": "op", "normk
 
 @dataclass(frozen=True)
 class Settings:
-    """Sizes and timing. The defaults are a small model that compiles in about a minute on a
+    """Sizes and timing. The defaults are a small model that compiles in well under a minute on a
     laptop core (fwd + bwd of both models and each variant) and trains a step in tens of ms."""
 
     batch: int = 8
@@ -192,10 +192,6 @@ def run_suite(models: Sequence[str] = MODELS, settings: Settings = Settings(), v
     return results
 
 
-def settings_dict(settings: Settings) -> dict:
-    return asdict(settings)
-
-
 def _median(xs: Sequence[float]) -> float:
     ys = sorted(xs)
     n = len(ys)
@@ -210,7 +206,3 @@ def markdown(results: Sequence[dict]) -> str:
         lines.append(f"| {r['model']} | {r['variant']} | {r['ratio']:.3f}x [{r['ci_low']:.3f}, {r['ci_high']:.3f}] | "
                      f"{r['pairs']} | {r['torch_ms']:.2f} | {r['normkit_ms']:.2f} | {r['loss_diff']:.1e} |")
     return "\n".join(lines)
-
-
-def with_changes(settings: Settings, **changes) -> Settings:
-    return replace(settings, **changes)
