@@ -298,3 +298,25 @@ def test_options_suite_times_every_row_against_a_copy(tmp_path, capsys):
     table = capsys.readouterr().out
     assert "| out=buf | 1.00x |" in table
     assert bench_main(["--suite", "options", "--modes", "inference"]) == 2  # a shapes-only option
+
+
+def test_compile_suite_times_each_variant_against_the_compiled_original(tmp_path, capsys):
+    import json
+
+    from normkit.bench import compile_suite as CS
+    from normkit.bench.cli import main as bench_main
+
+    out = tmp_path / "compile.json"
+    argv = ["--suite", "compile", "--quick", "--models", "block", "--cell-seconds", "0.1", "--json", str(out), "--quiet"]
+    assert bench_main(argv) == 0
+    doc = json.loads(out.read_text())
+    assert doc["suite"] == "compile" and doc["command"].startswith("normkit bench --suite compile")
+    assert [r["variant"] for r in doc["results"]] == list(CS.VARIANTS)
+    for r in doc["results"]:
+        assert r["model"] == "block" and r["norms_converted"] == 3
+        assert r["ratio"] > 0 and r["ci_low"] <= r["ratio"] <= r["ci_high"] and r["pairs"] >= CS.QUICK.min_pairs
+        assert r["loss_diff"] < 1e-5, "the converted model computes another loss"
+    assert "| block | normkit op |" in capsys.readouterr().out
+    assert bench_main(["--suite", "compile", "--rows", "8"]) == 2  # a kernels/shapes option
+    assert bench_main(["--suite", "compile", "--models", "gpt"]) == 2
+    assert bench_main(["--suite", "shapes", "--models", "block"]) == 2

@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.autograd import forward_ad as _forward_ad
 
 from normkit import _torch_private as private
-from normkit import ops, paths
+from normkit import compile_policy, ops, paths
 from normkit.backends import ENV_VAR as _ENV_VAR
 from normkit.backends import _forced, select_backend_name
 from normkit.backends import cpu as _cpu
@@ -55,11 +55,12 @@ ROUTES = {
     "dtensor": "a DTensor input: run the local shards, re-wrap with the input's placements",
     "onnx": "inside ONNX export: standard operators the exporter can write",
     "composite": "torch.func transform, forward-mode AD, an empty input, an eps the kernels do "
-    "not take (negative, inf, NaN) or a rowscale that requires grad: the reference composite, "
-    "whose torch ops every autograd mode understands and which computes what the formula gives "
-    "for any eps, as torch does",
-    "op": "traced (torch.compile, export, make_fx, jit.trace, a tensor subclass): the "
-    "normkit::norm_fwd custom op",
+    "not take (negative, inf, NaN), a rowscale that requires grad, or torch.compile where "
+    "normkit.compile_policy decomposes (CPU, no dropout): the reference composite, whose torch "
+    "ops every autograd mode understands, inductor fuses, and which computes what the formula "
+    "gives for any eps, as torch does",
+    "op": "traced (torch.compile where compile_policy keeps the op, export, make_fx, jit.trace, "
+    "a tensor subclass): the normkit::norm_fwd custom op",
     "eager": "eager with gradients: the autograd Function calling the backend's kernels",
     "eager_no_grad": "eager without gradients: the backend's kernels directly (out= buffers "
     "written by the kernel)",
@@ -94,8 +95,9 @@ def route(
     plain ``native`` call cannot serve it), ``moved_dims`` that ``dim=`` names other than the
     trailing dims. Order matters: a plain eager call on contiguous CPU tensors goes to the
     compiled call (:func:`native_call`); a DTensor is unwrapped first (its local call is routed
-    again); empty inputs take the composite; what traces gets the custom op, or standard ops
-    under ONNX export; ``torch.func`` transforms and forward AD need ops they can transform, so
+    again); empty inputs take the composite; what traces gets the custom op (or, under
+    ``torch.compile``, the composite where :mod:`normkit.compile_policy` measured it faster),
+    or standard ops under ONNX export; ``torch.func`` transforms and forward AD need ops they can transform, so
     they take the reference composite (same semantics, plain torch ops); then the kernels.
     """
     tensors = (x, residual, weight, bias) + tuple(others)
@@ -111,8 +113,8 @@ def route(
     # ONNX exporters trace (jit tracing, or torch.export's Dynamo and dispatch modes), so the
     # export flag is asked only when something traces: it costs more than the rest of this
     # function on a plain eager call.
-    if torch.compiler.is_compiling():
-        return "onnx" if torch.onnx.is_in_onnx_export() else "op"
+    if torch.compiler.is_compiling():  # Dynamo: the custom op or torch ops inductor fuses, by measurement
+        return "onnx" if torch.onnx.is_in_onnx_export() else compile_policy.traced_route(x, dropout_p)
     if private.functorch_transforms_active() or _in_forward_ad(tensors):
         return "composite"
     if not ops.plain_eager(x):

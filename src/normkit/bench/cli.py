@@ -1,13 +1,16 @@
 """``normkit bench``: kernel speed against the memory bandwidth and against PyTorch.
 
-Three suites:
+Four suites:
 
 * ``kernels`` (the default): each op's kernel on 64 MiB tensors, GB/s against the copy
   bandwidth and against torch eager / ``torch.compile`` (:mod:`normkit.bench.runner`);
 * ``shapes``: ``normkit.nn`` modules against ``torch.nn``'s at the shapes models use, 1 to 4096
   rows, 1 and 2 threads, interleaved pairs (:mod:`normkit.bench.shapes`);
 * ``options``: each fused option's call against a copy of its input and against the bytes one
-  fused pass must move (:mod:`normkit.bench.options`).
+  fused pass must move (:mod:`normkit.bench.options`);
+* ``compile``: a pre-LN transformer block and a tiny Llama converted to normkit, compiled,
+  training steps against the compiled torch originals, interleaved pairs
+  (:mod:`normkit.bench.compile_suite`).
 
 Examples::
 
@@ -21,6 +24,8 @@ Examples::
     normkit bench --suite shapes --quick            # the same in seconds (a smoke test)
     normkit bench --suite shapes --ops layer_norm --modes inference --rows 1,8 --threads 1
     normkit bench --suite options --json options.json  # each fused option against a copy and its one-pass ideal
+    normkit bench --suite compile --json compile.json  # compiled converted models against compiled torch (~5 min)
+    normkit bench --suite compile --quick --models block  # the same in seconds (a smoke test)
 
 The same harness runs from ``benchmarks/bench_norm.py``. See :mod:`normkit.bench` for what
 is measured and how.
@@ -56,7 +61,7 @@ DEFAULTS = {  # device -> (dtypes, warmup, repeats)
     "cuda": (("bfloat16", "float32"), 10, 30),
 }
 QUICK_WARMUP, QUICK_REPEATS = 1, 3
-SUITES = ("kernels", "shapes", "options")
+SUITES = ("kernels", "shapes", "options", "compile")
 # Options that only one suite reads: naming one with the other suite is an error, not a no-op.
 KERNELS_ONLY = ("directions", "plot", "no_compile", "no_third_party")
 SHAPES_ONLY = ("threads", "modes", "cell_seconds")
@@ -96,7 +101,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="kernels (default): each kernel's GB/s against the copy bandwidth and torch; "
                              "shapes: normkit.nn modules against torch.nn's at rows 1..4096 x widths "
                              "768, 1024, 4096, 1 and 2 threads, interleaved pairs (cpu); "
-                             "options: each fused option against a copy and its one-pass ideal (cpu)")
+                             "options: each fused option against a copy and its one-pass ideal (cpu); "
+                             "compile: a converted transformer block and tiny Llama, compiled, training "
+                             "steps against the compiled torch originals (cpu)")
+    parser.add_argument("--models", default=None,
+                        help="compile suite: comma-separated subset of block, llama (default: both)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="where to run (default: cpu); cuda also compares Liger-Kernel and QuACK when installed")
     parser.add_argument("--dtype", default=None,
@@ -110,10 +119,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--modes", default=None,
                         help=f"shapes suite: comma-separated subset of {', '.join(S.MODES)} (default: all)")
     parser.add_argument("--threads", default=None,
-                        help="shapes suite: comma-separated torch thread counts (default: 1,2)")
+                        help="shapes suite: comma-separated torch thread counts (default: 1,2); "
+                             "compile suite: one count (default: 1)")
     parser.add_argument("--cell-seconds", type=float, default=None,
                         help=f"shapes suite: seconds of timed pairs per cell (default {S.Settings.cell_seconds}, "
-                             f"at least {S.Settings.min_pairs} pairs)")
+                             f"at least {S.Settings.min_pairs} pairs); compile suite: per model and variant "
+                             f"(default 20)")
     parser.add_argument("--widths", default=None,
                         help="comma-separated widths N (default: cpu 256,1024,4096,16384; "
                              "cuda 1024,2048,...,65536; shapes suite 768,1024,4096)")
@@ -214,7 +225,7 @@ def command_line(args: argparse.Namespace) -> str:
     """The ``normkit bench`` command that reproduces ``args`` (recorded in the JSON)."""
     suite = getattr(args, "suite", "kernels")
     parts = ["normkit bench"] + ([f"--suite {suite}"] if suite != "kernels" else []) + [f"--device {args.device}"]
-    for opt in ("dtype", "ops", "directions", "modes", "threads", "cell_seconds", "widths", "rows", "repeats",
+    for opt in ("dtype", "ops", "models", "directions", "modes", "threads", "cell_seconds", "widths", "rows", "repeats",
                 "warmup", "backend", "json", "markdown", "plot"):
         value = getattr(args, opt, None)
         if value is not None and not (opt in ("ops", "directions") and value == "all"):
@@ -238,10 +249,19 @@ def _check_suite_options(args: argparse.Namespace) -> str:
     if suite not in SUITES:
         raise UsageError(f"--suite: unknown {suite!r}; expected one of {', '.join(SUITES)}")
     if suite == "options":  # reads --rows, --widths (one each), --threads, --seed, --quick, --json, --markdown
-        for opt in KERNELS_ONLY + ("modes", "cell_seconds"):
+        for opt in KERNELS_ONLY + ("modes", "cell_seconds", "models"):
             if getattr(args, opt, None) not in (None, False):
                 raise UsageError(f"--{opt.replace('_', '-')} does not apply to --suite options")
         return suite
+    if suite == "compile":  # reads --models, --threads, --cell-seconds, --warmup, --seed, --quick, --json, --markdown
+        for opt in KERNELS_ONLY + ("modes", "dtype", "rows", "widths", "repeats", "backend"):
+            if getattr(args, opt, None) not in (None, False):
+                raise UsageError(f"--{opt.replace('_', '-')} does not apply to --suite compile")
+        if args.ops != "all":
+            raise UsageError("--ops does not apply to --suite compile (it times whole models: --models)")
+        return suite
+    if getattr(args, "models", None) is not None:
+        raise UsageError(f"--models applies to --suite compile, not --suite {suite}")
     other, foreign = ("shapes", SHAPES_ONLY) if suite == "kernels" else ("kernels", KERNELS_ONLY)
     for opt in foreign:
         value = getattr(args, opt, None)
@@ -256,6 +276,8 @@ def _run(args: argparse.Namespace) -> int:
         return _run_shapes(args)
     if suite == "options":
         return _run_options(args)
+    if suite == "compile":
+        return _run_compile(args)
     _check_device(args.device)
     cases, warmup, repeats, _ = build_plan(args)
     if args.plot:
@@ -406,6 +428,57 @@ def _run_options(args: argparse.Namespace) -> int:
         "results": results,
     }
     table = O.markdown(results)
+    print(table, file=sys.stderr if args.json == "-" else sys.stdout)
+    if args.json:
+        write_json(doc, args.json, inline_lists=True)
+    if args.markdown:
+        with open(args.markdown, "w") as fh:
+            fh.write(table + "\n")
+    return 0
+
+
+def _run_compile(args: argparse.Namespace) -> int:
+    """``--suite compile``: converted models, compiled, against the compiled torch originals."""
+    from normkit.bench import compile_suite as CS
+
+    if args.device != "cpu":
+        raise UsageError("--suite compile measures on CPU (inductor's C++ backend); use --device cpu")
+    models = _choices(args.models or "all", CS.MODELS, "models")
+    threads = _ints(args.threads, "threads") if args.threads else [1]
+    if len(threads) != 1:
+        raise UsageError(f"--threads: --suite compile takes one thread count, got {args.threads!r}")
+    changes = {"threads": threads[0], "seed": args.seed}
+    if args.cell_seconds is not None:
+        if not args.cell_seconds > 0:
+            raise UsageError(f"--cell-seconds must be > 0, got {args.cell_seconds}")
+        changes["seconds"] = args.cell_seconds
+    if args.warmup is not None:
+        if args.warmup < 0:
+            raise UsageError(f"--warmup must be >= 0, got {args.warmup}")
+        changes["warmup"] = args.warmup
+    if "llama" in models:
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            raise UsageError("--models llama needs transformers (pip install 'normkit[tools]'); "
+                             "or use --models block") from None
+    settings = dataclasses.replace(CS.QUICK if args.quick else CS.Settings(), **changes)
+    load_start = S.load_average()
+
+    def progress(r: dict) -> None:
+        if not args.quiet:
+            print(f"{r['model']} {r['variant']}: {r['ratio']:.3f}x ({r['ci_low']:.3f}-{r['ci_high']:.3f}), "
+                  f"torch {r['torch_ms']:.2f} ms, normkit {r['normkit_ms']:.2f} ms, {r['pairs']} pairs, "
+                  f"loss diff {r['loss_diff']:.1e}", file=sys.stderr, flush=True)
+
+    results = CS.run_suite(models, settings, on_result=progress)
+    doc = {
+        "suite": "compile", "command": command_line(args), "date": S.utc_now(), "git": S.git_commit(),
+        "machine": {**machine_info("cpu"), "load_average_start": load_start, "load_average_end": S.load_average()},
+        "config": {"models": models, "quick": args.quick, **dataclasses.asdict(settings)},
+        "results": results,
+    }
+    table = CS.markdown(results)
     print(table, file=sys.stderr if args.json == "-" else sys.stdout)
     if args.json:
         write_json(doc, args.json, inline_lists=True)
