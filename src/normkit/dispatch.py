@@ -304,8 +304,8 @@ def fused_norm(x, normalized_shape, weight, bias, eps, is_rms, residual, prenorm
         or o.residual_out is not None or (o.out is not None and not moved)
     )
     path = route(x, residual, weight, bias, is_rms, plan.dropout_p, plan.shape, plan.eps, others=others, options=uses_options, moved_dims=moved)
-    if path == "native":  # a plain call after all (only dim= equal to the trailing dims, say)
-        return norm(x, plan.shape, weight, bias, plan.eps, is_rms, residual, prenorm, plan.dropout_p, True)
+    if path == "native":  # a plain call after all (dim= naming the trailing dims, say), validated
+        return _native(x, plan.shape, weight, bias, plan.eps, is_rms, residual, prenorm)
     if path == "native_dim":
         y = native_norm_dim(x, plan.start, k, weight, bias, plan.eps, is_rms)  # no permute, no copy
         return o.out.copy_(y) if o.out is not None else y
