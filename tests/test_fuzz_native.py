@@ -575,3 +575,88 @@ def test_overlapping_out_buffers_raise_or_results_are_right(data):
     want_s = x + r if use_r else x
     torch.testing.assert_close(y, F.layer_norm(want_s, (N,), w, b))
     torch.testing.assert_close(s, want_s)
+
+
+# --- the fused contract: normkit._C.fused_forward / fused_backward -----------------------------
+
+DTYPE_ARGS = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int32, "float32", None, 1]
+
+
+@FUZZ
+@given(st.data())
+def test_raw_fused_forward_and_backward_check_every_argument(data):
+    from normkit import reference
+    from normkit.backends.contract import KernelSpec
+
+    dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
+    rows = data.draw(st.sampled_from([0, 1, 2, 5]), label="rows")
+    n = data.draw(st.sampled_from([0, 1, 3, 1000, 4097] if rows <= 2 else [0, 1, 3, 17]), label="n")
+    x = draw_tensor(data, (rows, n), dtype, seed=91)
+    res_dtype = data.draw(st.sampled_from(DTYPES), label="res_dtype")
+    r = data.draw(st.sampled_from([None, "r"]), label="r") and draw_tensor(data, (rows, n), res_dtype, seed=92)
+    x1 = data.draw(st.sampled_from([None, "x1"]), label="x1") and draw_tensor(data, (rows, n), dtype, seed=93)
+    rs = data.draw(st.sampled_from([None, "rs", "short"]), label="rowscale")
+    rowscale = None if rs is None else draw_tensor(data, (rows + (rs == "short"),), torch.float32, seed=94)
+    params = [data.draw(st.sampled_from([None, "p"]), label=k) and draw_tensor(data, (n,), data.draw(st.sampled_from(DTYPES)), seed=95 + i)
+              for i, k in enumerate(("w", "b", "w1", "b1"))]
+    eps = data.draw(st.sampled_from([1e-5] * 4 + FLOATS), label="eps")
+    p = data.draw(st.sampled_from([0.0, 0.0, 0.3, 0.999, 1.0, -0.1, NAN, "0.1", None]), label="dropout_p")
+    seed = data.draw(st.sampled_from([0, 7, 2**31 - 1, -5, 2**63 - 1, HUGE, 1.5, None]), label="seed")
+    sdt = data.draw(st.sampled_from(DTYPE_ARGS[:4] * 3 + DTYPE_ARGS), label="sum_dtype")
+    odt = data.draw(st.sampled_from(DTYPE_ARGS[:4] * 3 + DTYPE_ARGS), label="out_dtype")
+    flags = [data.draw(st.sampled_from([True, False] * 3 + BOOLS), label=f) for f in ("is_rms", "store_sum", "store_mask")]
+    out_kind = data.draw(st.sampled_from([None, None, "fresh", "x", "r", "x1", "expanded", "neg", "1d"]), label="out")
+    pool = {
+        None: None, "x": x, "r": r, "x1": x1, "1d": torch.empty(rows * n),
+        "fresh": torch.empty(rows, n, dtype=odt if isinstance(odt, torch.dtype) else torch.float32),
+        "expanded": torch.empty(1, n).expand(rows, n), "neg": torch._neg_view(torch.empty(rows, n)),
+    }
+    out = pool[out_kind]
+    res_out = data.draw(st.sampled_from([None, "fresh", "out"]), label="residual_out")
+    res_out = {None: None, "out": out, "fresh": torch.empty(rows, n, dtype=sdt if isinstance(sdt, torch.dtype) else torch.float32)}[res_out]
+    call = lambda: _C.fused_forward(x, r, x1, rowscale, *params, eps, flags[0], p, seed, sdt, odt, flags[1], flags[2], out, None, res_out)  # noqa: E731
+    fwd, err = named_error(call)
+    kernel = lambda d: isinstance(d, torch.dtype) and d in DTYPES  # noqa: E731
+    valid = (
+        x.is_contiguous() and (r is None or r.is_contiguous()) and (x1 is None or x1.is_contiguous())
+        and rs != "short" and _is_eps(eps) and isinstance(p, float) and 0.0 <= p < 1.0
+        and isinstance(seed, int) and -(2**63) <= seed < 2**63 and kernel(sdt) and kernel(odt)
+        and all(isinstance(f, bool) for f in flags) and (params[3] is None or params[2] is not None)
+        and out_kind in (None, "fresh") and (res_out is None or (flags[1] is True and res_out is not out))
+    )
+    if out_kind in ("x", "r", "x1") and out is not None and out.numel() > 1:
+        assert err is not None, "an out buffer overlapping an input was accepted"
+    if (out_kind in ("x", "r", "x1", "expanded") and (out is None or out.numel() <= 1 or rows <= 1)) or (
+            res_out is not None and res_out.numel() <= 1):
+        return  # an aliased or expanded buffer of at most one element, or none at all: either answer is right
+    if not valid:
+        assert err is not None, "an invalid fused_forward call was accepted"
+        return
+    assert err is None, f"a valid call raised {err!r}"
+    y, y1, s, mean, rstd, mask, mask1 = fwd
+    spec = KernelSpec(is_rms=flags[0], eps=float(eps), dropout_p=p, sum_dtype=sdt, out_dtype=odt, store_sum=True,
+                      store_mask=flags[2])
+    xr = x.resolve_neg().contiguous()
+    keep = mask if p > 0 and flags[2] else None
+    ref = reference.fused_forward(xr, r, x1, rowscale, *params, spec, keep, mask1 if keep is not None else None)
+    if p == 0.0 or keep is not None:
+        finite = torch.isfinite(ref.y)
+        torch.testing.assert_close(y[finite].double(), ref.y[finite].double(), rtol=2e-2, atol=2e-2)
+    if not rows or not n or not isinstance(flags[1], bool) or not flags[1]:
+        return
+    # backward from the forward's statistics, with a mutation that must be refused
+    dy = draw_tensor(data, (rows, n), odt, seed=99)
+    mutation = data.draw(st.sampled_from([None, None, "short_rstd", "no_mean", "needs", "dy_shape", "res_dtype"]), label="mutation")
+    needs = (True, x1 is not None, r is not None, True, True, params[2] is not None, params[3] is not None)
+    bwd, err = named_error(lambda: _C.fused_backward(
+        dy, None, None, s, params[0], params[2], rowscale, None if mutation == "no_mean" else mean,
+        rstd[:-1] if mutation == "short_rstd" else rstd, eps, flags[0], p, seed,
+        needs[:3] if mutation == "needs" else needs, dtype,
+        None if mutation == "res_dtype" else (res_dtype if r is not None else None)))
+    bad = (not dy.is_contiguous() or mutation in ("short_rstd", "needs") or (mutation == "no_mean" and not flags[0])
+           or (mutation == "res_dtype" and r is not None))
+    if bad:
+        assert err is not None, "fused_backward accepted an inconsistent call"
+        return
+    assert err is None, f"a valid fused_backward raised {err!r}"
+    assert all((g is None) == (not want) for g, want in zip(bwd, needs))
