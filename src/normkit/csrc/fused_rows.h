@@ -89,9 +89,10 @@ NORMKIT_INLINE void sum_x_row(const T* x, int64_t n, Acc rs, const DropRow<Acc>&
     const Acc scale = d.scale;
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
+      // a select, not a bool -> float conversion: GCC leaves the latter scalar
       const bool keep = fmix32(ck[j] ^ rk) >= thr;
-      buf[j] = ((load<T, Acc>(x[j]) * rs) * static_cast<Acc>(keep)) * scale;
-      if constexpr (MASK) mask[j] = static_cast<uint8_t>(keep);
+      buf[j] = ((load<T, Acc>(x[j]) * rs) * (keep ? Acc(1) : Acc(0))) * scale;
+      if constexpr (MASK) mask[j] = keep ? uint8_t(1) : uint8_t(0);
     }
   } else {
 #pragma omp simd
@@ -106,6 +107,19 @@ template <typename R, typename Acc>
 NORMKIT_INLINE void add_row(const R* r, int64_t n, Acc* buf) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) buf[j] += load<R, Acc>(r[j]);
+}
+
+// buf = Acc(x) + Acc(r), s = buf when STORE (S == Acc: the rounding to S is exact): the plain
+// residual sum (no rowscale, dropout or x1, whose terms come first) in one pass instead of
+// two or three.
+template <typename T, typename R, typename Acc, bool STORE>
+NORMKIT_INLINE void sum_xr_row(const T* x, const R* r, int64_t n, Acc* s, Acc* buf) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const Acc v = load<T, Acc>(x[j]) + load<R, Acc>(r[j]);
+    buf[j] = v;
+    if constexpr (STORE) s[j] = v;
+  }
 }
 
 // out = AccW(round_S(buf)), the sum as stored, read back; s = round_S(buf) when STORE.
@@ -177,7 +191,7 @@ NORMKIT_INLINE void grad_out_row(const Acc* ds, int64_t n, Acc rs, const DropRow
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
       const bool keep = fmix32(ck[j] ^ rk) >= thr;
-      out[j] = store<T>(((ds[j] * rs) * static_cast<Acc>(keep)) * scale);
+      out[j] = store<T>(((ds[j] * rs) * (keep ? Acc(1) : Acc(0))) * scale);
     }
   } else {
 #pragma omp simd
