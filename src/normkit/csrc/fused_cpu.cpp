@@ -99,13 +99,6 @@ struct FwdPlan {
   NormArgs<AccW> norm{};
 };
 
-// The next row's inputs, asked into L2 while this row is computed: a row is a read phase, a
-// compute phase and a write phase, and one core alone keeps too few misses in flight to stream
-// (measured: the residual row at 1 thread went from 4.4x a copy to ...).
-NORMKIT_INLINE void prefetch_row(const char* p, int64_t bytes) {
-  for (int64_t k = 0; k < bytes; k += 64) __builtin_prefetch(p + k, 0, 2);
-}
-
 template <typename AccS, typename AccW>
 void fwd_rows(const FwdPlan<AccS, AccW>& p, int64_t lo, int64_t hi) {
   const int64_t n = p.n;
@@ -115,11 +108,6 @@ void fwd_rows(const FwdPlan<AccS, AccW>& p, int64_t lo, int64_t hi) {
   if constexpr (std::is_same_v<AccS, AccW>) src_w = buf_s.data(); else src_w = buf_w.data();
   for (int64_t i = lo; i < hi; ++i) {
     const int64_t off = i * n;
-    if (i + 1 < hi) {
-      prefetch_row(p.x + (off + n) * p.xb, n * p.xb);
-      if (p.r) prefetch_row(p.r + (off + n) * p.rb, n * p.rb);
-      if (p.x1) prefetch_row(p.x1 + (off + n) * p.xb, n * p.xb);
-    }
     void* y1 = p.y1 ? p.y1 + off * p.ob : nullptr;
     if (!p.sum) {
       p.norm_pass(p.x + off * p.xb, n, p.norm, p.y + off * p.ob, y1, i);
