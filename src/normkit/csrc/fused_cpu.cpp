@@ -48,7 +48,7 @@ using RoundPass = void (*)(const AccS*, int64_t, void*, AccW*);
 template <typename Acc>
 using XrPass = void (*)(const void*, const void*, int64_t, void*, Acc*);
 template <typename Acc>
-using NormPass = void (*)(const void*, int64_t, const NormArgs<Acc>&, void*, void*, int64_t);
+using NormPass = void (*)(const void*, int64_t, const NormArgs<Acc>&, void*, void*, int64_t, const fused::NextRow&);
 
 template <typename T, typename Acc, bool DROP, bool MASK>
 NORMKIT_CLONES void x_pass(const void* x, int64_t n, Acc rs, const DropRow<Acc>& d, uint8_t* mask, Acc* buf) {
@@ -67,8 +67,9 @@ NORMKIT_CLONES void round_pass(const AccS* buf, int64_t n, void* s, AccW* out) {
   fused::round_row<S, AccS, AccW, STORE>(buf, n, static_cast<S*>(s), out);
 }
 template <typename Src, typename O, typename Acc>
-NORMKIT_CLONES void norm_pass(const void* src, int64_t n, const NormArgs<Acc>& a, void* y, void* y1, int64_t i) {
-  fused::norm_row<Src, O, Acc>(static_cast<const Src*>(src), n, a, static_cast<O*>(y), static_cast<O*>(y1), i);
+NORMKIT_CLONES void norm_pass(const void* src, int64_t n, const NormArgs<Acc>& a, void* y, void* y1, int64_t i,
+                              const fused::NextRow& next) {
+  fused::norm_row<Src, O, Acc>(static_cast<const Src*>(src), n, a, static_cast<O*>(y), static_cast<O*>(y1), i, next);
 }
 
 template <typename T, typename Acc>
@@ -109,8 +110,21 @@ void fwd_rows(const FwdPlan<AccS, AccW>& p, int64_t lo, int64_t hi) {
   for (int64_t i = lo; i < hi; ++i) {
     const int64_t off = i * n;
     void* y1 = p.y1 ? p.y1 + off * p.ob : nullptr;
+    fused::NextRow next;
+    if (i + 1 < hi) {
+      next.p[0] = p.x + (off + n) * p.xb;
+      next.elem_bytes[0] = p.xb;
+      if (p.r) {
+        next.p[1] = p.r + (off + n) * p.rb;
+        next.elem_bytes[1] = p.rb;
+      }
+      if (p.x1) {
+        next.p[2] = p.x1 + (off + n) * p.xb;
+        next.elem_bytes[2] = p.xb;
+      }
+    }
     if (!p.sum) {
-      p.norm_pass(p.x + off * p.xb, n, p.norm, p.y + off * p.ob, y1, i);
+      p.norm_pass(p.x + off * p.xb, n, p.norm, p.y + off * p.ob, y1, i, next);
       continue;
     }
     if (p.xr_pass) {
@@ -131,7 +145,7 @@ void fwd_rows(const FwdPlan<AccS, AccW>& p, int64_t lo, int64_t hi) {
     }
     if (p.r_pass) p.r_pass(p.r + off * p.rb, n, buf_s.data());
     if (p.round_pass) p.round_pass(buf_s.data(), n, p.s ? p.s + off * p.sb : nullptr, src_w);
-    p.norm_pass(src_w, n, p.norm, p.y + off * p.ob, y1, i);
+    p.norm_pass(src_w, n, p.norm, p.y + off * p.ob, y1, i, next);
   }
 }
 
