@@ -36,6 +36,7 @@ OPTIONS = {
     "dropout_x1_residual": {"p": 0.1, "x1": True, "res": "x", "store_sum": True},
     "out_bf16": {"out": BF16},
     "out_f32": {"out": F32},
+    "out_f64_residual_f64": {"out": F64, "res": F64, "sum": F32, "store_sum": True},
     "sum_f32": {"sum": F32, "store_sum": True},
     "buffers": {"res": "x", "w1": True, "store_sum": True, "buffers": True},
     "everything": {"res": F32, "sum": F32, "x1": True, "rowscale": True, "w1": True, "b1": True, "p": 0.2,
@@ -193,7 +194,8 @@ GradsOut_fields = ("dx", "dx1", "dresidual", "dweight", "dbias", "dweight1", "db
 
 
 @pytest.mark.parametrize("name", ["plain", "residual", "residual_f32", "x1", "rowscale", "weight1", "dropout",
-                                  "dropout_x1_residual", "out_bf16", "sum_f32", "everything"])
+                                  "dropout_x1_residual", "out_bf16", "out_f64_residual_f64", "sum_f32",
+                                  "everything"])
 @pytest.mark.parametrize("dtype", [F32, BF16, F16, F64])
 @pytest.mark.parametrize("is_rms", [False, True])
 def test_backward_matches_reference_and_float64(name, dtype, is_rms):

@@ -234,11 +234,9 @@ std::vector<Tensor> fused_backward(const OptTensor& dy_in, const OptTensor& dy1_
       ptr = static_cast<const char*>(t->const_data_ptr());
       bytes = t->element_size();
       with_dtype(t->scalar_type(), [&](auto o_tag) {
-        using O = decltype(o_tag);
-        if constexpr (!std::is_same_v<O, double> || std::is_same_v<Acc, double>) {
-          g = accum ? &g_pass<O, Acc, true> : &g_pass<O, Acc, false>;
-          pp = pick_param<O, Acc>(nw, nb);
-        }
+        using O = decltype(o_tag);  // any dtype: a float64 dy of a float32 call is read as float
+        g = accum ? &g_pass<O, Acc, true> : &g_pass<O, Acc, false>;
+        pp = pick_param<O, Acc>(nw, nb);
       });
     };
     pick_dy(dy, false, p.g_pass, p.p_pass, need_dw, need_db, p.dy, p.ob);
@@ -248,7 +246,7 @@ std::vector<Tensor> fused_backward(const OptTensor& dy_in, const OptTensor& dy1_
       p.db_ = dsum->element_size();
       with_dtype(dsum->scalar_type(), [&](auto d_tag) {
         using D = decltype(d_tag);
-        if constexpr (!std::is_same_v<D, double> || std::is_same_v<Acc, double>) p.dsum_pass = &add_pass<D, Acc>;
+        p.dsum_pass = &add_pass<D, Acc>;
       });
     }
     auto pick_out = [&](const Tensor& t, bool with_drop, OutPass<Acc>& op, char*& ptr, int64_t& bytes) {
@@ -256,9 +254,8 @@ std::vector<Tensor> fused_backward(const OptTensor& dy_in, const OptTensor& dy1_
       ptr = static_cast<char*>(t.data_ptr());
       bytes = t.element_size();
       with_dtype(t.scalar_type(), [&](auto t_tag) {
-        using T = decltype(t_tag);
-        if constexpr (!std::is_same_v<T, double> || std::is_same_v<Acc, double>)
-          op = with_drop ? &out_pass<T, Acc, true> : &out_pass<T, Acc, false>;
+        using T = decltype(t_tag);  // dresidual may be float64 in a float32 call
+        op = with_drop ? &out_pass<T, Acc, true> : &out_pass<T, Acc, false>;
       });
     };
     pick_out(dres, false, p.dres_pass, p.dres, p.rb);
