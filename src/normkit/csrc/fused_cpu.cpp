@@ -46,36 +46,57 @@ using AddPass = void (*)(const void*, int64_t, Acc*);
 template <typename AccS, typename AccW>
 using RoundPass = void (*)(const AccS*, int64_t, void*, AccW*);
 template <typename Acc>
-using XrPass = void (*)(const void*, const void*, int64_t, void*, Acc*);
+using XrPass = void (*)(const void*, const void*, int64_t, Acc, const DropRow<Acc>&, uint8_t*, void*, Acc*);
 template <typename Acc>
 using NormPass = void (*)(const void*, int64_t, const NormArgs<Acc>&, void*, void*, int64_t, const fused::NextRow&);
 
-template <typename T, typename Acc, bool DROP, bool MASK>
+// The sum passes without floating-point contraction (as their bodies in fused_rows.h): the sum
+// is formed in the contract's order, each product and sum rounded as written, bit for bit the
+// reference's s. The normalization keeps FMAs, as the other kernels.
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+template <typename T, typename Acc, bool DROP, bool MASK, bool ACCUM>
 NORMKIT_CLONES void x_pass(const void* x, int64_t n, Acc rs, const DropRow<Acc>& d, uint8_t* mask, Acc* buf) {
-  fused::sum_x_row<T, Acc, DROP, MASK>(static_cast<const T*>(x), n, rs, d, mask, buf);
+  fused::sum_x_row<T, Acc, DROP, MASK, ACCUM>(static_cast<const T*>(x), n, rs, d, mask, buf);
 }
 template <typename R, typename Acc>
 NORMKIT_CLONES void add_pass(const void* r, int64_t n, Acc* buf) {
   fused::add_row<R, Acc>(static_cast<const R*>(r), n, buf);
 }
-template <typename T, typename R, typename Acc, bool STORE>
-NORMKIT_CLONES void xr_pass(const void* x, const void* r, int64_t n, void* s, Acc* buf) {
-  fused::sum_xr_row<T, R, Acc, STORE>(static_cast<const T*>(x), static_cast<const R*>(r), n, static_cast<Acc*>(s), buf);
+template <typename T, typename R, typename Acc, bool DROP, bool MASK, bool STORE>
+NORMKIT_CLONES void xr_pass(const void* x, const void* r, int64_t n, Acc rs, const DropRow<Acc>& d, uint8_t* mask,
+                            void* s, Acc* buf) {
+  fused::sum_xr_row<T, R, Acc, DROP, MASK, STORE>(static_cast<const T*>(x), static_cast<const R*>(r), n, rs, d, mask,
+                                                  static_cast<Acc*>(s), buf);
 }
 template <typename S, typename AccS, typename AccW, bool STORE>
 NORMKIT_CLONES void round_pass(const AccS* buf, int64_t n, void* s, AccW* out) {
   fused::round_row<S, AccS, AccW, STORE>(buf, n, static_cast<S*>(s), out);
 }
+#pragma GCC pop_options
+
 template <typename Src, typename O, typename Acc>
 NORMKIT_CLONES void norm_pass(const void* src, int64_t n, const NormArgs<Acc>& a, void* y, void* y1, int64_t i,
                               const fused::NextRow& next) {
   fused::norm_row<Src, O, Acc>(static_cast<const Src*>(src), n, a, static_cast<O*>(y), static_cast<O*>(y1), i, next);
 }
 
-template <typename T, typename Acc>
+template <typename T, typename Acc, bool ACCUM>
 XPass<Acc> pick_x(bool drop, bool mask) {
-  if (!drop) return &x_pass<T, Acc, false, false>;
-  return mask ? &x_pass<T, Acc, true, true> : &x_pass<T, Acc, true, false>;
+  if (!drop) return &x_pass<T, Acc, false, false, ACCUM>;
+  return mask ? &x_pass<T, Acc, true, true, ACCUM> : &x_pass<T, Acc, true, false, ACCUM>;
+}
+
+// x + residual in one pass for the common (x, residual) dtype pairs (the residual in x's dtype
+// or float32); other pairs take x_pass then add_pass. s is stored in the pass when exact.
+template <typename T, typename R, typename Acc>
+XrPass<Acc> pick_xr(bool drop, bool mask, bool store) {
+  constexpr bool common = std::is_same_v<R, T> || (std::is_same_v<R, float> && !std::is_same_v<T, double>);
+  if constexpr (common && std::is_same_v<Acc, acc_of<T>>) {
+    if (drop) return mask ? &xr_pass<T, R, Acc, true, true, false> : &xr_pass<T, R, Acc, true, false, false>;
+    return store ? &xr_pass<T, R, Acc, false, false, true> : &xr_pass<T, R, Acc, false, false, false>;
+  }
+  return nullptr;
 }
 
 // --- forward ---------------------------------------------------------------------------------------
@@ -85,7 +106,7 @@ struct FwdPlan {
   int64_t n = 0;
   bool sum = false;  // a sum is formed (else x is normalized as it is)
   XPass<AccS> x_pass = nullptr, x1_pass = nullptr;
-  AddPass<AccS> r_pass = nullptr, x1_add = nullptr;  // x1_add: buf += the x1 term (its own buffer)
+  AddPass<AccS> r_pass = nullptr;
   XrPass<AccS> xr_pass = nullptr;  // x + r in one pass (then x_pass and r_pass are null), s stored when s_in_xr
   bool s_in_xr = false;
   RoundPass<AccS, AccW> round_pass = nullptr;  // null: the buffer already holds s (AccS == AccW == S)
@@ -103,7 +124,7 @@ struct FwdPlan {
 template <typename AccS, typename AccW>
 void fwd_rows(const FwdPlan<AccS, AccW>& p, int64_t lo, int64_t hi) {
   const int64_t n = p.n;
-  std::vector<AccS> buf_s(p.sum ? n : 0), buf_x1(p.x1_pass ? n : 0);
+  std::vector<AccS> buf_s(p.sum ? n : 0);
   std::vector<AccW> buf_w(p.sum && !std::is_same_v<AccS, AccW> ? n : 0);
   AccW* src_w = nullptr;
   if constexpr (std::is_same_v<AccS, AccW>) src_w = buf_s.data(); else src_w = buf_w.data();
@@ -127,21 +148,19 @@ void fwd_rows(const FwdPlan<AccS, AccW>& p, int64_t lo, int64_t hi) {
       p.norm_pass(p.x + off * p.xb, n, p.norm, p.y + off * p.ob, y1, i, next);
       continue;
     }
+    DropRow<AccS> d;
+    if (p.d0) d = {p.d0->col_key.data(), p.d0->row_key(i), p.d0->threshold, p.scale};
+    const AccS rs = p.rowscale ? p.rowscale[i] : AccS(1);
+    uint8_t* mask = p.mask ? p.mask + off : nullptr;
     if (p.xr_pass) {
-      p.xr_pass(p.x + off * p.xb, p.r + off * p.rb, n, p.s_in_xr ? p.s + off * p.sb : nullptr, buf_s.data());
+      p.xr_pass(p.x + off * p.xb, p.r + off * p.rb, n, rs, d, mask, p.s_in_xr ? p.s + off * p.sb : nullptr, buf_s.data());
     } else {
-      DropRow<AccS> d;
-      if (p.d0) d = {p.d0->col_key.data(), p.d0->row_key(i), p.d0->threshold, p.scale};
-      p.x_pass(p.x + off * p.xb, n, p.rowscale ? p.rowscale[i] : AccS(1), d, p.mask ? p.mask + off : nullptr,
-               buf_s.data());
+      p.x_pass(p.x + off * p.xb, n, rs, d, mask, buf_s.data());
     }
     if (p.x1_pass) {
       DropRow<AccS> d1;
       if (p.d1) d1 = {p.d1->col_key.data(), p.d1->row_key(i), p.d1->threshold, p.scale};
-      p.x1_pass(p.x1 + off * p.xb, n, AccS(1), d1, p.mask1 ? p.mask1 + off : nullptr, buf_x1.data());
-      p.x1_add(buf_x1.data(), n, buf_s.data());
-    } else if (p.x1_add) {
-      p.x1_add(p.x1 + off * p.xb, n, buf_s.data());  // x1 without dropout: one add, nothing to contract
+      p.x1_pass(p.x1 + off * p.xb, n, AccS(1), d1, p.mask1 ? p.mask1 + off : nullptr, buf_s.data());
     }
     if (p.r_pass) p.r_pass(p.r + off * p.rb, n, buf_s.data());
     if (p.round_pass) p.round_pass(buf_s.data(), n, p.s ? p.s + off * p.sb : nullptr, src_w);
@@ -234,8 +253,13 @@ std::vector<Tensor> fused_forward(const Tensor& x_in, const OptTensor& residual_
   auto run = [&](auto acc_s_tag, auto acc_w_tag) {
     using AccS = decltype(acc_s_tag);
     using AccW = decltype(acc_w_tag);
-    const Tensor w = as_param(weight, acc_w), b = as_param(bias, acc_w), w1 = as_param(weight1, acc_w),
-                 b1 = as_param(bias1, acc_w);
+    Tensor w = as_param(weight, acc_w), b = as_param(bias, acc_w), w1 = as_param(weight1, acc_w),
+           b1 = as_param(bias1, acc_w);
+    if (has_w1) {  // y and y1 are written in one loop (norm_row), which reads all four
+      if (!w.defined()) w = at::ones({n}, opts.dtype(acc_w));
+      if (!b.defined()) b = at::zeros({n}, opts.dtype(acc_w));
+      if (!b1.defined()) b1 = at::zeros({n}, opts.dtype(acc_w));
+    }
     FwdPlan<AccS, AccW> p;
     p.n = n;
     p.sum = sum;
@@ -262,23 +286,15 @@ std::vector<Tensor> fused_forward(const Tensor& x_in, const OptTensor& residual_
       with_dtype(tdt, [&](auto t_tag) {
         using T = decltype(t_tag);
         if constexpr (!std::is_same_v<T, double> || std::is_same_v<AccS, double>) {
-          p.x_pass = pick_x<T, AccS>(drop, masks);
-          if (has_x1 && drop) {
-            p.x1_pass = pick_x<T, AccS>(drop, masks);
-            p.x1_add = &add_pass<AccS, AccS>;
-          } else if (has_x1) {
-            p.x1_add = &add_pass<T, AccS>;
-          }
-          if (has_r && !has_x1 && !has_rs && !drop) {
-            // x + r, s stored in the same pass when S is AccS (exact) and stored
+          p.x_pass = pick_x<T, AccS, false>(drop, masks);
+          if (has_x1) p.x1_pass = pick_x<T, AccS, true>(drop, masks);
+          if (has_r && !has_x1) {
+            // s stored in the x + r pass when S is AccS (exact) and nothing converts it further
             const bool s_here = store_sum && sdt == (std::is_same_v<AccS, double> ? at::kDouble : at::kFloat) &&
                                 std::is_same_v<AccS, AccW>;
             with_dtype(rdt, [&](auto r_tag) {
-              using R = decltype(r_tag);
-              if constexpr (!std::is_same_v<R, double> || std::is_same_v<AccS, double>) {
-                p.xr_pass = s_here ? &xr_pass<T, R, AccS, true> : &xr_pass<T, R, AccS, false>;
-                p.s_in_xr = s_here;
-              }
+              p.xr_pass = pick_xr<T, decltype(r_tag), AccS>(drop, masks, s_here);
+              p.s_in_xr = p.xr_pass && s_here && !drop;
             });
           }
         }

@@ -77,11 +77,15 @@ struct DropRow {
 
 // --- sum passes ---------------------------------------------------------------------------------
 
-// buf = ((Acc(x) * rs) * keep) * scale; keep written to mask when MASK. Without DROP:
-// buf = Acc(x) * rs (rs = 1 is exact). Never fused with the add of the next term (x1's is a
-// pass of its own): in one loop the compiler would contract (v * scale) + buf into an FMA,
-// which rounds once where the contract (and the reference) round twice, so s would differ.
-template <typename T, typename Acc, bool DROP, bool MASK>
+// The sum passes are compiled without floating-point contraction (and so are their callers in
+// fused_cpu.cpp): an FMA would round (v * scale) + buf once where the contract (and the
+// reference) round twice, and s would differ from the reference's in the last bit.
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+
+// buf (=, or += when ACCUM) ((Acc(x) * rs) * keep) * scale, keep written to mask when MASK;
+// without DROP, buf (=, +=) Acc(x) * rs (rs = 1 is exact).
+template <typename T, typename Acc, bool DROP, bool MASK, bool ACCUM>
 NORMKIT_INLINE void sum_x_row(const T* x, int64_t n, Acc rs, const DropRow<Acc>& d, uint8_t* mask, Acc* buf) {
   if constexpr (DROP) {
     const uint32_t* ck = d.col_key;
@@ -91,35 +95,46 @@ NORMKIT_INLINE void sum_x_row(const T* x, int64_t n, Acc rs, const DropRow<Acc>&
     for (int64_t j = 0; j < n; ++j) {
       // a select, not a bool -> float conversion: GCC leaves the latter scalar
       const bool keep = fmix32(ck[j] ^ rk) >= thr;
-      buf[j] = ((load<T, Acc>(x[j]) * rs) * (keep ? Acc(1) : Acc(0))) * scale;
+      const Acc v = ((load<T, Acc>(x[j]) * rs) * (keep ? Acc(1) : Acc(0))) * scale;
+      if constexpr (ACCUM) buf[j] += v; else buf[j] = v;
       if constexpr (MASK) mask[j] = keep ? uint8_t(1) : uint8_t(0);
     }
   } else {
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
-      buf[j] = load<T, Acc>(x[j]) * rs;
+      const Acc v = load<T, Acc>(x[j]) * rs;
+      if constexpr (ACCUM) buf[j] += v; else buf[j] = v;
     }
   }
 }
 
-// buf += Acc(r) (a function of its own, called through a pointer: nothing to contract with)
+// buf = ((Acc(x) * rs) * keep) * scale + Acc(r) (the x term and the residual, the sum without
+// x1, in one pass), s = buf when STORE (S == Acc: rounding to S is exact); masks as sum_x_row.
+template <typename T, typename R, typename Acc, bool DROP, bool MASK, bool STORE>
+NORMKIT_INLINE void sum_xr_row(const T* x, const R* r, int64_t n, Acc rs, const DropRow<Acc>& d, uint8_t* mask, Acc* s,
+                               Acc* buf) {
+  const uint32_t* ck = d.col_key;
+  const uint32_t rk = d.row_key, thr = d.threshold;
+  const Acc scale = d.scale;
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    Acc v = load<T, Acc>(x[j]) * rs;
+    if constexpr (DROP) {
+      const bool keep = fmix32(ck[j] ^ rk) >= thr;
+      v = (v * (keep ? Acc(1) : Acc(0))) * scale;
+      if constexpr (MASK) mask[j] = keep ? uint8_t(1) : uint8_t(0);
+    }
+    v = v + load<R, Acc>(r[j]);
+    buf[j] = v;
+    if constexpr (STORE) s[j] = v;
+  }
+}
+
+// buf += Acc(r)
 template <typename R, typename Acc>
 NORMKIT_INLINE void add_row(const R* r, int64_t n, Acc* buf) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) buf[j] += load<R, Acc>(r[j]);
-}
-
-// buf = Acc(x) + Acc(r), s = buf when STORE (S == Acc: the rounding to S is exact): the plain
-// residual sum (no rowscale, dropout or x1, whose terms come first) in one pass instead of
-// two or three.
-template <typename T, typename R, typename Acc, bool STORE>
-NORMKIT_INLINE void sum_xr_row(const T* x, const R* r, int64_t n, Acc* s, Acc* buf) {
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) {
-    const Acc v = load<T, Acc>(x[j]) + load<R, Acc>(r[j]);
-    buf[j] = v;
-    if constexpr (STORE) s[j] = v;
-  }
 }
 
 // out = AccW(round_S(buf)), the sum as stored, read back; s = round_S(buf) when STORE.
@@ -132,6 +147,8 @@ NORMKIT_INLINE void round_row(const AccS* buf, int64_t n, S* s, AccW* out) {
     out[j] = load<S, AccW>(v);
   }
 }
+
+#pragma GCC pop_options
 
 // --- the normalization pass -----------------------------------------------------------------------
 
@@ -156,6 +173,21 @@ struct NextRow {
 
 constexpr int64_t kWriteSlice = 256;
 
+// y = round_O(s_hat w + b) and y1 = round_O(s_hat w1 + b1) in one loop (both output streams in
+// flight together); w, b, w1, b1 all given (the launcher supplies ones / zeros: exact).
+template <typename O, typename Src, typename Acc>
+NORMKIT_INLINE void write_row_pair(const Src* src, O* y, O* y1, int64_t n, const RowStats<Acc>& st,
+                                   const NormArgs<Acc>& a, int64_t j0) {
+  const Acc mean = st.mean, rstd = st.rstd, lo = st.lo;
+  const Acc *w = a.w + j0, *b = a.b + j0, *w1 = a.w1 + j0, *b1 = a.b1 + j0;
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const Acc h = ((load<Src, Acc>(src[j]) - mean) - lo) * rstd;
+    y[j] = store<O>(h * w[j] + b[j]);
+    y1[j] = store<O>(h * w1[j] + b1[j]);
+  }
+}
+
 // Row i's statistics (row_math.h) and y = round_O(s_hat w + b), y1 = round_O(s_hat w1 + b1)
 // (y1 when not null).
 template <typename Src, typename O, typename Acc>
@@ -164,8 +196,8 @@ NORMKIT_INLINE void norm_row(const Src* src, int64_t n, const NormArgs<Acc>& a, 
   const RowStats<Acc> st = row_stats<Src, Acc>(src, n, a.eps, a.is_rms);
   for (int64_t j0 = 0; j0 < n; j0 += kWriteSlice) {
     const int64_t len = std::min(kWriteSlice, n - j0);
-    write_row<O, Src, Acc>(src + j0, y + j0, len, st, a.w ? a.w + j0 : nullptr, a.b ? a.b + j0 : nullptr);
-    if (y1) write_row<O, Src, Acc>(src + j0, y1 + j0, len, st, a.w1 ? a.w1 + j0 : nullptr, a.b1 ? a.b1 + j0 : nullptr);
+    if (y1) write_row_pair<O, Src, Acc>(src + j0, y + j0, y1 + j0, len, st, a, j0);
+    else write_row<O, Src, Acc>(src + j0, y + j0, len, st, a.w ? a.w + j0 : nullptr, a.b ? a.b + j0 : nullptr);
     for (int k = 0; k < 3; ++k) {
       if (!next.p[k]) continue;
       const char* lo = next.p[k] + j0 * next.elem_bytes[k];
