@@ -171,7 +171,7 @@ struct NextRow {
   int64_t elem_bytes[3] = {0, 0, 0};
 };
 
-constexpr int64_t kWriteSlice = 256;
+constexpr int64_t kWriteSlice = 1024;
 
 // y = round_O(s_hat w + b) and y1 = round_O(s_hat w1 + b1) in one loop (both output streams in
 // flight together); w, b, w1, b1 all given (the launcher supplies ones / zeros: exact).
