@@ -116,7 +116,10 @@ else:
         ext_modules = [
             CppExtension(
                 "normkit._C",
-                ["src/normkit/csrc/norm_cpu.cpp", "src/normkit/csrc/rnn_cpu.cpp", "src/normkit/csrc/norm_dim_cpu.cpp"],
+                [
+                    "src/normkit/csrc/norm_cpu.cpp", "src/normkit/csrc/rnn_cpu.cpp", "src/normkit/csrc/norm_dim_cpu.cpp",
+                    "src/normkit/csrc/fused_cpu.cpp", "src/normkit/csrc/fused_backward.cpp",
+                ],
                 include_dirs=[os.path.abspath("src/normkit/csrc")],
                 define_macros=[
                     ("NORMKIT_BUILT_TORCH", f'"{torch.__version__}"'),

@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 
 import normkit
 from normkit.backends import cpu as compiled
+from normkit.backends.contract import GradNeeds
 from normkit.errors import NormOverlapError
 
 _C = compiled.extension
@@ -575,3 +576,121 @@ def test_overlapping_out_buffers_raise_or_results_are_right(data):
     want_s = x + r if use_r else x
     torch.testing.assert_close(y, F.layer_norm(want_s, (N,), w, b))
     torch.testing.assert_close(s, want_s)
+
+
+# --- the fused contract: normkit._C.fused_forward / fused_backward -----------------------------
+
+DTYPE_ARGS = [torch.int32, "float32", None, 1]
+FUSED_BREAKS = [None] * 6 + ["x", "r", "x1", "rowscale", "bias1", "eps", "dropout_p", "seed", "sum_dtype", "out_dtype",
+                             "flag", "out", "residual_out"]
+
+
+@FUZZ
+@given(st.data())
+def test_raw_fused_forward_and_backward_check_every_argument(data):
+    """At most one argument broken (a layout, a size, a scalar, an aliased buffer): a call with
+    none runs and matches the reference given the kernel's masks, a call with one raises a
+    named error; then backward, with at most one inconsistency."""
+    from hypothesis import event
+
+    from normkit import reference
+    from normkit.backends.contract import KernelSpec
+
+    broken = data.draw(st.sampled_from(FUSED_BREAKS), label="broken")
+    dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
+    rows = data.draw(st.sampled_from([0, 1, 2, 5]), label="rows")
+    n = data.draw(st.sampled_from([0, 1, 3, 1000, 4097] if rows <= 2 else [0, 1, 3, 17]), label="n")
+    ok_layouts, bad_layouts = ("contiguous", "neg"), ("transposed", "expanded", "strided")
+
+    def tensor(name, shape, dt, seed):
+        lay = bad_layouts if broken == name else ok_layouts
+        return draw_tensor(data, shape, dt, layouts=lay, seed=seed)
+
+    x = tensor("x", (rows, n), dtype, 91)
+    res_dtype = data.draw(st.sampled_from(DTYPES), label="res_dtype")
+    r = data.draw(st.sampled_from([None, "r"]), label="r") and tensor("r", (rows, n), res_dtype, 92)
+    x1 = data.draw(st.sampled_from([None, "x1"]), label="x1") and tensor("x1", (rows, n), dtype, 93)
+    rs = data.draw(st.booleans(), label="rowscale") or broken == "rowscale"
+    rowscale = draw_tensor(data, (rows + (broken == "rowscale"),), torch.float32, seed=94) if rs else None
+    params = [data.draw(st.sampled_from([None, "p"]), label=k) and draw_tensor(data, (n,), data.draw(st.sampled_from(DTYPES)), seed=95 + i)
+              for i, k in enumerate(("w", "b", "w1", "b1"))]
+    if broken == "bias1":
+        params[2], params[3] = None, torch.randn(n)
+    elif params[2] is None:
+        params[3] = None  # bias1 comes with weight1
+    bad = {"eps": [-1e-5, NAN, INF, 2**2000, True, "1e-5", None], "dropout_p": [1.0, -0.1, NAN, "0.1", None, True],
+           "seed": [HUGE, -HUGE, 1.5, None, "1"], "sum_dtype": DTYPE_ARGS, "out_dtype": DTYPE_ARGS, "flag": BOOLS[2:]}
+    pick = lambda name, good: data.draw(st.sampled_from(bad[name] if broken == name else good), label=name)  # noqa: E731
+    eps = pick("eps", [1e-5, 0.0, 1e-12, 2.0])
+    p = pick("dropout_p", [0.0, 0.0, 0.3, 0.999])
+    seed = pick("seed", [0, 7, 2**31 - 1, -5, 2**63 - 1])
+    sdt = pick("sum_dtype", list(DTYPES))
+    odt = pick("out_dtype", list(DTYPES))
+    flag_at = data.draw(st.integers(0, 2), label="flag_at")
+    flags = [pick("flag", [True, False]) if k == flag_at else data.draw(st.booleans()) for k in range(3)]
+    is_rms, store_sum, store_mask = flags
+    out_dt = odt if isinstance(odt, torch.dtype) else torch.float32
+    sum_dt = sdt if isinstance(sdt, torch.dtype) else torch.float32
+    out_kind = data.draw(st.sampled_from(["x", "r", "x1", "w", "expanded", "neg", "1d", "wrong_dtype"] if broken == "out" else [None, "fresh"]), label="out")
+    out = {
+        None: None, "x": x, "r": r, "x1": x1, "w": params[0], "1d": torch.empty(rows * n, dtype=out_dt),
+        "fresh": torch.empty(rows, n, dtype=out_dt), "wrong_dtype": torch.empty(rows, n, dtype=torch.int32),
+        "expanded": torch.empty(1, n, dtype=out_dt).expand(rows, n), "neg": torch._neg_view(torch.empty(rows, n, dtype=out_dt)),
+    }[out_kind]
+    res_kind = data.draw(st.sampled_from(["out", "x", "no_store"] if broken == "residual_out" else [None, "fresh"]), label="residual_out")
+    if res_kind is not None and res_kind != "no_store" and not (isinstance(store_sum, bool) and store_sum):
+        res_kind = None  # a residual_out needs store_sum=True: only the "no_store" break asks otherwise
+    res_out = {None: None, "fresh": torch.empty(rows, n, dtype=sum_dt), "out": out, "x": x,
+               "no_store": torch.empty(rows, n, dtype=sum_dt)}[res_kind]
+    if res_kind == "no_store":
+        store_sum = False
+    fwd, err = named_error(lambda: _C.fused_forward(x, r, x1, rowscale, *params, eps, is_rms, p, seed, sdt, odt, store_sum,
+                                                    store_mask, out, None, res_out))
+    if broken is not None:
+        tiny = rows * n <= 1 and broken in ("out", "residual_out")  # nothing to alias
+        laid = {"x": x, "r": r, "x1": x1}
+        # a layout "break" of a tensor with a size-1 dim may still be contiguous
+        absent = (broken in laid and (laid[broken] is None or laid[broken].is_contiguous())) or (
+            broken == "out" and out is None) or (broken == "residual_out" and res_out is None and res_kind != "no_store")
+        if not tiny and not absent:
+            assert err is not None, f"fused_forward accepted a broken {broken}"
+            event("fused_forward: refused")
+        return
+    assert err is None, f"a valid call raised {err!r}"
+    event("fused_forward: ran")
+    y, y1, s, mean, rstd, mask, mask1 = fwd
+    if out is not None:
+        assert y.data_ptr() == out.data_ptr()
+    spec = KernelSpec(is_rms=is_rms, eps=eps, dropout_p=p, sum_dtype=sdt, out_dtype=odt, store_sum=True, store_mask=store_mask)
+    keep = mask if p > 0 and store_mask else None
+    ref = reference.fused_forward(x.resolve_neg(), r, x1, rowscale, *params, spec, keep, mask1 if keep is not None else None)
+    if p == 0.0 or keep is not None:
+        finite = torch.isfinite(ref.y) & (ref.y.double().abs() < 1e3)  # eps = 0 on a constant row: anything
+        torch.testing.assert_close(y[finite].double(), ref.y[finite].double(), rtol=3e-2, atol=3e-2)
+    if not rows or not n or not store_sum:
+        return
+    # backward from the forward's statistics, with at most one inconsistency
+    dy = draw_tensor(data, (rows, n), odt, layouts=ok_layouts, seed=99)
+    mutation = data.draw(st.sampled_from([None] * 5 + ["short_rstd", "no_mean", "needs", "dy_shape", "res_dtype"]), label="mutation")
+    needs = (True, x1 is not None, r is not None, True, True, params[2] is not None, params[3] is not None)
+    dy_arg = dy.reshape(n, rows) if mutation == "dy_shape" and rows != n else dy
+    bwd, err = named_error(lambda: _C.fused_backward(
+        dy_arg, None, None, s, params[0], params[2], rowscale, None if mutation == "no_mean" else mean,
+        rstd[:-1] if mutation == "short_rstd" else rstd, eps, is_rms, p, seed,
+        needs[:3] if mutation == "needs" else needs, dtype,
+        None if mutation == "res_dtype" else (res_dtype if r is not None else None)))
+    bad_bwd = (mutation in ("short_rstd", "needs") or (mutation == "no_mean" and not is_rms)
+               or (mutation == "dy_shape" and rows != n) or (mutation == "res_dtype" and r is not None))
+    if bad_bwd:
+        assert err is not None, f"fused_backward accepted {mutation}"
+        return
+    assert err is None, f"a valid fused_backward raised {err!r}"
+    event("fused_backward: ran")
+    assert all((g is None) == (not want) for g, want in zip(bwd, needs))
+    if keep is not None or p == 0.0:
+        grads = reference.fused_backward(dy, None, None, s, params[0], params[2], rowscale, spec,
+                                         GradNeeds(*needs), dtype, res_dtype if r is not None else None, keep,
+                                         mask1 if keep is not None else None)
+        got = bwd[0].double()
+        finite = torch.isfinite(grads.dx) & (grads.dx.double().abs() < 1e3)
+        torch.testing.assert_close(got[finite], grads.dx.double()[finite], rtol=5e-2, atol=5e-2)

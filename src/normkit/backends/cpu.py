@@ -1,8 +1,11 @@
 """The ``"cpu"`` backend: normkit's compiled C++ kernels (``normkit._C``, built from
 ``src/normkit/csrc`` by ``make install`` / ``pip install --no-build-isolation``).
 
-Float32, float64, bfloat16 and float16 CPU tensors without dropout (dropout runs on the
-reference). The kernels (:file:`csrc/norm_cpu.cpp`, row math shared in :file:`csrc/row_math.h`)
+Float32, float64, bfloat16 and float16 CPU tensors. The old contract (:meth:`CpuBackend.forward` /
+:meth:`CpuBackend.backward`) is served without dropout (dropout runs on the reference); the fused
+contract (:mod:`normkit.backends.contract`, :meth:`CpuBackend.fused_forward` /
+:meth:`CpuBackend.fused_backward`, :file:`csrc/fused_cpu.cpp`) takes every option, dropout and its
+masks included. The kernels (:file:`csrc/norm_cpu.cpp`, row math shared in :file:`csrc/row_math.h`)
 implement :mod:`normkit.reference` exactly: float32 statistics (float64 for float64 input) by
 the corrected two-pass algorithm, blocked vectorized sums, the residual sum rounded once to the
 input dtype. Rows are spread over torch's intra-op threads (``torch.set_num_threads`` is the
@@ -28,7 +31,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from normkit.backends.base import Backend, BackwardResult, ForwardResult
+from normkit.backends.base import Backend
+from normkit.backends.contract import ForwardOut, GradNeeds, GradsOut, KernelSpec
 
 __all__ = ["CpuBackend", "BACKEND", "extension", "DTYPES", "build_mismatch", "unavailable_reason"]
 
@@ -119,28 +123,42 @@ class CpuBackend(Backend):
         return _UNAVAILABLE
 
     def supports(self, x: Tensor, dropout_p: float) -> bool:
-        return x.device.type == "cpu" and x.dtype in DTYPES and dropout_p == 0.0
+        return x.device.type == "cpu" and x.dtype in DTYPES
+
+    def fused_supports(self, x: Tensor, spec: KernelSpec) -> bool:
+        """The fused kernels (``normkit._C.fused_forward`` / ``fused_backward``,
+        :file:`csrc/fused_cpu.cpp`) take every option of the contract, dropout included (their
+        own hash stream), for CPU tensors of the four kernel dtypes."""
+        return (
+            extension is not None
+            and x.device.type == "cpu"
+            and x.dtype in DTYPES
+            and spec.sum_dtype in DTYPES
+            and spec.out_dtype in DTYPES
+        )
+
+    def fused_forward(self, x, residual, x1, rowscale, weight, bias, weight1, bias1, spec: KernelSpec, seed: int,
+                      out=None, out1=None, residual_out=None) -> ForwardOut:
+        y, y1, s, mean, rstd, mask, mask1 = extension.fused_forward(
+            x, residual, x1, rowscale, weight, bias, weight1, bias1, float(spec.eps), bool(spec.is_rms),
+            float(spec.dropout_p), int(seed), spec.sum_dtype, spec.out_dtype, bool(spec.store_sum),
+            bool(spec.store_mask), out, out1, residual_out,
+        )
+        return ForwardOut(y, y1, s, mean, rstd, mask, mask1)
+
+    def fused_backward(self, dy, dy1, dsum, s, weight, weight1, rowscale, mean, rstd, spec: KernelSpec, seed: int,
+                       needs: GradNeeds, x_dtype: torch.dtype, residual_dtype: Optional[torch.dtype]) -> GradsOut:
+        flags = (needs.x, needs.x1, needs.residual, needs.weight, needs.bias, needs.weight1, needs.bias1)
+        grads = extension.fused_backward(
+            dy, dy1, dsum, s, weight, weight1, rowscale, mean, rstd, float(spec.eps), bool(spec.is_rms),
+            float(spec.dropout_p), int(seed), tuple(bool(f) for f in flags), x_dtype,
+            residual_dtype if needs.residual else None,
+        )
+        return GradsOut(*grads)
 
     def rnn_steps(self, x: Tensor):
         """The compiled LN-LSTM/GRU time loops (``normkit._C.lstm_forward`` ...) for float32."""
         return extension if x.device.type == "cpu" and x.dtype == torch.float32 else None
-
-    def forward(self, x, residual, weight, bias, eps, is_rms, dropout_p, seed, store_sum) -> ForwardResult:
-        if dropout_p != 0.0:
-            raise ValueError(f"the cpu backend does not implement dropout (got dropout_p={dropout_p}); supports() says so")
-        y, s, mean, rstd = extension.forward(x, residual, weight, bias, float(eps), bool(is_rms), bool(store_sum))
-        if store_sum and residual is None:
-            s = x  # no residual, no dropout: the normalized input is x itself
-        return y, (s if store_sum else None), (None if is_rms else mean), rstd
-
-    def backward(self, dy, dsum, s, weight, mean, rstd, is_rms, dropout_p, seed) -> BackwardResult:
-        if dropout_p != 0.0:
-            raise ValueError(f"the cpu backend does not implement dropout (got dropout_p={dropout_p})")
-        if not is_rms and mean is None:
-            raise ValueError("layer norm backward needs the row means saved by forward, got mean=None")
-        dx, dw, db = extension.backward(dy.contiguous(), None if dsum is None else dsum.contiguous(), s.contiguous(), weight, mean, rstd, bool(is_rms))
-        # Without dropout the residual's gradient is dx itself; ops.py copies it only if wanted.
-        return dx, dx, dw, db
 
     def empty_like(self, t: Tensor) -> Tensor:
         from normkit.backends.memory import empty_like

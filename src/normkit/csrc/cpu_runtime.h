@@ -18,6 +18,19 @@ namespace normkit {
 // Calls of at most this many elements run in the calling thread: waking the pool costs more.
 constexpr int64_t kSerialMaxElements = 1 << 15;
 
+// The work split of the row kernels (norm_cpu.cpp, fused_cpu.cpp): chunks of whole rows, their
+// size a function of the shape only, so per-chunk partial sums are thread-count independent.
+constexpr int64_t kMaxChunks = 64;
+constexpr int64_t kMinChunkRows = 8;
+constexpr int64_t kMinChunkElements = 1 << 14;
+
+inline int64_t rows_per_chunk(int64_t rows, int64_t n) {
+  int64_t per = std::max({(rows + kMaxChunks - 1) / kMaxChunks, kMinChunkRows, (kMinChunkElements + std::max<int64_t>(n, 1) - 1) / std::max<int64_t>(n, 1)});
+  return std::max<int64_t>(std::min(per, rows), 1);
+}
+
+inline bool is_serial(int64_t rows, int64_t n) { return rows == 1 || rows * n <= kSerialMaxElements; }
+
 // f(chunk) for chunks 0..n_chunks-1, handed out one at a time to torch's threads (a core busy
 // with another process then delays one chunk, not half the work). Which chunk computes what
 // depends on the caller's shape-only split, never on the thread count.
@@ -34,11 +47,9 @@ void for_each_chunk(int64_t n_chunks, bool serial, const F& f) {
   });
 }
 
-// A contiguous output like `like`. Outputs of 4 MiB or more are advised to use transparent huge
-// pages before the first write: a fresh 64 MiB tensor otherwise takes 16k page faults (several
-// times the kernel's time).
-inline at::Tensor empty_output(const at::Tensor& like) {
-  at::Tensor out = at::empty_like(like, at::MemoryFormat::Contiguous);
+// A fresh output of 4 MiB or more is advised to use transparent huge pages before the first
+// write: a fresh 64 MiB tensor otherwise takes 16k page faults (several times the kernel's time).
+inline at::Tensor advise_huge_pages(at::Tensor out) {
   const size_t nbytes = out.numel() * out.element_size();
   constexpr size_t kHuge = 1 << 21, kMin = 4 << 20;
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
@@ -49,6 +60,11 @@ inline at::Tensor empty_output(const at::Tensor& like) {
   }
 #endif
   return out;
+}
+
+// A contiguous output like `like` (huge pages advised).
+inline at::Tensor empty_output(const at::Tensor& like) {
+  return advise_huge_pages(at::empty_like(like, at::MemoryFormat::Contiguous));
 }
 
 // The dtype statistics and accumulations use: double for double input, else float.

@@ -33,19 +33,6 @@ namespace {
 
 using at::Tensor;
 
-// --- work split ---------------------------------------------------------------------------------
-
-constexpr int64_t kMaxChunks = 64;
-constexpr int64_t kMinChunkRows = 8;
-constexpr int64_t kMinChunkElements = 1 << 14;
-
-int64_t rows_per_chunk(int64_t rows, int64_t n) {
-  int64_t per = std::max({(rows + kMaxChunks - 1) / kMaxChunks, kMinChunkRows, (kMinChunkElements + n - 1) / n});
-  return std::min(per, rows);
-}
-
-bool is_serial(int64_t rows, int64_t n) { return rows == 1 || rows * n <= kSerialMaxElements; }
-
 template <typename Acc>
 const Acc* ptr_or_null(const Tensor& t) {
   return t.defined() ? t.data_ptr<Acc>() : nullptr;
@@ -638,6 +625,7 @@ bool accepts(py::handle x_obj, py::handle shape_obj, py::handle w_obj, py::handl
 namespace normkit {
 void register_rnn(py::module& m);       // rnn_cpu.cpp
 void register_norm_dim(py::module& m);  // norm_dim_cpu.cpp
+void register_fused(py::module& m);     // fused_cpu.cpp
 }
 
 // The torch this module was compiled against (setup.py defines both): the loader compares them
@@ -666,6 +654,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   }, "the number of distinct threads one at::parallel_for over get_num_threads() items runs on");
   normkit::register_rnn(m);
   normkit::register_norm_dim(m);
+  normkit::register_fused(m);
   using OptTensor = c10::optional<at::Tensor>;
   m.def("forward",
         [](const at::Tensor& x, const OptTensor& r, const OptTensor& w, const OptTensor& b, py::handle eps,

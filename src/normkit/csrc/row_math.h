@@ -294,25 +294,26 @@ struct GradMeans {
   Acc g_shat;
 };
 
-template <typename T, typename Acc>
-NORMKIT_INLINE GradMeans<T, Acc> grad_means(const T* s, const T* dy, int64_t n, RowStats<Acc> st, const Acc* w) {
+// (TD: dy's type, T by default; the fused backward passes its Acc buffer of g with w = ones.)
+template <typename T, typename Acc, typename TD = T>
+NORMKIT_INLINE GradMeans<T, Acc> grad_means(const T* s, const TD* dy, int64_t n, RowStats<Acc> st, const Acc* w) {
   double sum_g = 0.0, sum_gx = 0.0;
   const Acc mean = st.mean, rstd = st.rstd, lo = st.lo;
   for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
     const T* sp = s + j0;
-    const T* dp = dy + j0;
+    const TD* dp = dy + j0;
     const Acc* wp = w + j0;
     block_sums<Acc>(
         std::min(kBlock, n - j0),
         [&](int64_t j, vec_t<Acc>& sg, vec_t<Acc>& sgx) {
           vec_t<Acc> w_v;
           std::memcpy(&w_v, wp + j, sizeof(w_v));
-          vec_t<Acc> g = load_vec<T, Acc>(dp + j) * w_v;
+          vec_t<Acc> g = load_vec<TD, Acc>(dp + j) * w_v;
           sg += g;
           sgx += g * (((load_vec<T, Acc>(sp + j) - mean) - lo) * rstd);
         },
         [&](int64_t j, Acc& sg, Acc& sgx) {
-          Acc g = load<T, Acc>(dp[j]) * wp[j];
+          Acc g = load<TD, Acc>(dp[j]) * wp[j];
           sg += g;
           sgx += g * (((load<T, Acc>(sp[j]) - mean) - lo) * rstd);
         },
@@ -324,27 +325,27 @@ NORMKIT_INLINE GradMeans<T, Acc> grad_means(const T* s, const T* dy, int64_t n, 
 // grad_means for a layer-norm row whose mean is known only as hi (backward): the lo part is
 // the mean of s - hi, summed in the same pass, and sum(g * s_hat) is corrected for it after
 // the pass: sum(g (s - hi - lo)) = sum(g (s - hi)) - lo sum(g). Returns the means and sets lo.
-template <typename T, typename Acc>
-NORMKIT_INLINE GradMeans<T, Acc> grad_means_centred(const T* s, const T* dy, int64_t n, Acc hi, Acc rstd, const Acc* w,
+template <typename T, typename Acc, typename TD = T>
+NORMKIT_INLINE GradMeans<T, Acc> grad_means_centred(const T* s, const TD* dy, int64_t n, Acc hi, Acc rstd, const Acc* w,
                                                     Acc& lo) {
   double sum_g = 0.0, sum_gd = 0.0, sum_d = 0.0;
   for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
     const T* sp = s + j0;
-    const T* dp = dy + j0;
+    const TD* dp = dy + j0;
     const Acc* wp = w + j0;
     block_sums3<Acc>(
         std::min(kBlock, n - j0),
         [&](int64_t j, vec_t<Acc>& sg, vec_t<Acc>& sgd, vec_t<Acc>& sd) {
           vec_t<Acc> w_v;
           std::memcpy(&w_v, wp + j, sizeof(w_v));
-          const vec_t<Acc> g = load_vec<T, Acc>(dp + j) * w_v;
+          const vec_t<Acc> g = load_vec<TD, Acc>(dp + j) * w_v;
           const vec_t<Acc> d = load_vec<T, Acc>(sp + j) - hi;
           sg += g;
           sgd += g * d;
           sd += d;
         },
         [&](int64_t j, Acc& sg, Acc& sgd, Acc& sd) {
-          const Acc g = load<T, Acc>(dp[j]) * wp[j];
+          const Acc g = load<TD, Acc>(dp[j]) * wp[j];
           const Acc d = load<T, Acc>(sp[j]) - hi;
           sg += g;
           sgd += g * d;

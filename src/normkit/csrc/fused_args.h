@@ -1,0 +1,74 @@
+// The argument helpers the fused entry points share (fused_cpu.cpp: forward and the Python
+// bindings, fused_backward.cpp: backward).
+#pragma once
+
+#include <torch/csrc/Dtype.h>
+#include <torch/extension.h>
+
+#include <cmath>
+#include <type_traits>
+#include <vector>
+
+#include "arg_checks.h"
+#include "cpu_runtime.h"
+
+namespace normkit {
+namespace fused {
+
+using at::Tensor;
+using OptTensor = c10::optional<Tensor>;
+
+template <typename T>
+using acc_of = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// f(T{}) for a kernel dtype.
+template <typename F>
+decltype(auto) with_dtype(at::ScalarType t, const F& f) {
+  switch (t) {
+    case at::kFloat: return f(float{});
+    case at::kDouble: return f(double{});
+    case at::kBFloat16: return f(c10::BFloat16{});
+    case at::kHalf: return f(c10::Half{});
+    default: TORCH_CHECK_TYPE(false, "normkit fused kernels: unsupported dtype ", t);
+  }
+}
+
+
+inline at::ScalarType arg_dtype(py::handle h, const char* name) {
+  TORCH_CHECK_TYPE(THPDtype_Check(h.ptr()), name, ": expected a torch.dtype, got ", type_name(h));
+  const auto t = reinterpret_cast<THPDtype*>(h.ptr())->scalar_type;
+  TORCH_CHECK_TYPE(is_kernel_dtype(t), name, ": expected float32, float64, bfloat16 or float16, got ", t);
+  return t;
+}
+
+inline bool given(const OptTensor& t) { return t.has_value() && t->defined(); }
+
+inline void check_rows(const Tensor& t, const char* name, at::IntArrayRef sizes) {
+  check_tensor(t, name, 2, true);
+  check_kernel_dtype(t, name);
+  check_sizes(t, name, sizes);
+}
+
+// rowscale: (M,) any kernel dtype, read as a contiguous Acc copy.
+inline Tensor as_rowscale(const OptTensor& rs, int64_t rows, at::ScalarType acc) {
+  if (!given(rs)) return Tensor();
+  check_tensor(*rs, "rowscale", 1, false);
+  check_kernel_dtype(*rs, "rowscale");
+  check_sizes(*rs, "rowscale", {rows});
+  return as_param(rs, acc);
+}
+
+inline void check_dropout(double p) {
+  TORCH_CHECK_VALUE(std::isfinite(p) && p >= 0.0 && p < 1.0, "dropout_p: expected a number in [0, 1), got ", p);
+}
+
+
+// The fused backward (fused_backward.cpp): needs = (dx, dx1, dresidual, dweight, dbias, dweight1, dbias1).
+std::vector<Tensor> fused_backward(const OptTensor& dy, const OptTensor& dy1, const OptTensor& dsum, const Tensor& s,
+                                   const OptTensor& weight, const OptTensor& weight1, const OptTensor& rowscale,
+                                   const OptTensor& mean, const Tensor& rstd, double eps, bool is_rms, double dropout_p,
+                                   int64_t seed, const std::vector<bool>& needs, at::ScalarType x_dtype,
+                                   c10::optional<at::ScalarType> residual_dtype);
+
+}  // namespace fused
+}  // namespace normkit

@@ -1,0 +1,268 @@
+// The row passes of the fused kernels (fused_cpu.cpp): the contract of
+// normkit.backends.contract, one row at a time, each option a compile-time switch.
+//
+// Design: a row is a short sequence of passes over an Acc row buffer that stays in L1/L2
+// (8 KiB for a float32 row of 2048): the sum passes (x * rowscale * keep / (1 - p), + x1 * keep1
+// / (1 - p), + residual), one rounding pass to the sum dtype S (writing s when stored), then one
+// pass that takes the row statistics (row_math.h, the one C++ statistics implementation) and
+// writes y / y1. Each pass is templated on the one or two dtypes it touches and on the flags
+// that change its inner loop, never on the whole (T, R, S, O) x flags product: a few dozen
+// small instantiations instead of thousands, and a call pays only for the passes its options
+// turn on (the plain call: one pass, reading x and writing y). The extra buffer passes move
+// data between L1 and registers, not between memory and the core, which bounds these kernels.
+//
+// Dropout: a counter-based hash, so a mask is a pure function of (seed, stream, row, column)
+// and needs no state, no storage and no order: any thread computes any element, backward
+// regenerates it. keep = fmix32(col_key[j] ^ row_key[i]) >= p * 2^32, where col_key and row_key
+// are splitmix64 draws from (seed, stream) (col_key tabulated once per call) and fmix32 is
+// murmur3's finalizer: 32-bit multiplies and shifts, which vectorize on every x86-64 clone.
+// Distinct columns of a row hash distinct inputs (fmix32 is a bijection), and the XOR of two
+// random keys gives rows no shifted-copy structure.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "row_math.h"
+
+namespace normkit {
+namespace fused {
+
+// --- the dropout stream -----------------------------------------------------------------------
+
+NORMKIT_INLINE uint64_t splitmix64(uint64_t z) {
+  z += 0x9E3779B97F4A7C15ull;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+NORMKIT_INLINE uint32_t fmix32(uint32_t h) {
+  h ^= h >> 16;
+  h *= 0x85EBCA6Bu;
+  h ^= h >> 13;
+  h *= 0xC2B2AE35u;
+  h ^= h >> 16;
+  return h;
+}
+
+// One dropout stream of one call: stream 0 drops x, stream 1 drops x1.
+struct DropStream {
+  std::vector<uint32_t> col_key;  // (N,)
+  uint64_t row_base = 0;
+  uint32_t threshold = 0;  // keep where hash >= threshold
+
+  DropStream() = default;
+  DropStream(int64_t seed, int stream, int64_t n, double p) {
+    const uint64_t base = splitmix64(splitmix64(static_cast<uint64_t>(seed)) ^ static_cast<uint64_t>(stream + 1));
+    col_key.resize(static_cast<size_t>(n));
+    for (int64_t j = 0; j < n; ++j) col_key[j] = static_cast<uint32_t>(splitmix64(base + static_cast<uint64_t>(j)) >> 32);
+    row_base = splitmix64(base ^ 0xD1B54A32D192ED03ull);
+    threshold = static_cast<uint32_t>(std::min(4294967295.0, std::floor(p * 4294967296.0 + 0.5)));
+  }
+  NORMKIT_INLINE uint32_t row_key(int64_t i) const {
+    return static_cast<uint32_t>(splitmix64(row_base + static_cast<uint64_t>(i)) >> 32);
+  }
+};
+
+// What one row's dropout needs (null col_key: no dropout on this term).
+template <typename Acc>
+struct DropRow {
+  const uint32_t* col_key = nullptr;
+  uint32_t row_key = 0;
+  uint32_t threshold = 0;
+  Acc scale = 1;  // 1 / (1 - p), rounded to Acc as torch rounds the Python float
+};
+
+// --- sum passes ---------------------------------------------------------------------------------
+
+// The sum passes are compiled without floating-point contraction (and so are their callers in
+// fused_cpu.cpp): an FMA would round (v * scale) + buf once where the contract (and the
+// reference) round twice, and s would differ from the reference's in the last bit.
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+
+// buf (=, or += when ACCUM) ((Acc(x) * rs) * keep) * scale, keep written to mask when MASK;
+// without DROP, buf (=, +=) Acc(x) * rs (rs = 1 is exact).
+template <typename T, typename Acc, bool DROP, bool MASK, bool ACCUM>
+NORMKIT_INLINE void sum_x_row(const T* x, int64_t n, Acc rs, const DropRow<Acc>& d, uint8_t* mask, Acc* buf) {
+  if constexpr (DROP) {
+    const uint32_t* ck = d.col_key;
+    const uint32_t rk = d.row_key, thr = d.threshold;
+    const Acc scale = d.scale;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      // a select, not a bool -> float conversion: GCC leaves the latter scalar
+      const bool keep = fmix32(ck[j] ^ rk) >= thr;
+      const Acc v = ((load<T, Acc>(x[j]) * rs) * (keep ? Acc(1) : Acc(0))) * scale;
+      if constexpr (ACCUM) buf[j] += v; else buf[j] = v;
+      if constexpr (MASK) mask[j] = keep ? uint8_t(1) : uint8_t(0);
+    }
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      const Acc v = load<T, Acc>(x[j]) * rs;
+      if constexpr (ACCUM) buf[j] += v; else buf[j] = v;
+    }
+  }
+}
+
+// buf = ((Acc(x) * rs) * keep) * scale + Acc(r) (the x term and the residual, the sum without
+// x1, in one pass), s = buf when STORE (S == Acc: rounding to S is exact); masks as sum_x_row.
+template <typename T, typename R, typename Acc, bool DROP, bool MASK, bool STORE>
+NORMKIT_INLINE void sum_xr_row(const T* x, const R* r, int64_t n, Acc rs, const DropRow<Acc>& d, uint8_t* mask, Acc* s,
+                               Acc* buf) {
+  const uint32_t* ck = d.col_key;
+  const uint32_t rk = d.row_key, thr = d.threshold;
+  const Acc scale = d.scale;
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    Acc v = load<T, Acc>(x[j]) * rs;
+    if constexpr (DROP) {
+      const bool keep = fmix32(ck[j] ^ rk) >= thr;
+      v = (v * (keep ? Acc(1) : Acc(0))) * scale;
+      if constexpr (MASK) mask[j] = keep ? uint8_t(1) : uint8_t(0);
+    }
+    v = v + load<R, Acc>(r[j]);
+    buf[j] = v;
+    if constexpr (STORE) s[j] = v;
+  }
+}
+
+// buf += Acc(r)
+template <typename R, typename Acc>
+NORMKIT_INLINE void add_row(const R* r, int64_t n, Acc* buf) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) buf[j] += load<R, Acc>(r[j]);
+}
+
+// out = AccW(round_S(buf)), the sum as stored, read back; s = round_S(buf) when STORE.
+template <typename S, typename AccS, typename AccW, bool STORE>
+NORMKIT_INLINE void round_row(const AccS* buf, int64_t n, S* s, AccW* out) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const S v = store<S>(buf[j]);
+    if constexpr (STORE) s[j] = v;
+    out[j] = load<S, AccW>(v);
+  }
+}
+
+#pragma GCC pop_options
+
+// --- the normalization pass -----------------------------------------------------------------------
+
+template <typename Acc>
+struct NormArgs {
+  const Acc *w, *b, *w1, *b1;  // each may be null (gain 1, bias 0)
+  Acc eps;
+  bool is_rms;
+  Acc* mean;  // null for RMS norm
+  Acc* rstd;
+};
+
+// The next row's inputs, read while this row's output is written: up to three streams (x,
+// residual, x1), each `bytes` long per row, asked into L2 a slice at a time as the slices of
+// the output are written. (A row is a read phase, then a write phase: one core alone keeps too
+// few misses in flight to stream both, and a burst of prefetches at the start of a row fills
+// the miss queue and stalls; measured in benchmarks/bench_fused_kernel.py.)
+struct NextRow {
+  const char* p[3] = {nullptr, nullptr, nullptr};
+  int64_t elem_bytes[3] = {0, 0, 0};
+};
+
+constexpr int64_t kWriteSlice = 1024;
+
+// y = round_O(s_hat w + b) and y1 = round_O(s_hat w1 + b1) in one loop (both output streams in
+// flight together); w, b, w1, b1 all given (the launcher supplies ones / zeros: exact).
+template <typename O, typename Src, typename Acc>
+NORMKIT_INLINE void write_row_pair(const Src* src, O* y, O* y1, int64_t n, const RowStats<Acc>& st,
+                                   const NormArgs<Acc>& a, int64_t j0) {
+  const Acc mean = st.mean, rstd = st.rstd, lo = st.lo;
+  const Acc *w = a.w + j0, *b = a.b + j0, *w1 = a.w1 + j0, *b1 = a.b1 + j0;
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const Acc h = ((load<Src, Acc>(src[j]) - mean) - lo) * rstd;
+    y[j] = store<O>(h * w[j] + b[j]);
+    y1[j] = store<O>(h * w1[j] + b1[j]);
+  }
+}
+
+// Row i's statistics (row_math.h) and y = round_O(s_hat w + b), y1 = round_O(s_hat w1 + b1)
+// (y1 when not null).
+template <typename Src, typename O, typename Acc>
+NORMKIT_INLINE void norm_row(const Src* src, int64_t n, const NormArgs<Acc>& a, O* y, O* y1, int64_t i,
+                             const NextRow& next) {
+  const RowStats<Acc> st = row_stats<Src, Acc>(src, n, a.eps, a.is_rms);
+  for (int64_t j0 = 0; j0 < n; j0 += kWriteSlice) {
+    const int64_t len = std::min(kWriteSlice, n - j0);
+    if (y1) write_row_pair<O, Src, Acc>(src + j0, y + j0, y1 + j0, len, st, a, j0);
+    else write_row<O, Src, Acc>(src + j0, y + j0, len, st, a.w ? a.w + j0 : nullptr, a.b ? a.b + j0 : nullptr);
+    for (int k = 0; k < 3; ++k) {
+      if (!next.p[k]) continue;
+      const char* lo = next.p[k] + j0 * next.elem_bytes[k];
+      const char* hi = next.p[k] + (j0 + len) * next.elem_bytes[k];
+      for (const char* q = lo; q < hi; q += 64) __builtin_prefetch(q, 0, 2);
+    }
+  }
+  if (a.mean) a.mean[i] = st.mean;
+  a.rstd[i] = st.rstd;
+}
+
+// --- backward passes ------------------------------------------------------------------------------
+
+// g (=, or += when ACCUM) Acc(dy) * w
+template <typename O, typename Acc, bool ACCUM>
+NORMKIT_INLINE void grad_g_row(const O* dy, int64_t n, const Acc* w, Acc* g) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const Acc v = load<O, Acc>(dy[j]) * w[j];
+    if constexpr (ACCUM) g[j] += v; else g[j] = v;
+  }
+}
+
+// ds = (g - s_hat * c_gx - c_g) * rstd, s_hat kept in shat when SHAT (for dW / dW1).
+template <typename S, typename Acc, bool SHAT>
+NORMKIT_INLINE void grad_ds_row(const S* s, const Acc* g, int64_t n, const RowStats<Acc>& st, Acc c_g, Acc c_gx, Acc* ds,
+                                Acc* shat) {
+  const Acc mu = st.mean, lo = st.lo, rs = st.rstd;
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const Acc xh = ((load<S, Acc>(s[j]) - mu) - lo) * rs;
+    ds[j] = (g[j] - xh * c_gx - c_g) * rs;
+    if constexpr (SHAT) shat[j] = xh;
+  }
+}
+
+// out = round_T(((ds * rs) * keep) * scale) (the dx of x, rs = 1 for x1), or round_T(ds)
+// without DROP and rs = 1.
+template <typename T, typename Acc, bool DROP>
+NORMKIT_INLINE void grad_out_row(const Acc* ds, int64_t n, Acc rs, const DropRow<Acc>& d, T* out) {
+  if constexpr (DROP) {
+    const uint32_t* ck = d.col_key;
+    const uint32_t rk = d.row_key, thr = d.threshold;
+    const Acc scale = d.scale;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      const bool keep = fmix32(ck[j] ^ rk) >= thr;
+      out[j] = store<T>(((ds[j] * rs) * (keep ? Acc(1) : Acc(0))) * scale);
+    }
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) out[j] = store<T>(ds[j] * rs);
+  }
+}
+
+// dw += dy * s_hat (NW), db += dy (NB): one chunk's partial sums, rows in order.
+template <typename O, typename Acc, bool NW, bool NB>
+NORMKIT_INLINE void grad_param_row(const O* dy, const Acc* shat, int64_t n, Acc* dw, Acc* db) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const Acc d = load<O, Acc>(dy[j]);
+    if constexpr (NW) dw[j] += d * shat[j];
+    if constexpr (NB) db[j] += d;
+  }
+}
+
+}  // namespace fused
+}  // namespace normkit

@@ -1,0 +1,299 @@
+"""The C++ fused kernels (``normkit._C.fused_forward`` / ``fused_backward`` through
+:class:`normkit.backends.cpu.CpuBackend`) against the contract's reference
+(:func:`normkit.reference.fused_forward` / :func:`~normkit.reference.fused_backward`, given the
+kernel's own dropout masks) and a float64 truth, by the rule of ``tests/helpers.py``: the
+kernel's error is at most twice the reference's own error in the same dtypes, plus a floor."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+from helpers import assert_close_to_truth, randn
+
+from normkit import reference
+from normkit.backends import cpu as compiled
+from normkit.backends.contract import GradNeeds, KernelSpec
+
+pytestmark = pytest.mark.skipif(compiled.extension is None, reason="normkit._C is not built")
+
+BACKEND = compiled.CpuBackend()
+F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
+SIZES = ((1, 1), (3, 3), (37, 1000), (5, 4097))
+
+# name -> (what the call has); x's dtype comes from the test's parameter. "res" is the
+# residual's dtype ("x": the input's), "sum"/"out" the sum / output dtypes ("x": the input's).
+OPTIONS = {
+    "plain": {},
+    "residual": {"res": "x", "store_sum": True},
+    "residual_f32": {"res": F32, "sum": F32, "store_sum": True},
+    "x1": {"x1": True, "store_sum": True},
+    "rowscale": {"rowscale": True},
+    "weight1": {"w1": True, "b1": True},
+    "dropout": {"p": 0.25},
+    "dropout_x1_residual": {"p": 0.1, "x1": True, "res": "x", "store_sum": True},
+    "out_bf16": {"out": BF16},
+    "out_f32": {"out": F32},
+    "out_f64_residual_f64": {"out": F64, "res": F64, "sum": F32, "store_sum": True},
+    "sum_f32": {"sum": F32, "store_sum": True},
+    "buffers": {"res": "x", "w1": True, "store_sum": True, "buffers": True},
+    "everything": {"res": F32, "sum": F32, "x1": True, "rowscale": True, "w1": True, "b1": True, "p": 0.2,
+                   "store_sum": True, "buffers": True},
+}
+
+
+def dtype_of(v, x_dtype):
+    return x_dtype if v == "x" else v
+
+
+def make_call(opt, dtype, rows, n, *, is_rms=False, offset=0.0, seed=0):
+    """(tensors, spec, buffers) of one contract call."""
+    t = {"x": randn((rows, n), dtype, seed=seed, offset=offset)}
+    res = opt.get("res")
+    t["residual"] = None if res is None else randn((rows, n), dtype_of(res, dtype), seed=seed + 1)
+    t["x1"] = randn((rows, n), dtype, seed=seed + 2) if opt.get("x1") else None
+    t["rowscale"] = (randn((rows,), F32, seed=seed + 3).abs() + 0.5) if opt.get("rowscale") else None
+    t["weight"] = randn((n,), F32, seed=seed + 4, scale=0.5, offset=1.0)
+    t["bias"] = randn((n,), F32, seed=seed + 5, scale=0.5)  # RMS norm takes a bias too
+    t["weight1"] = randn((n,), F32, seed=seed + 6, scale=0.5, offset=1.0) if opt.get("w1") else None
+    t["bias1"] = randn((n,), F32, seed=seed + 7, scale=0.5) if opt.get("b1") else None
+    sum_dtype = dtype_of(opt.get("sum", t["residual"].dtype if t["residual"] is not None else dtype), dtype)
+    out_dtype = dtype_of(opt.get("out", dtype), dtype)
+    spec = KernelSpec(is_rms=is_rms, eps=1e-5, dropout_p=opt.get("p", 0.0), sum_dtype=sum_dtype, out_dtype=out_dtype,
+                      store_sum=opt.get("store_sum", False), store_mask=opt.get("p", 0.0) > 0)
+    bufs = {}
+    if opt.get("buffers"):
+        bufs["out"] = torch.empty(rows, n, dtype=out_dtype)
+        if t["weight1"] is not None:
+            bufs["out1"] = torch.empty(rows, n, dtype=out_dtype)
+        bufs["residual_out"] = torch.empty(rows, n, dtype=sum_dtype)
+    return t, spec, bufs
+
+
+def args(t):
+    return t["x"], t["residual"], t["x1"], t["rowscale"], t["weight"], t["bias"], t["weight1"], t["bias1"]
+
+
+def as64(t):
+    return {k: (None if v is None else v.double()) for k, v in t.items()}
+
+
+def truth_forward(t, spec, keep, keep1):
+    return reference.fused_forward(*args(as64(t)), replace(spec, sum_dtype=F64, out_dtype=F64), keep, keep1)
+
+
+def check_forward(opt, dtype, rows, n, *, is_rms=False, offset=0.0):
+    t, spec, bufs = make_call(opt, dtype, rows, n, is_rms=is_rms, offset=offset)
+    got = BACKEND.fused_forward(*args(t), spec, 1234, **bufs)
+    ref = reference.fused_forward(*args(t), spec, got.mask, got.mask1)
+    truth = truth_forward(t, spec, got.mask, got.mask1)
+    what = f"{sorted(opt)} {dtype} {rows}x{n} rms={is_rms}"
+    assert got.y.dtype == spec.out_dtype and got.y.shape == (rows, n)
+    assert_close_to_truth(got.y, truth.y, ref.y, what=what + " y")
+    for name in ("out", "out1", "residual_out"):
+        if name in bufs:
+            field = {"out": got.y, "out1": got.y1, "residual_out": got.s}[name]
+            assert field.data_ptr() == bufs[name].data_ptr(), f"{what}: {name} not written in place"
+    assert (got.y1 is None) == (t["weight1"] is None)
+    if got.y1 is not None:
+        assert_close_to_truth(got.y1, truth.y1, ref.y1, what=what + " y1")
+    if spec.store_sum:
+        assert got.s.dtype == spec.sum_dtype
+        # the same sum in the same order, rounded once: the same bits as the reference
+        torch.testing.assert_close(got.s, ref.s, rtol=0, atol=0, msg=what + " s")
+    else:
+        assert got.s is None
+    assert (got.mean is None) == is_rms
+    acc = F64 if F64 in (dtype, spec.sum_dtype) else F32
+    assert got.rstd.dtype == acc and got.rstd.shape == (rows,)
+    torch.testing.assert_close(got.rstd, ref.rstd, rtol=1e-4 if acc == F32 else 1e-10, atol=0)
+    if not is_rms:
+        assert_close_to_truth(got.mean, truth.mean, ref.mean, floor=1e-6, what=what + " mean")
+    if spec.dropout_p > 0:
+        assert got.mask.dtype == torch.bool and got.mask.shape == (rows, n)
+        assert (got.mask1 is None) == (t["x1"] is None)
+    else:
+        assert got.mask is None and got.mask1 is None
+    return t, spec, got
+
+
+@pytest.mark.parametrize("name", sorted(OPTIONS))
+@pytest.mark.parametrize("dtype", [F32, BF16, F16, F64])
+@pytest.mark.parametrize("is_rms", [False, True])
+def test_forward_matches_reference_and_float64(name, dtype, is_rms):
+    for rows, n in SIZES:
+        check_forward(OPTIONS[name], dtype, rows, n, is_rms=is_rms)
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("name", ["plain", "residual", "everything"])
+def test_forward_large_mean(name, dtype):
+    check_forward(OPTIONS[name], dtype, 19, 1000, offset=1e4)
+
+
+def test_sum_is_input_returns_x_and_writes_nothing():
+    t, spec, _ = make_call({"store_sum": True}, F32, 4, 16)
+    got = BACKEND.fused_forward(*args(t), spec, 0)
+    assert got.s is t["x"]
+
+
+@pytest.mark.parametrize("rows, n", [(0, 8), (5, 0), (0, 0)])
+def test_empty_dims(rows, n):
+    t, spec, bufs = make_call(OPTIONS["everything"], F32, rows, n)
+    got = BACKEND.fused_forward(*args(t), spec, 7, **bufs)
+    assert got.y.shape == (rows, n) and got.y1.shape == (rows, n) and got.s.shape == (rows, n)
+    assert got.mask.shape == (rows, n) and got.rstd.shape == (rows,)
+    dy = torch.randn(rows, n)
+    grads = BACKEND.fused_backward(dy, dy, None, got.s, t["weight"], t["weight1"], t["rowscale"], got.mean, got.rstd,
+                                   spec, 7, GradNeeds(True, True, True, True, True, True, True), F32, F32)
+    assert grads.dx.shape == (rows, n) and grads.dweight.shape == (n,)
+    assert torch.count_nonzero(grads.dweight) == 0 and torch.count_nonzero(grads.dbias1) == 0
+
+
+# --- backward ------------------------------------------------------------------------------------
+
+ALL = GradNeeds(x=True, x1=True, residual=True, weight=True, bias=True, weight1=True, bias1=True)
+NEEDS = {
+    "all": ALL,
+    "x_only": GradNeeds(),
+    "params_only": GradNeeds(x=False, weight=True, bias=True),
+    "residual_and_w1": GradNeeds(x=False, residual=True, weight1=True),
+}
+
+
+def check_backward(opt, dtype, rows, n, needs, *, is_rms=False, dsum=True, dy1=True):
+    t, spec, got = check_forward({**opt, "store_sum": True}, dtype, rows, n, is_rms=is_rms)  # backward reads s
+    s = got.s
+    has_w1 = t["weight1"] is not None
+    needs = replace(needs, x1=needs.x1 and t["x1"] is not None, residual=needs.residual and t["residual"] is not None,
+                    weight1=needs.weight1 and has_w1, bias1=needs.bias1 and has_w1)
+    dy = randn((rows, n), spec.out_dtype, seed=11)
+    dy1_t = randn((rows, n), spec.out_dtype, seed=12) if has_w1 and dy1 else None
+    ds_t = randn((rows, n), s.dtype, seed=13) if dsum else None
+    rdt = None if t["residual"] is None else t["residual"].dtype
+    grads = BACKEND.fused_backward(dy, dy1_t, ds_t, s, t["weight"], t["weight1"], t["rowscale"], got.mean, got.rstd,
+                                   spec, 1234, needs, dtype, rdt)
+    ref = reference.fused_backward(dy, dy1_t, ds_t, s, t["weight"], t["weight1"], t["rowscale"], spec, needs, dtype,
+                                   rdt, got.mask, got.mask1)
+    f64 = lambda v: None if v is None else v.double()  # noqa: E731
+    truth = reference.fused_backward(f64(dy), f64(dy1_t), f64(ds_t), s.double(), f64(t["weight"]),
+                                     f64(t["weight1"]), f64(t["rowscale"]), spec, needs, F64, F64, got.mask, got.mask1)
+    what = f"{sorted(opt)} {dtype} {rows}x{n} rms={is_rms} {needs}"
+    for field in GradsOut_fields:
+        g, r, tr = getattr(grads, field), getattr(ref, field), getattr(truth, field)
+        assert (g is None) == (r is None), f"{what}: {field} is {'None' if g is None else 'computed'}, expected the reverse"
+        if g is not None:
+            assert g.dtype == r.dtype and g.shape == r.shape, f"{what}: {field} {g.dtype} {g.shape} vs {r.dtype} {r.shape}"
+            assert_close_to_truth(g, tr, r, floor=2e-5, what=f"{what} {field}")
+    return t, spec, got, grads
+
+
+GradsOut_fields = ("dx", "dx1", "dresidual", "dweight", "dbias", "dweight1", "dbias1")
+
+
+@pytest.mark.parametrize("name", ["plain", "residual", "residual_f32", "x1", "rowscale", "weight1", "dropout",
+                                  "dropout_x1_residual", "out_bf16", "out_f64_residual_f64", "sum_f32",
+                                  "everything"])
+@pytest.mark.parametrize("dtype", [F32, BF16, F16, F64])
+@pytest.mark.parametrize("is_rms", [False, True])
+def test_backward_matches_reference_and_float64(name, dtype, is_rms):
+    for rows, n in SIZES:
+        check_backward(OPTIONS[name], dtype, rows, n, ALL, is_rms=is_rms)
+
+
+@pytest.mark.parametrize("needs", sorted(NEEDS))
+@pytest.mark.parametrize("grads_in", ["dy", "dy_dsum", "dy1_only"])
+def test_backward_computes_only_what_is_needed(needs, grads_in):
+    opt = OPTIONS["everything"]
+    t, spec, got = check_forward(opt, F32, 9, 130)
+    n = NEEDS[needs]
+    dy = None if grads_in == "dy1_only" else torch.randn(9, 130)
+    dsum = torch.randn(9, 130) if grads_in == "dy_dsum" else None
+    g = BACKEND.fused_backward(dy, torch.randn(9, 130), dsum, got.s, t["weight"], t["weight1"], t["rowscale"],
+                               got.mean, got.rstd, spec, 1234, n, F32, F32)
+    for field, want in zip(GradsOut_fields, (n.x, n.x1, n.residual, n.weight, n.bias, n.weight1, n.bias1)):
+        assert (getattr(g, field) is not None) == want, f"{field}: expected {'a tensor' if want else 'None'}"
+    if dy is None and n.weight:
+        assert torch.count_nonzero(g.dweight) == 0 and torch.count_nonzero(g.dbias) == 0
+
+
+# --- determinism and dropout ---------------------------------------------------------------------
+
+
+def test_bit_identical_for_any_thread_count():
+    opt = OPTIONS["everything"]
+    t, spec, _ = make_call(opt, BF16, 301, 1000)
+    spec = replace(spec, store_mask=True)
+    results = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            f = BACKEND.fused_forward(*args(t), spec, 99)
+            dy = randn((301, 1000), spec.out_dtype, seed=5)
+            g = BACKEND.fused_backward(dy, dy, None, f.s, t["weight"], t["weight1"], t["rowscale"], f.mean, f.rstd,
+                                       spec, 99, ALL, BF16, F32)
+            results.append([v for v in (*f, *g) if v is not None])
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_dropout_masks_are_bernoulli_and_backward_regenerates_them():
+    rows, n, p = 200, 1000, 0.3
+    t, spec, _ = make_call({"p": p, "x1": True, "rowscale": True, "w1": True, "store_sum": True}, F32, rows, n)
+    f = BACKEND.fused_forward(*args(t), spec, 4321)
+    for mask in (f.mask, f.mask1):
+        frac = mask.float().mean().item()
+        sigma = math.sqrt(p * (1 - p) / mask.numel())
+        assert abs(frac - (1 - p)) < 5 * sigma, f"keep fraction {frac:.4f}, expected {1 - p} +- {5 * sigma:.4f}"
+        # no row or column structure: each row's and column's keep fraction is plausible
+        assert mask.float().mean(1).sub(1 - p).abs().max() < 6 * math.sqrt(p * (1 - p) / n)
+        assert mask.float().mean(0).sub(1 - p).abs().max() < 6 * math.sqrt(p * (1 - p) / rows)
+    agree = (f.mask == f.mask1).float().mean().item()  # independent streams: p^2 + (1-p)^2
+    assert abs(agree - (p * p + (1 - p) ** 2)) < 0.01
+    assert not torch.equal(f.mask, BACKEND.fused_forward(*args(t), spec, 4322).mask)
+    assert torch.equal(f.mask, BACKEND.fused_forward(*args(t), spec, 4321).mask)
+    dy = torch.randn(rows, n)
+    g = BACKEND.fused_backward(dy, dy, None, f.s, t["weight"], t["weight1"], t["rowscale"], f.mean, f.rstd, spec,
+                               4321, GradNeeds(x=True, x1=True), F32, None)
+    assert torch.equal(g.dx != 0, f.mask) and torch.equal(g.dx1 != 0, f.mask1)
+
+
+# --- argument checks -------------------------------------------------------------------------------
+
+
+def test_bad_arguments_raise_named_errors():
+    t, spec, _ = make_call(OPTIONS["residual"], F32, 4, 8)
+    C = compiled.extension
+    base = dict(zip(["x", "residual", "x1", "rowscale", "weight", "bias", "weight1", "bias1"], args(t)))
+
+    def call(**kw):
+        a = {**base, "eps": 1e-5, "is_rms": False, "dropout_p": 0.0, "seed": 0, "sum_dtype": F32, "out_dtype": F32,
+             "store_sum": True, "store_mask": False, **kw}
+        return C.fused_forward(**a)
+
+    call()
+    for kw, err, text in [
+        ({"x": t["x"].t()}, RuntimeError, "x: expected a contiguous"),
+        ({"residual": torch.randn(4, 9)}, RuntimeError, "residual: expected sizes"),
+        ({"x1": torch.randn(4, 8, dtype=F64)}, TypeError, "x1: expected dtype"),
+        ({"rowscale": torch.randn(5)}, RuntimeError, "rowscale: expected sizes"),
+        ({"bias1": torch.randn(8)}, ValueError, "bias1"),
+        ({"dropout_p": 1.0}, ValueError, "dropout_p"),
+        ({"eps": float("nan")}, ValueError, "eps"),
+        ({"sum_dtype": torch.int32}, TypeError, "sum_dtype"),
+        ({"out_dtype": "float32"}, TypeError, "out_dtype"),
+        ({"seed": 2**70}, ValueError, "seed"),
+        ({"out": t["x"]}, RuntimeError, "out: expected a buffer that shares no memory with x"),
+        ({"out": torch.empty(4, 8, dtype=F64)}, TypeError, "out: expected dtype"),
+        ({"residual_out": torch.empty(4, 8), "store_sum": False}, ValueError, "residual_out"),
+    ]:
+        with pytest.raises(err, match=text):
+            call(**kw)
+    out = torch.empty(4, 8)
+    with pytest.raises(RuntimeError, match="residual_out: expected a buffer that shares no memory with out"):
+        call(out=out, residual_out=out)
