@@ -1,7 +1,7 @@
 """Fuzzing the compiled core (normkit._C) through the public API and directly.
 
-Every C++ entry point (norm, try_norm, accepts, forward, backward, norm_dim, lstm_/gru_forward /
-backward, column_dot) gets empty and size-1 dims, odd widths (1, 3, 1000, 4097, few rows), huge
+Every C++ entry point (norm, try_norm, accepts, forward, backward, fused_forward / fused_backward,
+norm_dim, lstm_/gru_forward / backward, column_dot) gets empty and size-1 dims, odd widths (1, 3, 1000, 4097, few rows), huge
 and negative integers, NaN / Inf scalars and data, non-contiguous, expanded, negative-bit and
 aliased tensors and random requires_grad patterns. Each example either matches a float64
 computation (torch.nn.functional, within the error of torch's own computation in the dtype, the
