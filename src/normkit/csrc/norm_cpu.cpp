@@ -20,6 +20,8 @@
 #include <torch/extension.h>
 
 
+#include <unistd.h>  // sysconf: the last-level cache size
+
 #include <mutex>
 #include <set>
 #include <vector>
@@ -66,19 +68,48 @@ struct FwdArgs {
   int64_t n;
   Acc eps;
   bool is_rms;
-  // Layer norm without a residual on rows too long for the row pair to stay in L1 alongside
-  // the output: write each row's output in the same loop that sums the next row
-  // (write_row_sum_next), with w / b materialized (ones / zeros) for that loop.
+  // Layer norm without a residual on inputs of kOverlapMinBytes or more: write each row's
+  // output in the same loop that sums the next row (write_row_sums_next), with w / b
+  // materialized (ones / zeros) for that loop; stream: that loop's non-temporal stores.
   bool overlap = false;
+  bool stream = false;
   const Acc* w_or_ones = nullptr;
   const Acc* b_or_zeros = nullptr;
 };
 
+// Rows lo..hi. Each row's statistics take one read of the row (row_stats; rarely two), its
+// output a second; with a.overlap the second is the same loop as the next row's first.
+template <typename T, typename Acc, bool Stream>
+NORMKIT_INLINE void fwd_rows_overlap(const FwdArgs<T, Acc>& a, int64_t lo, int64_t hi) {
+  const int64_t n = a.n;
+  RowStats<Acc> st = row_stats<T, Acc>(a.x + lo * n, n, a.eps, false);
+  for (int64_t i = lo; i < hi; ++i) {
+    const T* xi = a.x + i * n;
+    T* yi = a.y + i * n;
+    if (a.mean) a.mean[i] = st.mean;
+    if (a.rstd) a.rstd[i] = st.rstd;
+    if (i + 1 < hi) {
+      const T* next = xi + n;
+      const ShiftedSums<Acc> sums = write_row_sums_next<T, Acc, Stream>(xi, yi, next, n, st, a.w_or_ones, a.b_or_zeros,
+                                                                        row_shift<T, Acc>(next, n));
+      st = finish_stats<T, Acc>(next, n, sums, a.eps, false);
+    } else {
+      write_row<T, T, Acc>(xi, yi, n, st, a.w, a.b);
+    }
+  }
+  if (Stream) stream_fence();
+}
+
 template <typename T, typename Acc>
 NORMKIT_INLINE void fwd_rows_impl(const FwdArgs<T, Acc>& a, int64_t lo, int64_t hi, Acc* buf) {
+  if (a.overlap) {
+    if (a.stream)
+      fwd_rows_overlap<T, Acc, true>(a, lo, hi);
+    else
+      fwd_rows_overlap<T, Acc, false>(a, lo, hi);
+    return;
+  }
   const int64_t n = a.n;
-  Acc next_sum = 0;
-  bool have_next_sum = false;
   for (int64_t i = lo; i < hi; ++i) {
     RowStats<Acc> st;
     T* yi = a.y + i * n;
@@ -96,15 +127,8 @@ NORMKIT_INLINE void fwd_rows_impl(const FwdArgs<T, Acc>& a, int64_t lo, int64_t 
       }
       st = row_stats<Acc, Acc>(buf, n, a.eps, a.is_rms);
       write_row<T, Acc, Acc>(buf, yi, n, st, a.w, a.b);
-    } else if (a.overlap && i + 1 < hi) {
-      // layer norm of long rows: this row's output is written while the next row is summed
-      const Acc sum = have_next_sum ? next_sum : row_sum<T, Acc>(xi, n);
-      st = row_stats_from_mean<T, Acc>(xi, n, sum / static_cast<Acc>(n), a.eps, false);
-      next_sum = write_row_sum_next<T, Acc>(xi, yi, xi + n, n, st, a.w_or_ones, a.b_or_zeros);
-      have_next_sum = true;
     } else {
-      st = (a.overlap && have_next_sum) ? row_stats_from_mean<T, Acc>(xi, n, next_sum / static_cast<Acc>(n), a.eps, false)
-                                        : row_stats<T, Acc>(xi, n, a.eps, a.is_rms);
+      st = row_stats<T, Acc>(xi, n, a.eps, a.is_rms);
       write_row<T, T, Acc>(xi, yi, n, st, a.w, a.b);
     }
     if (a.mean) a.mean[i] = st.mean;
@@ -123,11 +147,27 @@ NORMKIT_FWD_ROWS(fwd_rows, c10::Half, float)
 // row's read (FwdArgs::overlap): the memory-bound regime, where it matters.
 constexpr int64_t kOverlapMinBytes = int64_t(4) << 20;
 
+// The last-level cache's size (outputs at least this large are written with non-temporal
+// stores: they would not stay cached anyway); 32 MiB where the OS does not say.
+int64_t last_level_cache_bytes() {
+  static const int64_t bytes = [] {
+    long v = -1;
+#if defined(__linux__) && defined(_SC_LEVEL3_CACHE_SIZE)
+    v = sysconf(_SC_LEVEL3_CACHE_SIZE);
+    if (v <= 0) v = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#endif
+    return v > 0 ? static_cast<int64_t>(v) : (int64_t(32) << 20);
+  }();
+  return bytes;
+}
+
 template <typename T, typename Acc>
 void forward_typed(FwdArgs<T, Acc> a, int64_t rows) {
   std::vector<Acc> ones, zeros;
-  if (!a.r && !a.is_rms && rows * a.n * static_cast<int64_t>(sizeof(T)) >= kOverlapMinBytes) {
+  const int64_t bytes = rows * a.n * static_cast<int64_t>(sizeof(T));
+  if (!a.r && !a.is_rms && bytes >= kOverlapMinBytes && !std::is_same_v<T, c10::Half>) {
     a.overlap = true;
+    a.stream = bytes >= last_level_cache_bytes() && can_stream<T, Acc>(a.y, a.n);
     if (!a.w) ones.assign(a.n, Acc(1));
     if (!a.b) zeros.assign(a.n, Acc(0));
     a.w_or_ones = a.w ? a.w : ones.data();
