@@ -153,8 +153,8 @@ NORMKIT_FWD_ROWS(fwd_rows, c10::Half, float)
 constexpr int64_t kOverlapMinBytes = int64_t(4) << 20;
 constexpr int64_t kOverlapMaxRowBytes = int64_t(8) << 10;
 
-// The last-level cache's size (outputs at least this large are written with non-temporal
-// stores: they would not stay cached anyway): the largest cache sysfs lists for cpu0, else
+// The last-level cache's size (calls whose input and output together are at least this large
+// write the output with non-temporal stores): the largest cache sysfs lists for cpu0, else
 // 32 MiB. Not sysconf(_SC_LEVEL3_CACHE_SIZE): glibc derives it from CPUID, which a VM may
 // report wrongly (320 MiB on the project's 32 MiB Zen 4 VM).
 int64_t last_level_cache_bytes() {
@@ -183,7 +183,8 @@ void forward_typed(FwdArgs<T, Acc> a, int64_t rows) {
   const bool overlap_pays = bytes >= kOverlapMinBytes || a.n * static_cast<int64_t>(sizeof(T)) <= kOverlapMaxRowBytes;
   if (!a.r && !a.is_rms && rows > 1 && overlap_pays && !std::is_same_v<T, c10::Half>) {
     a.overlap = true;
-    a.stream = bytes >= last_level_cache_bytes() && can_stream<T, Acc>(a.y, a.n);
+    // input and output together beyond the cache: the output would not stay cached
+    a.stream = 2 * bytes >= last_level_cache_bytes() && can_stream<T, Acc>(a.y, a.n);
     if (!a.w) ones.assign(a.n, Acc(1));
     if (!a.b) zeros.assign(a.n, Acc(0));
     a.w_or_ones = a.w ? a.w : ones.data();

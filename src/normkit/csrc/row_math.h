@@ -292,8 +292,8 @@ NORMKIT_INLINE RowStats<Acc> row_stats(const T* src, int64_t n, Acc eps, bool is
 
 // kWidth elements of v stored to p as T (float -> bfloat16 rounded as store<BFloat16>, in
 // vector operations: the fused loop below is written with vectors, not for `omp simd`).
-// Stream: non-temporal stores (SSE2, 16 bytes each; p 16-byte aligned), for outputs larger
-// than the last-level cache, where they save the read of each output line before its write.
+// Stream: non-temporal stores (SSE2, 16 bytes each; p 16-byte aligned), for outputs that
+// will not stay cached (beyond the last-level cache), where they save the read of each output line before its write.
 template <typename T, typename Acc, bool Stream>
 NORMKIT_INLINE void store_vec(T* p, vec_t<Acc> v) {
   if constexpr (std::is_same_v<T, Acc>) {
@@ -361,7 +361,7 @@ constexpr int64_t kPrefetchBytes = 4096;
 // non-temporal stores (store_vec) and a software prefetch of the next row kPrefetchBytes
 // ahead: together (either alone does not) they bring the loop from 0.7x to 0.9x of a copy's
 // bandwidth from DRAM on a Zen 4 EPYC; in cache the prefetch costs 5-10 %, so only for
-// outputs larger than the last-level cache.
+// calls whose input and output together exceed the last-level cache.
 template <typename T, typename Acc, bool Stream>
 NORMKIT_INLINE ShiftedSums<Acc> write_row_sums_next(const T* src, T* y, const T* next, int64_t n, const RowStats<Acc>& st,
                                                     const Acc* w, const Acc* b, Acc shift) {
