@@ -30,7 +30,7 @@ import torch
 
 from normkit._machine import cpu_model, git_commit, load_average, torch_threads
 from normkit.backends import cpu as compiled
-from normkit.backends.contract import KernelSpec
+from normkit.contract import KernelSpec
 from normkit.bench.paired import estimate_ratio, measure_pairs
 
 BACKEND = compiled.CpuBackend()

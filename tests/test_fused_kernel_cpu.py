@@ -15,7 +15,7 @@ from helpers import assert_close_to_truth, randn
 
 from normkit import reference
 from normkit.backends import cpu as compiled
-from normkit.backends.contract import GradNeeds, KernelSpec
+from normkit.contract import GradNeeds, KernelSpec
 
 pytestmark = pytest.mark.skipif(compiled.extension is None, reason="normkit._C is not built")
 

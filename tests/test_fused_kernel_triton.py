@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from normkit import reference as ref
-from normkit.backends.contract import GradNeeds, KernelSpec
+from normkit.contract import GradNeeds, KernelSpec
 
 from helpers import assert_close_to_truth, backend_or_skip, params, randn
 

@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 
 import normkit
 from normkit.backends import cpu as compiled
-from normkit.backends.contract import GradNeeds
+from normkit.contract import GradNeeds
 from normkit.errors import NormOverlapError
 
 _C = compiled.extension
@@ -594,7 +594,7 @@ def test_raw_fused_forward_and_backward_check_every_argument(data):
     from hypothesis import event
 
     from normkit import reference
-    from normkit.backends.contract import KernelSpec
+    from normkit.contract import KernelSpec
 
     broken = data.draw(st.sampled_from(FUSED_BREAKS), label="broken")
     dtype = data.draw(st.sampled_from(DTYPES), label="dtype")

@@ -37,6 +37,8 @@ from typing import Iterator, Optional
 
 import torch
 
+from normkit.backends import forced_backend
+
 __all__ = ["MODES", "ENV_VAR", "use", "current", "traced_route"]
 
 #: ``auto``: the measured default; ``decompose``: always the torch ops (except dropout, which
@@ -101,6 +103,4 @@ def _traced_env_mode() -> str:
 
 @torch.compiler.assume_constant_result
 def _backend_forced() -> bool:
-    from normkit.backends import forced_backend
-
     return forced_backend() is not None

@@ -26,7 +26,8 @@ from normkit import compile_policy, ops, paths
 from normkit.backends import ENV_VAR as _ENV_VAR
 from normkit.backends import _forced, select_backend_name
 from normkit.backends import cpu as _cpu
-from normkit.backends.contract import KernelSpec
+from normkit.contract import KernelSpec
+from normkit.distributed import dtensor_norm
 from normkit.errors import UnsupportedModeError
 from normkit.fused_options import FusedOptions, plan_call
 from normkit.validation import (
@@ -221,8 +222,6 @@ def norm(
     if path == "native":  # valid now (eps made a float, a list shape a tuple, ...)
         return _native(x, shape, weight, bias, eps, is_rms, residual, prenorm)
     if path == "dtensor":
-        from normkit.distributed import dtensor_norm
-
         return dtensor_norm(norm, x, shape, weight, bias, eps, is_rms, residual, prenorm, dropout_p)
     if path == "onnx":
         return paths.onnx_norm(x, shape, weight, bias, eps, is_rms, residual, prenorm, dropout_p)

@@ -1,6 +1,6 @@
 r"""flash-attn's fused options: their checks and the plan of a call (where the normalized
 dims are, the dtypes), for :func:`normkit.dispatch.fused_norm`, which runs the call in one
-kernel (:mod:`normkit.backends.contract`).
+kernel (:mod:`normkit.contract`).
 
 flash-attn's ``layer_norm_fn`` / ``rms_norm_fn`` (``flash_attn/ops/triton/layer_norm.py``) define
 the semantics. :func:`normkit.layer_norm` and :func:`normkit.rms_norm` send a call here when it

@@ -25,14 +25,14 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from normkit.errors import NormDeviceError, NormShapeError, NormTypeError
-from normkit.validation import check_floating_tensor
+from normkit.functional import layer_norm, rms_norm
+from normkit.reference import default_rms_eps, norm_backward_differentiable
+from normkit.validation import as_normalized_shape, check_floating_tensor, check_residual
 
 __all__ = ["layer_norm_linear", "rms_norm_linear"]
 
 
 def _norm(x, weight, bias, shape, eps, is_rms, out_dtype=None):
-    from normkit.functional import layer_norm, rms_norm
-
     kw = {} if out_dtype is None or out_dtype == x.dtype else {"out_dtype": out_dtype}
     if is_rms:
         return rms_norm(x, shape, weight, eps, **kw)
@@ -43,8 +43,6 @@ def _residual_sum(x: Tensor, residual, residual_in_fp32: bool) -> Tensor:
     """The norm's input ``s`` (flash-attn's residual stream): ``x + residual`` added in float32
     and rounded once to ``x``'s dtype, or kept in float32 with ``residual_in_fp32`` (required for
     a residual of another dtype); ``x`` itself without either. Differentiable (plain torch ops)."""
-    from normkit.validation import check_residual
-
     if not isinstance(residual_in_fp32, bool):
         raise TypeError(f"residual_in_fp32 must be a bool, got {residual_in_fp32!r}")
     check_residual(residual, x, same_dtype=not residual_in_fp32)
@@ -126,9 +124,6 @@ class _NormLinear(torch.autograd.Function):
 def _norm_vjp(dy, x, weight, bias, shape, eps, is_rms):
     """The norm's ``(dx, dweight, dbias)`` by :func:`normkit.reference.norm_backward_differentiable`
     (plain torch ops, which ``torch.compile`` traces) on the flattened ``(rows, N)`` view."""
-    from normkit.reference import default_rms_eps, norm_backward_differentiable
-    from normkit.validation import as_normalized_shape
-
     n = 1
     for d in as_normalized_shape(shape):
         n *= d

@@ -1,4 +1,4 @@
-"""The normkit op: the kernel contract (:mod:`normkit.backends.contract`) with autograd, once.
+"""The normkit op: the kernel contract (:mod:`normkit.contract`) with autograd, once.
 
 One ``torch.library`` custom op for forward and one for backward (``normkit::norm_fwd`` /
 ``normkit::norm_bwd``), naming the backend by a string argument, so ``torch.compile`` sees one
@@ -28,7 +28,7 @@ from normkit import _torch_private as private
 from normkit import reference
 from normkit.backends import get_backend
 from normkit.backends.base import into_buffers
-from normkit.backends.contract import ForwardOut, GradNeeds, GradsOut, KernelSpec, sum_is_input
+from normkit.contract import ForwardOut, GradNeeds, GradsOut, KernelSpec, sum_is_input
 from normkit.reference import compute_dtype
 
 __all__ = ["KernelCall", "run", "plain_eager"]

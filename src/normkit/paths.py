@@ -62,8 +62,6 @@ def complex_rms_norm(x, normalized_shape, weight, eps):
 def fused_composite(x, residual, x1, rowscale, weight, bias, weight1, bias1, spec):
     """A call with fused options as the reference composite (:func:`normkit.reference.fused_forward`,
     torch ops every autograd mode and exporter understands), on ``(M, N)`` tensors, with the
-    reference backend's dropout streams. Returns a :class:`~normkit.backends.contract.ForwardOut`."""
-    from normkit.backends.base import fused_keep_masks
-
-    keep, keep1 = fused_keep_masks(ref.draw_dropout_seed(spec.dropout_p), x, x1, spec.dropout_p)
+    reference backend's dropout streams. Returns a :class:`~normkit.contract.ForwardOut`."""
+    keep, keep1 = ref.fused_keep_masks(ref.draw_dropout_seed(spec.dropout_p), x, x1, spec.dropout_p)
     return ref.fused_forward(x, residual, x1, rowscale, weight, bias, weight1, bias1, spec, keep, keep1)

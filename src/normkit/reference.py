@@ -53,6 +53,8 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+from normkit.contract import ForwardOut, GradsOut, sum_is_input
+
 ShapeLike = Union[int, Sequence[int], torch.Size]
 
 __all__ = [
@@ -83,6 +85,18 @@ def zero_centered_gain(weight: Tensor, dtype: torch.dtype) -> Tensor:
     16-bit weight dtype: near 1 bfloat16 steps by 2**-7, so a learned offset of 0.003 would vanish.
     Gradients reach ``weight`` through the sum (autograd casts them back to its dtype)."""
     return 1.0 + weight.to(compute_dtype(dtype))
+
+
+def fused_keep_masks(seed: int, x: Tensor, x1: Optional[Tensor], dropout_p: float):
+    """The reference dropout streams of the fused contract: ``(keep, keep1)`` boolean masks of
+    ``x``'s shape (``None`` without dropout; ``keep1`` only with ``x1``), stream 0 seeded by
+    ``seed``, stream 1 by ``seed + 2**31`` (seeds are below ``2**31``, so the streams of all
+    calls are distinct)."""
+    if dropout_p == 0.0:
+        return None, None
+    keep = dropout_keep_mask(seed, x.shape, dropout_p, x.device)
+    keep1 = None if x1 is None else dropout_keep_mask(seed + 2**31, x.shape, dropout_p, x.device)
+    return keep, keep1
 
 
 def draw_dropout_seed(dropout_p: float) -> int:
@@ -317,7 +331,7 @@ def _backward_formula(dy, dsum, s_hat, rstd, weight, is_rms, keep_scale):
     return dx.to(dy.dtype), ds.to(dy.dtype), (dy32 * s_hat).sum(0), dy32.sum(0)
 
 
-# --- The fused kernel contract (normkit.backends.contract): every option, one forward, one backward.
+# --- The fused kernel contract (normkit.contract): every option, one forward, one backward.
 
 
 def fused_forward(
@@ -333,13 +347,11 @@ def fused_forward(
     keep: Optional[Tensor] = None,
     keep1: Optional[Tensor] = None,
 ):
-    """The contract's forward (:mod:`normkit.backends.contract`, whose docstring has the math)
+    """The contract's forward (:mod:`normkit.contract`, whose docstring has the math)
     on ``(M, N)`` tensors, as torch ops that autograd differentiates: ``keep``/``keep1`` are
     the boolean keep masks of ``x`` and ``x1`` (``None`` without dropout). Returns a
-    :class:`~normkit.backends.contract.ForwardOut`; the masks in it are ``keep``/``keep1``
+    :class:`~normkit.contract.ForwardOut`; the masks in it are ``keep``/``keep1``
     when ``spec.store_mask``."""
-    from normkit.backends.contract import ForwardOut, sum_is_input
-
     p = spec.dropout_p
     if sum_is_input(x, residual, x1, rowscale, spec):
         s = x
@@ -395,15 +407,13 @@ def fused_backward(
     keep1: Optional[Tensor] = None,
     stats: Optional[Tuple[Optional[Tensor], Tensor]] = None,
 ):
-    """The contract's backward (the formulas of :mod:`normkit.backends.contract`) as torch ops
+    """The contract's backward (the formulas of :mod:`normkit.contract`) as torch ops
     from the saved sum ``s``. With ``stats=None`` the row statistics are recomputed from ``s``
     with differentiable ops, so under ``create_graph=True`` this is every backend's
     differentiable backward (double backward: the second derivative includes the statistics'
     dependence on ``s``); ``stats = (mean, rstd)`` as the forward saved them (``(M,)``) gives
     the first-order reference of the kernels. Returns a
-    :class:`~normkit.backends.contract.GradsOut` with ``None`` where ``needs`` says so."""
-    from normkit.backends.contract import GradsOut
-
+    :class:`~normkit.contract.GradsOut` with ``None`` where ``needs`` says so."""
     acc = compute_dtype(torch.promote_types(s.dtype, x_dtype))
     s_acc = s.to(acc)
     if stats is None:

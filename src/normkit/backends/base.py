@@ -1,6 +1,6 @@
 """The backend contract: what a kernel implementation must provide to plug into normkit.
 
-A backend implements the one kernel contract of :mod:`normkit.backends.contract`:
+A backend implements the one kernel contract of :mod:`normkit.contract`:
 :meth:`Backend.fused_forward` and :meth:`Backend.fused_backward` on contiguous 2-D ``(M, N)``
 views, every fused option a switch of one forward and one backward kernel, with exactly the
 semantics of :func:`normkit.reference.fused_forward` / :func:`normkit.reference.fused_backward`
@@ -20,7 +20,9 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from normkit.backends.contract import ForwardOut, GradNeeds, GradsOut, KernelSpec, sum_is_input
+from normkit import reference
+from normkit.contract import ForwardOut, GradNeeds, GradsOut, KernelSpec, sum_is_input
+from normkit.reference import fused_keep_masks
 
 ForwardResult = Tuple[Tensor, Optional[Tensor], Optional[Tensor], Tensor]
 BackwardResult = Tuple[Tensor, Tensor, Tensor, Tensor]
@@ -73,7 +75,7 @@ class Backend:
         g = self.fused_backward(dy, None, dsum, s, weight, None, None, mean, rstd, spec, seed, needs, dy.dtype, dy.dtype)
         return g.dx, g.dresidual if dropout else g.dx, g.dweight, g.dbias
 
-    # --- the fused contract (normkit.backends.contract): every option in one forward and one
+    # --- the fused contract (normkit.contract): every option in one forward and one
     # backward kernel. The defaults run the reference's torch ops with the reference's dropout
     # stream, so a backend without its own kernels for an option is still correct.
 
@@ -102,8 +104,6 @@ class Backend:
         parameters ``(N,)``), the dropout masks drawn from ``seed``. ``out`` / ``out1`` /
         ``residual_out``, when given, are contiguous ``(M, N)`` buffers of ``y``'s / ``y1``'s /
         ``s``'s dtype that share no memory with an input: the kernel writes them and returns them."""
-        from normkit import reference
-
         keep, keep1 = fused_keep_masks(seed, x, x1, spec.dropout_p)
         res = reference.fused_forward(x, residual, x1, rowscale, weight, bias, weight1, bias1, spec, keep, keep1)
         return into_buffers(res, out, out1, residual_out)
@@ -129,8 +129,6 @@ class Backend:
         ``None``: zero), ``dsum`` of ``s``'s dtype or ``None``, ``s`` the saved sum (``x`` when
         no sum was formed), ``mean``/``rstd`` as the forward returned them, the masks
         regenerated from ``seed``. Computes only what ``needs`` asks for."""
-        from normkit import reference
-
         keep, keep1 = fused_keep_masks(seed, s, None if dy1 is None and not needs.x1 else s, spec.dropout_p)
         with torch.no_grad():
             return reference.fused_backward(
@@ -152,27 +150,6 @@ class Backend:
 
     def __repr__(self) -> str:
         return f"<normkit backend {self.name!r}>"
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Statistics dtype for an input dtype (re-exported here for backends)."""
-    from normkit.reference import compute_dtype as _compute_dtype
-
-    return _compute_dtype(dtype)
-
-
-def fused_keep_masks(seed: int, x: Tensor, x1: Optional[Tensor], dropout_p: float):
-    """The reference dropout stream of the fused contract: ``(keep, keep1)`` boolean masks of
-    ``x``'s shape (``None`` without dropout; ``keep1`` only with ``x1``), stream 0 seeded by
-    ``seed``, stream 1 by ``seed + 2**31`` (seeds are below ``2**31``, so the streams of all
-    calls are distinct)."""
-    if dropout_p == 0.0:
-        return None, None
-    from normkit.reference import dropout_keep_mask
-
-    keep = dropout_keep_mask(seed, x.shape, dropout_p, x.device)
-    keep1 = None if x1 is None else dropout_keep_mask(seed + 2**31, x.shape, dropout_p, x.device)
-    return keep, keep1
 
 
 def into_buffers(res: ForwardOut, out, out1, residual_out) -> ForwardOut:

@@ -3,7 +3,7 @@
 
 Float32, float64, bfloat16 and float16 CPU tensors. The old contract (:meth:`CpuBackend.forward` /
 :meth:`CpuBackend.backward`) is served without dropout (dropout runs on the reference); the fused
-contract (:mod:`normkit.backends.contract`, :meth:`CpuBackend.fused_forward` /
+contract (:mod:`normkit.contract`, :meth:`CpuBackend.fused_forward` /
 :meth:`CpuBackend.fused_backward`, :file:`csrc/fused_cpu.cpp`) takes every option, dropout and its
 masks included. The kernels (:file:`csrc/norm_cpu.cpp`, row math shared in :file:`csrc/row_math.h`)
 implement :mod:`normkit.reference` exactly: float32 statistics (float64 for float64 input) by
@@ -31,8 +31,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from normkit.backends import memory
 from normkit.backends.base import Backend
-from normkit.backends.contract import ForwardOut, GradNeeds, GradsOut, KernelSpec
+from normkit.contract import ForwardOut, GradNeeds, GradsOut, KernelSpec
 
 __all__ = ["CpuBackend", "BACKEND", "extension", "DTYPES", "build_mismatch", "unavailable_reason"]
 
@@ -161,9 +162,7 @@ class CpuBackend(Backend):
         return extension if x.device.type == "cpu" and x.dtype == torch.float32 else None
 
     def empty_like(self, t: Tensor) -> Tensor:
-        from normkit.backends.memory import empty_like
-
-        return empty_like(t)
+        return memory.empty_like(t)
 
 
 BACKEND = CpuBackend()

@@ -1,7 +1,7 @@
 r"""The ``"triton"`` backend: fused layer norm / RMS norm kernels for CUDA tensors.
 
 The kernels are in :mod:`normkit.backends.triton_kernels`: one forward and one backward kernel
-implementing the fused contract (:mod:`normkit.backends.contract`), each option a constexpr;
+implementing the fused contract (:mod:`normkit.contract`), each option a constexpr;
 :meth:`TritonBackend.forward` / :meth:`~TritonBackend.backward` (the plain contract) launch the
 same kernels with the options off. This module holds the backend class, the launch
 configuration and the launchers. It never imports the kernels module before the first
@@ -59,7 +59,7 @@ import torch
 from torch import Tensor
 
 from normkit.backends.base import Backend
-from normkit.backends.contract import ForwardOut, GradNeeds, GradsOut, KernelSpec, sum_is_input
+from normkit.contract import ForwardOut, GradNeeds, GradsOut, KernelSpec, sum_is_input
 
 __all__ = ["BACKEND", "LaunchConfig", "TritonBackend", "launch_config"]
 
@@ -207,7 +207,7 @@ class TritonBackend(Backend):
 
     # The plain contract is the fused one with its options off: the same two kernels serve both.
 
-    # --- the fused contract (normkit.backends.contract): one forward and one backward kernel,
+    # --- the fused contract (normkit.contract): one forward and one backward kernel,
     # every option a constexpr switch.
 
     def fused_supports(self, x: Tensor, spec: KernelSpec) -> bool:

@@ -1,5 +1,5 @@
 r"""Triton kernels for layer norm and RMS norm with every option of the fused contract
-(:mod:`normkit.backends.contract`): one forward kernel, one backward kernel, and a
+(:mod:`normkit.contract`): one forward kernel, one backward kernel, and a
 row-statistics pass for rows too wide to keep on chip. Launchers live in
 :mod:`normkit.backends.triton`; the semantics are :func:`normkit.reference.fused_forward` /
 ``fused_backward``'s.

@@ -1,5 +1,5 @@
 // normkit._C.fused_backward: the backward of the fused kernel contract
-// (normkit.backends.contract) on contiguous (M, N) tensors, computing and allocating only the
+// (normkit.contract) on contiguous (M, N) tensors, computing and allocating only the
 // gradients asked for. Row passes in fused_rows.h, the plan-of-passes design of fused_cpu.cpp:
 // per row, g = dy w + dy1 w1 into an Acc buffer, the two row means of the normalized gradient
 // (row_math.h's grad_means / grad_means_centred, which also recover the mean's lo part), ds,

@@ -1,5 +1,5 @@
 // normkit._C.fused_forward / fused_backward: the fused kernel contract of
-// normkit.backends.contract (residual of any dtype, x1, rowscale, weight1/bias1, dropout with
+// normkit.contract (residual of any dtype, x1, rowscale, weight1/bias1, dropout with
 // its masks, sum and output dtypes, caller's buffers) on contiguous (M, N) tensors, in one pass
 // over memory.
 //
@@ -369,7 +369,7 @@ void register_fused(py::module& m) {
               arg_optional_tensor(residual_out, "residual_out"));
           return as_tuple(res);
         },
-        "the fused forward of normkit.backends.contract on contiguous (M, N): (y, y1, s, mean, rstd, mask, mask1)",
+        "the fused forward of normkit.contract on contiguous (M, N): (y, y1, s, mean, rstd, mask, mask1)",
         py::arg("x"), py::arg("residual"), py::arg("x1"), py::arg("rowscale"), py::arg("weight"), py::arg("bias"),
         py::arg("weight1"), py::arg("bias1"), py::arg("eps"), py::arg("is_rms"), py::arg("dropout_p"), py::arg("seed"),
         py::arg("sum_dtype"), py::arg("out_dtype"), py::arg("store_sum"), py::arg("store_mask"),
@@ -396,7 +396,7 @@ void register_fused(py::module& m) {
               arg_int(seed, "seed"), nd, arg_dtype(x_dtype, "x_dtype"), rdt);
           return as_tuple(res);
         },
-        "the fused backward of normkit.backends.contract: (dx, dx1, dresidual, dweight, dbias, dweight1, dbias1), "
+        "the fused backward of normkit.contract: (dx, dx1, dresidual, dweight, dbias, dweight1, dbias1), "
         "None where needs says so",
         py::arg("dy"), py::arg("dy1"), py::arg("dsum"), py::arg("s"), py::arg("weight"), py::arg("weight1"),
         py::arg("rowscale"), py::arg("mean"), py::arg("rstd"), py::arg("eps"), py::arg("is_rms"),

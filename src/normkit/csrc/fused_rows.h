@@ -1,5 +1,5 @@
 // The row passes of the fused kernels (fused_cpu.cpp): the contract of
-// normkit.backends.contract, one row at a time, each option a compile-time switch.
+// normkit.contract, one row at a time, each option a compile-time switch.
 //
 // Design: a row is a short sequence of passes over an Acc row buffer that stays in L1/L2
 // (8 KiB for a float32 row of 2048): the sum passes (x * rowscale * keep / (1 - p) with the
