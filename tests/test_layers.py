@@ -10,7 +10,7 @@ import normkit
 
 SRC = pathlib.Path(normkit.__file__).parent
 CORE = ["errors", "contract", "reference", "validation", "_torch_private", "backends/__init__", "backends/base",
-        "backends/reference", "backends/cpu", "backends/triton", "backends/memory", "ops", "paths", "distributed",
+        "backends/reference", "backends/cpu", "backends/triton", "ops", "paths", "distributed",
         "compile_policy", "fused_options", "dispatch", "functional", "functional_channels", "norm_linear"]
 # Deliberately lazy: the compiled extension (its build record is checked before it loads) and the
 # Triton kernels (imported on the first launch, never at `import normkit`).

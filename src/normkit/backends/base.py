@@ -142,12 +142,6 @@ class Backend:
         :mod:`normkit.nn.rnn.sequence` run."""
         return None
 
-    def empty_like(self, t: Tensor) -> Tensor:
-        """An uninitialized buffer like ``t`` for a full-size output made outside the kernels
-        (the residual gradient when it must be a copy of dx); a backend may allocate it the
-        way its own outputs are allocated."""
-        return torch.empty_like(t)
-
     def __repr__(self) -> str:
         return f"<normkit backend {self.name!r}>"
 

@@ -31,7 +31,6 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from normkit.backends import memory
 from normkit.backends.base import Backend
 from normkit.contract import ForwardOut, GradNeeds, GradsOut, KernelSpec
 
@@ -160,9 +159,6 @@ class CpuBackend(Backend):
     def rnn_steps(self, x: Tensor):
         """The compiled LN-LSTM/GRU time loops (``normkit._C.lstm_forward`` ...) for float32."""
         return extension if x.device.type == "cpu" and x.dtype == torch.float32 else None
-
-    def empty_like(self, t: Tensor) -> Tensor:
-        return memory.empty_like(t)
 
 
 BACKEND = CpuBackend()
