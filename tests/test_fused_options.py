@@ -543,3 +543,65 @@ def test_out_is_written_by_the_kernel_without_a_copy(monkeypatch, is_rms, with_r
     y2 = fn(xg, (7, 33), w, out=out2, **kw) if is_rms else fn(xg, (7, 33), w, b, out=out2, **kw)
     assert y2.grad_fn is not None
     torch.testing.assert_close(y2.detach(), want)
+
+
+# --- one kernel call per option call (issue 23: the options are switches of one kernel)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference", "triton"])
+@pytest.mark.parametrize("grad", [False, True])
+def test_every_option_is_one_kernel_call_and_backward_computes_only_what_is_needed(backend, grad, monkeypatch):
+    from helpers import backend_or_skip
+
+    from normkit.backends import get_backend
+
+    backend_or_skip(backend)
+    impl = get_backend(backend)
+    calls = []
+    real_fwd, real_bwd = impl.fused_forward, impl.fused_backward
+    monkeypatch.setattr(impl, "fused_forward", lambda *a: calls.append(("fwd", a[8])) or real_fwd(*a))
+    monkeypatch.setattr(impl, "fused_backward", lambda *a: calls.append(("bwd", a[11])) or real_bwd(*a))
+    x, r, x1 = randn((3, 5, 24), seed=90), randn((3, 5, 24), seed=91), randn((3, 5, 24), seed=92)
+    w, b = _params(24, seed=93)
+    w1, b1 = _params(24, seed=94)
+    x.requires_grad_(grad)
+    w1.requires_grad_(grad)  # the first gain stays frozen: no dweight is computed for it
+    with normkit.use_backend(backend):
+        y, y1, s = normkit.layer_norm(x, (24,), w, b, residual=r, prenorm=True, x1=x1, weight1=w1, bias1=b1,
+                                      out_dtype=torch.float32, residual_in_fp32=True)
+        assert [c[0] for c in calls] == ["fwd"], calls
+        if grad:
+            (y.sum() + 2 * y1.sum() + s.sum()).backward()
+    want_y, want_y1, want_s = ref_fused(x.detach(), r, x1, w, b, w1, b1)
+    torch.testing.assert_close(y.detach(), want_y)
+    torch.testing.assert_close(y1.detach(), want_y1)
+    torch.testing.assert_close(s.detach(), want_s)
+    if grad:
+        assert [c[0] for c in calls] == ["fwd", "bwd"], calls
+        needs = calls[1][1]
+        assert needs.x and needs.weight1 and not needs.weight and not needs.bias and not needs.residual and not needs.x1
+        assert x.grad is not None and w1.grad is not None and w.grad is None
+
+
+def ref_fused(x, r, x1, w, b, w1, b1):
+    s = x + x1 + r
+    return (torch.nn.functional.layer_norm(s, (24,), w, b), torch.nn.functional.layer_norm(s, (24,), w1, b1), s)
+
+
+def test_out_and_residual_out_without_gradients_are_written_by_the_kernel(monkeypatch):
+    from normkit.backends import cpu
+
+    if cpu.extension is None:
+        pytest.skip("needs normkit._C")
+    x, r, x1 = randn((4, 40), seed=95), randn((4, 40), seed=96), randn((4, 40), seed=97)
+    w, b = _params(40, seed=98)
+    out, res_out = torch.empty(4, 40), torch.empty(4, 40)
+    copies = []
+    real_copy = torch.Tensor.copy_
+    monkeypatch.setattr(torch.Tensor, "copy_", lambda self, src, *a, **k: copies.append(self) or real_copy(self, src, *a, **k))
+    y, s = normkit.rms_norm(x, (40,), w, residual=r, x1=x1, bias=b, prenorm=True, out=out, residual_out=res_out)
+    monkeypatch.undo()
+    assert y is out and s is res_out and not copies
+    want_s = x + x1 + r
+    torch.testing.assert_close(s, want_s)
+    torch.testing.assert_close(y, torch.nn.functional.rms_norm(want_s, (40,), w, normkit.reference.default_rms_eps(torch.float32)) + b)
