@@ -427,14 +427,7 @@ def _run_options(args: argparse.Namespace) -> int:
         "machine": {**machine_info("cpu"), "load_average_start": load_start, "load_average_end": S.load_average()},
         "results": results,
     }
-    table = O.markdown(results)
-    print(table, file=sys.stderr if args.json == "-" else sys.stdout)
-    if args.json:
-        write_json(doc, args.json, inline_lists=True)
-    if args.markdown:
-        with open(args.markdown, "w") as fh:
-            fh.write(table + "\n")
-    return 0
+    return _emit(doc, O.markdown(results), args)
 
 
 def _run_compile(args: argparse.Namespace) -> int:
@@ -478,7 +471,12 @@ def _run_compile(args: argparse.Namespace) -> int:
         "config": {"models": models, "quick": args.quick, **dataclasses.asdict(settings)},
         "results": results,
     }
-    table = CS.markdown(results)
+    return _emit(doc, CS.markdown(results), args)
+
+
+def _emit(doc: dict, table: str, args: argparse.Namespace) -> int:
+    """Print a suite's Markdown table (to stderr when the JSON goes to stdout) and write the
+    JSON record and the table where ``--json`` / ``--markdown`` say."""
     print(table, file=sys.stderr if args.json == "-" else sys.stdout)
     if args.json:
         write_json(doc, args.json, inline_lists=True)
