@@ -59,7 +59,7 @@ def test_the_compiled_backend_is_the_cpu_default_and_the_reference_the_next():
     assert normkit.backends.available()[-2:] == ["cpu", "reference"]
     for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         assert select_backend(torch.ones(2, 3, dtype=dtype)).name == "cpu", dtype
-    assert select_backend(torch.ones(2, 3), dropout_p=0.1).name == "reference"
+    assert select_backend(torch.ones(2, 3), dropout_p=0.1).name == "cpu"  # the fused kernels' own dropout
     assert not compiled.BACKEND.supports(torch.ones(2, 3, device="meta"), 0.0)
 
 
@@ -67,8 +67,10 @@ def test_unsupported_calls_fall_back_to_the_reference(cpu):
     x = randn((4, 33), seed=1)
     with normkit.use_backend("cpu"):
         assert select_backend(x).name == "cpu"
-        assert select_backend(x, dropout_p=0.1).name == "reference"
-        assert "does not support" in normkit.backends.explain_backend(x, dropout_p=0.1)
+        assert select_backend(x, dropout_p=0.1).name == "cpu"  # dropout runs in the fused kernels
+        z = x.to(torch.complex64)
+        assert select_backend(z).name == "reference"
+        assert "does not support" in normkit.backends.explain_backend(z)
 
 
 # --- bfloat16 conversion ---------------------------------------------------------------------
