@@ -288,11 +288,15 @@ std::vector<Tensor> fused_backward(const OptTensor& dy_in, const OptTensor& dy1_
   Tensor dx = need_dx ? full(x_dtype) : Tensor();
   Tensor dx1 = need_dx1 ? full(x_dtype) : Tensor();
   Tensor dres = need_dres ? full(*residual_dtype) : Tensor();
-  // a parameter gradient is summed from dy (dy1); without it, it is zero
-  auto param = [&](bool need) { return need ? at::zeros({n}, opts.dtype(acc)) : Tensor(); };
-  Tensor dw = param(need_dw), db = param(need_db), dw1 = param(need_dw1), db1 = param(need_db1);
   const bool any_out = need_dx || need_dx1 || need_dres;
   const bool p0 = has_dy && (need_dw || need_db), p1 = has_dy1 && (need_dw1 || need_db1);
+  // a parameter gradient is summed from dy (dy1) over every row; without it, it is zero
+  const bool some_rows = rows > 0 && n > 0;
+  auto param = [&](bool need, bool summed) {
+    if (!need) return Tensor();
+    return summed && some_rows ? at::empty({n}, opts.dtype(acc)) : at::zeros({n}, opts.dtype(acc));
+  };
+  Tensor dw = param(need_dw, p0), db = param(need_db, p0), dw1 = param(need_dw1, p1), db1 = param(need_db1, p1);
   if (rows == 0 || n == 0 || (!any_out && !p0 && !p1)) return {dx, dx1, dres, dw, db, dw1, db1};
 
   const Tensor s = resolved(s_in);
@@ -312,12 +316,15 @@ std::vector<Tensor> fused_backward(const OptTensor& dy_in, const OptTensor& dy1_
 
   auto run = [&](auto acc_tag) {
     using Acc = decltype(acc_tag);
-    const Tensor ones = at::ones({n}, opts.dtype(acc));
     Tensor w = as_param(weight, acc), w1 = as_param(weight1, acc);
+    // a unit gain where one is missing, and for the means of a g buffer (see bwd_rows)
+    const bool via_g = !(has_dy && !has_dy1);
+    const Tensor ones = !w.defined() || (has_dy1 && !w1.defined()) || (!plain && via_g) ? at::ones({n}, opts.dtype(acc))
+                                                                                           : Tensor();
     BwdPlan<Acc> p;
     p.n = n;
     p.is_rms = is_rms;
-    p.ones = ones.const_data_ptr<Acc>();
+    p.ones = ones.defined() ? ones.const_data_ptr<Acc>() : nullptr;
     p.w = w.defined() ? w.const_data_ptr<Acc>() : p.ones;
     p.w1 = w1.defined() ? w1.const_data_ptr<Acc>() : p.ones;
     p.mean = mean.defined() ? mean.const_data_ptr<Acc>() : nullptr;

@@ -243,9 +243,10 @@ NORMKIT_INLINE void grad_row(const S* s, const O* dy, const S* dsum, int64_t n, 
     const Acc d = load<O, Acc>(dy[j]);
     Acc extra;
     if constexpr (DSUM) extra = load<S, Acc>(dsum[j]); else extra = Acc(0);
-    const Out v = store<Out>((d * w[j] - xh * c_gx - c_g) * rs + extra);
-    out[j] = v;
-    if constexpr (TWO) out2[j] = v;
+    // (rounded per store: a bfloat16 local would keep GCC from vectorizing the loop)
+    const Acc v = (d * w[j] - xh * c_gx - c_g) * rs + extra;
+    out[j] = store<Out>(v);
+    if constexpr (TWO) out2[j] = store<Out>(v);
     if constexpr (NW) dw[j] += d * xh;
     if constexpr (NB) db[j] += d;
   }
