@@ -219,6 +219,43 @@ def test_backward_computes_only_what_is_needed(needs, grads_in):
         assert torch.count_nonzero(g.dweight) == 0 and torch.count_nonzero(g.dbias) == 0
 
 
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("is_rms", [False, True])
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("rows, n", [(33, 257), (300, 1000)])  # one serial chunk; many chunks, threads
+def test_plain_backward_equals_the_native_node_bit_for_bit(dtype, is_rms, residual, rows, n):
+    """One C++ backward: the eager node of the native route (``NormFunction``, ``_C.norm``) and
+    the plain contract call (``_C.fused_backward``, no option) give the same bits: dx, the
+    residual's gradient (from dsum), dW and dB, at 1 and 2 threads."""
+    x = randn((rows, n), dtype, seed=21, offset=0.0 if is_rms else 1e3)
+    r = randn((rows, n), dtype, seed=22) if residual else None
+    w = randn((n,), F32, seed=23, scale=0.5, offset=1.0)
+    b = randn((n,), F32, seed=24, scale=0.5)
+    dy = randn((rows, n), dtype, seed=25)
+    dsum = randn((rows, n), dtype, seed=26) if residual else None
+    _, s, mean, rstd = compiled.extension.forward(x, r, w, b, 1e-5, is_rms, residual)
+    s = x if s is None else s
+    spec = KernelSpec(is_rms=is_rms, eps=1e-5, dropout_p=0.0, sum_dtype=dtype, out_dtype=dtype, store_sum=residual)
+    needs = GradNeeds(x=True, residual=residual, weight=True, bias=True)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            leaves = [t.detach().clone().requires_grad_(True) for t in (x, r, w, b) if t is not None]
+            xx, rr = leaves[0], (leaves[1] if residual else None)
+            ww, bb = leaves[-2:]
+            outs = compiled.extension.norm(xx, n, ww, bb, 1e-5, is_rms, rr)
+            native = torch.autograd.grad(outs, leaves, [dy] + ([dsum] if residual else []))
+            fused = BACKEND.fused_backward(dy, None, dsum, s, w, None, None, mean, rstd, spec, 0, needs, dtype,
+                                           dtype if residual else None)
+            want = [fused.dx] + ([fused.dresidual] if residual else []) + [fused.dweight, fused.dbias]
+            names = ["dx"] + (["dresidual"] if residual else []) + ["dweight", "dbias"]
+            for name, a, c in zip(names, native, want):
+                assert a.dtype == c.dtype and torch.equal(a, c), f"{name} differs at {threads} threads"
+    finally:
+        torch.set_num_threads(before)
+
+
 # --- determinism and dropout ---------------------------------------------------------------------
 
 

@@ -1,10 +1,19 @@
 // normkit._C.fused_backward: the backward of the fused kernel contract
 // (normkit.contract) on contiguous (M, N) tensors, computing and allocating only the
-// gradients asked for. Row passes in fused_rows.h, the plan-of-passes design of fused_cpu.cpp:
-// per row, g = dy w + dy1 w1 into an Acc buffer, the two row means of the normalized gradient
-// (row_math.h's grad_means / grad_means_centred, which also recover the mean's lo part), ds,
-// then each wanted output from ds (dresidual, dx with rowscale and the regenerated keep mask,
-// dx1) and the per-chunk partials of dW / dB / dW1 / dB1, added in chunk order afterwards.
+// gradients asked for; the one C++ backward kernel (the eager node of norm_cpu.cpp and the raw
+// _C.backward call it with the options off).
+//
+// Per row, after row_math.h's two means of the normalized gradient (grad_means /
+// grad_means_centred, which also recover the mean's lo part), one pass (fused_rows.h's
+// grad_row) reads s and dy once more, forms ds and adds the row's dy * s_hat and dy to the
+// chunk's dW / dB partials, added in chunk order afterwards (thread-count independent):
+//  * the plain call (dy only, no dy1, dropout, rowscale or dx1; s, dy, dsum, dx and dresidual of
+//    one dtype): that pass also adds dsum and writes dx (and dresidual) itself: two reads of
+//    the row, one write, as in a copy;
+//  * every option call: the same pass writes ds into an Acc row buffer (L1), then dsum is added
+//    and each wanted output written from it (dresidual, dx with rowscale and the regenerated
+//    keep mask, dx1); with dy1, g = dy w + dy1 w1 is first formed in a buffer and the
+//    parameter partials take their own pass.
 #include <torch/extension.h>
 
 #include <vector>
@@ -75,6 +84,87 @@ NORMKIT_CLONES void param_pass(const void* dy, const Acc* shat, int64_t n, Acc* 
   grad_param_row<O, Acc, NW, NB>(static_cast<const O*>(dy), shat, n, dw, db);
 }
 
+// Means and ds of a row without dy1 straight from dy (g = dy w is formed in registers), with
+// the chunk's dW / dB partials: ds into the Acc buffer, for the option passes.
+template <typename Acc>
+using DyPass = void (*)(const void*, const void*, int64_t, const Acc*, bool, RowStats<Acc>&, Acc*, Acc*, Acc*);
+
+template <typename S, typename O, typename Acc, bool NW, bool NB>
+NORMKIT_CLONES void dy_pass(const void* s_v, const void* dy_v, int64_t n, const Acc* w, bool is_rms, RowStats<Acc>& st,
+                            Acc* ds, Acc* dw, Acc* db) {
+  const S* s = static_cast<const S*>(s_v);
+  const O* dy = static_cast<const O*>(dy_v);
+  Acc c_g = 0, c_gx = 0;
+  if (is_rms) {
+    c_gx = grad_means<S, Acc, O>(s, dy, n, st, w).g_shat;
+  } else {
+    const auto m = grad_means_centred<S, Acc, O>(s, dy, n, st.mean, st.rstd, w, st.lo);
+    c_g = m.g;
+    c_gx = m.g_shat;
+  }
+  grad_row<S, O, Acc, Acc, false, NW, NB, false>(s, dy, nullptr, n, w, st, c_g, c_gx, ds, nullptr, dw, db);
+}
+
+template <typename S, typename O, typename Acc>
+DyPass<Acc> pick_dy_pass(bool nw, bool nb) {
+  if (nw && nb) return &dy_pass<S, O, Acc, true, true>;
+  if (nw) return &dy_pass<S, O, Acc, true, false>;
+  if (nb) return &dy_pass<S, O, Acc, false, true>;
+  return &dy_pass<S, O, Acc, false, false>;
+}
+
+// --- the plain call -------------------------------------------------------------------------------
+
+template <typename Acc>
+struct PlainArgs {
+  const void *s, *dy, *dsum;  // dsum may be null
+  void *out, *out2;           // dx and / or dresidual (out2 null: one output)
+  const Acc *w, *mean, *rstd;  // w: ones when absent; mean null for RMS norm
+  int64_t n;
+};
+
+template <typename Acc>
+using PlainRows = void (*)(const PlainArgs<Acc>&, int64_t, int64_t, Acc*, Acc*);
+
+// Rows lo..hi of the plain call (one dtype T): per row the two means, then grad_row writing dx
+// (and dresidual); dwp / dbp (N,) receive the chunk's partial sums when NW / NB.
+template <typename T, typename Acc, bool DSUM, bool NW, bool NB, bool TWO>
+NORMKIT_CLONES void plain_rows(const PlainArgs<Acc>& a, int64_t lo, int64_t hi, Acc* dwp, Acc* dbp) {
+  const int64_t n = a.n;
+  const T* s = static_cast<const T*>(a.s);
+  const T* dy = static_cast<const T*>(a.dy);
+  const T* dsum = static_cast<const T*>(a.dsum);
+  T* out = static_cast<T*>(a.out);
+  T* out2 = static_cast<T*>(a.out2);
+  if constexpr (NW) std::fill(dwp, dwp + n, Acc(0));
+  if constexpr (NB) std::fill(dbp, dbp + n, Acc(0));
+  for (int64_t i = lo; i < hi; ++i) {
+    const int64_t off = i * n;
+    const T* si = s + off;
+    const T* dyi = dy + off;
+    RowStats<Acc> st{a.mean ? a.mean[i] : Acc(0), a.rstd[i]};
+    const auto m = a.mean ? grad_means_centred<T, Acc>(si, dyi, n, st.mean, st.rstd, a.w, st.lo)
+                          : grad_means<T, Acc>(si, dyi, n, st, a.w);
+    const Acc c_g = a.mean ? m.g : Acc(0);
+    grad_row<T, T, T, Acc, DSUM, NW, NB, TWO>(si, dyi, DSUM ? dsum + off : nullptr, n, a.w, st, c_g, m.g_shat,
+                                               out + off, TWO ? out2 + off : nullptr, dwp, dbp);
+  }
+}
+
+template <typename T, typename Acc, bool DSUM, bool TWO>
+PlainRows<Acc> pick_plain_params(bool nw, bool nb) {
+  if (nw && nb) return &plain_rows<T, Acc, DSUM, true, true, TWO>;
+  if (nw) return &plain_rows<T, Acc, DSUM, true, false, TWO>;
+  if (nb) return &plain_rows<T, Acc, DSUM, false, true, TWO>;
+  return &plain_rows<T, Acc, DSUM, false, false, TWO>;
+}
+
+template <typename T, typename Acc>
+PlainRows<Acc> pick_plain(bool dsum, bool two, bool nw, bool nb) {
+  if (dsum) return two ? pick_plain_params<T, Acc, true, true>(nw, nb) : pick_plain_params<T, Acc, true, false>(nw, nb);
+  return two ? pick_plain_params<T, Acc, false, true>(nw, nb) : pick_plain_params<T, Acc, false, false>(nw, nb);
+}
+
 template <typename O, typename Acc>
 ParamPass<Acc> pick_param(bool nw, bool nb) {
   if (nw && nb) return &param_pass<O, Acc, true, true>;
@@ -102,7 +192,8 @@ struct BwdPlan {
   const Acc *w = nullptr, *w1 = nullptr, *ones = nullptr;  // w / w1: ones when absent
   const Acc *mean = nullptr, *rstd = nullptr, *rowscale = nullptr;
   bool is_rms = false;
-  GPass<Acc> g_pass = nullptr, g1_pass = nullptr;
+  DyPass<Acc> dy_pass = nullptr;  // without dy1: means, ds and the dW / dB partials from dy
+  GPass<Acc> g_pass = nullptr, g1_pass = nullptr;  // with dy1 (or neither): g in a buffer first
   MeansPass<Acc> means = nullptr;
   DsPass<Acc> ds_pass = nullptr;
   AddPass<Acc> dsum_pass = nullptr;
@@ -118,20 +209,25 @@ struct BwdPlan {
 template <typename Acc>
 void bwd_rows(const BwdPlan<Acc>& p, int64_t lo, int64_t hi, int64_t chunk) {
   const int64_t n = p.n;
-  std::vector<Acc> g(n), ds(n), shat(p.ds_pass && (p.p_pass || p.p1_pass) ? n : 0);
+  const bool via_g = !p.dy_pass;
+  std::vector<Acc> g(via_g ? n : 0), ds(n), shat(via_g && (p.p_pass || p.p1_pass) ? n : 0);
   const int64_t off_c = chunk * n;
   for (Acc* part : {p.dw, p.db, p.dw1, p.db1})
     if (part) std::fill(part + off_c, part + off_c + n, Acc(0));
   auto chunk_part = [&](Acc* part) { return part ? part + off_c : nullptr; };
   for (int64_t i = lo; i < hi; ++i) {
     const int64_t off = i * n;
-    if (p.g_pass) p.g_pass(p.dy + off * p.ob, n, p.w, g.data());
-    if (p.g1_pass) p.g1_pass(p.dy1 + off * p.ob1, n, p.w1, g.data());
-    if (!p.g_pass && !p.g1_pass) std::fill(g.begin(), g.end(), Acc(0));
     RowStats<Acc> st{p.mean ? p.mean[i] : Acc(0), p.rstd[i]};
-    Acc c_g = 0, c_gx = 0;
-    p.means(p.s + off * p.sb, g.data(), n, p.is_rms, p.ones, st, c_g, c_gx);
-    p.ds_pass(p.s + off * p.sb, g.data(), n, st, c_g, c_gx, ds.data(), shat.data());
+    if (p.dy_pass) {
+      p.dy_pass(p.s + off * p.sb, p.dy + off * p.ob, n, p.w, p.is_rms, st, ds.data(), chunk_part(p.dw), chunk_part(p.db));
+    } else {
+      if (p.g_pass) p.g_pass(p.dy + off * p.ob, n, p.w, g.data());
+      if (p.g1_pass) p.g1_pass(p.dy1 + off * p.ob1, n, p.w1, g.data());
+      if (!p.g_pass && !p.g1_pass) std::fill(g.begin(), g.end(), Acc(0));
+      Acc c_g = 0, c_gx = 0;
+      p.means(p.s + off * p.sb, g.data(), n, p.is_rms, p.ones, st, c_g, c_gx);
+      p.ds_pass(p.s + off * p.sb, g.data(), n, st, c_g, c_gx, ds.data(), shat.data());
+    }
     if (p.dsum_pass) p.dsum_pass(p.dsum + off * p.db_, n, ds.data());
     if (p.dres_pass) p.dres_pass(ds.data(), n, Acc(1), DropRow<Acc>{}, p.dres + off * p.rb);
     if (p.dx_pass) {
@@ -144,7 +240,7 @@ void bwd_rows(const BwdPlan<Acc>& p, int64_t lo, int64_t hi, int64_t chunk) {
       if (p.d1) d = {p.d1->col_key.data(), p.d1->row_key(i), p.d1->threshold, p.scale};
       p.dx1_pass(ds.data(), n, Acc(1), d, p.dx1 + off * p.tb);
     }
-    if (p.p_pass) p.p_pass(p.dy + off * p.ob, shat.data(), n, chunk_part(p.dw), chunk_part(p.db));
+    if (p.p_pass && via_g) p.p_pass(p.dy + off * p.ob, shat.data(), n, chunk_part(p.dw), chunk_part(p.db));
     if (p.p1_pass) p.p1_pass(p.dy1 + off * p.ob1, shat.data(), n, chunk_part(p.dw1), chunk_part(p.db1));
   }
 }
@@ -192,11 +288,15 @@ std::vector<Tensor> fused_backward(const OptTensor& dy_in, const OptTensor& dy1_
   Tensor dx = need_dx ? full(x_dtype) : Tensor();
   Tensor dx1 = need_dx1 ? full(x_dtype) : Tensor();
   Tensor dres = need_dres ? full(*residual_dtype) : Tensor();
-  // a parameter gradient is summed from dy (dy1); without it, it is zero
-  auto param = [&](bool need) { return need ? at::zeros({n}, opts.dtype(acc)) : Tensor(); };
-  Tensor dw = param(need_dw), db = param(need_db), dw1 = param(need_dw1), db1 = param(need_db1);
   const bool any_out = need_dx || need_dx1 || need_dres;
   const bool p0 = has_dy && (need_dw || need_db), p1 = has_dy1 && (need_dw1 || need_db1);
+  // a parameter gradient is summed from dy (dy1) over every row; without it, it is zero
+  const bool some_rows = rows > 0 && n > 0;
+  auto param = [&](bool need, bool summed) {
+    if (!need) return Tensor();
+    return summed && some_rows ? at::empty({n}, opts.dtype(acc)) : at::zeros({n}, opts.dtype(acc));
+  };
+  Tensor dw = param(need_dw, p0), db = param(need_db, p0), dw1 = param(need_dw1, p1), db1 = param(need_db1, p1);
   if (rows == 0 || n == 0 || (!any_out && !p0 && !p1)) return {dx, dx1, dres, dw, db, dw1, db1};
 
   const Tensor s = resolved(s_in);
@@ -204,16 +304,27 @@ std::vector<Tensor> fused_backward(const OptTensor& dy_in, const OptTensor& dy1_
   const bool drop = dropout_p > 0.0;
   const DropStream d0 = drop && need_dx ? DropStream(seed, 0, n, dropout_p) : DropStream();
   const DropStream d1 = drop && need_dx1 ? DropStream(seed, 1, n, dropout_p) : DropStream();
-  const int64_t per = rows_per_chunk(rows, n), chunks = (rows + per - 1) / per;
+  // the chunks of rows whose dW / dB partials are added in chunk order: a shape-only split (one
+  // chunk for a call small enough to run serially)
+  const bool serial = is_serial(rows, n);
+  const int64_t per = serial ? rows : rows_per_chunk(rows, n), chunks = (rows + per - 1) / per;
+  // the plain call: one pass per row after the means writes dx / dresidual (see the header)
+  const auto s_dtype = s.scalar_type();
+  const bool plain = has_dy && !has_dy1 && !drop && !rowscale.defined() && !need_dx1 && (need_dx || need_dres) &&
+                     dy->scalar_type() == s_dtype && (!has_dsum || dsum->scalar_type() == s_dtype) &&
+                     (!need_dx || x_dtype == s_dtype) && (!need_dres || *residual_dtype == s_dtype);
 
   auto run = [&](auto acc_tag) {
     using Acc = decltype(acc_tag);
-    const Tensor ones = at::ones({n}, opts.dtype(acc));
     Tensor w = as_param(weight, acc), w1 = as_param(weight1, acc);
+    // a unit gain where one is missing, and for the means of a g buffer (see bwd_rows)
+    const bool via_g = !(has_dy && !has_dy1);
+    const Tensor ones = !w.defined() || (has_dy1 && !w1.defined()) || (!plain && via_g) ? at::ones({n}, opts.dtype(acc))
+                                                                                           : Tensor();
     BwdPlan<Acc> p;
     p.n = n;
     p.is_rms = is_rms;
-    p.ones = ones.const_data_ptr<Acc>();
+    p.ones = ones.defined() ? ones.const_data_ptr<Acc>() : nullptr;
     p.w = w.defined() ? w.const_data_ptr<Acc>() : p.ones;
     p.w1 = w1.defined() ? w1.const_data_ptr<Acc>() : p.ones;
     p.mean = mean.defined() ? mean.const_data_ptr<Acc>() : nullptr;
@@ -221,11 +332,54 @@ std::vector<Tensor> fused_backward(const OptTensor& dy_in, const OptTensor& dy1_
     p.rowscale = rowscale.defined() ? rowscale.const_data_ptr<Acc>() : nullptr;
     p.s = static_cast<const char*>(s.const_data_ptr());
     p.sb = s.element_size();
+    // (chunks, N) partials of each wanted parameter gradient that dy / dy1 feeds
+    std::vector<Tensor> parts;
+    auto part = [&](bool want) -> Acc* {
+      if (!want) return nullptr;
+      parts.push_back(at::empty({chunks, n}, opts.dtype(acc)));
+      return parts.back().data_ptr<Acc>();
+    };
+    p.dw = part(p0 && need_dw);
+    p.db = part(p0 && need_db);
+    p.dw1 = part(p1 && need_dw1);
+    p.db1 = part(p1 && need_db1);
+    auto sum_partials = [&] {
+      constexpr int64_t kCols = 1024;
+      const std::pair<Acc*, Tensor*> totals[] = {{p.dw, &dw}, {p.db, &db}, {p.dw1, &dw1}, {p.db1, &db1}};
+      for_each_chunk((n + kCols - 1) / kCols, n <= kCols, [&](int64_t blk) {
+        const int64_t lo = blk * kCols, hi = std::min(n, lo + kCols);
+        for (const auto& [src, dst] : totals)
+          if (src) sum_chunks<Acc>(src, chunks, n, lo, hi, dst->template data_ptr<Acc>());
+      });
+    };
+    if (plain) {
+      const Tensor& out = need_dx ? dx : dres;
+      PlainArgs<Acc> a{p.s, dy->const_data_ptr(), has_dsum ? dsum->const_data_ptr() : nullptr, out.data_ptr(),
+                       need_dx && need_dres ? dres.data_ptr() : nullptr, p.w, p.mean, p.rstd, n};
+      PlainRows<Acc> rows_fn = nullptr;
+      with_dtype(s_dtype, [&](auto t_tag) {
+        using T = decltype(t_tag);
+        if constexpr (std::is_same_v<acc_of<T>, Acc>)
+          rows_fn = pick_plain<T, Acc>(has_dsum, a.out2 != nullptr, p.dw != nullptr, p.db != nullptr);
+      });
+      TORCH_INTERNAL_ASSERT(rows_fn);
+      for_each_chunk(chunks, serial, [&](int64_t c) {
+        rows_fn(a, c * per, std::min(rows, (c + 1) * per), p.dw ? p.dw + c * n : nullptr, p.db ? p.db + c * n : nullptr);
+      });
+      sum_partials();
+      return;
+    }
     with_dtype(s.scalar_type(), [&](auto s_tag) {
       using S = decltype(s_tag);
       if constexpr (!std::is_same_v<S, double> || std::is_same_v<Acc, double>) {
         p.means = &means_pass<S, Acc>;
         p.ds_pass = (p0 && need_dw) || (p1 && need_dw1) ? &ds_pass<S, Acc, true> : &ds_pass<S, Acc, false>;
+        if (has_dy && !has_dy1) {
+          with_dtype(dy->scalar_type(), [&](auto o_tag) {
+            using O = decltype(o_tag);
+            p.dy_pass = pick_dy_pass<S, O, Acc>(p.dw != nullptr, p.db != nullptr);
+          });
+        }
       }
     });
     auto pick_dy = [&](const OptTensor& t, bool accum, GPass<Acc>& g, ParamPass<Acc>& pp, bool nw, bool nb,
@@ -266,29 +420,11 @@ std::vector<Tensor> fused_backward(const OptTensor& dy_in, const OptTensor& dy1_
       p.d1 = need_dx1 ? &d1 : nullptr;
       p.scale = static_cast<Acc>(1.0 / (1.0 - dropout_p));
     }
-    // (chunks, N) partials of each wanted parameter gradient that dy / dy1 feeds
-    std::vector<Tensor> parts;
-    auto part = [&](bool want) -> Acc* {
-      if (!want) return nullptr;
-      parts.push_back(at::empty({chunks, n}, opts.dtype(acc)));
-      return parts.back().data_ptr<Acc>();
-    };
-    p.dw = part(p0 && need_dw);
-    p.db = part(p0 && need_db);
-    p.dw1 = part(p1 && need_dw1);
-    p.db1 = part(p1 && need_db1);
     TORCH_INTERNAL_ASSERT(p.means && p.ds_pass && (!has_dy || p.g_pass) && (!has_dy1 || p.g1_pass) &&
                           (!need_dx || p.dx_pass) && (!need_dx1 || p.dx1_pass) && (!need_dres || p.dres_pass) &&
                           (!has_dsum || p.dsum_pass));
-    for_each_chunk(chunks, is_serial(rows, n),
-                   [&](int64_t c) { bwd_rows(p, c * per, std::min(rows, (c + 1) * per), c); });
-    constexpr int64_t kCols = 1024;
-    const std::pair<Acc*, Tensor*> totals[] = {{p.dw, &dw}, {p.db, &db}, {p.dw1, &dw1}, {p.db1, &db1}};
-    for_each_chunk((n + kCols - 1) / kCols, n <= kCols, [&](int64_t blk) {
-      const int64_t lo = blk * kCols, hi = std::min(n, lo + kCols);
-      for (const auto& [src, dst] : totals)
-        if (src) sum_chunks<Acc>(src, chunks, n, lo, hi, dst->template data_ptr<Acc>());
-    });
+    for_each_chunk(chunks, serial, [&](int64_t c) { bwd_rows(p, c * per, std::min(rows, (c + 1) * per), c); });
+    sum_partials();
   };
   if (acc_double) run(double{}); else run(float{});
   return {dx, dx1, dres, dw, db, dw1, db1};

@@ -224,6 +224,34 @@ NORMKIT_INLINE void grad_g_row(const O* dy, int64_t n, const Acc* w, Acc* g) {
   }
 }
 
+// The one pass of a backward row after its two means (row_math.h's grad_means for RMS norm,
+// grad_means_centred for layer norm), reading s and dy once more:
+//   ds = (dy w - s_hat c_gx - c_g) rstd + dsum,  out = round_Out(ds) (out2 too when TWO),
+//   dw += dy s_hat (NW), db += dy (NB)  (one chunk's partial sums, rows in order).
+// Out is the dtype of dx (and dresidual) in the plain case, or Acc for the ds buffer the option
+// passes read. This expression, in this order, is the eager node's backward of old: the plain
+// fused call and the native one give the same bits (tests/test_fused_kernel_cpu.py). The sum
+// with dsum stays in the expression when there is none (+ 0: what the old loop compiled to, and
+// it decides the sign of a zero ds).
+template <typename S, typename O, typename Out, typename Acc, bool DSUM, bool NW, bool NB, bool TWO>
+NORMKIT_INLINE void grad_row(const S* s, const O* dy, const S* dsum, int64_t n, const Acc* w, const RowStats<Acc>& st,
+                             Acc c_g, Acc c_gx, Out* out, Out* out2, Acc* dw, Acc* db) {
+  const Acc mu = st.mean, mu_lo = st.lo, rs = st.rstd;
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const Acc xh = ((load<S, Acc>(s[j]) - mu) - mu_lo) * rs;
+    const Acc d = load<O, Acc>(dy[j]);
+    Acc extra;
+    if constexpr (DSUM) extra = load<S, Acc>(dsum[j]); else extra = Acc(0);
+    // (rounded per store: a bfloat16 local would keep GCC from vectorizing the loop)
+    const Acc v = (d * w[j] - xh * c_gx - c_g) * rs + extra;
+    out[j] = store<Out>(v);
+    if constexpr (TWO) out2[j] = store<Out>(v);
+    if constexpr (NW) dw[j] += d * xh;
+    if constexpr (NB) db[j] += d;
+  }
+}
+
 // ds = (g - s_hat * c_gx - c_g) * rstd, s_hat kept in shat when SHAT (for dW / dW1).
 template <typename S, typename Acc, bool SHAT>
 NORMKIT_INLINE void grad_ds_row(const S* s, const Acc* g, int64_t n, const RowStats<Acc>& st, Acc c_g, Acc c_gx, Acc* ds,

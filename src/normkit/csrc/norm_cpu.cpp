@@ -5,7 +5,8 @@
 //    (semantics: normkit.reference). Rows are spread over torch's intra-op thread pool
 //    (at::parallel_for, so torch.set_num_threads is the knob) in chunks that depend on the
 //    shape only; the gain/bias gradients are summed per chunk and the chunk partials added in
-//    chunk order, so every result is bit-identical for any thread count.
+//    chunk order, so every result is bit-identical for any thread count. The backward is the
+//    one C++ backward kernel, fused::fused_backward (fused_backward.cpp) with the options off.
 //  * norm: the whole eager call (reshape, kernels, autograd node) in C++, for the Python fast
 //    path of normkit.functional: a launch costs what a native torch op costs. Under
 //    create_graph=True its backward is built from differentiable ATen ops (double backward).
@@ -28,6 +29,7 @@
 
 #include "arg_checks.h"
 #include "cpu_runtime.h"
+#include "fused_args.h"
 #include "row_math.h"
 
 namespace normkit {
@@ -269,143 +271,24 @@ std::vector<Tensor> forward(const Tensor& x_in, const c10::optional<Tensor>& res
 
 // --- backward -----------------------------------------------------------------------------------
 
-template <typename T, typename Acc>
-struct BwdArgs {
-  const T* s;
-  const T* dy;
-  const T* dsum;  // gradient of the prenorm output, or null
-  const Acc* w;  // never null (ones for no gain)
-  const Acc* mean;  // null for RMS norm
-  const Acc* rstd;
-  T* dx;
-  int64_t n;
-};
-
-// ds of rows lo..hi into dx; their dy * s_hat and dy summed into dwp / dbp (N,).
-template <typename T, typename Acc>
-NORMKIT_INLINE void bwd_rows_impl(const BwdArgs<T, Acc>& a, int64_t lo, int64_t hi, Acc* dwp, Acc* dbp) {
-  const int64_t n = a.n;
-  std::fill(dwp, dwp + n, Acc(0));
-  std::fill(dbp, dbp + n, Acc(0));
-  for (int64_t i = lo; i < hi; ++i) {
-    const T* si = a.s + i * n;
-    const T* dyi = a.dy + i * n;
-    T* dxi = a.dx + i * n;
-    RowStats<Acc> st{a.mean ? a.mean[i] : Acc(0), a.rstd[i]};
-    const auto m = a.mean ? grad_means_centred<T, Acc>(si, dyi, n, st.mean, st.rstd, a.w, st.lo)
-                          : grad_means<T, Acc>(si, dyi, n, st, a.w);
-    const Acc c_g = a.mean ? m.g : Acc(0), c_gx = m.g_shat, mu = st.mean, mu_lo = st.lo, rs = st.rstd;
-    const Acc* w = a.w;
-    // two copies of the loop, so neither tests for dsum per element
-    auto row = [&](auto dsum_of) {
-#pragma omp simd
-      for (int64_t j = 0; j < n; ++j) {
-        const Acc xh = ((load<T, Acc>(si[j]) - mu) - mu_lo) * rs;
-        const Acc d = load<T, Acc>(dyi[j]);
-        dxi[j] = store<T>((d * w[j] - xh * c_gx - c_g) * rs + dsum_of(j));
-        dwp[j] += d * xh;
-        dbp[j] += d;
-      }
-    };
-    if (a.dsum) {
-      const T* dsi = a.dsum + i * n;
-      row([&](int64_t j) __attribute__((always_inline)) { return load<T, Acc>(dsi[j]); });
-    } else {
-      row([](int64_t) __attribute__((always_inline)) { return Acc(0); });
-    }
+// (dx, dweight, dbias) on contiguous (M, N) tensors; dweight/dbias (N,) in the compute dtype: the
+// fused backward kernel (fused_backward.cpp) with the options off, after the checks of this
+// entry point (dy, s and dsum of one dtype).
+std::vector<Tensor> backward(const Tensor& dy, const c10::optional<Tensor>& dsum, const Tensor& s,
+                             const c10::optional<Tensor>& weight, const c10::optional<Tensor>& mean,
+                             const Tensor& rstd, bool is_rms) {
+  check_2d(dy, "dy");
+  check_2d(s, "s");
+  check_sizes(s, "s", dy.sizes());
+  check_dtype(s, "s", dy.scalar_type());
+  if (dsum.has_value() && dsum->defined()) {
+    check_2d(*dsum, "dsum");
+    check_sizes(*dsum, "dsum", dy.sizes());
+    check_dtype(*dsum, "dsum", dy.scalar_type());
   }
-}
-
-#define NORMKIT_BWD_ROWS(NAME, T, ACC)                                                                  \
-  NORMKIT_CLONES void NAME(const BwdArgs<T, ACC>& a, int64_t lo, int64_t hi, ACC* dwp, ACC* dbp) { \
-    bwd_rows_impl<T, ACC>(a, lo, hi, dwp, dbp);                                                      \
-  }
-NORMKIT_BWD_ROWS(bwd_rows, float, float)
-NORMKIT_BWD_ROWS(bwd_rows, double, double)
-NORMKIT_BWD_ROWS(bwd_rows, c10::BFloat16, float)
-NORMKIT_BWD_ROWS(bwd_rows, c10::Half, float)
-
-// out[j] = sum_c part[c, j], in chunk order, for columns lo..hi.
-template <typename Acc>
-NORMKIT_CLONES void sum_partials(const Acc* part, int64_t chunks, int64_t n, int64_t lo, int64_t hi, Acc* out) {
-  std::copy(part + lo, part + hi, out + lo);
-  for (int64_t c = 1; c < chunks; ++c) {
-    const Acc* pc = part + c * n;
-#pragma omp simd
-    for (int64_t j = lo; j < hi; ++j) out[j] += pc[j];
-  }
-}
-
-template <typename T, typename Acc>
-void backward_typed(const BwdArgs<T, Acc>& a, int64_t rows, Acc* dw, Acc* db, const at::TensorOptions& acc_opts) {
-  const int64_t n = a.n;
-  if (is_serial(rows, n)) {
-    bwd_rows(a, 0, rows, dw, db);
-    return;
-  }
-  const int64_t per = rows_per_chunk(rows, n);
-  const int64_t chunks = (rows + per - 1) / per;
-  Tensor dw_part = at::empty({chunks, n}, acc_opts), db_part = at::empty({chunks, n}, acc_opts);
-  Acc* dwp = dw_part.data_ptr<Acc>();
-  Acc* dbp = db_part.data_ptr<Acc>();
-  for_each_chunk(chunks, false, [&](int64_t c) { bwd_rows(a, c * per, std::min(rows, (c + 1) * per), dwp + c * n, dbp + c * n); });
-  constexpr int64_t kCols = 1024;
-  for_each_chunk((n + kCols - 1) / kCols, n <= kCols, [&](int64_t blk) {
-    const int64_t lo = blk * kCols, hi = std::min(n, lo + kCols);
-    sum_partials<Acc>(dwp, chunks, n, lo, hi, dw);
-    sum_partials<Acc>(dbp, chunks, n, lo, hi, db);
-  });
-}
-
-// Saved statistics: `rows` floating values, read through a contiguous Acc copy.
-Tensor saved_stat(const Tensor& t, const char* name, int64_t rows, at::ScalarType acc) {
-  check_tensor(t, name, -1, false);
-  check_kernel_dtype(t, name);
-  TORCH_CHECK(t.numel() == rows, name, ": expected ", rows, " values (one per row of dy), got sizes ", t.sizes());
-  return resolved(t.to(acc).contiguous());
-}
-
-// (dx, dweight, dbias) on contiguous (M, N) tensors; dweight/dbias (N,) in the compute dtype.
-std::vector<Tensor> backward(const Tensor& dy_in, const c10::optional<Tensor>& dsum_in, const Tensor& s_in,
-                             const c10::optional<Tensor>& weight, const c10::optional<Tensor>& mean_in,
-                             const Tensor& rstd_in, bool is_rms) {
-  check_2d(dy_in, "dy");
-  check_2d(s_in, "s");
-  check_sizes(s_in, "s", dy_in.sizes());
-  check_dtype(s_in, "s", dy_in.scalar_type());
-  const bool has_dsum = dsum_in.has_value() && dsum_in->defined();
-  if (has_dsum) {
-    check_2d(*dsum_in, "dsum");
-    check_sizes(*dsum_in, "dsum", dy_in.sizes());
-    check_dtype(*dsum_in, "dsum", dy_in.scalar_type());
-  }
-  TORCH_CHECK(is_rms || (mean_in.has_value() && mean_in->defined()),
-              "mean: expected the row means saved by the layer-norm forward, got None");
-  const int64_t rows = dy_in.size(0), n = dy_in.size(1);
-  check_param(weight, "weight", n);
-  const auto acc = acc_type(dy_in.scalar_type());
-  Tensor mean_c = is_rms ? Tensor() : saved_stat(*mean_in, "mean", rows, acc);
-  Tensor rstd_c = saved_stat(rstd_in, "rstd", rows, acc);
-  const Tensor dy = resolved(dy_in), s = resolved(s_in);
-  const auto dsum = resolved(dsum_in);
-  Tensor w = as_param(weight, acc);
-  if (!w.defined()) w = at::ones({n}, dy.options().dtype(acc));
-  Tensor dx = empty_output(dy);
-  if (rows == 0 || n == 0) return {dx, at::zeros({n}, dy.options().dtype(acc)), at::zeros({n}, dy.options().dtype(acc))};
-  Tensor dw = at::empty({n}, dy.options().dtype(acc)), db = at::empty({n}, dy.options().dtype(acc));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dy.scalar_type(), "normkit_backward", [&] {
-    using Acc = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    BwdArgs<scalar_t, Acc> a{.s = s.const_data_ptr<scalar_t>(),
-                             .dy = dy.const_data_ptr<scalar_t>(),
-                             .dsum = has_dsum ? dsum->const_data_ptr<scalar_t>() : nullptr,
-                             .w = ptr_or_null<Acc>(w),
-                             .mean = is_rms ? nullptr : mean_c.const_data_ptr<Acc>(),
-                             .rstd = rstd_c.const_data_ptr<Acc>(),
-                             .dx = dx.data_ptr<scalar_t>(),
-                             .n = n};
-    backward_typed(a, rows, dw.data_ptr<Acc>(), db.data_ptr<Acc>(), dy.options().dtype(acc));
-  });
-  return {dx, dw, db};
+  auto g = fused::fused_backward(dy, c10::nullopt, dsum, s, weight, c10::nullopt, c10::nullopt, mean, rstd, 0.0, is_rms,
+                                 0.0, 0, {true, false, false, true, true, false, false}, dy.scalar_type(), c10::nullopt);
+  return {g[0], g[3], g[4]};
 }
 
 // The forward without anything to differentiate: x (..., N) contiguous; outputs shaped like
@@ -506,18 +389,6 @@ struct NormFunction : public torch::autograd::Function<NormFunction> {
     };
     Tensor dy = grads[0].defined() ? flat_grad(grads[0]) : at::zeros_like(s);
     Tensor dsum = has_res ? flat_grad(grads[1]) : Tensor();
-    std::vector<Tensor> g;
-    // create_graph=True, or a vmap batch of gradients (is_grads_batched: a BatchedTensor has no
-    // memory to read): the backward as ATen ops, which autograd and vmap see through
-    const bool batched = !dy.has_storage() || (dsum.defined() && !dsum.has_storage());
-    if (at::GradMode::is_enabled() || batched) {
-      g = differentiable_backward(dy, dsum, s, weight, ctx->saved_data["eps"].toDouble(), is_rms);
-    } else {
-      Tensor mean = ctx->saved_data["mean"].toTensor();
-      g = normkit::backward(dy, dsum, s, weight, mean.defined() ? c10::optional<Tensor>(mean) : c10::nullopt,
-                            ctx->saved_data["rstd"].toTensor(), is_rms);
-    }
-    Tensor dx = flat ? g[0] : g[0].view(saved[0].sizes());
     // needs_input_grad counts the tensor inputs that were given: x, then residual, weight, bias
     int64_t edge = 0;
     const bool need_x = ctx->needs_input_grad(edge++);
@@ -525,10 +396,29 @@ struct NormFunction : public torch::autograd::Function<NormFunction> {
     const bool need_w = weight.defined() && ctx->needs_input_grad(edge++);
     const int64_t bias_dtype = ctx->saved_data["bias_dtype"].toInt();
     const bool need_b = bias_dtype >= 0 && ctx->needs_input_grad(edge++);
+    Tensor dx, dw, db;
+    // create_graph=True, or a vmap batch of gradients (is_grads_batched: a BatchedTensor has no
+    // memory to read): the backward as ATen ops, which autograd and vmap see through
+    const bool batched = !dy.has_storage() || (dsum.defined() && !dsum.has_storage());
+    if (at::GradMode::is_enabled() || batched) {
+      auto g = differentiable_backward(dy, dsum, s, weight, ctx->saved_data["eps"].toDouble(), is_rms);
+      dx = g[0], dw = g[1], db = g[2];
+    } else {
+      // the fused backward kernel with the options off, computing only what is needed (dx
+      // serves x and the residual alike)
+      Tensor mean = ctx->saved_data["mean"].toTensor();
+      auto opt = [](const Tensor& t) { return t.defined() ? c10::optional<Tensor>(t) : c10::nullopt; };
+      auto g = fused::fused_backward(opt(dy), c10::nullopt, opt(dsum), s, opt(weight), c10::nullopt, c10::nullopt,
+                                     opt(mean), ctx->saved_data["rstd"].toTensor(), ctx->saved_data["eps"].toDouble(),
+                                     is_rms, 0.0, 0, {need_x || need_res, false, false, need_w, need_b, false, false},
+                                     s.scalar_type(), c10::nullopt);
+      dx = g[0], dw = g[3], db = g[4];
+    }
+    if (dx.defined() && !flat) dx = dx.view(saved[0].sizes());
     return {need_x ? dx : Tensor(),
             need_res ? dx : Tensor(),
-            need_w ? cast(g[1], weight.scalar_type()).view(weight.sizes()) : Tensor(),
-            need_b ? shaped(cast(g[2], static_cast<at::ScalarType>(bias_dtype)), ctx) : Tensor(),
+            need_w ? cast(dw, weight.scalar_type()).view(weight.sizes()) : Tensor(),
+            need_b ? shaped(cast(db, static_cast<at::ScalarType>(bias_dtype)), ctx) : Tensor(),
             Tensor(),
             Tensor(),
             Tensor()};

@@ -108,7 +108,7 @@ NORMKIT_INLINE vec_t<Acc> load_vec(const T* p) {
   vec_t<Acc> v;
   if constexpr (std::is_same_v<T, Acc>) {
     std::memcpy(&v, p, sizeof(v));
-  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+  } else if constexpr (std::is_same_v<T, c10::BFloat16> && std::is_same_v<Acc, float>) {  // (a bf16 dy of a float64 call: the loop below)
     typedef uint16_t u16x8 __attribute__((vector_size(16)));
     typedef uint32_t u32x8 __attribute__((vector_size(32)));
     u16x8 h;
