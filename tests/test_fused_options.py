@@ -605,3 +605,38 @@ def test_out_and_residual_out_without_gradients_are_written_by_the_kernel(monkey
     want_s = x + x1 + r
     torch.testing.assert_close(s, want_s)
     torch.testing.assert_close(y, torch.nn.functional.rms_norm(want_s, (40,), w, normkit.reference.default_rms_eps(torch.float32)) + b)
+
+
+def test_prenorm_with_dim_returns_the_pair_on_every_path():
+    """dim= naming a middle dim with prenorm and no residual: (y, x), also on the strided C++ path."""
+    x = randn((2, 4, 3), seed=99).double()
+    w = randn((4,), seed=100).double()
+    for backend in ("cpu", "reference"):
+        with normkit.use_backend(backend):
+            y, s = normkit.layer_norm(x, (4,), w, None, prenorm=True, dim=1)
+        assert s is x
+        want = torch.nn.functional.layer_norm(x.movedim(1, -1), (4,), w).movedim(-1, 1)
+        torch.testing.assert_close(y, want)
+
+
+def test_out_buffers_trace_under_fake_tensors():
+    """out= / residual_out= under make_fx's fake mode: no data pointer is asked of a FakeTensor."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    x, r, w = randn((4, 8), seed=101), randn((4, 8), seed=102), randn((8,), seed=103)
+    fn = lambda x, r, w, o, ro: normkit.layer_norm(x, (8,), w, None, residual=r, prenorm=True, out=o, residual_out=ro)  # noqa: E731
+    graph = make_fx(fn, tracing_mode="fake")(x, r, w, torch.empty(4, 8), torch.empty(4, 8))
+    o, ro = torch.empty(4, 8), torch.empty(4, 8)
+    y, s = graph(x, r, w, o, ro)
+    torch.testing.assert_close(y, torch.nn.functional.layer_norm(x + r, (8,), w))
+    torch.testing.assert_close(s, x + r)
+
+
+def test_backward_op_passes_opcheck_with_placeholders():
+    """The backward op's absent gradients have the fake implementation's dtypes."""
+    s, dy = randn((3, 6), seed=104).to(torch.bfloat16), randn((3, 6), seed=105)
+    w = randn((6,), seed=106)
+    mean, rstd = torch.zeros(3), torch.ones(3)
+    args = (dy, None, None, s, w, None, None, mean, rstd, torch.tensor(0), False, 1e-5, 0.0, torch.bfloat16, torch.float32,
+            "reference", [True, False, False, True, False, False, False], torch.bfloat16, torch.bfloat16)
+    torch.library.opcheck(torch.ops.normkit.norm_bwd.default, args, test_utils=("test_schema", "test_faketensor"))

@@ -305,9 +305,10 @@ def fused_norm(x, normalized_shape, weight, bias, eps, is_rms, residual, prenorm
     path = route(x, residual, weight, bias, is_rms, plan.dropout_p, plan.shape, plan.eps, others=others, options=uses_options, moved_dims=moved)
     if path == "native":  # a plain call after all (dim= naming the trailing dims, say), validated
         return _native(x, plan.shape, weight, bias, plan.eps, is_rms, residual, prenorm)
-    if path == "native_dim":
+    if path == "native_dim":  # no residual, dropout or buffer but out= (route): s is x itself
         y = native_norm_dim(x, plan.start, k, weight, bias, plan.eps, is_rms)  # no permute, no copy
-        return o.out.copy_(y) if o.out is not None else y
+        y = o.out.copy_(y) if o.out is not None else y
+        return (y, x) if prenorm else y
     if path == "dtensor":
         raise UnsupportedModeError(
             "the fused options (x1, weight1, rowscale, out=, dim=, out_dtype, ...) are not implemented for DTensor "
@@ -341,6 +342,7 @@ def fused_norm(x, normalized_shape, weight, bias, eps, is_rms, residual, prenorm
         store_sum=prenorm, store_mask=o.return_dropout_mask,
     )
     rowscale = None if o.rowscale is None else o.rowscale.reshape(rows).contiguous()
+    buffers = [None, None, None]  # out, out1, residual_out as handed to the kernel
     if path in ("composite", "onnx"):
         res = paths.fused_composite(x2, flat(residual), flat(o.x1), rowscale, param(kernel_w), param(kernel_b),
                                     param(kernel_w1), param(kernel_b1), spec)
@@ -362,24 +364,19 @@ def fused_norm(x, normalized_shape, weight, bias, eps, is_rms, residual, prenorm
         if plan.out_dtype != x.dtype:
             y, y1 = y.to(plan.out_dtype), (None if y1 is None else y1.to(plan.out_dtype))
     y, y1 = back(y), back(y1)
-    if o.out is not None:  # the kernel wrote it (the same memory), or it is filled here
-        y = o.out if _same_memory(y, o.out) else o.out.copy_(y)
+    if o.out is not None:  # the kernel wrote it, or it is filled here
+        y = o.out if buffers[0] is not None else o.out.copy_(y)
     results: List[Optional[Tensor]] = [y]
     if has_y1:
         results.append(y1)
     if prenorm:
         s = x if res.s is x2 else back(res.s.view(shape_last))
         if o.residual_out is not None:
-            s = o.residual_out if _same_memory(s, o.residual_out) else o.residual_out.copy_(s)
+            s = o.residual_out if buffers[2] is not None else o.residual_out.copy_(s)
         results.append(s)
     if o.return_dropout_mask:
         results += [back(_mask_view(res.mask, shape_last)), back(_mask_view(res.mask1, shape_last))]
     return results[0] if len(results) == 1 else tuple(results)
-
-
-def _same_memory(t: Tensor, buffer: Tensor) -> bool:
-    """Whether ``t`` is ``buffer``'s memory in ``buffer``'s layout (a view the kernel wrote)."""
-    return t.data_ptr() == buffer.data_ptr() and t.stride() == buffer.stride() and t.grad_fn is None
 
 
 def _mask_view(mask, shape):

@@ -162,10 +162,12 @@ def _norm_bwd(
     g = _backward_impl(dy, dy1, dsum, s, weight, weight1, rowscale, mean, rstd, seed, call, GradNeeds(*needs), x_dtype, residual_dtype)
     # Custom ops return neither absent outputs nor aliases (dx is the residual's gradient
     # itself when nothing scales it): an empty tensor for the first, a copy for the second.
+    acc = compute_dtype(torch.promote_types(s.dtype, x_dtype))
+    placeholder = (x_dtype, x_dtype, residual_dtype, acc, acc, acc, acc)  # the fake's dtypes
     outs: List[Tensor] = []
-    for t in g:
+    for t, dtype in zip(g, placeholder):
         if t is None:
-            t = _empty(s)
+            t = _empty(s, dtype)
         elif any(t is o for o in outs) or any(t is i for i in (dy, dy1, dsum, s)):
             t = t.clone()
         outs.append(t)
