@@ -183,10 +183,11 @@ def rms_norm(
     in every mode.
 
     ``bias`` (keyword-only; flash-attn's ``rms_norm_fn`` has one) shifts the output,
-    ``y = x_hat * g + bias``, added to the norm's float32 (float64) result and rounded once
-    (for 16-bit input the norm then runs on a float32 copy of the sum: an extra pass). With
-    ``casting_mode="llama"`` the bias is added after the gain, ``(g * x_hat.to(dtype) + bias)``,
-    then rounded. ``residual_in_fp32``, ``x1``, ``weight1``/``bias1``, ``rowscale``,
+    ``y = x_hat * g + bias``, added to the norm's float32 (float64) result in the kernel and
+    rounded once. With ``casting_mode="llama"`` the bias is added after the gain,
+    ``(g * x_hat.to(dtype) + bias)``, then rounded to the input dtype (and then cast to
+    ``out_dtype`` if one is given: Liger's and Hugging Face's llama result is in the input
+    dtype). ``residual_in_fp32``, ``x1``, ``weight1``/``bias1``, ``rowscale``,
     ``return_dropout_mask``, ``out_dtype``, ``out``/``residual_out`` and ``dim`` as in
     :func:`layer_norm` (``bias1`` is the RMS bias of the second branch). Other arguments and
     the return value as :func:`layer_norm`.
