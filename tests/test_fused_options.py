@@ -640,3 +640,22 @@ def test_backward_op_passes_opcheck_with_placeholders():
     args = (dy, None, None, s, w, None, None, mean, rstd, torch.tensor(0), False, 1e-5, 0.0, torch.bfloat16, torch.float32,
             "reference", [True, False, False, True, False, False, False], torch.bfloat16, torch.bfloat16)
     torch.library.opcheck(torch.ops.normkit.norm_bwd.default, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_a_backend_that_refuses_the_dtypes_hands_the_call_to_the_reference():
+    """Triton's kernels take no float64: a float32 input with a float64 residual stream
+    (residual_in_fp32) runs the reference, forward and backward, instead of failing inside it."""
+    from helpers import backend_or_skip
+
+    backend_or_skip("triton")
+    x, w = randn((4, 8), seed=107).requires_grad_(), randn((8,), seed=108)
+    r = randn((4, 8), seed=109).double() + 1e4
+    with normkit.use_backend("triton"):
+        y, s = normkit.layer_norm(x, (8,), w, None, residual=r, residual_in_fp32=True, prenorm=True)
+        (y.sum() + s.sum()).backward()
+    xd = x.detach().double().requires_grad_()
+    want = torch.nn.functional.layer_norm(xd + r, (8,), w.double())
+    (want.sum() + (xd + r).sum()).backward()
+    assert y.dtype == torch.float32 and s.dtype == torch.float64
+    torch.testing.assert_close(y.double(), want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(x.grad.double(), xd.grad, rtol=0, atol=1e-6)

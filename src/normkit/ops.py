@@ -59,13 +59,21 @@ def _empty(like: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
     return like.new_empty((0,), dtype=dtype or like.dtype)
 
 
+def kernel_backend(name: str, x: Tensor, spec: KernelSpec):
+    """The backend that runs a call: ``name``'s, unless its ``fused_supports`` refuses the call's
+    dtypes (say a float64 sum on Triton), then the reference. Forward and backward ask it with
+    the same input and spec, so both run the same backend (and dropout stream)."""
+    backend = get_backend(name)
+    return backend if backend.fused_supports(x, spec) else get_backend("reference")
+
+
 def _forward_impl(x, residual, x1, rowscale, weight, bias, weight1, bias1, call: KernelCall):
     """The forward op's body: the backend's forward, padded to the op's fixed schema
     ``(y, y1, s, mean, rstd, mask, mask1, seed)`` (empty tensors for absent outputs; ``s`` is
     empty when it is ``x`` itself: an op may not return an alias of its input)."""
     spec = call.spec
     seed = reference.draw_dropout_seed(spec.dropout_p)
-    res = get_backend(call.backend).fused_forward(x, residual, x1, rowscale, weight, bias, weight1, bias1, spec, seed)
+    res = kernel_backend(call.backend, x, spec).fused_forward(x, residual, x1, rowscale, weight, bias, weight1, bias1, spec, seed)
     return _padded(res, x, spec, seed)
 
 
@@ -193,7 +201,7 @@ def _save_for_backward(ctx, inputs, call: KernelCall, output) -> None:
     returns."""
     x, residual, x1, rowscale, weight, bias, weight1, bias1 = inputs
     _, _, s, mean, rstd, _, _, seed = output
-    ctx.call = call
+    ctx.call = replace(call, backend=kernel_backend(call.backend, x, call.spec).name)  # the one forward ran
     ctx.formed = not sum_is_input(x, residual, x1, rowscale, call.spec)
     ctx.x_dtype = x.dtype
     ctx.residual_dtype = x.dtype if residual is None else residual.dtype
@@ -328,7 +336,7 @@ def run(path: str, x: Tensor, residual, x1, rowscale, weight, bias, weight1, bia
     inputs = (x, residual, x1, rowscale, weight, bias, weight1, bias1)
     if path == "eager_no_grad":
         seed = reference.draw_dropout_seed(spec.dropout_p)
-        return get_backend(call.backend).fused_forward(*inputs, spec, seed, out, out1, residual_out)
+        return kernel_backend(call.backend, x, spec).fused_forward(*inputs, spec, seed, out, out1, residual_out)
     formed = not sum_is_input(x, residual, x1, rowscale, spec)
     if formed and not spec.store_sum:  # backward reads the normalized sum
         call = replace(call, spec=replace(spec, store_sum=True))
