@@ -54,9 +54,10 @@ def test_demo_is_what_make_demo_runs(capsys):
     assert "normkit demo" in makefile or "normkit lab --quick" in makefile
 
 
-def test_console_script_entry_point():
-    out = subprocess.run([sys.executable, "-m", "normkit.cli", "--help"], capture_output=True, text=True)
-    assert out.returncode == 0 and "COMMAND" in out.stdout
+@pytest.mark.parametrize("module", ["normkit", "normkit.cli"])
+def test_python_dash_m_runs_the_command(module):
+    out = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "COMMAND" in out.stdout, out.stderr
 
 
 def test_backends_explain_prints_a_calls_path_and_backend(capsys):

@@ -5,6 +5,8 @@ fallback keeps results right but slower, so fix the shim, do not silence the tes
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -72,3 +74,44 @@ def test_environ_getter_tracks_os_environ(monkeypatch):
     monkeypatch.setenv("NORMKIT_TEST_PRIVATE_VAR", "cpu")
     assert get(key) in ("cpu", b"cpu")
     assert os.environ["NORMKIT_TEST_PRIVATE_VAR"] == "cpu"
+
+
+def test_assume_constant_result_marks_as_torch_does():
+    def mine():
+        return 1
+
+    def torchs():
+        return 1
+
+    torch.compiler.assume_constant_result(torchs)
+    private.assume_constant_result(mine)
+    marks = {k for k in vars(torchs) if "constant" in k}
+    assert marks == {"_dynamo_marked_constant"}, f"torch's decorator now sets {marks}; update the shim"
+    assert {k: vars(mine)[k] for k in marks} == {k: vars(torchs)[k] for k in marks}
+
+
+def test_assume_constant_result_is_a_constant_under_compile():
+    calls = []
+
+    @private.assume_constant_result
+    def answer():
+        calls.append(1)
+        return 3
+
+    @torch.compile(backend="eager", fullgraph=True)
+    def f(x):
+        return x * answer()
+
+    x = torch.randn(4)
+    torch.testing.assert_close(f(x), x * 3)
+    torch.testing.assert_close(f(x), x * 3)
+    assert len(calls) == 1  # called once, while tracing: the result is baked into the graph
+
+
+def test_import_normkit_does_not_import_dynamo():
+    # Dynamo costs about as much import time as torch; only a compile should pay for it.
+    code = "import sys, normkit, normkit.nn; print('torch._dynamo' in sys.modules)"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False", "something imported at `import normkit` pulls in torch._dynamo"

@@ -37,6 +37,7 @@ from typing import Iterator, Optional
 
 import torch
 
+from normkit import _torch_private as private
 from normkit.backends import forced_backend
 
 __all__ = ["MODES", "ENV_VAR", "use", "current", "traced_route"]
@@ -96,11 +97,11 @@ def traced_route(x: torch.Tensor, dropout_p: float) -> str:
 
 # Dynamo cannot trace os.environ reads or the context variable behind normkit.backends.use():
 # each is read once per trace and baked in, as the backend choice is (backends.select_backend_name).
-@torch.compiler.assume_constant_result
+@private.assume_constant_result
 def _traced_env_mode() -> str:
     return _env_mode()
 
 
-@torch.compiler.assume_constant_result
+@private.assume_constant_result
 def _backend_forced() -> bool:
     return forced_backend() is not None

@@ -75,9 +75,10 @@ def layer_norm(
             computes it; gradients reach ``weight`` through that sum. Needs a ``weight``.
             With ``weight1`` the second gain is ``1 + weight1`` too (as in flash-attn).
 
-    The options below are flash-attn's (``layer_norm_fn``), with its semantics. They are
-    composed from torch ops around normkit's norm (:mod:`normkit.fused_options`), so they run
-    on every backend; where flash-attn makes one pass they add passes (noted per option).
+    The options below are flash-attn's (``layer_norm_fn``), with its semantics. Each is a
+    switch of the one kernel contract (:mod:`normkit.contract`): the C++ and Triton kernels
+    apply every option inside their one forward and one backward pass, the reference
+    (:func:`normkit.reference.fused_forward`) defines the results.
 
     Args:
         residual_in_fp32: keep the residual stream in float32: the sum ``s`` is formed in
@@ -91,30 +92,30 @@ def layer_norm(
             own dropout mask: ``s = dropout(input) + dropout(x1) + residual``.
         weight1, bias1: a second gain and bias (parallel blocks, GPT-J / PaLM) applied to the
             same normalized ``s``: ``y1 = s_hat * weight1 + bias1``; ``weight1`` needs
-            ``weight``. Two norm calls over the stored ``s`` (one in flash-attn).
+            ``weight``. Both outputs come from the same pass over ``s``.
         rowscale: a per-row scale of shape ``input.shape`` without the normalized dims,
             applied to ``input`` before dropout and the add (``x * rowscale[..., None]``);
             not with ``x1`` (flash-attn refuses the pair too).
         return_dropout_mask: also return the boolean keep masks of ``input`` and ``x1``
-            (``None`` where no dropout ran or there is no ``x1``). Dropout is then drawn
-            here from torch's default generator and applied in float32 before a norm call
-            without dropout, so the masks are exactly the ones used.
+            (``None`` where no dropout ran or there is no ``x1``): the masks the kernel drew
+            and applied. Each backend has its own counter-based stream, seeded from torch's
+            default generator, so ``torch.manual_seed`` reproduces them.
         out_dtype: the dtype of ``y`` (and ``y1``), default the input's: ``y`` is computed in
-            float32 (float64 for float64 input) and rounded once to ``out_dtype``. For
-            float32 input that is a cast of the kernel's result; for 16-bit input the norm
-            runs on a float32 copy of the (rounded) sum, one extra pass.
-        out, residual_out: buffers of the result's shape, dtype and device, returned. Without
-            gradients on the compiled CPU kernels, ``out`` (with or without ``residual``, no
-            other option) is written by the kernel itself; otherwise ``y`` and the prenorm sum
-            are computed, then copied into them (``copy_``, an extra pass).
+            float32 (float64 for float64 input) and rounded once to ``out_dtype``, by the
+            kernel as it writes ``y``.
+        out, residual_out: buffers of the result's shape, dtype and device, returned. When
+            nothing needs gradients the kernel writes them itself (contiguous buffers, the
+            normalized dims last); with gradients, or another layout, ``y`` and the prenorm sum
+            are copied into them (``copy_``, an extra pass, through which gradients flow).
             ``residual_out`` needs ``prenorm=True``. A buffer may not share memory with an
             input or with the other buffer (:class:`~normkit.errors.NormOverlapError`): the
-            copies would overwrite what the call returns.
+            kernel would overwrite what it still reads.
         dim: the first normalized dim (default ``input.dim() - len(normalized_shape)``): with
             ``x`` of shape ``(N, C, H, W)``, ``layer_norm(x, (C,), w, b, dim=1)`` normalizes
-            over channels. The dims are moved last (``movedim``), normalized (which copies the
-            input to that layout today) and moved back: the outputs are views in the input's
-            dim order.
+            over channels. On CPU without other options (``out=`` aside) the compiled strided
+            kernel normalizes the channels where they lie; otherwise the dims are moved last
+            (``movedim``, a copy to that layout), normalized and moved back: the outputs are
+            views in the input's dim order.
 
     Returns:
         ``y`` with the input's shape and dtype, or ``(y, s)`` if ``prenorm``. With the options,

@@ -39,6 +39,7 @@ from typing import Dict, Iterator, List, Optional
 import torch
 from torch import Tensor
 
+from normkit import _torch_private as private
 from normkit.backends.base import Backend
 
 __all__ = [
@@ -193,7 +194,7 @@ def select_backend_name(x: Tensor, dropout_p: float = 0.0) -> str:
     return select_backend(x, dropout_p).name
 
 
-@torch.compiler.assume_constant_result
+@private.assume_constant_result
 def _traced_backend_name(device: torch.device, dtype: torch.dtype, dropout: bool) -> str:
     # Arguments Dynamo can turn into constants (a tensor with symbolic sizes cannot be); the
     # backends' ``supports`` look at the device and dtype only.
