@@ -219,6 +219,28 @@ def test_backward_computes_only_what_is_needed(needs, grads_in):
         assert torch.count_nonzero(g.dweight) == 0 and torch.count_nonzero(g.dbias) == 0
 
 
+@pytest.mark.parametrize("needs", sorted(NEEDS))
+@pytest.mark.parametrize("is_rms", [False, True])
+def test_backward_with_dy1_of_another_dtype(needs, is_rms):
+    """dy and dy1 of one dtype take the pass that forms g = dy w + dy1 w1 in registers; a dy1 of
+    another dtype the route through a g buffer. Both give the reference's gradients."""
+    opt = OPTIONS["weight1"]
+    t, spec, got = check_forward({**opt, "store_sum": True}, F32, 37, 515, is_rms=is_rms)
+    dy, dy1 = randn((37, 515), F32, seed=31), randn((37, 515), F32, seed=32)
+    n = replace(NEEDS[needs], x1=False, residual=False)
+    same = BACKEND.fused_backward(dy, dy1, None, got.s, t["weight"], t["weight1"], None, got.mean, got.rstd, spec, 0, n,
+                                  F32, None)
+    mixed = BACKEND.fused_backward(dy, dy1.double(), None, got.s, t["weight"], t["weight1"], None, got.mean, got.rstd,
+                                   spec, 0, n, F32, None)
+    ref = reference.fused_backward(dy, dy1, None, got.s, t["weight"], t["weight1"], None, spec, n, F32, None)
+    for field in GradsOut_fields:
+        r = getattr(ref, field)
+        for name, g in (("same dtype", getattr(same, field)), ("float64 dy1", getattr(mixed, field))):
+            assert (g is None) == (r is None), f"{name} {field}"
+            if g is not None:
+                torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4, msg=f"{name} {field}")
+
+
 @pytest.mark.parametrize("dtype", [F32, BF16])
 @pytest.mark.parametrize("is_rms", [False, True])
 @pytest.mark.parametrize("residual", [False, True])

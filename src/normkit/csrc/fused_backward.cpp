@@ -12,8 +12,10 @@
 //    the row, one write, as in a copy;
 //  * every option call: the same pass writes ds into an Acc row buffer (L1), then dsum is added
 //    and each wanted output written from it (dresidual, dx with rowscale and the regenerated
-//    keep mask, dx1); with dy1, g = dy w + dy1 w1 is first formed in a buffer and the
-//    parameter partials take their own pass.
+//    keep mask, dx1); with dy1 (weight1) of dy's dtype the means and that pass form
+//    g = dy w + dy1 w1 in registers and add all four parameter partials (dy2_pass); only a dy1
+//    of another dtype than dy takes the older route through a g buffer, its partials in a pass
+//    of their own.
 #include <torch/extension.h>
 
 #include <vector>
@@ -46,21 +48,27 @@ NORMKIT_CLONES void g_pass(const void* dy, int64_t n, const Acc* w, Acc* g) {
   grad_g_row<O, Acc, ACCUM>(static_cast<const O*>(dy), n, w, g);
 }
 
-// The row means of g and g * s_hat (g in an Acc buffer, read with a unit gain); for layer norm
-// st.lo is recovered from the saved mean (hi) on the way.
-template <typename S, typename Acc>
-NORMKIT_CLONES void means_pass(const void* s_v, const Acc* g, int64_t n, bool is_rms, const Acc* ones, RowStats<Acc>& st,
-                               Acc& c_g, Acc& c_gx) {
-  const S* s = static_cast<const S*>(s_v);
+// The row's two gradient means, c_g = mean(g) (0 for RMS norm) and c_gx = mean(g s_hat), of g
+// (row_math.h's GainedGrad / GainedGrad2); for layer norm st.lo is recovered from the saved
+// mean (hi) on the way.
+template <typename S, typename Acc, typename G>
+NORMKIT_INLINE void row_grad_means(const S* s, const G& grad, int64_t n, bool is_rms, RowStats<Acc>& st, Acc& c_g,
+                                   Acc& c_gx) {
   if (is_rms) {
-    const auto m = grad_means<S, Acc, Acc>(s, g, n, st, ones);
     c_g = 0;
-    c_gx = m.g_shat;
+    c_gx = grad_means<S, Acc>(s, grad, n, st).g_shat;
   } else {
-    const auto m = grad_means_centred<S, Acc, Acc>(s, g, n, st.mean, st.rstd, ones, st.lo);
+    const auto m = grad_means_centred<S, Acc>(s, grad, n, st.mean, st.rstd, st.lo);
     c_g = m.g;
     c_gx = m.g_shat;
   }
+}
+
+// The row means of g and g * s_hat, g in an Acc buffer (read with a unit gain).
+template <typename S, typename Acc>
+NORMKIT_CLONES void means_pass(const void* s_v, const Acc* g, int64_t n, bool is_rms, const Acc* ones, RowStats<Acc>& st,
+                               Acc& c_g, Acc& c_gx) {
+  row_grad_means<S>(static_cast<const S*>(s_v), GainedGrad<Acc, Acc>{g, ones}, n, is_rms, st, c_g, c_gx);
 }
 
 template <typename S, typename Acc, bool SHAT>
@@ -95,14 +103,50 @@ NORMKIT_CLONES void dy_pass(const void* s_v, const void* dy_v, int64_t n, const 
   const S* s = static_cast<const S*>(s_v);
   const O* dy = static_cast<const O*>(dy_v);
   Acc c_g = 0, c_gx = 0;
-  if (is_rms) {
-    c_gx = grad_means<S, Acc, O>(s, dy, n, st, w).g_shat;
-  } else {
-    const auto m = grad_means_centred<S, Acc, O>(s, dy, n, st.mean, st.rstd, w, st.lo);
-    c_g = m.g;
-    c_gx = m.g_shat;
-  }
+  row_grad_means<S>(s, GainedGrad<O, Acc>{dy, w}, n, is_rms, st, c_g, c_gx);
   grad_row<S, O, Acc, Acc, false, NW, NB, false>(s, dy, nullptr, n, w, st, c_g, c_gx, ds, nullptr, dw, db);
+}
+
+// dy_pass for a call with two outputs (dy and dy1 of one dtype): the means of
+// g = dy w + dy1 w1 formed in registers, then one pass over s, dy and dy1 writing ds and adding
+// the chunk's partials dw += dy s_hat, dw1 += dy1 s_hat (NW), db += dy, db1 += dy1 (NB). A
+// partial nobody asked for goes to a scratch row (bwd_rows), so four flags take two switches.
+template <typename Acc>
+using Dy2Pass = void (*)(const void*, const void*, const void*, int64_t, const Acc*, const Acc*, bool, RowStats<Acc>&,
+                         Acc*, Acc* const*);
+
+template <typename S, typename O, typename Acc, bool NW, bool NB>
+NORMKIT_CLONES void dy2_pass(const void* s_v, const void* dy_v, const void* dy1_v, int64_t n, const Acc* w,
+                             const Acc* w1, bool is_rms, RowStats<Acc>& st, Acc* ds, Acc* const* partials) {
+  const S* s = static_cast<const S*>(s_v);
+  const O* dy = static_cast<const O*>(dy_v);
+  const O* dy1 = static_cast<const O*>(dy1_v);
+  Acc c_g = 0, c_gx = 0;
+  row_grad_means<S>(s, GainedGrad2<O, Acc>{dy, dy1, w, w1}, n, is_rms, st, c_g, c_gx);
+  Acc *dw = partials[0], *db = partials[1], *dw1 = partials[2], *db1 = partials[3];
+  const Acc mu = st.mean, lo = st.lo, rs = st.rstd;
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const Acc xh = ((load<S, Acc>(s[j]) - mu) - lo) * rs;
+    const Acc d = load<O, Acc>(dy[j]), d1 = load<O, Acc>(dy1[j]);
+    ds[j] = (d * w[j] + d1 * w1[j] - xh * c_gx - c_g) * rs;
+    if constexpr (NW) {
+      dw[j] += d * xh;
+      dw1[j] += d1 * xh;
+    }
+    if constexpr (NB) {
+      db[j] += d;
+      db1[j] += d1;
+    }
+  }
+}
+
+template <typename S, typename O, typename Acc>
+Dy2Pass<Acc> pick_dy2_pass(bool nw, bool nb) {
+  if (nw && nb) return &dy2_pass<S, O, Acc, true, true>;
+  if (nw) return &dy2_pass<S, O, Acc, true, false>;
+  if (nb) return &dy2_pass<S, O, Acc, false, true>;
+  return &dy2_pass<S, O, Acc, false, false>;
 }
 
 template <typename S, typename O, typename Acc>
@@ -143,11 +187,10 @@ NORMKIT_CLONES void plain_rows(const PlainArgs<Acc>& a, int64_t lo, int64_t hi, 
     const T* si = s + off;
     const T* dyi = dy + off;
     RowStats<Acc> st{a.mean ? a.mean[i] : Acc(0), a.rstd[i]};
-    const auto m = a.mean ? grad_means_centred<T, Acc>(si, dyi, n, st.mean, st.rstd, a.w, st.lo)
-                          : grad_means<T, Acc>(si, dyi, n, st, a.w);
-    const Acc c_g = a.mean ? m.g : Acc(0);
-    grad_row<T, T, T, Acc, DSUM, NW, NB, TWO>(si, dyi, DSUM ? dsum + off : nullptr, n, a.w, st, c_g, m.g_shat,
-                                               out + off, TWO ? out2 + off : nullptr, dwp, dbp);
+    Acc c_g = 0, c_gx = 0;
+    row_grad_means<T>(si, GainedGrad<T, Acc>{dyi, a.w}, n, !a.mean, st, c_g, c_gx);
+    grad_row<T, T, T, Acc, DSUM, NW, NB, TWO>(si, dyi, DSUM ? dsum + off : nullptr, n, a.w, st, c_g, c_gx, out + off,
+                                               TWO ? out2 + off : nullptr, dwp, dbp);
   }
 }
 
@@ -193,6 +236,7 @@ struct BwdPlan {
   const Acc *mean = nullptr, *rstd = nullptr, *rowscale = nullptr;
   bool is_rms = false;
   DyPass<Acc> dy_pass = nullptr;  // without dy1: means, ds and the dW / dB partials from dy
+  Dy2Pass<Acc> dy2_pass = nullptr;  // dy and dy1 of one dtype: the same with both outputs
   GPass<Acc> g_pass = nullptr, g1_pass = nullptr;  // with dy1 (or neither): g in a buffer first
   MeansPass<Acc> means = nullptr;
   DsPass<Acc> ds_pass = nullptr;
@@ -209,16 +253,25 @@ struct BwdPlan {
 template <typename Acc>
 void bwd_rows(const BwdPlan<Acc>& p, int64_t lo, int64_t hi, int64_t chunk) {
   const int64_t n = p.n;
-  const bool via_g = !p.dy_pass;
+  const bool via_g = !p.dy_pass && !p.dy2_pass;
   std::vector<Acc> g(via_g ? n : 0), ds(n), shat(via_g && (p.p_pass || p.p1_pass) ? n : 0);
   const int64_t off_c = chunk * n;
   for (Acc* part : {p.dw, p.db, p.dw1, p.db1})
     if (part) std::fill(part + off_c, part + off_c + n, Acc(0));
   auto chunk_part = [&](Acc* part) { return part ? part + off_c : nullptr; };
+  // dy2_pass's four partials: the chunk's rows, or scratch rows (never read) for those not wanted
+  std::vector<Acc> scratch(p.dy2_pass ? 4 * n : 0);
+  Acc* partials[4] = {};
+  if (p.dy2_pass) {
+    Acc* const wanted[4] = {p.dw, p.db, p.dw1, p.db1};
+    for (int k = 0; k < 4; ++k) partials[k] = wanted[k] ? wanted[k] + off_c : scratch.data() + k * n;
+  }
   for (int64_t i = lo; i < hi; ++i) {
     const int64_t off = i * n;
     RowStats<Acc> st{p.mean ? p.mean[i] : Acc(0), p.rstd[i]};
-    if (p.dy_pass) {
+    if (p.dy2_pass) {
+      p.dy2_pass(p.s + off * p.sb, p.dy + off * p.ob, p.dy1 + off * p.ob1, n, p.w, p.w1, p.is_rms, st, ds.data(), partials);
+    } else if (p.dy_pass) {
       p.dy_pass(p.s + off * p.sb, p.dy + off * p.ob, n, p.w, p.is_rms, st, ds.data(), chunk_part(p.dw), chunk_part(p.db));
     } else {
       if (p.g_pass) p.g_pass(p.dy + off * p.ob, n, p.w, g.data());
@@ -241,7 +294,7 @@ void bwd_rows(const BwdPlan<Acc>& p, int64_t lo, int64_t hi, int64_t chunk) {
       p.dx1_pass(ds.data(), n, Acc(1), d, p.dx1 + off * p.tb);
     }
     if (p.p_pass && via_g) p.p_pass(p.dy + off * p.ob, shat.data(), n, chunk_part(p.dw), chunk_part(p.db));
-    if (p.p1_pass) p.p1_pass(p.dy1 + off * p.ob1, shat.data(), n, chunk_part(p.dw1), chunk_part(p.db1));
+    if (p.p1_pass && via_g) p.p1_pass(p.dy1 + off * p.ob1, shat.data(), n, chunk_part(p.dw1), chunk_part(p.db1));
   }
 }
 
@@ -318,7 +371,8 @@ std::vector<Tensor> fused_backward(const OptTensor& dy_in, const OptTensor& dy1_
     using Acc = decltype(acc_tag);
     Tensor w = as_param(weight, acc), w1 = as_param(weight1, acc);
     // a unit gain where one is missing, and for the means of a g buffer (see bwd_rows)
-    const bool via_g = !(has_dy && !has_dy1);
+    const bool two = has_dy && has_dy1 && dy->scalar_type() == dy1->scalar_type();
+    const bool via_g = !(has_dy && !has_dy1) && !two;
     const Tensor ones = !w.defined() || (has_dy1 && !w1.defined()) || (!plain && via_g) ? at::ones({n}, opts.dtype(acc))
                                                                                            : Tensor();
     BwdPlan<Acc> p;
@@ -374,10 +428,14 @@ std::vector<Tensor> fused_backward(const OptTensor& dy_in, const OptTensor& dy1_
       if constexpr (!std::is_same_v<S, double> || std::is_same_v<Acc, double>) {
         p.means = &means_pass<S, Acc>;
         p.ds_pass = (p0 && need_dw) || (p1 && need_dw1) ? &ds_pass<S, Acc, true> : &ds_pass<S, Acc, false>;
-        if (has_dy && !has_dy1) {
+        if (has_dy && (!has_dy1 || two)) {
+          const bool nw = p.dw || p.dw1, nb = p.db || p.db1;
           with_dtype(dy->scalar_type(), [&](auto o_tag) {
             using O = decltype(o_tag);
-            p.dy_pass = pick_dy_pass<S, O, Acc>(p.dw != nullptr, p.db != nullptr);
+            if (two)
+              p.dy2_pass = pick_dy2_pass<S, O, Acc>(nw, nb);
+            else
+              p.dy_pass = pick_dy_pass<S, O, Acc>(nw, nb);
           });
         }
       }

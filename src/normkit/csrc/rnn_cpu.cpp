@@ -53,7 +53,7 @@ NORMKIT_INLINE float normalize_inplace(float* v, int64_t n, float eps) {
 
 // out <- rstd * (g - mean(g) - x_hat * mean(g * x_hat)); out may alias g.
 NORMKIT_INLINE void norm_backward(const float* g, const float* x_hat, float rstd, int64_t n, float* out, const float* ones) {
-  const GradMeans<float, float> m = grad_means<float, float>(x_hat, g, n, RowStats<float>{0.0f, 1.0f}, ones);
+  const GradMeans<float, float> m = grad_means<float, float>(x_hat, GainedGrad<float, float>{g, ones}, n, RowStats<float>{0.0f, 1.0f});
   #pragma omp simd
   for (int64_t j = 0; j < n; ++j) out[j] = rstd * (g[j] - m.g - x_hat[j] * m.g_shat);
 }

@@ -415,33 +415,59 @@ NORMKIT_INLINE void write_row(const S* src, T* y, int64_t n, RowStats<Acc> st, c
   }
 }
 
-// The two row means of the normalized gradient: mean(g) and mean(g * s_hat), g = dy * w (w not null).
+// The two row means of the normalized gradient: mean(g) and mean(g * s_hat).
 template <typename T, typename Acc>
 struct GradMeans {
   Acc g;
   Acc g_shat;
 };
 
-// (TD: dy's type, T by default; the fused backward passes its Acc buffer of g with w = ones.)
-template <typename T, typename Acc, typename TD = T>
-NORMKIT_INLINE GradMeans<T, Acc> grad_means(const T* s, const TD* dy, int64_t n, RowStats<Acc> st, const Acc* w) {
+// g, the gradient reaching the normalized row through its gain: g = dy w (w not null), as a
+// vector of elements j..j+kWidth-1 (vec) and as one element (at). TD is dy's type; the fused
+// backward also passes its Acc buffer of g with w = ones.
+template <typename TD, typename Acc>
+struct GainedGrad {
+  const TD* dy;
+  const Acc* w;
+  NORMKIT_INLINE vec_t<Acc> vec(int64_t j) const {
+    vec_t<Acc> w_v;
+    std::memcpy(&w_v, w + j, sizeof(w_v));
+    return load_vec<TD, Acc>(dy + j) * w_v;
+  }
+  NORMKIT_INLINE Acc at(int64_t j) const { return load<TD, Acc>(dy[j]) * w[j]; }
+};
+
+// g of a call with two outputs y = s_hat w + b, y1 = s_hat w1 + b1: g = dy w + dy1 w1, formed
+// in registers (no row buffer).
+template <typename TD, typename Acc>
+struct GainedGrad2 {
+  const TD *dy, *dy1;
+  const Acc *w, *w1;
+  NORMKIT_INLINE vec_t<Acc> vec(int64_t j) const {
+    vec_t<Acc> w_v, w1_v;
+    std::memcpy(&w_v, w + j, sizeof(w_v));
+    std::memcpy(&w1_v, w1 + j, sizeof(w1_v));
+    return load_vec<TD, Acc>(dy + j) * w_v + load_vec<TD, Acc>(dy1 + j) * w1_v;
+  }
+  NORMKIT_INLINE Acc at(int64_t j) const { return load<TD, Acc>(dy[j]) * w[j] + load<TD, Acc>(dy1[j]) * w1[j]; }
+};
+
+// The means of g (a GainedGrad or GainedGrad2) over a row with statistics st.
+template <typename T, typename Acc, typename G>
+NORMKIT_INLINE GradMeans<T, Acc> grad_means(const T* s, const G& grad, int64_t n, RowStats<Acc> st) {
   double sum_g = 0.0, sum_gx = 0.0;
   const Acc mean = st.mean, rstd = st.rstd, lo = st.lo;
   for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
     const T* sp = s + j0;
-    const TD* dp = dy + j0;
-    const Acc* wp = w + j0;
     block_sums<Acc>(
         std::min(kBlock, n - j0),
         [&](int64_t j, vec_t<Acc>& sg, vec_t<Acc>& sgx) {
-          vec_t<Acc> w_v;
-          std::memcpy(&w_v, wp + j, sizeof(w_v));
-          vec_t<Acc> g = load_vec<TD, Acc>(dp + j) * w_v;
+          vec_t<Acc> g = grad.vec(j0 + j);
           sg += g;
           sgx += g * (((load_vec<T, Acc>(sp + j) - mean) - lo) * rstd);
         },
         [&](int64_t j, Acc& sg, Acc& sgx) {
-          Acc g = load<TD, Acc>(dp[j]) * wp[j];
+          Acc g = grad.at(j0 + j);
           sg += g;
           sgx += g * (((load<T, Acc>(sp[j]) - mean) - lo) * rstd);
         },
@@ -453,27 +479,22 @@ NORMKIT_INLINE GradMeans<T, Acc> grad_means(const T* s, const TD* dy, int64_t n,
 // grad_means for a layer-norm row whose mean is known only as hi (backward): the lo part is
 // the mean of s - hi, summed in the same pass, and sum(g * s_hat) is corrected for it after
 // the pass: sum(g (s - hi - lo)) = sum(g (s - hi)) - lo sum(g). Returns the means and sets lo.
-template <typename T, typename Acc, typename TD = T>
-NORMKIT_INLINE GradMeans<T, Acc> grad_means_centred(const T* s, const TD* dy, int64_t n, Acc hi, Acc rstd, const Acc* w,
-                                                    Acc& lo) {
+template <typename T, typename Acc, typename G>
+NORMKIT_INLINE GradMeans<T, Acc> grad_means_centred(const T* s, const G& grad, int64_t n, Acc hi, Acc rstd, Acc& lo) {
   double sum_g = 0.0, sum_gd = 0.0, sum_d = 0.0;
   for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
     const T* sp = s + j0;
-    const TD* dp = dy + j0;
-    const Acc* wp = w + j0;
     block_sums3<Acc>(
         std::min(kBlock, n - j0),
         [&](int64_t j, vec_t<Acc>& sg, vec_t<Acc>& sgd, vec_t<Acc>& sd) {
-          vec_t<Acc> w_v;
-          std::memcpy(&w_v, wp + j, sizeof(w_v));
-          const vec_t<Acc> g = load_vec<TD, Acc>(dp + j) * w_v;
+          const vec_t<Acc> g = grad.vec(j0 + j);
           const vec_t<Acc> d = load_vec<T, Acc>(sp + j) - hi;
           sg += g;
           sgd += g * d;
           sd += d;
         },
         [&](int64_t j, Acc& sg, Acc& sgd, Acc& sd) {
-          const Acc g = load<TD, Acc>(dp[j]) * wp[j];
+          const Acc g = grad.at(j0 + j);
           const Acc d = load<T, Acc>(sp[j]) - hi;
           sg += g;
           sgd += g * d;
