@@ -10,6 +10,7 @@ import torch
 from normkit import cli
 from normkit.bench import cases as C
 from normkit.bench import impls as I
+from normkit.bench import options as bench_options
 from normkit.bench.copy_bandwidth import copy_bandwidth
 from normkit.bench.report import make_table, markdown_table, notes, print_table
 from normkit.bench.runner import build_call
@@ -291,13 +292,29 @@ def test_options_suite_times_every_row_against_a_copy(tmp_path, capsys):
     assert bench_main(["--suite", "options", "--quick", "--threads", "1", "--json", str(out), "--quiet"]) == 0
     doc = json.loads(out.read_text())
     assert doc["suite"] == "options" and doc["command"].startswith("normkit bench --suite options")
-    assert [r["option"] for r in doc["results"]] == [r.name for r in O.ROWS]
+    want = [(r.name, v) for r in O.ROWS for v in (O.VARIANTS if r.fn is None else ("alloc",))]
+    assert [(r["option"], r["variant"]) for r in doc["results"]] == want
     for r in doc["results"]:
         assert r["time_over_copy"] > 0 and r["ci_low"] <= r["time_over_copy"] <= r["ci_high"]
         assert abs(r["over_ideal"] - r["time_over_copy"] / r["ideal"]) < 1e-12
     table = capsys.readouterr().out
-    assert "| out=buf | 1.00x |" in table
+    assert "| + residual, prenorm | 2.00x |" in table and "buffers 1t" in table
     assert bench_main(["--suite", "options", "--modes", "inference"]) == 2  # a shapes-only option
+
+
+@pytest.mark.parametrize("row", [r for r in bench_options.ROWS if r.fn is None], ids=lambda r: r.name)
+def test_options_suite_buffers_variant_writes_the_buffers(row):
+    """The ``buffers`` variant is the same call, its ``y`` (and prenorm sum) landing in the
+    preallocated buffers: what it measures is what ``alloc`` computes."""
+    t = bench_options._tensors(5, 64, seed=0)
+    torch.manual_seed(0)
+    alloc = row.make(t, "alloc")()
+    torch.manual_seed(0)
+    buffered = row.make(t, "buffers")()
+    alloc, buffered = (v if isinstance(v, tuple) else (v,) for v in (alloc, buffered))
+    assert len(alloc) == len(buffered)
+    for a, b in zip(alloc, buffered):
+        assert a.dtype == b.dtype and torch.equal(a, b)
 
 
 def test_compile_suite_times_each_variant_against_the_compiled_original(tmp_path, capsys):
