@@ -243,6 +243,10 @@ def test_dim_is_bit_identical_across_thread_counts_and_differentiable_twice():
     x64 = randn((2, 5, 3), seed=43, dtype=torch.float64, requires_grad=True)
     w64, b64 = (t.double().requires_grad_() for t in params((5,), seed=44))
     assert torch.autograd.gradgradcheck(lambda a, g, c: normkit.layer_norm(a, 5, g, c, dim=1), (x64, w64, b64))
+    assert torch.autograd.gradgradcheck(lambda a, g: normkit.rms_norm(a, 5, g, dim=1), (x64, w64))
+    x3 = randn((2, 3, 4, 5), seed=45, dtype=torch.float64, requires_grad=True)  # two normalized middle dims
+    w3 = randn((3, 4), seed=46, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda a, g: normkit.layer_norm(a, (3, 4), g, dim=1), (x3, w3))
 
 
 def test_layer_norm_2d_on_nchw_runs_the_strided_kernel(monkeypatch):

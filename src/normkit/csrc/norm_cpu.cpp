@@ -29,6 +29,7 @@
 
 #include "arg_checks.h"
 #include "cpu_runtime.h"
+#include "differentiable_backward.h"
 #include "fused_args.h"
 #include "row_math.h"
 
@@ -309,32 +310,6 @@ std::vector<Tensor> forward_nd(const Tensor& x, int64_t n, const c10::optional<T
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-
-// The backward as differentiable ATen ops (normkit.reference.norm_backward_differentiable),
-// for create_graph=True: statistics recomputed from s, so the second derivative sees them.
-std::vector<Tensor> differentiable_backward(const Tensor& dy, const Tensor& dsum, const Tensor& s, const Tensor& weight,
-                                            double eps, bool is_rms) {
-  const auto acc = acc_type(s.scalar_type());
-  Tensor s_a = s.to(acc);
-  Tensor s_hat, rstd;
-  if (is_rms) {
-    rstd = at::rsqrt(s_a.square().mean(-1, true) + eps);
-    s_hat = s_a * rstd;
-  } else {
-    Tensor mean = s_a.mean(-1, true);
-    mean = mean + (s_a - mean).mean(-1, true);
-    Tensor d = s_a - mean;
-    rstd = at::rsqrt(d.square().mean(-1, true) + eps);
-    s_hat = d * rstd;
-  }
-  Tensor dy_a = dy.to(acc);
-  Tensor g = weight.defined() ? dy_a * weight.reshape({-1}).to(acc) : dy_a;
-  Tensor inner = g - s_hat * (g * s_hat).mean(-1, true);
-  if (!is_rms) inner = inner - g.mean(-1, true);
-  Tensor ds = inner * rstd;
-  if (dsum.defined()) ds = ds + dsum.to(acc);
-  return {ds.to(dy.scalar_type()), (dy_a * s_hat).sum(0), dy_a.sum(0)};
-}
 
 Tensor cast(const Tensor& t, at::ScalarType dtype) { return t.scalar_type() == dtype ? t : t.to(dtype); }
 

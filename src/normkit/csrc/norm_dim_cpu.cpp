@@ -17,6 +17,7 @@
 
 #include "arg_checks.h"
 #include "cpu_runtime.h"
+#include "differentiable_backward.h"
 #include "row_math.h"
 
 namespace normkit {
@@ -295,25 +296,11 @@ struct NormDimFunction : public torch::autograd::Function<NormDimFunction> {
     // create_graph, or a vmap batch of gradients (no memory to read): differentiable ops,
     // statistics recomputed from x
     if (at::GradMode::is_enabled() || !dy.has_storage()) {
-      const auto acc = acc_type(x.scalar_type());
-      Tensor xa = x.reshape({outer, n, inner}).to(acc), g = dy.reshape({outer, n, inner}).to(acc);
-      Tensor mean, rstd, xh;
-      if (is_rms) {
-        rstd = at::rsqrt(xa.square().mean(1, true) + ctx->saved_data["eps"].toDouble());
-        xh = xa * rstd;
-      } else {
-        mean = xa.mean(1, true);
-        mean = mean + (xa - mean).mean(1, true);
-        Tensor d = xa - mean;
-        rstd = at::rsqrt(d.square().mean(1, true) + ctx->saved_data["eps"].toDouble());
-        xh = d * rstd;
-      }
-      Tensor gw = weight.defined() ? g * weight.reshape({1, n, 1}).to(acc) : g;
-      Tensor inner_g = gw - xh * (gw * xh).mean(1, true);
-      if (!is_rms) inner_g = inner_g - gw.mean(1, true);
-      dx = (inner_g * rstd).to(x.scalar_type()).reshape(x.sizes());
-      dw = (g * xh).sum({0, 2});
-      db = g.sum({0, 2});
+      auto g = differentiable_backward(dy.reshape({outer, n, inner}), Tensor(), x.reshape({outer, n, inner}), weight,
+                                       ctx->saved_data["eps"].toDouble(), is_rms, 1);
+      dx = g[0].to(x.scalar_type()).reshape(x.sizes());
+      dw = g[1];
+      db = g[2];
     } else {
       Tensor mean = ctx->saved_data["mean"].toTensor();
       auto r = dim_backward(dy, x, outer, n, inner, weight, mean, ctx->saved_data["rstd"].toTensor());
