@@ -246,7 +246,7 @@ def test_backward_with_dy1_of_another_dtype(needs, is_rms):
 @pytest.mark.parametrize("residual", [False, True])
 @pytest.mark.parametrize("rows, n", [(33, 257), (300, 1000)])  # one serial chunk; many chunks, threads
 def test_plain_backward_equals_the_native_node_bit_for_bit(dtype, is_rms, residual, rows, n):
-    """One C++ backward: the eager node of the native route (``NormFunction``, ``_C.norm``) and
+    """One C++ backward: the eager node of the native route (``NormBackward``, ``_C.norm``) and
     the plain contract call (``_C.fused_backward``, no option) give the same bits: dx, the
     residual's gradient (from dsum), dW and dB, at 1 and 2 threads."""
     x = randn((rows, n), dtype, seed=21, offset=0.0 if is_rms else 1e3)

@@ -1,7 +1,7 @@
 // The norm's backward as differentiable ATen ops, for the eager nodes' create_graph=True (and a
 // vmap batch of gradients, which has no memory for a kernel to read): the statistics are
 // recomputed from s, so a second derivative sees them. The math of
-// normkit.reference.fused_backward with the options off; shared by norm_cpu.cpp (rows) and
+// normkit.reference.fused_backward with the options off; shared by norm_node.cpp (rows) and
 // norm_dim_cpu.cpp (the strided layout).
 #pragma once
 

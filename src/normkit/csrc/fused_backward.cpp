@@ -1,6 +1,6 @@
 // normkit._C.fused_backward: the backward of the fused kernel contract
 // (normkit.contract) on contiguous (M, N) tensors, computing and allocating only the
-// gradients asked for; the one C++ backward kernel (the eager node of norm_cpu.cpp and the raw
+// gradients asked for; the one C++ backward kernel (the eager node of norm_node.cpp and the raw
 // _C.backward call it with the options off).
 //
 // Per row, after row_math.h's two means of the normalized gradient (grad_means /

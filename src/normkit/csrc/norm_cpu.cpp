@@ -8,8 +8,9 @@
 //    chunk order, so every result is bit-identical for any thread count. The backward is the
 //    one C++ backward kernel, fused::fused_backward (fused_backward.cpp) with the options off.
 //  * norm: the whole eager call (reshape, kernels, autograd node) in C++, for the Python fast
-//    path of normkit.functional: a launch costs what a native torch op costs. Under
-//    create_graph=True its backward is built from differentiable ATen ops (double backward).
+//    path of normkit.functional: a launch costs what a native torch op costs. Its autograd node
+//    is NormBackward (norm_node.cpp); under create_graph=True its backward is built from
+//    differentiable ATen ops (double backward).
 //
 // The hot functions are compiled for several instruction sets (target_clones: AVX-512, AVX2,
 // baseline x86-64) and the loader picks the best this CPU has, so the extension built on one
@@ -29,7 +30,6 @@
 
 #include "arg_checks.h"
 #include "cpu_runtime.h"
-#include "differentiable_backward.h"
 #include "fused_args.h"
 #include "row_math.h"
 
@@ -224,6 +224,8 @@ void fill_empty_stats(const Tensor& mean, const Tensor& rstd) {
   rstd.fill_(std::numeric_limits<double>::quiet_NaN());
 }
 
+}  // namespace
+
 // (y, s, mean, rstd) on a contiguous (M, N) x: s is undefined unless store_sum and a residual,
 // mean undefined for RMS norm. y_out, when defined, receives y (a contiguous buffer like x
 // that shares no memory with the inputs).
@@ -270,6 +272,13 @@ std::vector<Tensor> forward(const Tensor& x_in, const c10::optional<Tensor>& res
   return {y, s, mean, rstd};
 }
 
+// The eager call with gradients: the kernels and their autograd node (norm_node.cpp).
+std::vector<Tensor> norm_with_grad(const Tensor& x, const c10::optional<Tensor>& residual,
+                                   const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias, int64_t n,
+                                   double eps, bool is_rms);
+
+namespace {
+
 // --- backward -----------------------------------------------------------------------------------
 
 // (dx, dweight, dbias) on contiguous (M, N) tensors; dweight/dbias (N,) in the compute dtype: the
@@ -306,99 +315,7 @@ std::vector<Tensor> forward_nd(const Tensor& x, int64_t n, const c10::optional<T
   return {y, s};
 }
 
-// --- the eager call with autograd ---------------------------------------------------------------
-
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
-
-Tensor cast(const Tensor& t, at::ScalarType dtype) { return t.scalar_type() == dtype ? t : t.to(dtype); }
-
-Tensor shaped(const Tensor& db, AutogradContext* ctx) {
-  auto it = ctx->saved_data.find("bias_shape");
-  return it == ctx->saved_data.end() ? db : db.view(it->second.toIntVector());
-}
-
-struct NormFunction : public torch::autograd::Function<NormFunction> {
-  // x and residual: contiguous (..., N), viewed as (M, N) inside (a view made here costs no
-  // autograd node); weight / bias (N,) or none. The outputs have x's shape.
-  // (Optional tensors are std::optional: autograd records device and dtype of every Tensor argument.)
-  static variable_list forward(AutogradContext* ctx, const Tensor& x, const c10::optional<Tensor>& residual,
-                               const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias, int64_t n,
-                               double eps, bool is_rms) {
-    const bool has_res = residual.has_value();
-    const int64_t rows = n == 0 ? 0 : x.numel() / n;  // n == 0: an empty x, viewed as (0, 0)
-    const bool flat = x.dim() == 2 && x.size(1) == n;  // (M, N) already: no views (each is a dispatcher call)
-    auto as_2d = [&](const Tensor& t) { return flat ? t : t.view({rows, n}); };
-    auto r2 = has_res ? c10::optional<Tensor>(as_2d(*residual)) : c10::nullopt;
-    auto out = normkit::forward(as_2d(x), r2, weight, bias, eps, is_rms, has_res, c10::nullopt);
-    ctx->saved_data["eps"] = eps;
-    ctx->saved_data["is_rms"] = is_rms;
-    ctx->saved_data["n"] = n;
-    ctx->saved_data["rows"] = rows;
-    ctx->saved_data["bias_dtype"] = bias.has_value() ? static_cast<int64_t>(bias->scalar_type()) : int64_t(-1);
-    if (bias.has_value() && bias->dim() != 1) ctx->saved_data["bias_shape"] = bias->sizes().vec();
-    ctx->saved_data["mean"] = out[2];
-    ctx->saved_data["rstd"] = out[3];
-    ctx->set_materialize_grads(false);
-    Tensor y = flat ? out[0] : out[0].view(x.sizes());
-    if (has_res) {
-      Tensor s = flat ? out[1] : out[1].view(x.sizes());
-      ctx->save_for_backward({s, weight.value_or(Tensor())});  // s, an output: double backward reaches x via it
-      return {y, s};
-    }
-    ctx->save_for_backward({x, weight.value_or(Tensor())});
-    return {y};
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    auto saved = ctx->get_saved_variables();
-    const int64_t n = ctx->saved_data["n"].toInt(), rows = ctx->saved_data["rows"].toInt();
-    const bool flat = saved[0].dim() == 2 && saved[0].size(1) == n;
-    const Tensor s = flat ? saved[0] : saved[0].view({rows, n});
-    const Tensor& weight = saved[1];
-    const bool is_rms = ctx->saved_data["is_rms"].toBool();
-    const bool has_res = grads.size() > 1;
-    auto flat_grad = [&](const Tensor& g) {
-      if (!g.defined()) return Tensor();
-      return resolved((g.dim() == 2 && g.size(1) == n ? g : g.reshape({rows, n})).contiguous());
-    };
-    Tensor dy = grads[0].defined() ? flat_grad(grads[0]) : at::zeros_like(s);
-    Tensor dsum = has_res ? flat_grad(grads[1]) : Tensor();
-    // needs_input_grad counts the tensor inputs that were given: x, then residual, weight, bias
-    int64_t edge = 0;
-    const bool need_x = ctx->needs_input_grad(edge++);
-    const bool need_res = has_res && ctx->needs_input_grad(edge++);
-    const bool need_w = weight.defined() && ctx->needs_input_grad(edge++);
-    const int64_t bias_dtype = ctx->saved_data["bias_dtype"].toInt();
-    const bool need_b = bias_dtype >= 0 && ctx->needs_input_grad(edge++);
-    Tensor dx, dw, db;
-    // create_graph=True, or a vmap batch of gradients (is_grads_batched: a BatchedTensor has no
-    // memory to read): the backward as ATen ops, which autograd and vmap see through
-    const bool batched = !dy.has_storage() || (dsum.defined() && !dsum.has_storage());
-    if (at::GradMode::is_enabled() || batched) {
-      auto g = differentiable_backward(dy, dsum, s, weight, ctx->saved_data["eps"].toDouble(), is_rms);
-      dx = g[0], dw = g[1], db = g[2];
-    } else {
-      // the fused backward kernel with the options off, computing only what is needed (dx
-      // serves x and the residual alike)
-      Tensor mean = ctx->saved_data["mean"].toTensor();
-      auto opt = [](const Tensor& t) { return t.defined() ? c10::optional<Tensor>(t) : c10::nullopt; };
-      auto g = fused::fused_backward(opt(dy), c10::nullopt, opt(dsum), s, opt(weight), c10::nullopt, c10::nullopt,
-                                     opt(mean), ctx->saved_data["rstd"].toTensor(), ctx->saved_data["eps"].toDouble(),
-                                     is_rms, 0.0, 0, {need_x || need_res, false, false, need_w, need_b, false, false},
-                                     s.scalar_type(), c10::nullopt);
-      dx = g[0], dw = g[3], db = g[4];
-    }
-    if (dx.defined() && !flat) dx = dx.view(saved[0].sizes());
-    return {need_x ? dx : Tensor(),
-            need_res ? dx : Tensor(),
-            need_w ? cast(dw, weight.scalar_type()).view(weight.sizes()) : Tensor(),
-            need_b ? shaped(cast(db, static_cast<at::ScalarType>(bias_dtype)), ctx) : Tensor(),
-            Tensor(),
-            Tensor(),
-            Tensor()};
-  }
-};
+// --- the eager call ------------------------------------------------------------------------------
 
 // The eager call on a contiguous x (..., N): returns [y] or [y, s] (s only with a residual;
 // without one the prenorm output is x itself, returned by the caller). Without anything to
@@ -424,7 +341,7 @@ std::vector<Tensor> norm(const Tensor& x_in, int64_t n, const c10::optional<Tens
   auto r = resolved(residual), w = resolved(weight), b = resolved(bias);
   auto needs = [](const c10::optional<Tensor>& t) { return t.has_value() && t->requires_grad(); };
   if (at::GradMode::is_enabled() && (x.requires_grad() || needs(r) || needs(w) || needs(b)))
-    return NormFunction::apply(x, r, w, b, n, eps, is_rms);
+    return norm_with_grad(x, r, w, b, n, eps, is_rms);
   auto res = forward_nd(x, n, r, w, b, eps, is_rms);
   if (!r.has_value()) return {res[0]};
   return {res[0], res[1]};
