@@ -284,3 +284,19 @@ def test_rows_with_a_large_mean_are_centred_to_float32_precision(n, dim):
         scale = max(1.0, t.abs().max().item())
         err = (g.double() - t).abs().max().item() / scale
         assert err < 2e-6 * (1 if i != 2 else n ** 0.5 * 8), f"item {i}: relative error {err:.2e}"
+
+
+def test_native_call_without_prenorm_returns_no_sum():
+    """Without autograd the native call forms x + residual without storing it unless prenorm
+    asks for it (a write of the whole sum saved); with autograd s is kept for backward."""
+    x, r = randn((6, 40), seed=50), randn((6, 40), seed=51)
+    w, b = params((40,), seed=52)
+    ext = compiled.extension
+    with torch.no_grad():
+        (y,) = ext.norm(x, 40, w, b, 1e-5, False, r, False)
+        y2, s = ext.norm(x, 40, w, b, 1e-5, False, r, True)
+    assert torch.equal(y, y2) and torch.equal(s, x + r)
+    torch.testing.assert_close(y, ref.layer_norm(x + r, (40,), w, b, 1e-5))
+    xg = x.clone().requires_grad_()
+    out = ext.norm(xg, 40, w, b, 1e-5, False, r, False)
+    assert len(out) == 2 and torch.equal(out[0], y)  # s saved for backward, returned

@@ -246,7 +246,7 @@ def norm(
 
 def _native(x, shape, weight, bias, eps, is_rms, residual, prenorm):
     n = shape if type(shape) is int else math.prod(shape)
-    out = _cpu.extension.norm(x, n, weight, bias, eps, is_rms, residual)
+    out = _cpu.extension.norm(x, n, weight, bias, eps, is_rms, residual, prenorm)
     if not prenorm:
         return out[0]
     return out[0], (out[1] if residual is not None else x)

@@ -63,6 +63,24 @@ inline void check_dropout(double p) {
 }
 
 
+// One forward call after its checks, with its outputs allocated: what the kernel reads and
+// writes, an undefined tensor for what the call does not have. rowscale: (M,) contiguous in
+// the sum's compute dtype (as_rowscale); s: the sum buffer, undefined when the call forms no
+// sum (contract.sum_is_input) or does not store it; mean / rstd may be undefined (not wanted).
+struct FwdCall {
+  int64_t rows = 0, n = 0;  // the tensors hold rows x n contiguous elements (any shape)
+  Tensor x, residual, x1, rowscale, weight, bias, weight1, bias1;
+  Tensor y, y1, s, mask, mask1, mean, rstd;
+  double eps = 0.0;
+  bool is_rms = false;
+  double dropout_p = 0.0;
+  int64_t seed = 0;
+  at::ScalarType sum_dtype = at::kFloat, out_dtype = at::kFloat;
+};
+
+// The fused forward kernel (fused_cpu.cpp) on a call of at least one row of at least one element.
+void forward_rows(const FwdCall& c);
+
 // The fused backward (fused_backward.cpp): needs = (dx, dx1, dresidual, dweight, dbias, dweight1, dbias1).
 std::vector<Tensor> fused_backward(const OptTensor& dy, const OptTensor& dy1, const OptTensor& dsum, const Tensor& s,
                                    const OptTensor& weight, const OptTensor& weight1, const OptTensor& rowscale,

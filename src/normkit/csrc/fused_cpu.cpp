@@ -9,10 +9,15 @@
 // the choice is a handful of indirect calls, the inner loops carry no option tests. Rows run
 // in chunks fixed by the shape (cpu_runtime.h), the parameter gradients are summed per chunk
 // and the chunk partials added in chunk order, so every result is bit-identical for any thread
-// count.
+// count. The plain call (no option: x [+ residual] [, s] and y all in x's dtype), which the
+// native path (normkit::forward, norm_cpu.cpp) runs too, takes one loop instead of passes
+// (fused_rows.h, plain_rows): statistics from one read, taken as the sum is formed, and each
+// row's output written in the loop that reads the next row.
 #include <torch/extension.h>
 
+#include <fstream>
 #include <limits>
+#include <string>
 #include <vector>
 
 #include "arg_checks.h"
@@ -168,6 +173,209 @@ void fwd_rows(const FwdPlan<AccS, AccW>& p, int64_t lo, int64_t hi) {
   }
 }
 
+// --- the plain call: x [+ residual] [, s stored] in one dtype, no other option ---------------------
+
+template <typename T, typename Acc>
+NORMKIT_CLONES void plain_pass(const fused::PlainFwdArgs<T, Acc>& a, int64_t lo, int64_t hi, Acc* buf) {
+  fused::plain_rows<T, Acc>(a, lo, hi, buf);
+}
+
+// A plain layer norm overlaps each row's output write with the next row's read
+// (PlainFwdArgs::overlap) on calls of at least kOverlapMinBytes (the memory-bound regime) and on
+// rows of at most kOverlapMaxRowBytes at any size: the loop's streams (this row, the next, w, b,
+// y) of such rows stay in L1, where it runs 0.35 cycles per element against 0.42 for a
+// statistics pass then an output pass (768 and 1024 wide, data in L2/L3, Zen 4). At 4096 wide
+// in cache the two are even, and from L3 right after other work the overlapped loop is slower.
+// Not for RMS norm, whose statistics pass is cheap enough that the separate passes were as
+// fast or faster in cache (1024 wide, 1 thread, measured under load), nor for Half, whose
+// stores the loop would write one element at a time (store_vec).
+constexpr int64_t kOverlapMinBytes = int64_t(4) << 20;
+constexpr int64_t kOverlapMaxRowBytes = int64_t(8) << 10;
+
+// The last-level cache's size (calls whose inputs and outputs together are at least this large
+// write with non-temporal stores): the largest cache sysfs lists for cpu0, else 32 MiB. Not
+// sysconf(_SC_LEVEL3_CACHE_SIZE): glibc derives it from CPUID, which a VM may report wrongly
+// (320 MiB on the project's 32 MiB Zen 4 VM).
+int64_t last_level_cache_bytes() {
+  static const int64_t bytes = [] {
+    int64_t best = 0;
+    for (int index = 0; index < 8; ++index) {
+      const std::string path = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index) + "/size";
+      std::ifstream f(path);
+      int64_t v = 0;
+      std::string unit;
+      if (!(f >> v)) continue;
+      f >> unit;  // "32768K" reads as 32768 then "K"
+      if (!unit.empty() && (unit[0] == 'K' || unit[0] == 'k')) v <<= 10;
+      if (!unit.empty() && (unit[0] == 'M' || unit[0] == 'm')) v <<= 20;
+      best = std::max(best, v);
+    }
+    return best > 0 ? best : (int64_t(32) << 20);
+  }();
+  return bytes;
+}
+
+template <typename T>
+void plain_forward(const fused::FwdCall& c, int64_t rows, int64_t n) {
+  using Acc = acc_of<T>;
+  const Tensor w = as_param(c.weight, c10::CppTypeToScalarType<Acc>::value);
+  const Tensor b = as_param(c.bias, c10::CppTypeToScalarType<Acc>::value);
+  auto data = [](const Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; };
+  auto acc_data = [](const Tensor& t) { return t.defined() ? t.data_ptr<Acc>() : nullptr; };
+  fused::PlainFwdArgs<T, Acc> a{};
+  a.x = c.x.const_data_ptr<T>();
+  a.r = c.residual.defined() ? c.residual.const_data_ptr<T>() : nullptr;
+  a.s = data(c.s);
+  a.y = data(c.y);
+  a.w = w.defined() ? w.const_data_ptr<Acc>() : nullptr;
+  a.b = b.defined() ? b.const_data_ptr<Acc>() : nullptr;
+  a.mean = acc_data(c.mean);
+  a.rstd = acc_data(c.rstd);
+  a.n = n;
+  a.eps = static_cast<Acc>(c.eps);
+  a.is_rms = c.is_rms;
+  const int64_t row_bytes = n * static_cast<int64_t>(sizeof(T));
+  const int64_t streams = 2 + (a.r ? 1 : 0) + (a.s ? 1 : 0);  // x, y, residual, s
+  std::vector<Acc> ones, zeros;
+  if (rows > 1 && !c.is_rms && !std::is_same_v<T, c10::Half> &&
+      (rows * row_bytes >= kOverlapMinBytes || row_bytes <= kOverlapMaxRowBytes)) {
+    a.overlap = true;
+    // inputs and outputs together beyond the cache: the outputs would not stay cached
+    a.stream = streams * rows * row_bytes >= last_level_cache_bytes() && can_stream<T, Acc>(a.y, n) &&
+               (!a.s || can_stream<T, Acc>(a.s, n));
+    if (!a.w) ones.assign(n, Acc(1));
+    if (!a.b) zeros.assign(n, Acc(0));
+    a.w_or_ones = a.w ? a.w : ones.data();
+    a.b_or_zeros = a.b ? a.b : zeros.data();
+  }
+  const int64_t per = rows_per_chunk(rows, n);
+  for_each_chunk((rows + per - 1) / per, is_serial(rows, n), [&](int64_t k) {
+    std::vector<Acc> buf(a.r ? 2 * n : 0);
+    plain_pass<T, Acc>(a, k * per, std::min(rows, (k + 1) * per), a.r ? buf.data() : nullptr);
+  });
+}
+
+}  // namespace
+
+void fused::forward_rows(const FwdCall& c) {
+  const int64_t rows = c.rows, n = c.n;
+  const bool has_r = c.residual.defined(), has_x1 = c.x1.defined(), has_rs = c.rowscale.defined();
+  const bool has_w1 = c.weight1.defined(), drop = c.dropout_p > 0.0, store_sum = c.s.defined();
+  const bool masks = c.mask.defined();
+  const double dropout_p = c.dropout_p;
+  const int64_t seed = c.seed;
+  const auto tdt = c.x.scalar_type(), sdt = c.sum_dtype, odt = c.out_dtype;
+  const auto rdt = has_r ? c.residual.scalar_type() : tdt;
+  // the plain call (no option; x, residual, s and y of one dtype): one loop, no row passes
+  if (!has_x1 && !has_rs && !drop && !has_w1 && sdt == tdt && odt == tdt && rdt == tdt && (has_r || !store_sum)) {
+    with_dtype(tdt, [&](auto t_tag) { plain_forward<decltype(t_tag)>(c, rows, n); });
+    return;
+  }
+  const bool acc_s_double = tdt == at::kDouble || rdt == at::kDouble;
+  const bool acc_w_double = tdt == at::kDouble || sdt == at::kDouble;
+  const auto acc_w = acc_w_double ? at::kDouble : at::kFloat;
+  // contract.sum_is_input, unless the caller asked for s in a buffer of its own
+  const bool sum = has_r || has_x1 || has_rs || drop || sdt != tdt || store_sum;
+  const Tensor &x = c.x, &r = c.residual, &x1 = c.x1, &y = c.y, &y1 = c.y1, &s = c.s;
+  const Tensor &mean = c.mean, &rstd = c.rstd, &mask = c.mask, &mask1 = c.mask1;
+  const auto opts = x.options();
+  const DropStream d0 = drop ? DropStream(seed, 0, n, dropout_p) : DropStream();
+  const DropStream d1 = drop && has_x1 ? DropStream(seed, 1, n, dropout_p) : DropStream();
+
+  auto run = [&](auto acc_s_tag, auto acc_w_tag) {
+    using AccS = decltype(acc_s_tag);
+    using AccW = decltype(acc_w_tag);
+    Tensor w = as_param(c.weight, acc_w), b = as_param(c.bias, acc_w), w1 = as_param(c.weight1, acc_w),
+           b1 = as_param(c.bias1, acc_w);
+    if (has_w1) {  // y and y1 are written in one loop (norm_row), which reads all four
+      if (!w.defined()) w = at::ones({n}, opts.dtype(acc_w));
+      if (!b.defined()) b = at::zeros({n}, opts.dtype(acc_w));
+      if (!b1.defined()) b1 = at::zeros({n}, opts.dtype(acc_w));
+    }
+    FwdPlan<AccS, AccW> p;
+    p.n = n;
+    p.sum = sum;
+    p.x = static_cast<const char*>(x.const_data_ptr());
+    p.xb = x.element_size();
+    p.y = static_cast<char*>(y.data_ptr());
+    p.y1 = y1.defined() ? static_cast<char*>(y1.data_ptr()) : nullptr;
+    p.ob = y.element_size();
+    p.norm = {w.defined() ? w.const_data_ptr<AccW>() : nullptr, b.defined() ? b.const_data_ptr<AccW>() : nullptr,
+              w1.defined() ? w1.const_data_ptr<AccW>() : nullptr, b1.defined() ? b1.const_data_ptr<AccW>() : nullptr,
+              static_cast<AccW>(c.eps), c.is_rms, mean.defined() ? mean.data_ptr<AccW>() : nullptr,
+              rstd.defined() ? rstd.data_ptr<AccW>() : nullptr};
+    with_dtype(odt, [&](auto o_tag) {
+      using O = decltype(o_tag);
+      if (sum) {
+        p.norm_pass = &norm_pass<AccW, O, AccW>;
+      } else {
+        with_dtype(tdt, [&](auto t_tag) {
+          using T = decltype(t_tag);
+          if constexpr (std::is_same_v<acc_of<T>, AccW>) p.norm_pass = &norm_pass<T, O, AccW>;
+        });
+      }
+    });
+    if (sum) {
+      with_dtype(tdt, [&](auto t_tag) {
+        using T = decltype(t_tag);
+        if constexpr (!std::is_same_v<T, double> || std::is_same_v<AccS, double>) {
+          p.x_pass = pick_x<T, AccS, false>(drop, masks);
+          if (has_x1) p.x1_pass = pick_x<T, AccS, true>(drop, masks);
+          if (has_r && !has_x1) {
+            // s stored in the x + r pass when S is AccS (exact) and nothing converts it further
+            const bool s_here = store_sum && sdt == (std::is_same_v<AccS, double> ? at::kDouble : at::kFloat) &&
+                                std::is_same_v<AccS, AccW>;
+            with_dtype(rdt, [&](auto r_tag) {
+              p.xr_pass = pick_xr<T, decltype(r_tag), AccS>(drop, masks, s_here);
+              p.s_in_xr = p.xr_pass && s_here && !drop;
+            });
+          }
+        }
+      });
+      if (has_r) {
+        p.r = static_cast<const char*>(r.const_data_ptr());
+        p.rb = r.element_size();
+        with_dtype(rdt, [&](auto r_tag) {
+          using R = decltype(r_tag);
+          if constexpr (!std::is_same_v<R, double> || std::is_same_v<AccS, double>)
+            if (!p.xr_pass) p.r_pass = &add_pass<R, AccS>;
+        });
+      }
+      const bool store_s = store_sum && !p.s_in_xr;
+      with_dtype(sdt, [&](auto s_tag) {
+        using S = decltype(s_tag);
+        if (store_s) p.round_pass = &round_pass<S, AccS, AccW, true>;
+        else if (!(std::is_same_v<S, AccS> && std::is_same_v<AccS, AccW>)) p.round_pass = &round_pass<S, AccS, AccW, false>;
+      });
+      if (store_sum) {
+        p.s = static_cast<char*>(s.data_ptr());
+        p.sb = s.element_size();
+      }
+      if (has_x1) p.x1 = static_cast<const char*>(x1.const_data_ptr());
+      if (has_rs) p.rowscale = c.rowscale.const_data_ptr<AccS>();
+      if (drop) {
+        p.d0 = &d0;
+        p.d1 = has_x1 ? &d1 : nullptr;
+        p.scale = static_cast<AccS>(1.0 / (1.0 - dropout_p));
+      }
+      if (masks) {
+        p.mask = static_cast<uint8_t*>(mask.data_ptr());
+        p.mask1 = mask1.defined() ? static_cast<uint8_t*>(mask1.data_ptr()) : nullptr;
+      }
+    }
+    TORCH_INTERNAL_ASSERT(p.norm_pass && (!sum || p.x_pass || p.xr_pass) && (!has_r || !sum || p.r_pass || p.xr_pass));
+    const int64_t per = rows_per_chunk(rows, n);
+    for_each_chunk((rows + per - 1) / per, is_serial(rows, n),
+                   [&](int64_t k) { fwd_rows(p, k * per, std::min(rows, (k + 1) * per)); });
+  };
+  if (acc_s_double && acc_w_double) run(double{}, double{});
+  else if (acc_s_double) run(double{}, float{});
+  else if (acc_w_double) run(float{}, double{});
+  else run(float{}, float{});
+}
+
+namespace {
+
 // A buffer the kernel writes: shape, dtype, layout, and no memory shared with `reads`.
 void check_buffer(const Tensor& buf, const char* name, at::IntArrayRef sizes, at::ScalarType dtype,
                   const std::vector<std::pair<const OptTensor*, const char*>>& reads) {
@@ -247,98 +455,31 @@ std::vector<Tensor> fused_forward(const Tensor& x_in, const OptTensor& residual_
     rstd.fill_(std::numeric_limits<double>::quiet_NaN());
     return {y, y1, s, mean, rstd, mask, mask1};
   }
-  const DropStream d0 = drop ? DropStream(seed, 0, n, dropout_p) : DropStream();
-  const DropStream d1 = drop && has_x1 ? DropStream(seed, 1, n, dropout_p) : DropStream();
-
-  auto run = [&](auto acc_s_tag, auto acc_w_tag) {
-    using AccS = decltype(acc_s_tag);
-    using AccW = decltype(acc_w_tag);
-    Tensor w = as_param(weight, acc_w), b = as_param(bias, acc_w), w1 = as_param(weight1, acc_w),
-           b1 = as_param(bias1, acc_w);
-    if (has_w1) {  // y and y1 are written in one loop (norm_row), which reads all four
-      if (!w.defined()) w = at::ones({n}, opts.dtype(acc_w));
-      if (!b.defined()) b = at::zeros({n}, opts.dtype(acc_w));
-      if (!b1.defined()) b1 = at::zeros({n}, opts.dtype(acc_w));
-    }
-    FwdPlan<AccS, AccW> p;
-    p.n = n;
-    p.sum = sum;
-    p.x = static_cast<const char*>(x.const_data_ptr());
-    p.xb = x.element_size();
-    p.y = static_cast<char*>(y.data_ptr());
-    p.y1 = y1.defined() ? static_cast<char*>(y1.data_ptr()) : nullptr;
-    p.ob = y.element_size();
-    p.norm = {w.defined() ? w.const_data_ptr<AccW>() : nullptr, b.defined() ? b.const_data_ptr<AccW>() : nullptr,
-              w1.defined() ? w1.const_data_ptr<AccW>() : nullptr, b1.defined() ? b1.const_data_ptr<AccW>() : nullptr,
-              static_cast<AccW>(eps), is_rms, mean.defined() ? mean.data_ptr<AccW>() : nullptr, rstd.data_ptr<AccW>()};
-    with_dtype(odt, [&](auto o_tag) {
-      using O = decltype(o_tag);
-      if (sum) {
-        p.norm_pass = &norm_pass<AccW, O, AccW>;
-      } else {
-        with_dtype(tdt, [&](auto t_tag) {
-          using T = decltype(t_tag);
-          if constexpr (std::is_same_v<acc_of<T>, AccW>) p.norm_pass = &norm_pass<T, O, AccW>;
-        });
-      }
-    });
-    if (sum) {
-      with_dtype(tdt, [&](auto t_tag) {
-        using T = decltype(t_tag);
-        if constexpr (!std::is_same_v<T, double> || std::is_same_v<AccS, double>) {
-          p.x_pass = pick_x<T, AccS, false>(drop, masks);
-          if (has_x1) p.x1_pass = pick_x<T, AccS, true>(drop, masks);
-          if (has_r && !has_x1) {
-            // s stored in the x + r pass when S is AccS (exact) and nothing converts it further
-            const bool s_here = store_sum && sdt == (std::is_same_v<AccS, double> ? at::kDouble : at::kFloat) &&
-                                std::is_same_v<AccS, AccW>;
-            with_dtype(rdt, [&](auto r_tag) {
-              p.xr_pass = pick_xr<T, decltype(r_tag), AccS>(drop, masks, s_here);
-              p.s_in_xr = p.xr_pass && s_here && !drop;
-            });
-          }
-        }
-      });
-      if (has_r) {
-        p.r = static_cast<const char*>(r->const_data_ptr());
-        p.rb = r->element_size();
-        with_dtype(rdt, [&](auto r_tag) {
-          using R = decltype(r_tag);
-          if constexpr (!std::is_same_v<R, double> || std::is_same_v<AccS, double>)
-            if (!p.xr_pass) p.r_pass = &add_pass<R, AccS>;
-        });
-      }
-      const bool store_s = store_sum && !p.s_in_xr;
-      with_dtype(sdt, [&](auto s_tag) {
-        using S = decltype(s_tag);
-        if (store_s) p.round_pass = &round_pass<S, AccS, AccW, true>;
-        else if (!(std::is_same_v<S, AccS> && std::is_same_v<AccS, AccW>)) p.round_pass = &round_pass<S, AccS, AccW, false>;
-      });
-      if (store_sum) {
-        p.s = static_cast<char*>(s.data_ptr());
-        p.sb = s.element_size();
-      }
-      if (has_x1) p.x1 = static_cast<const char*>(x1->const_data_ptr());
-      if (has_rs) p.rowscale = rowscale_c->const_data_ptr<AccS>();
-      if (drop) {
-        p.d0 = &d0;
-        p.d1 = has_x1 ? &d1 : nullptr;
-        p.scale = static_cast<AccS>(1.0 / (1.0 - dropout_p));
-      }
-      if (masks) {
-        p.mask = static_cast<uint8_t*>(mask.data_ptr());
-        p.mask1 = mask1.defined() ? static_cast<uint8_t*>(mask1.data_ptr()) : nullptr;
-      }
-    }
-    TORCH_INTERNAL_ASSERT(p.norm_pass && (!sum || p.x_pass || p.xr_pass) && (!has_r || !sum || p.r_pass || p.xr_pass));
-    const int64_t per = rows_per_chunk(rows, n);
-    for_each_chunk((rows + per - 1) / per, is_serial(rows, n),
-                   [&](int64_t c) { fwd_rows(p, c * per, std::min(rows, (c + 1) * per)); });
-  };
-  if (acc_s_double && acc_w_double) run(double{}, double{});
-  else if (acc_s_double) run(double{}, float{});
-  else if (acc_w_double) run(float{}, double{});
-  else run(float{}, float{});
+  fused::FwdCall c;
+  c.rows = rows;
+  c.n = n;
+  c.x = x;
+  c.residual = r.value_or(Tensor());
+  c.x1 = x1.value_or(Tensor());
+  c.rowscale = rowscale_c.value_or(Tensor());
+  c.weight = weight.value_or(Tensor());
+  c.bias = bias.value_or(Tensor());
+  c.weight1 = weight1.value_or(Tensor());
+  c.bias1 = bias1.value_or(Tensor());
+  c.y = y;
+  c.y1 = y1;
+  c.s = sum ? s : Tensor();
+  c.mask = mask;
+  c.mask1 = mask1;
+  c.mean = mean;
+  c.rstd = rstd;
+  c.eps = eps;
+  c.is_rms = is_rms;
+  c.dropout_p = dropout_p;
+  c.seed = seed;
+  c.sum_dtype = sdt;
+  c.out_dtype = odt;
+  fused::forward_rows(c);
   return {y, y1, s, mean, rstd, mask, mask1};
 }
 

@@ -9,10 +9,11 @@
 // implementation) and writes y and y1 in one loop. Each pass is templated on the one or two
 // dtypes it touches and on the flags that change its inner loop, never on the whole
 // (T, R, S, O) x flags product: a few dozen small instantiations instead of thousands, and a
-// call pays only for the passes its options turn on (the plain call: one pass, reading x and
-// writing y). The buffer passes cost L1 bandwidth, not memory bandwidth: at 2 threads the
-// kernels run near the copy's memory limit, at 1 thread (one core streams 35 GB/s on Zen 4) the
-// statistics' two reads of the row and the write pass are the bound, as in the older kernels.
+// call pays only for the passes its options turn on. The buffer passes cost L1 bandwidth, not
+// memory bandwidth: at 2 threads the kernels run near the copy's memory limit, at 1 thread (one
+// core streams 35 GB/s on Zen 4) the statistics' two reads of the row and the write pass are
+// the bound. The plain call (x [+ residual], nothing else) has a loop of its own (plain_rows
+// below): one read of x and r, one write of y (and s).
 //
 // Dropout: a counter-based hash, so a mask is a pure function of (seed, stream, row, column)
 // and needs no state, no storage and no order: any thread computes any element, backward
@@ -25,6 +26,9 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "row_math.h"
@@ -78,6 +82,14 @@ struct DropRow {
   Acc scale = 1;  // 1 / (1 - p), rounded to Acc as torch rounds the Python float
 };
 
+// Whether dropout keeps element j of the row (forward and backward draw the same). The loops
+// pass a local copy of their DropRow: its fields then stay in registers, where a mask store
+// (uint8_t, which may alias anything) would otherwise reload them from memory.
+template <typename Acc>
+NORMKIT_INLINE bool keep_at(const DropRow<Acc>& d, int64_t j) {
+  return fmix32(d.col_key[j] ^ d.row_key) >= d.threshold;
+}
+
 // --- sum passes ---------------------------------------------------------------------------------
 
 // The sum passes are compiled without floating-point contraction (and so are their callers in
@@ -91,14 +103,12 @@ struct DropRow {
 template <typename T, typename Acc, bool DROP, bool MASK, bool ACCUM>
 NORMKIT_INLINE void sum_x_row(const T* x, int64_t n, Acc rs, const DropRow<Acc>& d, uint8_t* mask, Acc* buf) {
   if constexpr (DROP) {
-    const uint32_t* ck = d.col_key;
-    const uint32_t rk = d.row_key, thr = d.threshold;
-    const Acc scale = d.scale;
+    const DropRow<Acc> dr = d;
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
       // a select, not a bool -> float conversion: GCC leaves the latter scalar
-      const bool keep = fmix32(ck[j] ^ rk) >= thr;
-      const Acc v = ((load<T, Acc>(x[j]) * rs) * (keep ? Acc(1) : Acc(0))) * scale;
+      const bool keep = keep_at(dr, j);
+      const Acc v = ((load<T, Acc>(x[j]) * rs) * (keep ? Acc(1) : Acc(0))) * dr.scale;
       if constexpr (ACCUM) buf[j] += v; else buf[j] = v;
       if constexpr (MASK) mask[j] = keep ? uint8_t(1) : uint8_t(0);
     }
@@ -116,15 +126,13 @@ NORMKIT_INLINE void sum_x_row(const T* x, int64_t n, Acc rs, const DropRow<Acc>&
 template <typename T, typename R, typename Acc, bool DROP, bool MASK, bool STORE>
 NORMKIT_INLINE void sum_xr_row(const T* x, const R* r, int64_t n, Acc rs, const DropRow<Acc>& d, uint8_t* mask, Acc* s,
                                Acc* buf) {
-  const uint32_t* ck = d.col_key;
-  const uint32_t rk = d.row_key, thr = d.threshold;
-  const Acc scale = d.scale;
+  const DropRow<Acc> dr = d;
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     Acc v = load<T, Acc>(x[j]) * rs;
     if constexpr (DROP) {
-      const bool keep = fmix32(ck[j] ^ rk) >= thr;
-      v = (v * (keep ? Acc(1) : Acc(0))) * scale;
+      const bool keep = keep_at(dr, j);
+      v = (v * (keep ? Acc(1) : Acc(0))) * dr.scale;
       if constexpr (MASK) mask[j] = keep ? uint8_t(1) : uint8_t(0);
     }
     v = v + load<R, Acc>(r[j]);
@@ -161,7 +169,7 @@ struct NormArgs {
   Acc eps;
   bool is_rms;
   Acc* mean;  // null for RMS norm
-  Acc* rstd;
+  Acc* rstd;  // null when not wanted
 };
 
 // The next row's inputs, read while this row's output is written: up to three streams (x,
@@ -209,7 +217,112 @@ NORMKIT_INLINE void norm_row(const Src* src, int64_t n, const NormArgs<Acc>& a, 
     }
   }
   if (a.mean) a.mean[i] = st.mean;
-  a.rstd[i] = st.rstd;
+  if (a.rstd) a.rstd[i] = st.rstd;
+}
+
+// --- the plain forward: x [+ residual], no other option -------------------------------------------
+
+// The row a plain call with a residual sums: s = round_T(x + r) (the unfused x + r, rounded once
+// to the input dtype), formed as it is read (row_math.h's RowRead interface), kept in buf (Acc)
+// for the output pass and stored to s when STORE.
+template <typename T, typename Acc, bool STORE, bool Stream>
+struct SumRead {
+  const T *x, *r;
+  Acc* buf;
+  T* s;
+  static constexpr int64_t kElemBytes = sizeof(T);
+  NORMKIT_INLINE Acc value(int64_t j) const { return load<T, Acc>(store<T>(load<T, Acc>(x[j]) + load<T, Acc>(r[j]))); }
+  NORMKIT_INLINE vec_t<Acc> vec(int64_t j) const {
+    const vec_t<Acc> v = round_vec<T, Acc>(load_vec<T, Acc>(x + j) + load_vec<T, Acc>(r + j));
+    std::memcpy(buf + j, &v, sizeof(v));
+    if constexpr (STORE) store_vec<T, Acc, Stream>(s + j, v);
+    return v;
+  }
+  NORMKIT_INLINE Acc one(int64_t j) const {
+    const Acc v = value(j);
+    buf[j] = v;
+    if constexpr (STORE) s[j] = store<T>(v);
+    return v;
+  }
+  NORMKIT_INLINE void prefetch(int64_t j) const {
+    __builtin_prefetch(x + j, 0, 3);
+    __builtin_prefetch(r + j, 0, 3);
+  }
+};
+
+template <typename T, typename Acc>
+struct PlainFwdArgs {
+  const T* x;
+  const T* r;  // residual or null
+  T* s;        // the stored sum or null (only with r)
+  T* y;
+  const Acc *w, *b;                    // each may be null (gain 1, bias 0)
+  const Acc *w_or_ones, *b_or_zeros;   // w / b materialized, for the overlapped loop
+  Acc *mean, *rstd;                    // each may be null (RMS norm; no statistics wanted)
+  int64_t n;
+  Acc eps;
+  bool is_rms;
+  // overlap: write each row's output in the loop that sums the next (write_row_sums_next);
+  // stream: that loop's non-temporal stores and prefetch (the call exceeds the last-level cache)
+  bool overlap, stream;
+};
+
+// Rows lo..hi of a plain call. Each row's statistics take one read of the row (row_math.h:
+// shifted sums, rarely the exact second pass), taken from a residual's sum as it is formed (so
+// x and r are read once, the sum kept in buf, an L1/L2 row); its output takes a second read,
+// from x or buf, which with a.overlap is the same loop as the next row's first.
+// buf: two rows (the row being written and the row being formed) with a residual, else null.
+template <typename T, typename Acc, bool Res, bool STORE, bool Stream>
+NORMKIT_INLINE void plain_rows_as(const PlainFwdArgs<T, Acc>& a, int64_t lo, int64_t hi, Acc* buf) {
+  using Src = std::conditional_t<Res, Acc, T>;
+  const int64_t n = a.n;
+  auto row_in = [&](int64_t i, Acc* keep) {
+    if constexpr (Res) return SumRead<T, Acc, STORE, Stream>{a.x + i * n, a.r + i * n, keep, STORE ? a.s + i * n : nullptr};
+    else return RowRead<T, Acc>{a.x + i * n};
+  };
+  auto src_of = [&](int64_t i, const Acc* keep) -> const Src* {
+    if constexpr (Res) return keep; else return a.x + i * n;
+  };
+  auto shift_of = [&](const auto& in) { return a.is_rms ? Acc(0) : row_shift<Acc>(in, n); };
+  Acc* cur = buf;
+  Acc* nxt = Res ? buf + n : nullptr;
+  const auto first = row_in(lo, cur);
+  ShiftedSums<Acc> sums = row_sums<Acc>(first, n, shift_of(first));
+  for (int64_t i = lo; i < hi; ++i) {
+    const RowStats<Acc> st = finish_stats<Src, Acc>(src_of(i, cur), n, sums, a.eps, a.is_rms);
+    T* yi = a.y + i * n;
+    if (a.mean) a.mean[i] = st.mean;
+    if (a.rstd) a.rstd[i] = st.rstd;
+    if (i + 1 == hi) {
+      write_row<T, Src, Acc>(src_of(i, cur), yi, n, st, a.w, a.b);
+      break;
+    }
+    const auto next = row_in(i + 1, nxt);
+    const Acc shift = shift_of(next);
+    if (a.overlap) {
+      sums = write_row_sums_next<Src, T, Acc, Stream>(src_of(i, cur), yi, next, n, st, a.w_or_ones, a.b_or_zeros, shift);
+    } else {
+      write_row<T, Src, Acc>(src_of(i, cur), yi, n, st, a.w, a.b);
+      sums = row_sums<Acc>(next, n, shift);
+    }
+    std::swap(cur, nxt);
+  }
+  if constexpr (Stream) stream_fence();
+}
+
+// plain_rows_as for the call's case. (No streaming for Half, whose stores are not vectors: can_stream.)
+template <typename T, typename Acc>
+NORMKIT_INLINE void plain_rows(const PlainFwdArgs<T, Acc>& a, int64_t lo, int64_t hi, Acc* buf) {
+  constexpr bool kStream = !std::is_same_v<T, c10::Half>;
+  if (a.stream && kStream) {
+    if (!a.r) plain_rows_as<T, Acc, false, false, kStream>(a, lo, hi, buf);
+    else if (a.s) plain_rows_as<T, Acc, true, true, kStream>(a, lo, hi, buf);
+    else plain_rows_as<T, Acc, true, false, kStream>(a, lo, hi, buf);
+  } else {
+    if (!a.r) plain_rows_as<T, Acc, false, false, false>(a, lo, hi, buf);
+    else if (a.s) plain_rows_as<T, Acc, true, true, false>(a, lo, hi, buf);
+    else plain_rows_as<T, Acc, true, false, false>(a, lo, hi, buf);
+  }
 }
 
 // --- backward passes ------------------------------------------------------------------------------
@@ -270,13 +383,11 @@ NORMKIT_INLINE void grad_ds_row(const S* s, const Acc* g, int64_t n, const RowSt
 template <typename T, typename Acc, bool DROP>
 NORMKIT_INLINE void grad_out_row(const Acc* ds, int64_t n, Acc rs, const DropRow<Acc>& d, T* out) {
   if constexpr (DROP) {
-    const uint32_t* ck = d.col_key;
-    const uint32_t rk = d.row_key, thr = d.threshold;
-    const Acc scale = d.scale;
+    const DropRow<Acc> dr = d;
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
-      const bool keep = fmix32(ck[j] ^ rk) >= thr;
-      out[j] = store<T>(((ds[j] * rs) * (keep ? Acc(1) : Acc(0))) * scale);
+      const bool keep = keep_at(dr, j);
+      out[j] = store<T>(((ds[j] * rs) * (keep ? Acc(1) : Acc(0))) * dr.scale);
     }
   } else {
 #pragma omp simd

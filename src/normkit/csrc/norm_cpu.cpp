@@ -5,25 +5,19 @@
 //    (semantics: normkit.reference). Rows are spread over torch's intra-op thread pool
 //    (at::parallel_for, so torch.set_num_threads is the knob) in chunks that depend on the
 //    shape only; the gain/bias gradients are summed per chunk and the chunk partials added in
-//    chunk order, so every result is bit-identical for any thread count. The backward is the
-//    one C++ backward kernel, fused::fused_backward (fused_backward.cpp) with the options off.
+//    chunk order, so every result is bit-identical for any thread count. The kernels are the
+//    one C++ forward and backward kernel, fused::forward_rows (fused_cpu.cpp) and
+//    fused::fused_backward (fused_backward.cpp), with the options off.
 //  * norm: the whole eager call (reshape, kernels, autograd node) in C++, for the Python fast
 //    path of normkit.functional: a launch costs what a native torch op costs. Its autograd node
 //    is NormBackward (norm_node.cpp); under create_graph=True its backward is built from
 //    differentiable ATen ops (double backward).
-//
-// The hot functions are compiled for several instruction sets (target_clones: AVX-512, AVX2,
-// baseline x86-64) and the loader picks the best this CPU has, so the extension built on one
-// x86 machine runs on any other.
 #include <ATen/Parallel.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/jit/frontend/tracer.h>
 #include <torch/extension.h>
 
-
-#include <fstream>
-#include <string>
 #include <mutex>
 #include <set>
 #include <vector>
@@ -31,184 +25,34 @@
 #include "arg_checks.h"
 #include "cpu_runtime.h"
 #include "fused_args.h"
-#include "row_math.h"
 
 namespace normkit {
 namespace {
 
 using at::Tensor;
 
-template <typename Acc>
-const Acc* ptr_or_null(const Tensor& t) {
-  return t.defined() ? t.data_ptr<Acc>() : nullptr;
-}
-
 // --- forward ------------------------------------------------------------------------------------
 
-template <typename T, typename Acc>
-struct FwdArgs {
-  const T* x;
-  const T* r;  // residual or null
-  const Acc* w;
-  const Acc* b;
-  T* y;
-  T* s;  // prenorm sum or null
-  Acc* mean;  // null for RMS norm (or when not wanted)
-  Acc* rstd;  // null when not wanted (no backward)
-  int64_t n;
-  Acc eps;
-  bool is_rms;
-  // Layer norm without a residual on inputs of kOverlapMinBytes or more: write each row's
-  // output in the same loop that sums the next row (write_row_sums_next), with w / b
-  // materialized (ones / zeros) for that loop; stream: that loop's non-temporal stores. Not
-  // for Half, whose stores the loop would write one element at a time (store_vec).
-  bool overlap = false;
-  bool stream = false;
-  const Acc* w_or_ones = nullptr;
-  const Acc* b_or_zeros = nullptr;
-};
-
-// Rows lo..hi. Each row's statistics take one read of the row (row_stats; rarely two), its
-// output a second; with a.overlap the second is the same loop as the next row's first.
-template <typename T, typename Acc, bool Stream>
-NORMKIT_INLINE void fwd_rows_overlap(const FwdArgs<T, Acc>& a, int64_t lo, int64_t hi) {
-  const int64_t n = a.n;
-  RowStats<Acc> st = row_stats<T, Acc>(a.x + lo * n, n, a.eps, false);
-  for (int64_t i = lo; i < hi; ++i) {
-    const T* xi = a.x + i * n;
-    T* yi = a.y + i * n;
-    if (a.mean) a.mean[i] = st.mean;
-    if (a.rstd) a.rstd[i] = st.rstd;
-    if (i + 1 < hi) {
-      const T* next = xi + n;
-      const ShiftedSums<Acc> sums = write_row_sums_next<T, Acc, Stream>(xi, yi, next, n, st, a.w_or_ones, a.b_or_zeros,
-                                                                        row_shift<T, Acc>(next, n));
-      st = finish_stats<T, Acc>(next, n, sums, a.eps, false);
-    } else {
-      write_row<T, T, Acc>(xi, yi, n, st, a.w, a.b);
-    }
-  }
-  if (Stream) stream_fence();
-}
-
-template <typename T, typename Acc>
-NORMKIT_INLINE void fwd_rows_impl(const FwdArgs<T, Acc>& a, int64_t lo, int64_t hi, Acc* buf) {
-  if (a.overlap) {
-    if (a.stream)
-      fwd_rows_overlap<T, Acc, true>(a, lo, hi);
-    else
-      fwd_rows_overlap<T, Acc, false>(a, lo, hi);
-    return;
-  }
-  const int64_t n = a.n;
-  for (int64_t i = lo; i < hi; ++i) {
-    RowStats<Acc> st;
-    T* yi = a.y + i * n;
-    const T* xi = a.x + i * n;
-    if (a.r) {
-      // the sum rounded once to the input dtype, as the unfused x + r is
-      const T* ri = a.r + i * n;
-#pragma omp simd
-      for (int64_t j = 0; j < n; ++j)
-        buf[j] = load<T, Acc>(store<T>(load<T, Acc>(xi[j]) + load<T, Acc>(ri[j])));
-      if (a.s) {
-        T* si = a.s + i * n;
-#pragma omp simd
-        for (int64_t j = 0; j < n; ++j) si[j] = store<T>(buf[j]);
-      }
-      st = row_stats<Acc, Acc>(buf, n, a.eps, a.is_rms);
-      write_row<T, Acc, Acc>(buf, yi, n, st, a.w, a.b);
-    } else {
-      st = row_stats<T, Acc>(xi, n, a.eps, a.is_rms);
-      write_row<T, T, Acc>(xi, yi, n, st, a.w, a.b);
-    }
-    if (a.mean) a.mean[i] = st.mean;
-    if (a.rstd) a.rstd[i] = st.rstd;
-  }
-}
-
-#define NORMKIT_FWD_ROWS(NAME, T, ACC) \
-  NORMKIT_CLONES void NAME(const FwdArgs<T, ACC>& a, int64_t lo, int64_t hi, ACC* buf) { fwd_rows_impl<T, ACC>(a, lo, hi, buf); }
-NORMKIT_FWD_ROWS(fwd_rows, float, float)
-NORMKIT_FWD_ROWS(fwd_rows, double, double)
-NORMKIT_FWD_ROWS(fwd_rows, c10::BFloat16, float)
-NORMKIT_FWD_ROWS(fwd_rows, c10::Half, float)
-
-// Layer norm overlaps each row's output write with the next row's read (FwdArgs::overlap) on
-// calls of at least kOverlapMinBytes (the memory-bound regime) and on rows of at most
-// kOverlapMaxRowBytes at any size: the loop's five streams (this row, the next, w, b, y) of
-// such rows stay in L1, where it runs 0.35 cycles per element against 0.42 for a statistics
-// pass then an output pass (768 and 1024 wide, data in L2/L3, Zen 4). At 4096 wide in cache
-// the two are even, and from L3 right after other work the overlapped loop is slower.
-constexpr int64_t kOverlapMinBytes = int64_t(4) << 20;
-constexpr int64_t kOverlapMaxRowBytes = int64_t(8) << 10;
-
-// The last-level cache's size (calls whose input and output together are at least this large
-// write the output with non-temporal stores): the largest cache sysfs lists for cpu0, else
-// 32 MiB. Not sysconf(_SC_LEVEL3_CACHE_SIZE): glibc derives it from CPUID, which a VM may
-// report wrongly (320 MiB on the project's 32 MiB Zen 4 VM).
-int64_t last_level_cache_bytes() {
-  static const int64_t bytes = [] {
-    int64_t best = 0;
-    for (int index = 0; index < 8; ++index) {
-      const std::string path = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index) + "/size";
-      std::ifstream f(path);
-      int64_t v = 0;
-      std::string unit;
-      if (!(f >> v)) continue;
-      f >> unit;  // "32768K" reads as 32768 then "K"
-      if (!unit.empty() && (unit[0] == 'K' || unit[0] == 'k')) v <<= 10;
-      if (!unit.empty() && (unit[0] == 'M' || unit[0] == 'm')) v <<= 20;
-      best = std::max(best, v);
-    }
-    return best > 0 ? best : (int64_t(32) << 20);
-  }();
-  return bytes;
-}
-
-template <typename T, typename Acc>
-void forward_typed(FwdArgs<T, Acc> a, int64_t rows) {
-  std::vector<Acc> ones, zeros;
-  const int64_t bytes = rows * a.n * static_cast<int64_t>(sizeof(T));
-  const bool overlap_pays = bytes >= kOverlapMinBytes || a.n * static_cast<int64_t>(sizeof(T)) <= kOverlapMaxRowBytes;
-  if (!a.r && !a.is_rms && rows > 1 && overlap_pays && !std::is_same_v<T, c10::Half>) {
-    a.overlap = true;
-    // input and output together beyond the cache: the output would not stay cached
-    a.stream = 2 * bytes >= last_level_cache_bytes() && can_stream<T, Acc>(a.y, a.n);
-    if (!a.w) ones.assign(a.n, Acc(1));
-    if (!a.b) zeros.assign(a.n, Acc(0));
-    a.w_or_ones = a.w ? a.w : ones.data();
-    a.b_or_zeros = a.b ? a.b : zeros.data();
-  }
-  const int64_t per = rows_per_chunk(rows, a.n);
-  const int64_t n_chunks = (rows + per - 1) / per;
-  const bool need_buf = a.r != nullptr;
-  for_each_chunk(n_chunks, is_serial(rows, a.n), [&](int64_t c) {
-    std::vector<Acc> buf(need_buf ? a.n : 0);
-    fwd_rows(a, c * per, std::min(rows, (c + 1) * per), buf.data());
-  });
-}
-
-// The forward kernels on rows x n contiguous elements of x (any shape): w / b as from as_param;
-// s, mean and rstd are written where defined.
-void launch_forward(const Tensor& x, int64_t rows, int64_t n, const c10::optional<Tensor>& r, const Tensor& w,
-                    const Tensor& b, const Tensor& y, const Tensor& s, const Tensor& mean, const Tensor& rstd, double eps,
-                    bool is_rms) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "normkit_forward", [&] {
-    using Acc = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    FwdArgs<scalar_t, Acc> a{.x = x.const_data_ptr<scalar_t>(),
-                             .r = r.has_value() ? r->const_data_ptr<scalar_t>() : nullptr,
-                             .w = ptr_or_null<Acc>(w),
-                             .b = ptr_or_null<Acc>(b),
-                             .y = y.data_ptr<scalar_t>(),
-                             .s = s.defined() ? s.data_ptr<scalar_t>() : nullptr,
-                             .mean = mean.defined() ? mean.data_ptr<Acc>() : nullptr,
-                             .rstd = rstd.defined() ? rstd.data_ptr<Acc>() : nullptr,
-                             .n = n,
-                             .eps = static_cast<Acc>(eps),
-                             .is_rms = is_rms};
-    forward_typed(a, rows);
-  });
+// The forward on rows x n contiguous elements of x (any shape; rows, n > 0): the fused kernel's
+// plain call (fused_cpu.cpp), with s, mean and rstd written where defined.
+void launch_forward(const Tensor& x, int64_t rows, int64_t n, const c10::optional<Tensor>& r,
+                    const c10::optional<Tensor>& w, const c10::optional<Tensor>& b, const Tensor& y, const Tensor& s,
+                    const Tensor& mean, const Tensor& rstd, double eps, bool is_rms) {
+  fused::FwdCall c;
+  c.rows = rows;
+  c.n = n;
+  c.x = x;
+  c.residual = r.value_or(Tensor());
+  c.weight = w.value_or(Tensor());
+  c.bias = b.value_or(Tensor());
+  c.y = y;
+  c.s = s;
+  c.mean = mean;
+  c.rstd = rstd;
+  c.eps = eps;
+  c.is_rms = is_rms;
+  c.sum_dtype = c.out_dtype = x.scalar_type();
+  fused::forward_rows(c);
 }
 
 // x / residual / out / dy / s / dsum of the raw kernels: contiguous 2-D CPU tensors.
@@ -260,7 +104,6 @@ std::vector<Tensor> forward(const Tensor& x_in, const c10::optional<Tensor>& res
   const Tensor x = resolved(x_in);
   const auto residual = resolved(residual_in);
   const auto acc = acc_type(x.scalar_type());
-  Tensor w = as_param(weight, acc), b = as_param(bias, acc);
   Tensor s = (store_sum && has_res) ? empty_output(x) : Tensor();
   Tensor rstd = at::empty({rows}, x.options().dtype(acc));
   Tensor mean = is_rms ? Tensor() : at::empty({rows}, x.options().dtype(acc));
@@ -268,7 +111,7 @@ std::vector<Tensor> forward(const Tensor& x_in, const c10::optional<Tensor>& res
     fill_empty_stats(mean, rstd);
     return {y, s, mean, rstd};
   }
-  launch_forward(x, rows, n, residual, w, b, y, s, mean, rstd, eps, is_rms);
+  launch_forward(x, rows, n, residual, weight, bias, y, s, mean, rstd, eps, is_rms);
   return {y, s, mean, rstd};
 }
 
@@ -304,14 +147,13 @@ std::vector<Tensor> backward(const Tensor& dy, const c10::optional<Tensor>& dsum
 // The forward without anything to differentiate: x (..., N) contiguous; outputs shaped like
 // x (no views, no statistics stored). Arguments checked by norm.
 std::vector<Tensor> forward_nd(const Tensor& x, int64_t n, const c10::optional<Tensor>& r,
-                               const c10::optional<Tensor>& w, const c10::optional<Tensor>& b, double eps, bool is_rms) {
-  const auto acc = acc_type(x.scalar_type());
-  Tensor w_a = as_param(w, acc), b_a = as_param(b, acc);
+                               const c10::optional<Tensor>& w, const c10::optional<Tensor>& b, double eps, bool is_rms,
+                               bool store_sum) {
   Tensor y = empty_output(x);
-  Tensor s = r.has_value() ? empty_output(x) : Tensor();
+  Tensor s = r.has_value() && store_sum ? empty_output(x) : Tensor();
   if (x.numel() == 0) return {y, s};
   const int64_t rows = x.numel() / n;
-  launch_forward(x, rows, n, r, w_a, b_a, y, s, Tensor(), Tensor(), eps, is_rms);
+  launch_forward(x, rows, n, r, w, b, y, s, Tensor(), Tensor(), eps, is_rms);
   return {y, s};
 }
 
@@ -319,10 +161,11 @@ std::vector<Tensor> forward_nd(const Tensor& x, int64_t n, const c10::optional<T
 
 // The eager call on a contiguous x (..., N): returns [y] or [y, s] (s only with a residual;
 // without one the prenorm output is x itself, returned by the caller). Without anything to
-// differentiate it runs the kernels with no autograd node.
+// differentiate it runs the kernels with no autograd node, and forms s without storing it
+// unless prenorm asks for it (with autograd s is always stored: backward reads it).
 std::vector<Tensor> norm(const Tensor& x_in, int64_t n, const c10::optional<Tensor>& weight,
                          const c10::optional<Tensor>& bias, double eps, bool is_rms,
-                         const c10::optional<Tensor>& residual) {
+                         const c10::optional<Tensor>& residual, bool prenorm) {
   check_tensor(x_in, "x", -1, true);
   check_kernel_dtype(x_in, "x");
   TORCH_CHECK_VALUE(n >= 0, "n: expected the normalized size, >= 0, got ", n);
@@ -342,8 +185,8 @@ std::vector<Tensor> norm(const Tensor& x_in, int64_t n, const c10::optional<Tens
   auto needs = [](const c10::optional<Tensor>& t) { return t.has_value() && t->requires_grad(); };
   if (at::GradMode::is_enabled() && (x.requires_grad() || needs(r) || needs(w) || needs(b)))
     return norm_with_grad(x, r, w, b, n, eps, is_rms);
-  auto res = forward_nd(x, n, r, w, b, eps, is_rms);
-  if (!r.has_value()) return {res[0]};
+  auto res = forward_nd(x, n, r, w, b, eps, is_rms, prenorm);
+  if (!res[1].defined()) return {res[0]};
   return {res[0], res[1]};
 }
 
@@ -447,8 +290,9 @@ py::object try_norm(py::handle x_obj, py::handle shape_obj, py::handle w_obj, py
   if (!PyBool_Check(prenorm_obj.ptr())) return py::none();  // the general path names the error
   NativeCall c;
   if (!parse_native_call(x_obj, shape_obj, w_obj, b_obj, eps_obj, r_obj, dropout_obj, c)) return py::none();
-  auto out = norm(c.x, c.n, c.w, c.b, c.eps, is_rms, c.r);
-  if (prenorm_obj.ptr() != Py_True) return py::cast(out[0]);
+  const bool prenorm = prenorm_obj.ptr() == Py_True;
+  auto out = norm(c.x, c.n, c.w, c.b, c.eps, is_rms, c.r, prenorm);
+  if (!prenorm) return py::cast(out[0]);
   return py::make_tuple(out[0], c.r.has_value() ? out[1] : c.x);
 }
 
@@ -514,13 +358,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("is_rms"));
   m.def("norm",
         [](const at::Tensor& x, py::handle n, const OptTensor& w, const OptTensor& b, py::handle eps, py::handle is_rms,
-           const OptTensor& r) {
+           const OptTensor& r, py::handle prenorm) {
           return normkit::norm(x, normkit::arg_int(n, "n"), w, b, normkit::arg_float(eps, "eps"),
-                               normkit::arg_bool(is_rms, "is_rms"), r);
+                               normkit::arg_bool(is_rms, "is_rms"), r, normkit::arg_bool(prenorm, "prenorm"));
         },
-        "the eager call with autograd: [y] or [y, s]",
+        "the eager call with autograd: [y], or [y, s] with a residual (without autograd: when prenorm)",
         py::arg("x"), py::arg("n"), py::arg("weight"), py::arg("bias"), py::arg("eps"), py::arg("is_rms"),
-        py::arg("residual"));
+        py::arg("residual"), py::arg("prenorm") = true);
   m.def("accepts", &normkit::accepts, "whether try_norm would run this call (its checks only)");
   m.def("try_norm", &normkit::try_norm, "the native route: y, (y, s), or None when the call is not one it serves");
 }

@@ -28,6 +28,9 @@
 // Everything here is inlined into the kernels that use it: they are compiled once per
 // instruction set (target_clones), and a call out of a clone would run baseline code.
 #define NORMKIT_INLINE inline __attribute__((always_inline))
+// The same for a lambda handed to a loop template (block_sums): in a large clone GCC may stop
+// inlining it, and the out-of-line copy is baseline code called once per vector.
+#define NORMKIT_INLINE_LAMBDA __attribute__((always_inline))
 
 // The kernels' hot functions, compiled once per instruction set (AVX-512, AVX2, baseline x86-64);
 // the dynamic loader picks the clone this CPU runs, so one build runs on every x86-64 machine.
@@ -198,43 +201,65 @@ struct ShiftedSums {
   double ss = 0.0, sd = 0.0;
 };
 
+// What a sum pass reads as its row, element by element: here a row as it is in memory (a row
+// formed as it is read, x + residual, is fused::SumRead). value(j): element j, no side effect;
+// vec(j) / one(j): kWidth elements from j / element j, as the pass consumes them (a formed row
+// keeps them as it goes); prefetch(j): ask for the row's memory at element j.
+template <typename T, typename Acc>
+struct RowRead {
+  const T* p;
+  static constexpr int64_t kElemBytes = sizeof(T);
+  NORMKIT_INLINE Acc value(int64_t j) const { return load<T, Acc>(p[j]); }
+  NORMKIT_INLINE vec_t<Acc> vec(int64_t j) const { return load_vec<T, Acc>(p + j); }
+  NORMKIT_INLINE Acc one(int64_t j) const { return value(j); }
+  NORMKIT_INLINE void prefetch(int64_t j) const { __builtin_prefetch(p + j, 0, 3); }
+};
+
 // The shift: the mean of the row's first (up to) 32 elements, a cheap estimate of the row's
 // mean (a standard error of std / 5.7 on independent elements), summed in a fixed order.
-template <typename T, typename Acc>
-NORMKIT_INLINE Acc row_shift(const T* src, int64_t n) {
+template <typename Acc, typename In>
+NORMKIT_INLINE Acc row_shift(const In& in, int64_t n) {
   const int64_t m = std::min<int64_t>(n, 32);
   Acc s = 0;
-  for (int64_t j = 0; j < m; ++j) s += load<T, Acc>(src[j]);
+  for (int64_t j = 0; j < m; ++j) s += in.value(j);
   return s / static_cast<Acc>(m);
 }
 
-// The sums' vector step and scalar step (block_sums), shared by shifted_sums and
-// write_row_sums_next so that both give the same bits for the same row.
-template <typename T, typename Acc>
-NORMKIT_INLINE void shifted_step(const T* p, Acc shift, vec_t<Acc>& s2, vec_t<Acc>& s1) {
-  const vec_t<Acc> d = load_vec<T, Acc>(p) - shift;
+// The sums' vector step and scalar step (block_sums), shared by the sum loops below so that
+// they give the same bits for the same row.
+template <typename Acc>
+NORMKIT_INLINE void shifted_step(vec_t<Acc> v, Acc shift, vec_t<Acc>& s2, vec_t<Acc>& s1) {
+  const vec_t<Acc> d = v - shift;
   s2 += d * d;
   s1 += d;
 }
-template <typename T, typename Acc>
-NORMKIT_INLINE void shifted_step(T v, Acc shift, Acc& s2, Acc& s1) {
-  const Acc d = load<T, Acc>(v) - shift;
+template <typename Acc>
+NORMKIT_INLINE void shifted_step(Acc v, Acc shift, Acc& s2, Acc& s1) {
+  const Acc d = v - shift;
   s2 += d * d;
   s1 += d;
+}
+
+// The shifted sums of the row `in` reads (consuming it: a formed row is kept as it goes).
+template <typename Acc, typename In>
+NORMKIT_INLINE ShiftedSums<Acc> row_sums(const In& in, int64_t n, Acc shift) {
+  ShiftedSums<Acc> out;
+  out.shift = shift;
+  for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
+    block_sums<Acc>(
+        std::min(kBlock, n - j0),
+        [&](int64_t j, vec_t<Acc>& s2, vec_t<Acc>& s1) NORMKIT_INLINE_LAMBDA {
+          shifted_step<Acc>(in.vec(j0 + j), shift, s2, s1);
+        },
+        [&](int64_t j, Acc& s2, Acc& s1) NORMKIT_INLINE_LAMBDA { shifted_step<Acc>(in.one(j0 + j), shift, s2, s1); },
+        out.ss, out.sd);
+  }
+  return out;
 }
 
 template <typename T, typename Acc>
 NORMKIT_INLINE ShiftedSums<Acc> shifted_sums(const T* src, int64_t n, Acc shift) {
-  ShiftedSums<Acc> out;
-  out.shift = shift;
-  for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
-    const T* p = src + j0;
-    block_sums<Acc>(
-        std::min(kBlock, n - j0),
-        [&](int64_t j, vec_t<Acc>& s2, vec_t<Acc>& s1) { shifted_step<T, Acc>(p + j, shift, s2, s1); },
-        [&](int64_t j, Acc& s2, Acc& s1) { shifted_step<T, Acc>(p[j], shift, s2, s1); }, out.ss, out.sd);
-  }
-  return out;
+  return row_sums<Acc>(RowRead<T, Acc>{src}, n, shift);
 }
 
 // The statistics from the shifted sums (for RMS norm the shift is 0: mean 0, var = mean(x^2)).
@@ -286,8 +311,39 @@ NORMKIT_INLINE RowStats<Acc> finish_stats(const T* src, int64_t n, const Shifted
 // read of the row for RMS norm and, nearly always, for layer norm (row_shift).
 template <typename T, typename Acc>
 NORMKIT_INLINE RowStats<Acc> row_stats(const T* src, int64_t n, Acc eps, bool is_rms) {
-  const Acc shift = is_rms ? Acc(0) : row_shift<T, Acc>(src, n);
+  const Acc shift = is_rms ? Acc(0) : row_shift<Acc>(RowRead<T, Acc>{src}, n);
   return finish_stats<T, Acc>(src, n, shifted_sums<T, Acc>(src, n, shift), eps, is_rms);
+}
+
+typedef uint32_t u32x8 __attribute__((vector_size(32)));
+
+// The bfloat16 bits (in the low half of each lane) of kWidth floats (Acc = float):
+// store<BFloat16> in vector operations.
+template <typename Acc>
+NORMKIT_INLINE u32x8 bf16_bits(vec_t<Acc> v) {
+  static_assert(std::is_same_v<Acc, float>);
+  u32x8 b;
+  std::memcpy(&b, &v, sizeof(b));
+  const u32x8 hi = b >> 16;
+  const u32x8 rounded = (b + 0x7FFFu + (hi & 1u)) >> 16;
+  const u32x8 nan = (u32x8)((b & 0x7FFFFFFFu) > 0x7F800000u);  // all ones where NaN
+  return (nan & (hi | 0x0040u)) | (~nan & rounded);
+}
+
+// v rounded to S and read back as Acc: load<S, Acc>(store<S>(v)) on each lane.
+template <typename S, typename Acc>
+NORMKIT_INLINE vec_t<Acc> round_vec(vec_t<Acc> v) {
+  if constexpr (std::is_same_v<S, Acc>) {
+    return v;
+  } else if constexpr (std::is_same_v<S, c10::BFloat16> && std::is_same_v<Acc, float>) {
+    const u32x8 bits = bf16_bits<Acc>(v) << 16;
+    vec_t<Acc> out;
+    std::memcpy(&out, &bits, sizeof(out));
+    return out;
+  } else {
+    for (int k = 0; k < kWidth<Acc>; ++k) v[k] = load<S, Acc>(store<S>(v[k]));
+    return v;
+  }
 }
 
 // kWidth elements of v stored to p as T (float -> bfloat16 rounded as store<BFloat16>, in
@@ -309,14 +365,8 @@ NORMKIT_INLINE void store_vec(T* p, vec_t<Acc> v) {
 #endif
     std::memcpy(p, &v, sizeof(v));
   } else if constexpr (std::is_same_v<T, c10::BFloat16> && std::is_same_v<Acc, float>) {
-    typedef uint32_t u32x8 __attribute__((vector_size(32)));
     typedef uint16_t u16x8 __attribute__((vector_size(16)));
-    u32x8 b;
-    std::memcpy(&b, &v, sizeof(b));
-    const u32x8 hi = b >> 16;
-    const u32x8 rounded = (b + 0x7FFFu + (hi & 1u)) >> 16;
-    const u32x8 nan = (u32x8)((b & 0x7FFFFFFFu) > 0x7F800000u);  // all ones where NaN
-    const u16x8 h = __builtin_convertvector((nan & (hi | 0x0040u)) | (~nan & rounded), u16x8);
+    const u16x8 h = __builtin_convertvector(bf16_bits<Acc>(v), u16x8);
 #if defined(__SSE2__)
     if constexpr (Stream) {
       __m128i q;
@@ -354,42 +404,42 @@ inline void stream_fence() {
 // How far ahead of the loads write_row_sums_next<Stream = true> prefetches the next row.
 constexpr int64_t kPrefetchBytes = 4096;
 
-// shifted_sums(next, n, shift) (the same sums in the same order, so the same bits) while
-// writing this row's output y[j] = ((src[j] - hi) - lo) * rstd * w[j] + b[j] (w, b not null)
-// in the same loop: the read of the next row from memory and the write of this row's output
-// overlap, as in a copy, instead of a read-only pass followed by a write-only pass. Stream:
-// non-temporal stores (store_vec) and a software prefetch of the next row kPrefetchBytes
-// ahead: together (either alone does not) they bring the loop from 0.7x to 0.9x of a copy's
-// bandwidth from DRAM on a Zen 4 EPYC; in cache the prefetch costs 5-10 %, so only for
-// calls whose input and output together exceed the last-level cache.
-template <typename T, typename Acc, bool Stream>
-NORMKIT_INLINE ShiftedSums<Acc> write_row_sums_next(const T* src, T* y, const T* next, int64_t n, const RowStats<Acc>& st,
-                                                    const Acc* w, const Acc* b, Acc shift) {
-  constexpr int64_t kLine = 64 / sizeof(T), kAhead = kPrefetchBytes / sizeof(T);
+// row_sums(next, n, shift) (the same sums in the same order, so the same bits) while writing
+// this row's output y[j] = ((src[j] - hi) - lo) * rstd * w[j] + b[j] (w, b not null) in the same
+// loop: the read of the next row from memory and the write of this row's output overlap, as in
+// a copy, instead of a read-only pass followed by a write-only pass. Stream: non-temporal
+// stores (store_vec) and a software prefetch of the next row kPrefetchBytes ahead: together
+// (either alone does not) they bring the loop from 0.7x to 0.9x of a copy's bandwidth from
+// DRAM on a Zen 4 EPYC; in cache the prefetch costs 5-10 %, so only for calls whose inputs and
+// outputs together exceed the last-level cache. (src: the row as it is, or the Acc buffer a
+// formed row was kept in.)
+template <typename Src, typename T, typename Acc, bool Stream, typename In>
+NORMKIT_INLINE ShiftedSums<Acc> write_row_sums_next(const Src* src, T* y, const In& next, int64_t n,
+                                                    const RowStats<Acc>& st, const Acc* w, const Acc* b, Acc shift) {
+  constexpr int64_t kLine = 64 / In::kElemBytes, kAhead = kPrefetchBytes / In::kElemBytes;
   const Acc mean = st.mean, rstd = st.rstd, lo = st.lo;
   ShiftedSums<Acc> out;
   out.shift = shift;
   for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
-    const T* p = next + j0;
-    const T* s = src + j0;
+    const Src* s = src + j0;
     T* yo = y + j0;
     const Acc* wp = w + j0;
     const Acc* bp = b + j0;
     block_sums<Acc>(
         std::min(kBlock, n - j0),
-        [&](int64_t j, vec_t<Acc>& s2, vec_t<Acc>& s1) {
+        [&](int64_t j, vec_t<Acc>& s2, vec_t<Acc>& s1) NORMKIT_INLINE_LAMBDA {
           if constexpr (Stream) {
-            if (j % kLine == 0) __builtin_prefetch(p + j + kAhead, 0, 3);
+            if (j % kLine == 0) next.prefetch(j0 + j + kAhead);
           }
-          shifted_step<T, Acc>(p + j, shift, s2, s1);
+          shifted_step<Acc>(next.vec(j0 + j), shift, s2, s1);
           vec_t<Acc> wv, bv;
           std::memcpy(&wv, wp + j, sizeof(wv));
           std::memcpy(&bv, bp + j, sizeof(bv));
-          store_vec<T, Acc, Stream>(yo + j, ((load_vec<T, Acc>(s + j) - mean) - lo) * rstd * wv + bv);
+          store_vec<T, Acc, Stream>(yo + j, ((load_vec<Src, Acc>(s + j) - mean) - lo) * rstd * wv + bv);
         },
-        [&](int64_t j, Acc& s2, Acc& s1) {
-          shifted_step<T, Acc>(p[j], shift, s2, s1);
-          yo[j] = store<T>(((load<T, Acc>(s[j]) - mean) - lo) * rstd * wp[j] + bp[j]);
+        [&](int64_t j, Acc& s2, Acc& s1) NORMKIT_INLINE_LAMBDA {
+          shifted_step<Acc>(next.one(j0 + j), shift, s2, s1);
+          yo[j] = store<T>(((load<Src, Acc>(s[j]) - mean) - lo) * rstd * wp[j] + bp[j]);
         },
         out.ss, out.sd);
   }
