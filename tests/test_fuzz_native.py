@@ -671,11 +671,17 @@ def test_raw_fused_forward_and_backward_check_every_argument(data):
         return
     # backward from the forward's statistics, with at most one inconsistency
     dy = draw_tensor(data, (rows, n), odt, layouts=ok_layouts, seed=99)
+    # with weight1, y1's gradient too: of dy's dtype (g = dy w + dy1 w1 in registers) or float64
+    # (through a g buffer)
+    dy1 = None
+    if params[2] is not None and data.draw(st.booleans(), label="dy1"):
+        dy1 = draw_tensor(data, (rows, n), data.draw(st.sampled_from([odt, torch.float64]), label="dy1 dtype"),
+                          layouts=ok_layouts, seed=98)
     mutation = data.draw(st.sampled_from([None] * 5 + ["short_rstd", "no_mean", "needs", "dy_shape", "res_dtype"]), label="mutation")
     needs = (True, x1 is not None, r is not None, True, True, params[2] is not None, params[3] is not None)
     dy_arg = dy.reshape(n, rows) if mutation == "dy_shape" and rows != n else dy
     bwd, err = named_error(lambda: _C.fused_backward(
-        dy_arg, None, None, s, params[0], params[2], rowscale, None if mutation == "no_mean" else mean,
+        dy_arg, dy1, None, s, params[0], params[2], rowscale, None if mutation == "no_mean" else mean,
         rstd[:-1] if mutation == "short_rstd" else rstd, eps, is_rms, p, seed,
         needs[:3] if mutation == "needs" else needs, dtype,
         None if mutation == "res_dtype" else (res_dtype if r is not None else None)))
@@ -688,9 +694,14 @@ def test_raw_fused_forward_and_backward_check_every_argument(data):
     event("fused_backward: ran")
     assert all((g is None) == (not want) for g, want in zip(bwd, needs))
     if keep is not None or p == 0.0:
-        grads = reference.fused_backward(dy, None, None, s, params[0], params[2], rowscale, spec,
+        grads = reference.fused_backward(dy, dy1, None, s, params[0], params[2], rowscale, spec,
                                          GradNeeds(*needs), dtype, res_dtype if r is not None else None, keep,
                                          mask1 if keep is not None else None)
         got = bwd[0].double()
         finite = torch.isfinite(grads.dx) & (grads.dx.double().abs() < 1e3)
         torch.testing.assert_close(got[finite], grads.dx.double()[finite], rtol=5e-2, atol=5e-2)
+        if dy1 is not None and needs[5]:  # dW1 = sum over rows of dy1 s_hat
+            want = grads.dweight1.double()
+            ok = torch.isfinite(want)
+            scale = 1.0 + (want[ok].abs().max().item() if ok.any() else 0.0)
+            torch.testing.assert_close(bwd[5].double()[ok], want[ok], rtol=5e-2, atol=5e-2 * scale)
