@@ -23,7 +23,10 @@ never taken silently for long.
 - :func:`assume_constant_result`: marks a function as :func:`torch.compiler.assume_constant_result`
   does (the ``_dynamo_marked_constant`` attribute Dynamo reads), without that decorator's
   ``import torch._dynamo``, which costs about as much as ``import torch`` itself (1.2 s here)
-  and would otherwise be paid by every ``import normkit``. Fallback: the public decorator.
+  and would otherwise be paid by every ``import normkit``. No run-time fallback (telling whether
+  Dynamo still reads the attribute would mean importing it): the test checks that torch's own
+  decorator sets exactly this attribute and that Dynamo honours the mark, so a torch that
+  renames it fails the suite rather than compiling normkit's choices as traced code.
 - :func:`environ_getter`: ``os.environ._data`` (CPython's POSIX bytes-keyed dict behind
   ``os.environ``, ~50 ns a miss against ~1.4 us for ``os.environ.get``, which raises and catches
   ``KeyError`` inside). Fallback: ``os.environ.get``.
