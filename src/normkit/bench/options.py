@@ -43,15 +43,15 @@ VARIANTS = ("alloc", "buffers")
 @dataclass(frozen=True)
 class OptionRow:
     """One measured call: ``normkit.layer_norm`` on input ``x`` (a key of the tensors) with the
-    keyword options ``kwargs`` (values name tensors where they are strings); ``out_dtype`` and
-    ``sum_dtype`` size the buffers of the ``buffers`` variant (``sum_dtype`` only with
-    ``prenorm``); ``fn`` replaces the normkit call (the torch row, which has no variant)."""
+    keyword options ``kwargs`` (values name tensors where they are strings); ``sum_dtype`` sizes
+    the ``residual_out`` buffer of the ``buffers`` variant (default ``x``'s dtype; only with
+    ``prenorm``), ``out`` takes ``kwargs``' ``out_dtype``; ``fn`` replaces the normkit call (the
+    torch row, which has no variant)."""
 
     name: str
     ideal: float  # bytes of one fused pass / bytes of the copy of x
     x: str = "x"
     kwargs: Dict[str, object] = field(default_factory=dict)
-    out_dtype: Optional[torch.dtype] = None
     sum_dtype: Optional[torch.dtype] = None
     fn: Optional[Callable[[Dict[str, torch.Tensor]], Callable[[], object]]] = None
 
@@ -61,7 +61,7 @@ class OptionRow:
         x = t[self.x]
         kw = {k: (t[v] if isinstance(v, str) else v) for k, v in self.kwargs.items()}
         if variant == "buffers":
-            kw["out"] = torch.empty(x.shape, dtype=self.out_dtype or x.dtype)
+            kw["out"] = torch.empty(x.shape, dtype=kw.get("out_dtype") or x.dtype)
             if kw.get("prenorm"):
                 kw["residual_out"] = torch.empty(x.shape, dtype=self.sum_dtype or x.dtype)
         return lambda: normkit.layer_norm(x, x.shape[-1:], t["w"], t["b"], **kw)
@@ -77,7 +77,7 @@ ROWS: Sequence[OptionRow] = (
     # bf16 x and residual (0.25 + 0.25 of a float32 copy), float32 sum stored (0.5), bf16 y (0.25)
     OptionRow("bf16 residual_in_fp32, prenorm", 1.25, x="x16",
               kwargs={"residual": "r16", "residual_in_fp32": True, "prenorm": True}, sum_dtype=torch.float32),
-    OptionRow("out_dtype=bfloat16", 0.75, kwargs={"out_dtype": torch.bfloat16}, out_dtype=torch.bfloat16),
+    OptionRow("out_dtype=bfloat16", 0.75, kwargs={"out_dtype": torch.bfloat16}),
     # dropout's counter hash in the loop (read x, write y)
     OptionRow("dropout 0.1", 1.0, kwargs={"dropout_p": 0.1, "training": True}),
     OptionRow("torch F.layer_norm", 1.0,
