@@ -300,3 +300,9 @@ def test_native_call_without_prenorm_returns_no_sum():
     xg = x.clone().requires_grad_()
     out = ext.norm(xg, 40, w, b, 1e-5, False, r, False)
     assert len(out) == 2 and torch.equal(out[0], y)  # s saved for backward, returned
+
+
+def test_native_call_prenorm_must_be_a_bool():
+    x = randn((3, 4), seed=53)
+    with pytest.raises(TypeError, match=r"prenorm: expected a bool, got str"):
+        compiled.extension.norm(x, 4, None, None, 1e-5, False, x.clone(), "yes")
