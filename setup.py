@@ -118,7 +118,8 @@ else:
                 "normkit._C",
                 [
                     "src/normkit/csrc/norm_cpu.cpp", "src/normkit/csrc/rnn_cpu.cpp", "src/normkit/csrc/norm_dim_cpu.cpp",
-                    "src/normkit/csrc/fused_cpu.cpp", "src/normkit/csrc/fused_backward.cpp", "src/normkit/csrc/norm_node.cpp",
+                    "src/normkit/csrc/fused_cpu.cpp", "src/normkit/csrc/fused_options_cpu.cpp", "src/normkit/csrc/fused_backward.cpp",
+                    "src/normkit/csrc/norm_node.cpp",
                 ],
                 include_dirs=[os.path.abspath("src/normkit/csrc")],
                 define_macros=[

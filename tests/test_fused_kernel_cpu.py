@@ -152,6 +152,57 @@ def test_empty_dims(rows, n):
     assert torch.count_nonzero(grads.dweight) == 0 and torch.count_nonzero(grads.dbias1) == 0
 
 
+def last_level_cache_bytes():
+    """The largest cache sysfs lists for cpu0 (the kernels' own rule, cpu_runtime.h), else 32 MiB."""
+    sizes = []
+    for index in range(8):
+        try:
+            with open(f"/sys/devices/system/cpu/cpu0/cache/index{index}/size") as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        unit = {"K": 2**10, "M": 2**20}.get(text[-1:].upper(), 1)
+        sizes.append(int(text.rstrip("KkMm")) * unit)
+    return max(sizes, default=32 * 2**20)
+
+
+@pytest.mark.parametrize("name, dtype", [("plain", F32), ("residual", F32), ("everything", F32),
+                                         ("everything", BF16), ("dropout", BF16), ("out_bf16", F32)])
+@pytest.mark.parametrize("misaligned", [False, True])
+def test_calls_beyond_the_last_level_cache(name, dtype, misaligned):
+    """Calls whose streams exceed the last-level cache write with non-temporal stores and
+    prefetch the next row (fused_rows.h); into a buffer 4 bytes off 16-byte alignment they may
+    not (can_stream): both against the reference, s bit for bit."""
+    llc = last_level_cache_bytes()
+    if llc > 256 * 2**20:
+        pytest.skip(f"a last-level cache of {llc >> 20} MiB: the call would take too long")
+    n = 2048
+    rows = -(-llc * 5 // 4 // (n * 2 * torch.finfo(dtype).bits // 8))  # x and y alone exceed the cache
+    t, spec, bufs = make_call(OPTIONS[name], dtype, rows, n, seed=3)
+    if misaligned:
+        for key, buf in list(bufs.items()) or [("out", torch.empty(rows, n, dtype=spec.out_dtype))]:
+            flat = torch.empty(rows * n + 8, dtype=buf.dtype)
+            bufs[key] = flat[2:2 + rows * n].view(rows, n)
+    got = BACKEND.fused_forward(*args(t), spec, 77, **bufs)
+    ref = reference.fused_forward(*args(t), spec, got.mask, got.mask1)
+    tol = dict(rtol=1e-5, atol=1e-5) if spec.out_dtype == F32 else dict(rtol=1.6e-2, atol=1.6e-2)
+    torch.testing.assert_close(got.y, ref.y, **tol)
+    if got.y1 is not None:
+        torch.testing.assert_close(got.y1, ref.y1, **tol)
+    if spec.store_sum:
+        assert torch.equal(got.s, ref.s)
+    torch.testing.assert_close(got.rstd, ref.rstd, rtol=1e-4, atol=0)
+
+
+def test_storing_the_masks_does_not_change_the_call():
+    t, spec, _ = make_call(OPTIONS["everything"], BF16, 37, 1000)
+    with_masks = BACKEND.fused_forward(*args(t), spec, 5)
+    without = BACKEND.fused_forward(*args(t), replace(spec, store_mask=False), 5)
+    assert with_masks.mask is not None and without.mask is None and without.mask1 is None
+    for a, b in [(with_masks.y, without.y), (with_masks.y1, without.y1), (with_masks.s, without.s)]:
+        assert torch.equal(a, b)
+
+
 # --- backward ------------------------------------------------------------------------------------
 
 ALL = GradNeeds(x=True, x1=True, residual=True, weight=True, bias=True, weight1=True, bias1=True)

@@ -12,6 +12,9 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <fstream>
+#include <limits>
+#include <string>
 
 namespace normkit {
 
@@ -47,6 +50,29 @@ void for_each_chunk(int64_t n_chunks, bool serial, const F& f) {
   });
 }
 
+// The last-level cache's size (calls whose inputs and outputs together are at least this large
+// write with non-temporal stores): the largest cache sysfs lists for cpu0, else 32 MiB. Not
+// sysconf(_SC_LEVEL3_CACHE_SIZE): glibc derives it from CPUID, which a VM may report wrongly
+// (320 MiB on the project's 32 MiB Zen 4 VM).
+inline int64_t last_level_cache_bytes() {
+  static const int64_t bytes = [] {
+    int64_t best = 0;
+    for (int index = 0; index < 8; ++index) {
+      const std::string path = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index) + "/size";
+      std::ifstream f(path);
+      int64_t v = 0;
+      std::string unit;
+      if (!(f >> v)) continue;
+      f >> unit;  // "32768K" reads as 32768 then "K"
+      if (!unit.empty() && (unit[0] == 'K' || unit[0] == 'k')) v <<= 10;
+      if (!unit.empty() && (unit[0] == 'M' || unit[0] == 'm')) v <<= 20;
+      best = std::max(best, v);
+    }
+    return best > 0 ? best : (int64_t(32) << 20);
+  }();
+  return bytes;
+}
+
 // A fresh output of 4 MiB or more is advised to use transparent huge pages before the first
 // write: a fresh 64 MiB tensor otherwise takes 16k page faults (several times the kernel's time).
 inline at::Tensor advise_huge_pages(at::Tensor out) {
@@ -65,6 +91,13 @@ inline at::Tensor advise_huge_pages(at::Tensor out) {
 // A contiguous output like `like` (huge pages advised).
 inline at::Tensor empty_output(const at::Tensor& like) {
   return advise_huge_pages(at::empty_like(like, at::MemoryFormat::Contiguous));
+}
+
+// The (rows,) statistics of an empty call: what torch's native_layer_norm gives (mean 0, rstd
+// NaN when N == 0; nothing to hold when rows == 0). mean may be undefined (RMS norm).
+inline void fill_empty_stats(const at::Tensor& mean, const at::Tensor& rstd) {
+  if (mean.defined()) mean.zero_();
+  rstd.fill_(std::numeric_limits<double>::quiet_NaN());
 }
 
 // The dtype statistics and accumulations use: double for double input, else float.

@@ -81,6 +81,10 @@ struct FwdCall {
 // The fused forward kernel (fused_cpu.cpp) on a call of at least one row of at least one element.
 void forward_rows(const FwdCall& c);
 
+// forward_rows for a call with options in the one-read row loop (fused_options_cpu.cpp); false,
+// having done nothing, for a dtype set that loop is not built for.
+bool option_rows(const FwdCall& c);
+
 // The fused backward (fused_backward.cpp): needs = (dx, dx1, dresidual, dweight, dbias, dweight1, dbias1).
 std::vector<Tensor> fused_backward(const OptTensor& dy, const OptTensor& dy1, const OptTensor& dsum, const Tensor& s,
                                    const OptTensor& weight, const OptTensor& weight1, const OptTensor& rowscale,

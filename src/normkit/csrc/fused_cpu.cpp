@@ -16,7 +16,6 @@
 #include <torch/extension.h>
 
 #include <fstream>
-#include <limits>
 #include <string>
 #include <vector>
 
@@ -180,41 +179,6 @@ NORMKIT_CLONES void plain_pass(const fused::PlainFwdArgs<T, Acc>& a, int64_t lo,
   fused::plain_rows<T, Acc>(a, lo, hi, buf);
 }
 
-// A plain layer norm overlaps each row's output write with the next row's read
-// (PlainFwdArgs::overlap) on calls of at least kOverlapMinBytes (the memory-bound regime) and on
-// rows of at most kOverlapMaxRowBytes at any size: the loop's streams (this row, the next, w, b,
-// y) of such rows stay in L1, where it runs 0.35 cycles per element against 0.42 for a
-// statistics pass then an output pass (768 and 1024 wide, data in L2/L3, Zen 4). At 4096 wide
-// in cache the two are even, and from L3 right after other work the overlapped loop is slower.
-// Not for RMS norm, whose statistics pass is cheap enough that the separate passes were as
-// fast or faster in cache (1024 wide, 1 thread, measured under load), nor for Half, whose
-// stores the loop would write one element at a time (store_vec).
-constexpr int64_t kOverlapMinBytes = int64_t(4) << 20;
-constexpr int64_t kOverlapMaxRowBytes = int64_t(8) << 10;
-
-// The last-level cache's size (calls whose inputs and outputs together are at least this large
-// write with non-temporal stores): the largest cache sysfs lists for cpu0, else 32 MiB. Not
-// sysconf(_SC_LEVEL3_CACHE_SIZE): glibc derives it from CPUID, which a VM may report wrongly
-// (320 MiB on the project's 32 MiB Zen 4 VM).
-int64_t last_level_cache_bytes() {
-  static const int64_t bytes = [] {
-    int64_t best = 0;
-    for (int index = 0; index < 8; ++index) {
-      const std::string path = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index) + "/size";
-      std::ifstream f(path);
-      int64_t v = 0;
-      std::string unit;
-      if (!(f >> v)) continue;
-      f >> unit;  // "32768K" reads as 32768 then "K"
-      if (!unit.empty() && (unit[0] == 'K' || unit[0] == 'k')) v <<= 10;
-      if (!unit.empty() && (unit[0] == 'M' || unit[0] == 'm')) v <<= 20;
-      best = std::max(best, v);
-    }
-    return best > 0 ? best : (int64_t(32) << 20);
-  }();
-  return bytes;
-}
-
 template <typename T>
 void plain_forward(const fused::FwdCall& c, int64_t rows, int64_t n) {
   using Acc = acc_of<T>;
@@ -237,8 +201,7 @@ void plain_forward(const fused::FwdCall& c, int64_t rows, int64_t n) {
   const int64_t row_bytes = n * static_cast<int64_t>(sizeof(T));
   const int64_t streams = 2 + (a.r ? 1 : 0) + (a.s ? 1 : 0);  // x, y, residual, s
   std::vector<Acc> ones, zeros;
-  if (rows > 1 && !c.is_rms && !std::is_same_v<T, c10::Half> &&
-      (rows * row_bytes >= kOverlapMinBytes || row_bytes <= kOverlapMaxRowBytes)) {
+  if (fused::overlap_pays(rows, row_bytes, c.is_rms, !std::is_same_v<T, c10::Half>)) {
     a.overlap = true;
     // inputs and outputs together beyond the cache: the outputs would not stay cached
     a.stream = streams * rows * row_bytes >= last_level_cache_bytes() && can_stream<T, Acc>(a.y, n) &&
@@ -271,6 +234,8 @@ void fused::forward_rows(const FwdCall& c) {
     with_dtype(tdt, [&](auto t_tag) { plain_forward<decltype(t_tag)>(c, rows, n); });
     return;
   }
+  // a call with options: the same loop, the options its run-time fields (fused_options_cpu.cpp)
+  if (fused::option_rows(c)) return;
   const bool acc_s_double = tdt == at::kDouble || rdt == at::kDouble;
   const bool acc_w_double = tdt == at::kDouble || sdt == at::kDouble;
   const auto acc_w = acc_w_double ? at::kDouble : at::kFloat;
@@ -451,8 +416,7 @@ std::vector<Tensor> fused_forward(const Tensor& x_in, const OptTensor& residual_
   Tensor mean = is_rms ? Tensor() : at::empty({rows}, opts.dtype(acc_w));
   Tensor rstd = at::empty({rows}, opts.dtype(acc_w));
   if (rows == 0 || n == 0) {
-    if (mean.defined()) mean.zero_();  // torch's native_layer_norm on N == 0: mean 0, rstd NaN
-    rstd.fill_(std::numeric_limits<double>::quiet_NaN());
+    fill_empty_stats(mean, rstd);
     return {y, y1, s, mean, rstd, mask, mask1};
   }
   fused::FwdCall c;

@@ -61,13 +61,6 @@ void check_2d(const Tensor& t, const char* name) {
   check_kernel_dtype(t, name);
 }
 
-// (rows,) statistics for an empty call: what torch's native_layer_norm gives (mean 0, rstd NaN
-// when N == 0; nothing to hold when rows == 0).
-void fill_empty_stats(const Tensor& mean, const Tensor& rstd) {
-  if (mean.defined()) mean.zero_();
-  rstd.fill_(std::numeric_limits<double>::quiet_NaN());
-}
-
 }  // namespace
 
 // (y, s, mean, rstd) on a contiguous (M, N) x: s is undefined unless store_sum and a residual,

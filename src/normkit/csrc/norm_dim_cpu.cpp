@@ -210,9 +210,8 @@ std::vector<Tensor> dim_forward(const Tensor& x, int64_t outer, int64_t n, int64
   Tensor y = empty_output(x);
   Tensor rstd = at::empty({outer, inner}, x.options().dtype(acc));
   Tensor mean = is_rms ? Tensor() : at::empty({outer, inner}, x.options().dtype(acc));
-  if (x.numel() == 0) {  // as torch's native_layer_norm: mean 0, rstd NaN over N == 0
-    if (mean.defined()) mean.zero_();
-    rstd.fill_(std::numeric_limits<double>::quiet_NaN());
+  if (x.numel() == 0) {
+    fill_empty_stats(mean, rstd);
     return {y, mean, rstd};
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "normkit_dim_forward", [&] {

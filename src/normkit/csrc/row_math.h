@@ -242,7 +242,8 @@ NORMKIT_INLINE void shifted_step(Acc v, Acc shift, Acc& s2, Acc& s1) {
 
 // The shifted sums of the row `in` reads (consuming it: a formed row is kept as it goes).
 template <typename Acc, typename In>
-NORMKIT_INLINE ShiftedSums<Acc> row_sums(const In& in, int64_t n, Acc shift) {
+NORMKIT_INLINE ShiftedSums<Acc> row_sums(const In& in_ref, int64_t n, Acc shift) {
+  const In in = in_ref;  // a local copy, as in write_row_sums_next
   ShiftedSums<Acc> out;
   out.shift = shift;
   for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
@@ -404,46 +405,61 @@ inline void stream_fence() {
 // How far ahead of the loads write_row_sums_next<Stream = true> prefetches the next row.
 constexpr int64_t kPrefetchBytes = 4096;
 
+// The output of a row written by write_row_sums_next: y = h w + b of each normalized element h,
+// as T (w, b not null: ones / zeros materialized when the call has none). Stream: non-temporal
+// stores (store_vec) and, in write_row_sums_next, the prefetch of the next row.
+template <typename T, typename Acc, bool Stream>
+struct RowWrite {
+  T* y;
+  const Acc *w, *b;
+  static constexpr bool stream = Stream;
+  NORMKIT_INLINE void vec(int64_t j, vec_t<Acc> h) const {
+    vec_t<Acc> wv, bv;
+    std::memcpy(&wv, w + j, sizeof(wv));
+    std::memcpy(&bv, b + j, sizeof(bv));
+    store_vec<T, Acc, Stream>(y + j, h * wv + bv);
+  }
+  NORMKIT_INLINE void one(int64_t j, Acc h) const { y[j] = store<T>(h * w[j] + b[j]); }
+};
+
 // row_sums(next, n, shift) (the same sums in the same order, so the same bits) while writing
-// this row's output y[j] = ((src[j] - hi) - lo) * rstd * w[j] + b[j] (w, b not null) in the same
-// loop: the read of the next row from memory and the write of this row's output overlap, as in
-// a copy, instead of a read-only pass followed by a write-only pass. Stream: non-temporal
-// stores (store_vec) and a software prefetch of the next row kPrefetchBytes ahead: together
-// (either alone does not) they bring the loop from 0.7x to 0.9x of a copy's bandwidth from
-// DRAM on a Zen 4 EPYC; in cache the prefetch costs 5-10 %, so only for calls whose inputs and
-// outputs together exceed the last-level cache. (src: the row as it is, or the Acc buffer a
-// formed row was kept in.)
-template <typename Src, typename T, typename Acc, bool Stream, typename In>
-NORMKIT_INLINE ShiftedSums<Acc> write_row_sums_next(const Src* src, T* y, const In& next, int64_t n,
-                                                    const RowStats<Acc>& st, const Acc* w, const Acc* b, Acc shift) {
+// this row's output, out.vec / out.one of h = ((src[j] - hi) - lo) * rstd (a RowWrite: y = h w
+// + b), in the same loop: the read of the next row from memory and the write of this row's
+// output overlap, as in a copy, instead of a read-only pass followed by a write-only pass.
+// out.stream: non-temporal stores (store_vec) and a software prefetch of the next row
+// kPrefetchBytes ahead: together (either alone does not) they bring the loop from 0.7x to 0.9x
+// of a copy's bandwidth from DRAM on a Zen 4 EPYC; in cache the prefetch costs 5-10 %, so only
+// for calls whose inputs and outputs together exceed the last-level cache. (src: the row as it
+// is, or the Acc buffer a formed row was kept in.)
+template <typename Src, typename Acc, typename In, typename Out>
+NORMKIT_INLINE ShiftedSums<Acc> write_row_sums_next(const Src* src, const Out& out_in, const In& next_in, int64_t n,
+                                                    const RowStats<Acc>& st, Acc shift) {
+  // local copies: their fields stay in registers, where the output stores (memcpy, which may
+  // alias anything) would otherwise reload each of them from memory after every store
+  const Out out = out_in;
+  const In next = next_in;
   constexpr int64_t kLine = 64 / In::kElemBytes, kAhead = kPrefetchBytes / In::kElemBytes;
   const Acc mean = st.mean, rstd = st.rstd, lo = st.lo;
-  ShiftedSums<Acc> out;
-  out.shift = shift;
+  ShiftedSums<Acc> sums;
+  sums.shift = shift;
   for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
     const Src* s = src + j0;
-    T* yo = y + j0;
-    const Acc* wp = w + j0;
-    const Acc* bp = b + j0;
     block_sums<Acc>(
         std::min(kBlock, n - j0),
         [&](int64_t j, vec_t<Acc>& s2, vec_t<Acc>& s1) NORMKIT_INLINE_LAMBDA {
-          if constexpr (Stream) {
+          if (out.stream) {
             if (j % kLine == 0) next.prefetch(j0 + j + kAhead);
           }
           shifted_step<Acc>(next.vec(j0 + j), shift, s2, s1);
-          vec_t<Acc> wv, bv;
-          std::memcpy(&wv, wp + j, sizeof(wv));
-          std::memcpy(&bv, bp + j, sizeof(bv));
-          store_vec<T, Acc, Stream>(yo + j, ((load_vec<Src, Acc>(s + j) - mean) - lo) * rstd * wv + bv);
+          out.vec(j0 + j, ((load_vec<Src, Acc>(s + j) - mean) - lo) * rstd);
         },
         [&](int64_t j, Acc& s2, Acc& s1) NORMKIT_INLINE_LAMBDA {
           shifted_step<Acc>(next.one(j0 + j), shift, s2, s1);
-          yo[j] = store<T>(((load<Src, Acc>(s[j]) - mean) - lo) * rstd * wp[j] + bp[j]);
+          out.one(j0 + j, ((load<Src, Acc>(s[j]) - mean) - lo) * rstd);
         },
-        out.ss, out.sd);
+        sums.ss, sums.sd);
   }
-  return out;
+  return sums;
 }
 
 // y[j] = (src[j] - mean) * rstd * w[j] + b[j]; w/b may be null (gain 1, bias 0).

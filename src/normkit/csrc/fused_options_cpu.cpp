@@ -1,0 +1,140 @@
+// fused::option_rows: the fused forward of a call with options (x1, rowscale, dropout and its
+// masks, weight1 / bias1, a residual or sum of float32 beside a bfloat16 / float16 x) in the
+// one-read row loop (fused_rows.h: one_read_rows with OptRead / OptWrite), the loop the plain
+// call runs: each row's sum formed as it is read, its statistics from that one read, its output
+// written in the loop that forms the next row. The options are run-time fields of the loop (a
+// predictable test per vector), so one instantiation per dtype set (T, R, S) serves every option
+// mix: 10 of them (float32 throughout; bfloat16 / float16 x with their own or a float32 residual
+// and sum), each for a float32 y. Other calls (float64; a bfloat16 / float16 y) take
+// fused_cpu.cpp's row passes.
+#include <torch/extension.h>
+
+#include <vector>
+
+#include "cpu_runtime.h"
+#include "fused_args.h"
+#include "fused_rows.h"
+
+namespace normkit {
+namespace {
+
+using fused::DropStream;
+using fused::Tensor;
+
+// The loop without floating-point contraction: the sum is formed in the contract's order, each
+// product and sum rounded as written (bit for bit the reference's s; an FMA would round
+// (x * rowscale) + r once).
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+template <typename T, typename R, typename S, typename O, bool Formed>
+NORMKIT_CLONES void opt_pass(const fused::OptFwdArgs<T, R, S, O>& a, int64_t lo, int64_t hi, float* buf) {
+  fused::opt_rows<T, R, S, O, Formed>(a, lo, hi, buf);
+}
+#pragma GCC pop_options
+
+template <typename T>
+const T* ptr_or_null(const Tensor& t) {
+  return t.defined() ? t.const_data_ptr<T>() : nullptr;
+}
+template <typename T>
+T* mut_or_null(const Tensor& t) {
+  return t.defined() ? static_cast<T*>(t.data_ptr()) : nullptr;
+}
+
+// A gain / bias as a float32 (N,) tensor, `fill` where the call has none (the loop reads all four).
+Tensor param_or(const Tensor& p, int64_t n, double fill, const at::TensorOptions& opts) {
+  const Tensor t = as_param(p, at::kFloat);
+  return t.defined() ? t : at::full({n}, fill, opts.dtype(at::kFloat));
+}
+
+template <typename T, typename R, typename S, typename O, bool Formed>
+void option_forward(const fused::FwdCall& c) {
+  const int64_t rows = c.rows, n = c.n;
+  const auto opts = c.x.options();
+  const bool has_w1 = c.weight1.defined(), drop = c.dropout_p > 0.0;
+  const Tensor w = param_or(c.weight, n, 1.0, opts), b = param_or(c.bias, n, 0.0, opts);
+  const Tensor w1 = has_w1 ? param_or(c.weight1, n, 1.0, opts) : Tensor();
+  const Tensor b1 = has_w1 ? param_or(c.bias1, n, 0.0, opts) : Tensor();
+  const DropStream d0 = drop ? DropStream(c.seed, 0, n, c.dropout_p) : DropStream();
+  const DropStream d1 = drop && c.x1.defined() ? DropStream(c.seed, 1, n, c.dropout_p) : DropStream();
+
+  fused::OptFwdArgs<T, R, S, O> a{};
+  a.x = c.x.const_data_ptr<T>();
+  a.x1 = ptr_or_null<T>(c.x1);
+  a.r = ptr_or_null<R>(c.residual);
+  a.s = mut_or_null<S>(c.s);
+  a.y = mut_or_null<O>(c.y);
+  a.y1 = mut_or_null<O>(c.y1);
+  a.w = w.const_data_ptr<float>();
+  a.b = b.const_data_ptr<float>();
+  a.w1 = ptr_or_null<float>(w1);
+  a.b1 = ptr_or_null<float>(b1);
+  a.rowscale = ptr_or_null<float>(c.rowscale);
+  a.mask = mut_or_null<uint8_t>(c.mask);
+  a.mask1 = mut_or_null<uint8_t>(c.mask1);
+  a.d0 = drop ? &d0 : nullptr;
+  a.d1 = drop && a.x1 ? &d1 : nullptr;
+  a.scale = static_cast<float>(1.0 / (1.0 - c.dropout_p));
+  a.mean = mut_or_null<float>(c.mean);
+  a.rstd = mut_or_null<float>(c.rstd);
+  a.n = n;
+  a.eps = static_cast<float>(c.eps);
+  a.is_rms = c.is_rms;
+  constexpr bool kVectorStores = !std::is_same_v<S, c10::Half>;
+  a.overlap = fused::overlap_pays(rows, n * static_cast<int64_t>(sizeof(T)), c.is_rms, kVectorStores);
+  // every stream of the call, per element: beyond the last-level cache the outputs are streamed
+  const int64_t elem_bytes = sizeof(T) * (a.x1 ? 2 : 1) + (a.r ? sizeof(R) : 0) + (a.s ? sizeof(S) : 0) +
+                             sizeof(O) * (a.y1 ? 2 : 1) + (a.mask ? 1 : 0) + (a.mask1 ? 1 : 0);
+  a.stream = rows * n * elem_bytes >= last_level_cache_bytes() && can_stream<O, float>(a.y, n) &&
+             (!a.y1 || can_stream<O, float>(a.y1, n)) && (!a.s || can_stream<S, float>(a.s, n));
+  const int64_t per = rows_per_chunk(rows, n);
+  for_each_chunk((rows + per - 1) / per, is_serial(rows, n), [&](int64_t k) {
+    std::vector<float> buf(Formed ? 2 * n : 0);
+    opt_pass<T, R, S, O, Formed>(a, k * per, std::min(rows, (k + 1) * per), Formed ? buf.data() : nullptr);
+  });
+}
+
+// f(R{}, S{}) for the (residual, sum) dtypes the loop is built for with input T: (T, T), and for
+// bfloat16 / float16 T also (T, float32) (residual_in_fp32) and (float32, float32). A call
+// without a residual passes its sum dtype as the residual's. Returns false for another.
+template <typename T, typename F>
+bool with_sum_dtypes(at::ScalarType rdt, at::ScalarType sdt, const F& f) {
+  constexpr auto tdt = c10::CppTypeToScalarType<T>::value;
+  if (rdt == tdt && sdt == tdt) return f(T{}, T{}), true;
+  if constexpr (!std::is_same_v<T, float>) {
+    if (rdt == tdt && sdt == at::kFloat) return f(T{}, float{}), true;
+    if (rdt == at::kFloat && sdt == at::kFloat) return f(float{}, float{}), true;
+  }
+  return false;
+}
+
+}  // namespace
+
+bool fused::option_rows(const FwdCall& c) {
+  const auto tdt = c.x.scalar_type(), sdt = c.sum_dtype, odt = c.out_dtype;
+  const auto rdt = c.residual.defined() ? c.residual.scalar_type() : sdt;
+  // a float32 y only: a bfloat16 / float16 y (8 lanes of rounding per vector in this loop)
+  // measured 1.6-2x slower than the row passes' write (out_dtype=bfloat16, bfloat16
+  // residual_in_fp32; Zen 4, 1 thread, in cache and from DRAM)
+  if (odt != at::kFloat || tdt == at::kDouble || rdt == at::kDouble || sdt == at::kDouble) return false;
+  // contract.sum_is_input, unless the caller asked for s in a buffer of its own
+  const bool formed = c.residual.defined() || c.x1.defined() || c.rowscale.defined() || c.dropout_p > 0.0 ||
+                      sdt != tdt || c.s.defined();
+  bool ran = false;
+  with_dtype(tdt, [&](auto t_tag) {
+    using T = decltype(t_tag);
+    if constexpr (!std::is_same_v<T, double>) {
+      if (!formed) {
+        option_forward<T, T, T, float, false>(c);
+        ran = true;
+        return;
+      }
+      ran = with_sum_dtypes<T>(rdt, sdt, [&](auto r_tag, auto s_tag) {
+        option_forward<T, decltype(r_tag), decltype(s_tag), float, true>(c);
+      });
+    }
+  });
+  return ran;
+}
+
+}  // namespace normkit
