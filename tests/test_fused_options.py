@@ -354,6 +354,28 @@ def test_out_and_residual_out_buffers(is_rms):
     assert _call(is_rms, x, w, b, out=out16, out_dtype=torch.bfloat16) is out16
 
 
+@IS_RMS
+@pytest.mark.parametrize("grad", [False, True])
+def test_out1_receives_the_second_branch(is_rms, grad):
+    """out1= is y1's buffer: written by the kernel without gradients, filled by a differentiable
+    copy with them; either way the call's y1, bit for bit."""
+    x = randn((3, 4, 8), seed=73, requires_grad=grad)
+    w, b = _params(8, seed=74)
+    w1, b1 = _params(8, seed=76)
+    out, out1 = torch.empty(3, 4, 8), torch.empty(3, 4, 8)
+    y, y1 = _call(is_rms, x, w, b, weight1=w1, bias1=b1, out=out, out1=out1)
+    assert y is out and y1 is out1
+    want_y, want_y1 = _call(is_rms, x, w, b, weight1=w1, bias1=b1)
+    assert torch.equal(y, want_y) and torch.equal(y1, want_y1)
+    if grad:
+        (gx,) = torch.autograd.grad(y.sum() + 2 * y1.sum(), x)
+        (want_gx,) = torch.autograd.grad(want_y.sum() + 2 * want_y1.sum(), x)
+        torch.testing.assert_close(gx, want_gx)
+    out1_16 = torch.empty(3, 4, 8, dtype=torch.bfloat16)
+    _, y1_16 = _call(is_rms, x, w, b, weight1=w1, out_dtype=torch.bfloat16, out1=out1_16)
+    assert y1_16 is out1_16
+
+
 @pytest.mark.parametrize(
     "kwargs, exc, match",
     [
@@ -363,6 +385,9 @@ def test_out_and_residual_out_buffers(is_rms):
         (dict(out=torch.empty(2, 4, device="meta")), ValueError, r"out is on meta but input is on cpu"),
         (dict(out=[0.0]), TypeError, r"out must be a torch.Tensor or None, got list"),
         (dict(residual_out=torch.empty(2, 4)), ValueError, r"residual_out= receives the prenorm sum, so it needs prenorm=True"),
+        (dict(out1=torch.empty(2, 4)), ValueError, r"out1= receives y1 = x_hat \* weight1 \+ bias1, so it needs weight1, but got weight1=None"),
+        (dict(out1=torch.empty(2, 4, dtype=torch.float64), weight1=torch.ones(4)), TypeError, r"out1 must have the result's dtype torch.float32, got torch.float64"),
+        (dict(out1=torch.empty(4, 2), weight1=torch.ones(4)), ValueError, r"out1 must have the result's shape \[2, 4\], got \[4, 2\]"),
         (dict(residual_out=torch.empty(2, 4, dtype=torch.bfloat16), prenorm=True), TypeError, r"residual_out must have the result's dtype torch.float32"),
         (dict(residual_out=torch.empty(2, 4), prenorm=True, residual_in_fp32=True, residual=torch.ones(2, 4, dtype=torch.float64)), TypeError, r"residual_out must have the result's dtype torch.float64"),
         (dict(out_dtype=torch.int32), TypeError, r"out_dtype must be None or one of float16, bfloat16, float32, float64, got torch.int32"),
@@ -600,8 +625,12 @@ def test_out_and_residual_out_without_gradients_are_written_by_the_kernel(monkey
     real_copy = torch.Tensor.copy_
     monkeypatch.setattr(torch.Tensor, "copy_", lambda self, src, *a, **k: copies.append(self) or real_copy(self, src, *a, **k))
     y, s = normkit.rms_norm(x, (40,), w, residual=r, x1=x1, bias=b, prenorm=True, out=out, residual_out=res_out)
+    out1 = torch.empty(4, 40)
+    y_again, y1 = normkit.rms_norm(x, (40,), w, residual=r, x1=x1, bias=b, weight1=w, bias1=b, out=torch.empty(4, 40),
+                                   out1=out1)
     monkeypatch.undo()
-    assert y is out and s is res_out and not copies
+    assert y is out and s is res_out and y1 is out1 and not copies
+    assert torch.equal(y1, y_again)  # the same gain and bias on both branches
     want_s = x + x1 + r
     torch.testing.assert_close(s, want_s)
     torch.testing.assert_close(y, torch.nn.functional.rms_norm(want_s, (40,), w, normkit.reference.default_rms_eps(torch.float32)) + b)

@@ -150,6 +150,10 @@ def test_aliased_out_buffers_raise():
     assert torch.equal(x, x_before)
     with pytest.raises(NormOverlapError, match=r"residual_out shares memory with residual"):
         normkit.rms_norm(x, (8,), w, residual=r, prenorm=True, residual_out=r)
+    with pytest.raises(NormOverlapError, match=r"out shares memory with out1"):
+        normkit.layer_norm(x, (8,), w, b, weight1=w, out=buf, out1=buf)
+    with pytest.raises(NormOverlapError, match=r"out1 shares memory with weight1"):
+        normkit.layer_norm(x[:1], (8,), w, b, weight1=buf[0], out1=buf[:1])
     halves = torch.empty(2, 4, 8)  # two views of one storage that do not overlap: fine
     y, s = normkit.layer_norm(x, (8,), w, b, residual=r, prenorm=True, out=halves[0], residual_out=halves[1])
     torch.testing.assert_close(y, F.layer_norm(x + r, (8,), w, b))

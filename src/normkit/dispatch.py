@@ -300,7 +300,7 @@ def fused_norm(x, normalized_shape, weight, bias, eps, is_rms, residual, prenorm
     uses_options = (
         llama or o.x1 is not None or o.rowscale is not None or o.weight1 is not None or o.return_dropout_mask
         or plan.sum_dtype != x.dtype or plan.out_dtype != x.dtype or (is_rms and bias is not None)
-        or o.residual_out is not None or (o.out is not None and not moved)
+        or o.out1 is not None or o.residual_out is not None or (o.out is not None and not moved)
     )
     path = route(x, residual, weight, bias, is_rms, plan.dropout_p, plan.shape, plan.eps, others=others, options=uses_options, moved_dims=moved)
     if path == "native":  # a plain call after all (dim= naming the trailing dims, say), validated
@@ -347,12 +347,12 @@ def fused_norm(x, normalized_shape, weight, bias, eps, is_rms, residual, prenorm
         res = paths.fused_composite(x2, flat(residual), flat(o.x1), rowscale, param(kernel_w), param(kernel_b),
                                     param(kernel_w1), param(kernel_b1), spec)
     else:
-        # out= / residual_out= are written by the kernel without autograd when they are
+        # out= / out1= / residual_out= are written by the kernel without autograd when they are
         # contiguous and in the kernel's own layout; otherwise the result is copied into them
         # below (with autograd: a differentiable copy)
         direct = path == "eager_no_grad" and not moved and not llama
         buffers = [b.view(rows, n) if direct and b is not None and b.is_contiguous() and type(b) is Tensor else None
-                   for b in (o.out, None, o.residual_out)]
+                   for b in (o.out, o.out1, o.residual_out)]
         backend = select_backend_name(x2, plan.dropout_p)
         res = ops.run(path, x2, flat(residual), flat(o.x1), rowscale, param(kernel_w), param(kernel_b), param(kernel_w1),
                       param(kernel_b1), ops.KernelCall(spec, backend), *buffers)
@@ -366,6 +366,8 @@ def fused_norm(x, normalized_shape, weight, bias, eps, is_rms, residual, prenorm
     y, y1 = back(y), back(y1)
     if o.out is not None:  # the kernel wrote it, or it is filled here
         y = o.out if buffers[0] is not None else o.out.copy_(y)
+    if o.out1 is not None:
+        y1 = o.out1 if buffers[1] is not None else o.out1.copy_(y1)
     results: List[Optional[Tensor]] = [y]
     if has_y1:
         results.append(y1)

@@ -44,6 +44,7 @@ def layer_norm(
     return_dropout_mask: bool = False,
     out_dtype: Optional[torch.dtype] = None,
     out: Optional[Tensor] = None,
+    out1: Optional[Tensor] = None,
     residual_out: Optional[Tensor] = None,
     dim: Optional[int] = None,
 ):
@@ -103,13 +104,14 @@ def layer_norm(
         out_dtype: the dtype of ``y`` (and ``y1``), default the input's: ``y`` is computed in
             float32 (float64 for float64 input) and rounded once to ``out_dtype``, by the
             kernel as it writes ``y``.
-        out, residual_out: buffers of the result's shape, dtype and device, returned. When
-            nothing needs gradients the kernel writes them itself (contiguous buffers, the
-            normalized dims last); with gradients, or another layout, ``y`` and the prenorm sum
-            are copied into them (``copy_``, an extra pass, through which gradients flow).
-            ``residual_out`` needs ``prenorm=True``. A buffer may not share memory with an
-            input or with the other buffer (:class:`~normkit.errors.NormOverlapError`): the
-            kernel would overwrite what it still reads.
+        out, out1, residual_out: buffers of the result's shape, dtype and device for ``y``,
+            ``y1`` and the prenorm sum, returned. When nothing needs gradients the kernel
+            writes them itself (contiguous buffers, the normalized dims last); with gradients,
+            or another layout, the results are copied into them (``copy_``, an extra pass,
+            through which gradients flow). ``out1`` needs ``weight1``, ``residual_out`` needs
+            ``prenorm=True``. A buffer may not share memory with an input or with another
+            buffer (:class:`~normkit.errors.NormOverlapError`): the kernel would overwrite what
+            it still reads.
         dim: the first normalized dim (default ``input.dim() - len(normalized_shape)``): with
             ``x`` of shape ``(N, C, H, W)``, ``layer_norm(x, (C,), w, b, dim=1)`` normalizes
             over channels. On CPU without other options (``out=`` aside) the compiled strided
@@ -124,10 +126,10 @@ def layer_norm(
     """
     if zero_centered_weight is not False:
         weight, weight1 = zero_centered_gains(zero_centered_weight, input, weight, weight1)
-    if not (x1 is weight1 is bias1 is rowscale is out_dtype is out is residual_out is dim is None) or (
+    if not (x1 is weight1 is bias1 is rowscale is out_dtype is out is out1 is residual_out is dim is None) or (
         residual_in_fp32 is not False or return_dropout_mask is not False
     ):
-        options = FusedOptions(residual_in_fp32, x1, weight1, bias1, rowscale, return_dropout_mask, out_dtype, out, residual_out, dim)
+        options = FusedOptions(residual_in_fp32, x1, weight1, bias1, rowscale, return_dropout_mask, out_dtype, out, residual_out, dim, out1)
         return fused_norm(input, normalized_shape, weight, bias, eps, False, residual, prenorm, dropout_p, training, options)
     return _norm(input, normalized_shape, weight, bias, eps, False, residual, prenorm, dropout_p, training)
 
@@ -153,6 +155,7 @@ def rms_norm(
     return_dropout_mask: bool = False,
     out_dtype: Optional[torch.dtype] = None,
     out: Optional[Tensor] = None,
+    out1: Optional[Tensor] = None,
     residual_out: Optional[Tensor] = None,
     dim: Optional[int] = None,
 ):
@@ -189,7 +192,7 @@ def rms_norm(
     ``(g * x_hat.to(dtype) + bias)``, then rounded to the input dtype (and then cast to
     ``out_dtype`` if one is given: Liger's and Hugging Face's llama result is in the input
     dtype). ``residual_in_fp32``, ``x1``, ``weight1``/``bias1``, ``rowscale``,
-    ``return_dropout_mask``, ``out_dtype``, ``out``/``residual_out`` and ``dim`` as in
+    ``return_dropout_mask``, ``out_dtype``, ``out``/``out1``/``residual_out`` and ``dim`` as in
     :func:`layer_norm` (``bias1`` is the RMS bias of the second branch). Other arguments and
     the return value as :func:`layer_norm`.
     """
@@ -197,10 +200,10 @@ def rms_norm(
         eps = default_rms_eps(input.dtype)
     if zero_centered_weight is not False:
         weight, weight1 = zero_centered_gains(zero_centered_weight, input, weight, weight1)
-    if not (bias is x1 is weight1 is bias1 is rowscale is out_dtype is out is residual_out is dim is None) or (
+    if not (bias is x1 is weight1 is bias1 is rowscale is out_dtype is out is out1 is residual_out is dim is None) or (
         residual_in_fp32 is not False or return_dropout_mask is not False
     ):
-        options = FusedOptions(residual_in_fp32, x1, weight1, bias1, rowscale, return_dropout_mask, out_dtype, out, residual_out, dim)
+        options = FusedOptions(residual_in_fp32, x1, weight1, bias1, rowscale, return_dropout_mask, out_dtype, out, residual_out, dim, out1)
         mode = check_casting_mode(casting_mode)
         return fused_norm(input, normalized_shape, weight, bias, eps, True, residual, prenorm, dropout_p, training, options, mode)
     if casting_mode != "gemma" and check_casting_mode(casting_mode) == "llama" and weight is not None and (

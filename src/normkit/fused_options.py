@@ -5,7 +5,7 @@ kernel (:mod:`normkit.contract`).
 flash-attn's ``layer_norm_fn`` / ``rms_norm_fn`` (``flash_attn/ops/triton/layer_norm.py``) define
 the semantics. :func:`normkit.layer_norm` and :func:`normkit.rms_norm` send a call here when it
 uses ``residual_in_fp32``, ``x1``, ``weight1``/``bias1``, ``rowscale``, ``return_dropout_mask``,
-``out_dtype``, ``out``/``residual_out``, ``dim`` or (RMS norm) ``bias``:
+``out_dtype``, ``out``/``out1``/``residual_out``, ``dim`` or (RMS norm) ``bias``:
 
 .. math::
     s = \operatorname{drop}(\rho \odot x) + \operatorname{drop}(x_1) + r, \qquad
@@ -68,6 +68,7 @@ class FusedOptions:
     out: Optional[Tensor] = None
     residual_out: Optional[Tensor] = None
     dim: Optional[int] = None
+    out1: Optional[Tensor] = None  # y1's buffer (normkit's addition to flash-attn's out= / residual_out=)
 
 
 def zero_centered_gains(zero_centered_weight, x: Tensor, weight, weight1):
@@ -185,6 +186,10 @@ def plan_call(x, normalized_shape, weight, bias, eps, is_rms, residual, prenorm,
     out_dtype = x.dtype if o.out_dtype is None else o.out_dtype
     if o.out is not None:
         _check_buffer("out", o.out, x.shape, out_dtype, x)
+    if o.out1 is not None:
+        if o.weight1 is None:
+            raise ValueError("out1= receives y1 = x_hat * weight1 + bias1, so it needs weight1, but got weight1=None")
+        _check_buffer("out1", o.out1, x.shape, out_dtype, x)
     if o.residual_out is not None:
         if not prenorm:
             raise ValueError("residual_out= receives the prenorm sum, so it needs prenorm=True")
@@ -194,6 +199,7 @@ def plan_call(x, normalized_shape, weight, bias, eps, is_rms, residual, prenorm,
     # returns s as y)
     reads = [("input", x), ("residual", residual), ("weight", weight), ("bias", bias), ("x1", o.x1),
              ("weight1", o.weight1), ("bias1", o.bias1), ("rowscale", o.rowscale)]
-    check_no_overlap("out", o.out, reads + [("residual_out", o.residual_out)])
+    check_no_overlap("out", o.out, reads + [("out1", o.out1), ("residual_out", o.residual_out)])
+    check_no_overlap("out1", o.out1, reads + [("residual_out", o.residual_out)])
     check_no_overlap("residual_out", o.residual_out, reads)
     return Plan(shape, start, eps, p, sum_dtype, out_dtype)

@@ -14,10 +14,10 @@ and 2 threads, the call is timed in interleaved pairs against ``dst.copy_(src)``
 
 Each row runs in two variants: ``alloc``, the call as written (it allocates its outputs: a fresh
 output of tens of MiB is page-faulted and zeroed by the OS on its first write, which the copy
-into an existing ``dst`` does not pay), and ``buffers``, the same call writing ``y`` (and the
-prenorm sum) into preallocated ``out=`` / ``residual_out=`` buffers: the kernel's own cost, the
-like-for-like comparison with the copy. (``weight1``'s ``y1`` has no buffer argument in
-flash-attn's API; it is allocated in both variants.)
+into an existing ``dst`` does not pay), and ``buffers``, the same call writing ``y`` (and ``y1``,
+and the prenorm sum) into preallocated ``out=`` / ``out1=`` / ``residual_out=`` buffers: the
+kernel's own cost, the like-for-like comparison with the copy. (``out1=`` is normkit's: flash-attn's
+API has no buffer for ``y1``.)
 
 All calls run without gradients (inference; the forward pass of training costs the same
 passes), on float32 ``(rows, width)`` tensors unless the row says bfloat16.
@@ -45,7 +45,7 @@ class OptionRow:
     """One measured call: ``normkit.layer_norm`` on input ``x`` (a key of the tensors) with the
     keyword options ``kwargs`` (values name tensors where they are strings); ``sum_dtype`` sizes
     the ``residual_out`` buffer of the ``buffers`` variant (default ``x``'s dtype; only with
-    ``prenorm``), ``out`` takes ``kwargs``' ``out_dtype``; ``fn`` replaces the normkit call (the
+    ``prenorm``), ``out`` (and ``out1``, with ``weight1``) takes ``kwargs``' ``out_dtype``; ``fn`` replaces the normkit call (the
     torch row, which has no variant)."""
 
     name: str
@@ -62,6 +62,8 @@ class OptionRow:
         kw = {k: (t[v] if isinstance(v, str) else v) for k, v in self.kwargs.items()}
         if variant == "buffers":
             kw["out"] = torch.empty(x.shape, dtype=kw.get("out_dtype") or x.dtype)
+            if kw.get("weight1") is not None:
+                kw["out1"] = torch.empty_like(kw["out"])
             if kw.get("prenorm"):
                 kw["residual_out"] = torch.empty(x.shape, dtype=self.sum_dtype or x.dtype)
         return lambda: normkit.layer_norm(x, x.shape[-1:], t["w"], t["b"], **kw)
