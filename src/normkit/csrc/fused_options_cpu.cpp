@@ -4,8 +4,8 @@
 // OptWrite): each row's sum formed as it is read, its statistics from that one read, its output
 // written in the loop that forms the next row. The options are run-time fields of the loop (a
 // predictable test per vector), so one instantiation per dtype set (T, R, S) serves every
-// option mix: 10 of them (float32 throughout; bfloat16 / float16 x with their own or a float32
-// residual and sum), each for a float32 y. Other calls (RMS norm, whose rows do not overlap;
+// option mix: 9 of them (float32 throughout; bfloat16 x with its own or a float32 residual and
+// sum; float16 x with a float32 sum), each for a float32 y. Other calls (RMS norm, whose rows do not overlap;
 // float64; a bfloat16 / float16 y) take fused_cpu.cpp's row passes, measured faster for them
 // (option_rows).
 #include <torch/extension.h>
@@ -95,12 +95,14 @@ void option_forward(const fused::FwdCall& c) {
 }
 
 // f(R{}, S{}) for the (residual, sum) dtypes the loop is built for with input T: (T, T), and for
-// bfloat16 / float16 T also (T, float32) (residual_in_fp32) and (float32, float32). A call
-// without a residual passes its sum dtype as the residual's. Returns false for another.
+// bfloat16 / float16 T also (T, float32) (residual_in_fp32) and (float32, float32); not a
+// float16 sum, whose rows do not overlap (option_rows). A call without a residual passes its
+// sum dtype as the residual's. Returns false for another.
 template <typename T, typename F>
 bool with_sum_dtypes(at::ScalarType rdt, at::ScalarType sdt, const F& f) {
   constexpr auto tdt = c10::CppTypeToScalarType<T>::value;
-  if (rdt == tdt && sdt == tdt) return f(T{}, T{}), true;
+  if constexpr (!std::is_same_v<T, c10::Half>)
+    if (rdt == tdt && sdt == tdt) return f(T{}, T{}), true;
   if constexpr (!std::is_same_v<T, float>) {
     if (rdt == tdt && sdt == at::kFloat) return f(T{}, float{}), true;
     if (rdt == at::kFloat && sdt == at::kFloat) return f(float{}, float{}), true;
@@ -114,20 +116,20 @@ bool fused::option_rows(const FwdCall& c) {
   const auto tdt = c.x.scalar_type(), sdt = c.sum_dtype, odt = c.out_dtype;
   const auto rdt = c.residual.defined() ? c.residual.scalar_type() : sdt;
   if (odt != at::kFloat || tdt == at::kDouble || rdt == at::kDouble || sdt == at::kDouble) return false;
-  // Only the calls whose rows overlap (layer norm, fused_rows.h's overlap_pays), each row's
-  // output written in the loop that forms the next: the gain over the row passes. Measured
-  // against them (4096 x 2048, Zen 4, 1 thread, interleaved runs): layer norm with x1, rowscale
-  // or dropout 2.3-2.6x / 1.9-2.0x / 1.7-2.0x a copy against 3.1-3.5x / 2.4-2.7x / 2.1-2.4x; in
-  // cache (1024 x 2048) x1 3.1 against 4.1-4.6, rowscale and dropout even (+-5 %). Without the
-  // overlap the row passes' 16-lane `omp simd` loops were faster: RMS norm with dropout 2.8x
-  // against 2.0x, with rowscale 2.7x against 2.4x; a bfloat16 y (its own pass, or 8 lanes of
-  // rounding in the overlapped loop) 1.6-2x slower (out_dtype=bfloat16, bfloat16
-  // residual_in_fp32).
-  if (!fused::overlap_pays(c.rows, c.n * static_cast<int64_t>(c.x.element_size()), c.is_rms, sdt != at::kHalf))
-    return false;
   // contract.sum_is_input, unless the caller asked for s in a buffer of its own
   const bool formed = c.residual.defined() || c.x1.defined() || c.rowscale.defined() || c.dropout_p > 0.0 ||
                       sdt != tdt || c.s.defined();
+  // Only the calls whose rows overlap (layer norm, fused_rows.h's overlap_pays), each row's
+  // output written in the loop that forms the next: the gain over the row passes. Measured
+  // against them (benchmarks/bench_option_paths.py, results/option-paths-2026-12-06-amd-epyc.json;
+  // Zen 4, 1 thread, 4096 x 2048, builds alternated): layer norm with x1, rowscale, dropout
+  // 2.97 / 2.18-2.29 / 2.01 a copy against 3.29-3.58 / 2.56-2.76 / 2.16-2.29. Without the
+  // overlap the row passes' `omp simd` loops (16 lanes on AVX-512, the loop's vectors are 8)
+  // were faster: RMS norm with dropout 2.87 against 2.06-2.28, with rowscale 2.76-2.79 against
+  // 2.55-2.58; and so were they for a 16-bit y (bfloat16 residual_in_fp32 1.88-2.04 against
+  // 1.42-1.52 in the loop's own write pass).
+  const bool vector_stores = !(formed && sdt == at::kHalf);  // a float16 sum: element stores (store_vec)
+  if (!fused::overlap_pays(c.rows, c.n * static_cast<int64_t>(c.x.element_size()), c.is_rms, vector_stores)) return false;
   bool ran = false;
   with_dtype(tdt, [&](auto t_tag) {
     using T = decltype(t_tag);
