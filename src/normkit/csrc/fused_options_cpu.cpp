@@ -5,9 +5,9 @@
 // written in the loop that forms the next row. The options are run-time fields of the loop (a
 // predictable test per vector), so one instantiation per dtype set (T, R, S) serves every
 // option mix: 9 of them (float32 throughout; bfloat16 x with its own or a float32 residual and
-// sum; float16 x with a float32 sum), each for a float32 y. Other calls (RMS norm, whose rows do not overlap;
-// float64; a bfloat16 / float16 y) take fused_cpu.cpp's row passes, measured faster for them
-// (option_rows).
+// sum; float16 x with a float32 sum), each for a float32 y. Other calls (RMS norm, whose rows
+// do not overlap; float64; a bfloat16 / float16 y) take fused_cpu.cpp's row passes, measured
+// faster for them (option_rows).
 #include <torch/extension.h>
 
 #include <vector>
@@ -129,7 +129,8 @@ bool fused::option_rows(const FwdCall& c) {
   // 2.55-2.58; and so were they for a 16-bit y (bfloat16 residual_in_fp32 1.88-2.04 against
   // 1.42-1.52 in the loop's own write pass).
   const bool vector_stores = !(formed && sdt == at::kHalf);  // a float16 sum: element stores (store_vec)
-  if (!fused::overlap_pays(c.rows, c.n * static_cast<int64_t>(c.x.element_size()), c.is_rms, vector_stores)) return false;
+  const int64_t row_bytes = c.n * static_cast<int64_t>(c.x.element_size());
+  if (!fused::overlap_pays(c.rows, row_bytes, c.is_rms, vector_stores)) return false;
   bool ran = false;
   with_dtype(tdt, [&](auto t_tag) {
     using T = decltype(t_tag);

@@ -311,7 +311,8 @@ constexpr int64_t kOverlapMaxRowBytes = int64_t(8) << 10;
 // Whether a call of `rows` rows of row_bytes (input dtype) takes the overlapped loop;
 // vector_stores: its outputs are stored as vectors (no Half).
 inline bool overlap_pays(int64_t rows, int64_t row_bytes, bool is_rms, bool vector_stores) {
-  return rows > 1 && !is_rms && vector_stores && (rows * row_bytes >= kOverlapMinBytes || row_bytes <= kOverlapMaxRowBytes);
+  return rows > 1 && !is_rms && vector_stores &&
+         (rows * row_bytes >= kOverlapMinBytes || row_bytes <= kOverlapMaxRowBytes);
 }
 
 template <typename T, typename Acc>
@@ -340,8 +341,10 @@ NORMKIT_INLINE void plain_rows_as(const PlainFwdArgs<T, Acc>& a, int64_t lo, int
   one_read_rows<Src, Acc>(
       {n, a.eps, a.is_rms, a.overlap, a.mean, a.rstd}, lo, hi, buf,
       [&](int64_t i, Acc* keep) NORMKIT_INLINE_LAMBDA {
-        if constexpr (Res) return SumRead<T, Acc, STORE, Stream>{a.x + i * n, a.r + i * n, keep, STORE ? a.s + i * n : nullptr};
-        else return RowRead<T, Acc>{a.x + i * n};
+        if constexpr (Res)
+          return SumRead<T, Acc, STORE, Stream>{a.x + i * n, a.r + i * n, keep, STORE ? a.s + i * n : nullptr};
+        else
+          return RowRead<T, Acc>{a.x + i * n};
       },
       [&](int64_t i, const Acc* keep) NORMKIT_INLINE_LAMBDA -> const Src* {
         if constexpr (Res) return keep; else return a.x + i * n;
