@@ -570,6 +570,62 @@ def test_out_is_written_by_the_kernel_without_a_copy(monkeypatch, is_rms, with_r
     torch.testing.assert_close(y2.detach(), want)
 
 
+@pytest.mark.parametrize("is_rms", [False, True], ids=["layer", "rms"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_plain_call_into_buffers_takes_the_native_call(monkeypatch, is_rms, dtype):
+    """out= / residual_out= on a plain call without gradients run in the one C++ call of the
+    native route (``_C.try_norm``), as the allocating call does, not the Python path of the
+    options (which cost ~40 us a call): the Python path is made to fail, and the call still
+    returns the buffers, filled with the allocating call's bits."""
+    from normkit import dispatch
+    from normkit.backends import cpu
+
+    if cpu.extension is None:
+        pytest.skip("needs normkit._C")
+    x, r = randn((3, 5, 47), dtype, seed=120) + 50.0, randn((3, 5, 47), dtype, seed=121)
+    w, b = _params(47, seed=122)
+    b = None if is_rms else b  # (an RMS bias is an option of the Python path)
+    want_y, want_s = _call(is_rms, x, w, b, residual=r, prenorm=True)
+    want_plain = _call(is_rms, x, w, b)
+
+    def no_python_path(*args, **kwargs):
+        raise AssertionError("the buffers took the Python path of the options")
+
+    monkeypatch.setattr(dispatch, "fused_norm", no_python_path)
+    out, res_out = torch.empty_like(x), torch.empty_like(x)
+    y, s = _call(is_rms, x, w, b, residual=r, prenorm=True, out=out, residual_out=res_out)
+    assert y is out and s is res_out
+    assert torch.equal(out, want_y) and torch.equal(res_out, want_s)
+    out2 = torch.empty_like(x)
+    assert _call(is_rms, x, w, b, out=out2) is out2 and torch.equal(out2, want_plain)
+    y, s = _call(is_rms, x, w, b, prenorm=True, out=out2)  # no residual: s is x itself
+    assert y is out2 and s is x
+    # what the native call declines goes to the Python path: gradients (a differentiable copy),
+    # a buffer that is not contiguous, not of the result's dtype, overlapping an input, a
+    # residual_out without a sum the kernel forms
+    declined = [
+        dict(out=torch.empty_like(x).transpose(0, 1).contiguous().transpose(0, 1)),
+        dict(out=torch.empty(x.shape, dtype=torch.float64)),
+        dict(out=x),
+        dict(residual=r, prenorm=True, out=torch.empty_like(x), residual_out=r),
+        dict(prenorm=True, residual_out=torch.empty_like(x)),
+    ]
+    for kw in declined:
+        with pytest.raises(AssertionError, match="took the Python path"):
+            _call(is_rms, x, w, b, **kw)
+    with pytest.raises(AssertionError, match="took the Python path"):
+        _call(is_rms, x.clone().requires_grad_(), w, b, out=torch.empty_like(x))
+    monkeypatch.undo()
+    with pytest.raises(normkit.errors.NormOverlapError, match="out shares memory with input"):
+        _call(is_rms, x, w, b, out=x)
+    with pytest.raises(normkit.errors.NormOverlapError, match="residual_out shares memory with residual"):
+        _call(is_rms, x, w, b, residual=r, prenorm=True, residual_out=r)
+    with pytest.raises(TypeError, match="out must have the result's dtype"):
+        _call(is_rms, x, w, b, out=torch.empty(x.shape, dtype=torch.float64))
+    strided = torch.empty_like(x).transpose(0, 1).contiguous().transpose(0, 1)
+    assert _call(is_rms, x, w, b, out=strided) is strided and torch.equal(strided, want_plain)
+
+
 # --- one kernel call per option call (issue 23: the options are switches of one kernel)
 
 

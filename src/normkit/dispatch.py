@@ -197,12 +197,19 @@ def norm(
     prenorm: bool,
     dropout_p: float,
     training: bool,
+    out: Optional[Tensor] = None,
+    residual_out: Optional[Tensor] = None,
 ):
-    """A plain call: ``y``, or ``(y, s)`` with ``prenorm``."""
+    """A plain call: ``y``, or ``(y, s)`` with ``prenorm``; ``out`` / ``residual_out`` receive
+    them (:func:`fused_norm` serves the buffers the native call does not take)."""
     if _native_preconditions():  # route "native" (see native_call), checked and run in one C++ call
-        out = _cpu.extension.try_norm(x, normalized_shape, weight, bias, eps, is_rms, residual, prenorm, dropout_p if training else 0.0)
-        if out is not None:
-            return out
+        res = _cpu.extension.try_norm(x, normalized_shape, weight, bias, eps, is_rms, residual, prenorm,
+                                      dropout_p if training else 0.0, out, residual_out)
+        if res is not None:
+            return res
+    if out is not None or residual_out is not None:
+        return fused_norm(x, normalized_shape, weight, bias, eps, is_rms, residual, prenorm, dropout_p, training,
+                          FusedOptions(out=out, residual_out=residual_out))
     # Two inputs the kernels do not take, handed over before validation (which refuses them
     # for the fused options): each nested component runs here again; complex RMS norm is torch's.
     if isinstance(x, Tensor) and residual is None and not prenorm and not (dropout_p and training):

@@ -126,12 +126,12 @@ def layer_norm(
     """
     if zero_centered_weight is not False:
         weight, weight1 = zero_centered_gains(zero_centered_weight, input, weight, weight1)
-    if not (x1 is weight1 is bias1 is rowscale is out_dtype is out is out1 is residual_out is dim is None) or (
+    if not (x1 is weight1 is bias1 is rowscale is out_dtype is out1 is dim is None) or (
         residual_in_fp32 is not False or return_dropout_mask is not False
     ):
         options = FusedOptions(residual_in_fp32, x1, weight1, bias1, rowscale, return_dropout_mask, out_dtype, out, residual_out, dim, out1)
         return fused_norm(input, normalized_shape, weight, bias, eps, False, residual, prenorm, dropout_p, training, options)
-    return _norm(input, normalized_shape, weight, bias, eps, False, residual, prenorm, dropout_p, training)
+    return _norm(input, normalized_shape, weight, bias, eps, False, residual, prenorm, dropout_p, training, out, residual_out)
 
 
 def rms_norm(
@@ -200,7 +200,7 @@ def rms_norm(
         eps = default_rms_eps(input.dtype)
     if zero_centered_weight is not False:
         weight, weight1 = zero_centered_gains(zero_centered_weight, input, weight, weight1)
-    if not (bias is x1 is weight1 is bias1 is rowscale is out_dtype is out is out1 is residual_out is dim is None) or (
+    if not (bias is x1 is weight1 is bias1 is rowscale is out_dtype is out1 is dim is None) or (
         residual_in_fp32 is not False or return_dropout_mask is not False
     ):
         options = FusedOptions(residual_in_fp32, x1, weight1, bias1, rowscale, return_dropout_mask, out_dtype, out, residual_out, dim, out1)
@@ -209,7 +209,7 @@ def rms_norm(
     if casting_mode != "gemma" and check_casting_mode(casting_mode) == "llama" and weight is not None and (
         isinstance(input, Tensor) and input.dtype in (torch.float16, torch.bfloat16)
     ):  # x_hat rounded to the input dtype before the gain: the fused path's "llama" switch
-        options = FusedOptions()
+        options = FusedOptions(out=out, residual_out=residual_out)
         return fused_norm(input, normalized_shape, weight, None, eps, True, residual, prenorm, dropout_p, training, options, "llama")
-    return _norm(input, normalized_shape, weight, None, eps, True, residual, prenorm, dropout_p, training)
+    return _norm(input, normalized_shape, weight, None, eps, True, residual, prenorm, dropout_p, training, out, residual_out)
 

@@ -199,7 +199,5 @@ def plan_call(x, normalized_shape, weight, bias, eps, is_rms, residual, prenorm,
     # returns s as y)
     reads = [("input", x), ("residual", residual), ("weight", weight), ("bias", bias), ("x1", o.x1),
              ("weight1", o.weight1), ("bias1", o.bias1), ("rowscale", o.rowscale)]
-    check_no_overlap("out", o.out, reads + [("out1", o.out1), ("residual_out", o.residual_out)])
-    check_no_overlap("out1", o.out1, reads + [("residual_out", o.residual_out)])
-    check_no_overlap("residual_out", o.residual_out, reads)
+    check_no_overlap([("out", o.out), ("out1", o.out1), ("residual_out", o.residual_out)], reads)
     return Plan(shape, start, eps, p, sum_dtype, out_dtype)

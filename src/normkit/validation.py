@@ -194,35 +194,42 @@ def check_zero_centered(zero_centered_weight, x, weight) -> None:
 def _byte_extent(t: Tensor) -> Optional[Tuple[int, int]]:
     """The ``[first, last + 1)`` bytes ``t``'s elements span in memory, or ``None`` when ``t``
     is empty or has no data to point at (a fake or meta tensor, under tracing)."""
-    if t.numel() == 0 or t.device.type == "meta":
+    if t.is_meta or t.numel() == 0:
         return None
     try:
         base = t.data_ptr()
     except (RuntimeError, NotImplementedError):  # FakeTensor, functional tensors
         return None
-    lo = sum((n - 1) * st for n, st in zip(t.shape, t.stride()) if st < 0)
-    hi = sum((n - 1) * st for n, st in zip(t.shape, t.stride()) if st > 0)
+    if t.is_contiguous():  # the common case, without a walk over the dims
+        return base, base + t.nbytes
+    lo = hi = 0
+    for n, st in zip(t.shape, t.stride()):
+        if st < 0:
+            lo += (n - 1) * st
+        else:
+            hi += (n - 1) * st
     size = t.element_size()
     return base + lo * size, base + (hi + 1) * size
 
 
-def check_no_overlap(name: str, buffer: Optional[Tensor], others) -> None:
-    """``buffer`` (an ``out=``-style tensor the call writes) shares no memory with any of
-    ``others``, ``(name, tensor or None)`` pairs: the inputs it is computed from and the other
-    buffers. Tested on the byte ranges the tensors span (public APIs only), so two interleaved
-    views of one storage (``t[::2]`` and ``t[1::2]``) count as overlapping: conservative, as
-    ATen's ``at::assert_no_overlap`` is for views it cannot decide."""
-    if buffer is None or torch.compiler.is_compiling():
+def check_no_overlap(buffers, reads) -> None:
+    """No buffer (an ``out=``-style tensor the call writes) of ``buffers`` shares memory with
+    any of ``reads`` (the inputs it is computed from) or with a later buffer of ``buffers``;
+    each a ``(name, tensor or None)`` pair. Tested on the byte ranges the tensors span (public
+    APIs only), so two interleaved views of one storage (``t[::2]`` and ``t[1::2]``) count as
+    overlapping: conservative, as ATen's ``at::assert_no_overlap`` is for views it cannot
+    decide. Each tensor's extent is taken once: this runs on every call with a buffer."""
+    given = [(name, b) for name, b in buffers if b is not None]
+    if not given or torch.compiler.is_compiling():
         return
-    span = _byte_extent(buffer)
-    if span is None:
-        return
-    for other_name, t in others:
-        if t is None or t.device != buffer.device:
+    spans = [(name, t, _byte_extent(t)) for name, t in given]
+    spans += [(name, t, _byte_extent(t)) for name, t in reads if t is not None]
+    for i, (name, buffer, span) in enumerate(spans[:len(given)]):
+        if span is None:
             continue
-        other = _byte_extent(t)
-        if other is not None and span[0] < other[1] and other[0] < span[1]:
-            raise NormOverlapError(
-                f"{name} shares memory with {other_name}: the call would overwrite what it reads or returns; "
-                f"pass a separate buffer (or leave {name}=None and copy the result)"
-            )
+        for other_name, t, other in spans[i + 1:]:
+            if other is not None and span[0] < other[1] and other[0] < span[1] and t.device == buffer.device:
+                raise NormOverlapError(
+                    f"{name} shares memory with {other_name}: the call would overwrite what it reads or returns; "
+                    f"pass a separate buffer (or leave {name}=None and copy the result)"
+                )

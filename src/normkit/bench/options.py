@@ -43,10 +43,10 @@ VARIANTS = ("alloc", "buffers")
 @dataclass(frozen=True)
 class OptionRow:
     """One measured call: ``normkit.layer_norm`` on input ``x`` (a key of the tensors) with the
-    keyword options ``kwargs`` (values name tensors where they are strings); ``sum_dtype`` sizes
-    the ``residual_out`` buffer of the ``buffers`` variant (default ``x``'s dtype; only with
-    ``prenorm``), ``out`` (and ``out1``, with ``weight1``) takes ``kwargs``' ``out_dtype``; ``fn`` replaces the normkit call (the
-    torch row, which has no variant)."""
+    keyword options ``kwargs`` (values name tensors where they are strings). In the ``buffers``
+    variant ``sum_dtype`` sizes the ``residual_out`` buffer (default ``x``'s dtype; only with
+    ``prenorm``), and ``out`` (and ``out1``, with ``weight1``) take ``kwargs``' ``out_dtype``.
+    ``fn`` replaces the normkit call (the torch row, which has no variant)."""
 
     name: str
     ideal: float  # bytes of one fused pass / bytes of the copy of x

@@ -43,6 +43,19 @@ inline at::ScalarType arg_dtype(py::handle h, const char* name) {
 
 inline bool given(const OptTensor& t) { return t.has_value() && t->defined(); }
 
+// t's elements as T, or null for an undefined tensor (what the call does not have).
+template <typename T>
+T* data_or_null(const Tensor& t) {
+  return t.defined() ? static_cast<T*>(t.data_ptr()) : nullptr;
+}
+
+// A gain / bias as a contiguous (n,) tensor of acc (as_param), `fill` (1 for a gain, 0 for a
+// bias: exact) where the call has none: for the loops that read all of w, b, w1, b1.
+inline Tensor param_or(const Tensor& p, int64_t n, double fill, at::ScalarType acc, const at::TensorOptions& opts) {
+  const Tensor t = as_param(p, acc);
+  return t.defined() ? t : at::full({n}, fill, opts.dtype(acc));
+}
+
 inline void check_rows(const Tensor& t, const char* name, at::IntArrayRef sizes) {
   check_tensor(t, name, 2, true);
   check_kernel_dtype(t, name);

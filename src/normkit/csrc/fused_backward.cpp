@@ -378,12 +378,12 @@ std::vector<Tensor> fused_backward(const OptTensor& dy_in, const OptTensor& dy1_
     BwdPlan<Acc> p;
     p.n = n;
     p.is_rms = is_rms;
-    p.ones = ones.defined() ? ones.const_data_ptr<Acc>() : nullptr;
+    p.ones = data_or_null<const Acc>(ones);
     p.w = w.defined() ? w.const_data_ptr<Acc>() : p.ones;
     p.w1 = w1.defined() ? w1.const_data_ptr<Acc>() : p.ones;
-    p.mean = mean.defined() ? mean.const_data_ptr<Acc>() : nullptr;
+    p.mean = data_or_null<const Acc>(mean);
     p.rstd = rstd.const_data_ptr<Acc>();
-    p.rowscale = rowscale.defined() ? rowscale.const_data_ptr<Acc>() : nullptr;
+    p.rowscale = data_or_null<const Acc>(rowscale);
     p.s = static_cast<const char*>(s.const_data_ptr());
     p.sb = s.element_size();
     // (chunks, N) partials of each wanted parameter gradient that dy / dy1 feeds

@@ -36,6 +36,8 @@ using fused::OptTensor;
 using fused::Tensor;
 using fused::arg_dtype;
 using fused::as_rowscale;
+using fused::data_or_null;
+using fused::param_or;
 using fused::check_dropout;
 using fused::check_rows;
 using fused::given;
@@ -182,34 +184,32 @@ NORMKIT_CLONES void plain_pass(const fused::PlainFwdArgs<T, Acc>& a, int64_t lo,
 template <typename T>
 void plain_forward(const fused::FwdCall& c, int64_t rows, int64_t n) {
   using Acc = acc_of<T>;
-  const Tensor w = as_param(c.weight, c10::CppTypeToScalarType<Acc>::value);
-  const Tensor b = as_param(c.bias, c10::CppTypeToScalarType<Acc>::value);
-  auto data = [](const Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; };
-  auto acc_data = [](const Tensor& t) { return t.defined() ? t.data_ptr<Acc>() : nullptr; };
+  constexpr auto acc = c10::CppTypeToScalarType<Acc>::value;
+  const Tensor w = as_param(c.weight, acc), b = as_param(c.bias, acc);
   fused::PlainFwdArgs<T, Acc> a{};
   a.x = c.x.const_data_ptr<T>();
-  a.r = c.residual.defined() ? c.residual.const_data_ptr<T>() : nullptr;
-  a.s = data(c.s);
-  a.y = data(c.y);
-  a.w = w.defined() ? w.const_data_ptr<Acc>() : nullptr;
-  a.b = b.defined() ? b.const_data_ptr<Acc>() : nullptr;
-  a.mean = acc_data(c.mean);
-  a.rstd = acc_data(c.rstd);
+  a.r = data_or_null<const T>(c.residual);
+  a.s = data_or_null<T>(c.s);
+  a.y = data_or_null<T>(c.y);
+  a.w = data_or_null<const Acc>(w);
+  a.b = data_or_null<const Acc>(b);
+  a.mean = data_or_null<Acc>(c.mean);
+  a.rstd = data_or_null<Acc>(c.rstd);
   a.n = n;
   a.eps = static_cast<Acc>(c.eps);
   a.is_rms = c.is_rms;
   const int64_t row_bytes = n * static_cast<int64_t>(sizeof(T));
   const int64_t streams = 2 + (a.r ? 1 : 0) + (a.s ? 1 : 0);  // x, y, residual, s
-  std::vector<Acc> ones, zeros;
+  Tensor w_or_ones, b_or_zeros;
   if (fused::overlap_pays(rows, row_bytes, c.is_rms, !std::is_same_v<T, c10::Half>)) {
     a.overlap = true;
     // inputs and outputs together beyond the cache: the outputs would not stay cached
     a.stream = streams * rows * row_bytes >= last_level_cache_bytes() && can_stream<T, Acc>(a.y, n) &&
                (!a.s || can_stream<T, Acc>(a.s, n));
-    if (!a.w) ones.assign(n, Acc(1));
-    if (!a.b) zeros.assign(n, Acc(0));
-    a.w_or_ones = a.w ? a.w : ones.data();
-    a.b_or_zeros = a.b ? a.b : zeros.data();
+    w_or_ones = param_or(w, n, 1.0, acc, c.x.options());
+    b_or_zeros = param_or(b, n, 0.0, acc, c.x.options());
+    a.w_or_ones = w_or_ones.const_data_ptr<Acc>();
+    a.b_or_zeros = b_or_zeros.const_data_ptr<Acc>();
   }
   const int64_t per = rows_per_chunk(rows, n);
   for_each_chunk((rows + per - 1) / per, is_serial(rows, n), [&](int64_t k) {
@@ -253,9 +253,9 @@ void fused::forward_rows(const FwdCall& c) {
     Tensor w = as_param(c.weight, acc_w), b = as_param(c.bias, acc_w), w1 = as_param(c.weight1, acc_w),
            b1 = as_param(c.bias1, acc_w);
     if (has_w1) {  // y and y1 are written in one loop (norm_row), which reads all four
-      if (!w.defined()) w = at::ones({n}, opts.dtype(acc_w));
-      if (!b.defined()) b = at::zeros({n}, opts.dtype(acc_w));
-      if (!b1.defined()) b1 = at::zeros({n}, opts.dtype(acc_w));
+      w = param_or(w, n, 1.0, acc_w, opts);
+      b = param_or(b, n, 0.0, acc_w, opts);
+      b1 = param_or(b1, n, 0.0, acc_w, opts);
     }
     FwdPlan<AccS, AccW> p;
     p.n = n;
@@ -263,12 +263,11 @@ void fused::forward_rows(const FwdCall& c) {
     p.x = static_cast<const char*>(x.const_data_ptr());
     p.xb = x.element_size();
     p.y = static_cast<char*>(y.data_ptr());
-    p.y1 = y1.defined() ? static_cast<char*>(y1.data_ptr()) : nullptr;
+    p.y1 = data_or_null<char>(y1);
     p.ob = y.element_size();
-    p.norm = {w.defined() ? w.const_data_ptr<AccW>() : nullptr, b.defined() ? b.const_data_ptr<AccW>() : nullptr,
-              w1.defined() ? w1.const_data_ptr<AccW>() : nullptr, b1.defined() ? b1.const_data_ptr<AccW>() : nullptr,
-              static_cast<AccW>(c.eps), c.is_rms, mean.defined() ? mean.data_ptr<AccW>() : nullptr,
-              rstd.defined() ? rstd.data_ptr<AccW>() : nullptr};
+    p.norm = {data_or_null<const AccW>(w), data_or_null<const AccW>(b), data_or_null<const AccW>(w1),
+              data_or_null<const AccW>(b1), static_cast<AccW>(c.eps), c.is_rms, data_or_null<AccW>(mean),
+              data_or_null<AccW>(rstd)};
     with_dtype(odt, [&](auto o_tag) {
       using O = decltype(o_tag);
       if (sum) {
@@ -325,7 +324,7 @@ void fused::forward_rows(const FwdCall& c) {
       }
       if (masks) {
         p.mask = static_cast<uint8_t*>(mask.data_ptr());
-        p.mask1 = mask1.defined() ? static_cast<uint8_t*>(mask1.data_ptr()) : nullptr;
+        p.mask1 = data_or_null<uint8_t>(mask1);
       }
     }
     TORCH_INTERNAL_ASSERT(p.norm_pass && (!sum || p.x_pass || p.xr_pass) && (!has_r || !sum || p.r_pass || p.xr_pass));

@@ -27,70 +27,56 @@ using fused::Tensor;
 // (x * rowscale) + r once).
 #pragma GCC push_options
 #pragma GCC optimize("fp-contract=off")
-template <typename T, typename R, typename S, typename O, bool Formed>
-NORMKIT_CLONES void opt_pass(const fused::OptFwdArgs<T, R, S, O>& a, int64_t lo, int64_t hi, float* buf) {
-  fused::opt_rows<T, R, S, O, Formed>(a, lo, hi, buf);
+template <typename T, typename R, typename S, bool Formed>
+NORMKIT_CLONES void opt_pass(const fused::OptFwdArgs<T, R, S>& a, int64_t lo, int64_t hi, float* buf) {
+  fused::opt_rows<T, R, S, Formed>(a, lo, hi, buf);
 }
 #pragma GCC pop_options
 
-template <typename T>
-const T* ptr_or_null(const Tensor& t) {
-  return t.defined() ? t.const_data_ptr<T>() : nullptr;
-}
-template <typename T>
-T* mut_or_null(const Tensor& t) {
-  return t.defined() ? static_cast<T*>(t.data_ptr()) : nullptr;
-}
-
-// A gain / bias as a float32 (N,) tensor, `fill` where the call has none (the loop reads all four).
-Tensor param_or(const Tensor& p, int64_t n, double fill, const at::TensorOptions& opts) {
-  const Tensor t = as_param(p, at::kFloat);
-  return t.defined() ? t : at::full({n}, fill, opts.dtype(at::kFloat));
-}
-
-template <typename T, typename R, typename S, typename O, bool Formed>
+template <typename T, typename R, typename S, bool Formed>
 void option_forward(const fused::FwdCall& c) {
+  using fused::data_or_null;
+  using fused::param_or;
   const int64_t rows = c.rows, n = c.n;
   const auto opts = c.x.options();
   const bool has_w1 = c.weight1.defined(), drop = c.dropout_p > 0.0;
-  const Tensor w = param_or(c.weight, n, 1.0, opts), b = param_or(c.bias, n, 0.0, opts);
-  const Tensor w1 = has_w1 ? param_or(c.weight1, n, 1.0, opts) : Tensor();
-  const Tensor b1 = has_w1 ? param_or(c.bias1, n, 0.0, opts) : Tensor();
+  // the loop reads all four of w, b (and w1, b1): ones / zeros where the call has none
+  const Tensor w = param_or(c.weight, n, 1.0, at::kFloat, opts), b = param_or(c.bias, n, 0.0, at::kFloat, opts);
+  const Tensor w1 = has_w1 ? param_or(c.weight1, n, 1.0, at::kFloat, opts) : Tensor();
+  const Tensor b1 = has_w1 ? param_or(c.bias1, n, 0.0, at::kFloat, opts) : Tensor();
   const DropStream d0 = drop ? DropStream(c.seed, 0, n, c.dropout_p) : DropStream();
   const DropStream d1 = drop && c.x1.defined() ? DropStream(c.seed, 1, n, c.dropout_p) : DropStream();
 
-  fused::OptFwdArgs<T, R, S, O> a{};
+  fused::OptFwdArgs<T, R, S> a{};
   a.x = c.x.const_data_ptr<T>();
-  a.x1 = ptr_or_null<T>(c.x1);
-  a.r = ptr_or_null<R>(c.residual);
-  a.s = mut_or_null<S>(c.s);
-  a.y = mut_or_null<O>(c.y);
-  a.y1 = mut_or_null<O>(c.y1);
+  a.x1 = data_or_null<const T>(c.x1);
+  a.r = data_or_null<const R>(c.residual);
+  a.s = data_or_null<S>(c.s);
+  a.y = data_or_null<float>(c.y);
+  a.y1 = data_or_null<float>(c.y1);
   a.w = w.const_data_ptr<float>();
   a.b = b.const_data_ptr<float>();
-  a.w1 = ptr_or_null<float>(w1);
-  a.b1 = ptr_or_null<float>(b1);
-  a.rowscale = ptr_or_null<float>(c.rowscale);
-  a.mask = mut_or_null<uint8_t>(c.mask);
-  a.mask1 = mut_or_null<uint8_t>(c.mask1);
+  a.w1 = data_or_null<const float>(w1);
+  a.b1 = data_or_null<const float>(b1);
+  a.rowscale = data_or_null<const float>(c.rowscale);
+  a.mask = data_or_null<uint8_t>(c.mask);
+  a.mask1 = data_or_null<uint8_t>(c.mask1);
   a.d0 = drop ? &d0 : nullptr;
   a.d1 = drop && a.x1 ? &d1 : nullptr;
   a.scale = static_cast<float>(1.0 / (1.0 - c.dropout_p));
-  a.mean = mut_or_null<float>(c.mean);
-  a.rstd = mut_or_null<float>(c.rstd);
+  a.mean = data_or_null<float>(c.mean);
+  a.rstd = data_or_null<float>(c.rstd);
   a.n = n;
   a.eps = static_cast<float>(c.eps);
-  a.is_rms = c.is_rms;
-  a.overlap = true;  // option_rows takes only the calls that overlap
   // every stream of the call, per element: beyond the last-level cache the outputs are streamed
   const int64_t elem_bytes = sizeof(T) * (a.x1 ? 2 : 1) + (a.r ? sizeof(R) : 0) + (a.s ? sizeof(S) : 0) +
-                             sizeof(O) * (a.y1 ? 2 : 1) + (a.mask ? 1 : 0) + (a.mask1 ? 1 : 0);
-  a.stream = rows * n * elem_bytes >= last_level_cache_bytes() && can_stream<O, float>(a.y, n) &&
-             (!a.y1 || can_stream<O, float>(a.y1, n)) && (!a.s || can_stream<S, float>(a.s, n));
+                             sizeof(float) * (a.y1 ? 2 : 1) + (a.mask ? 1 : 0) + (a.mask1 ? 1 : 0);
+  a.stream = rows * n * elem_bytes >= last_level_cache_bytes() && can_stream<float, float>(a.y, n) &&
+             (!a.y1 || can_stream<float, float>(a.y1, n)) && (!a.s || can_stream<S, float>(a.s, n));
   const int64_t per = rows_per_chunk(rows, n);
   for_each_chunk((rows + per - 1) / per, is_serial(rows, n), [&](int64_t k) {
     std::vector<float> buf(Formed ? 2 * n : 0);
-    opt_pass<T, R, S, O, Formed>(a, k * per, std::min(rows, (k + 1) * per), Formed ? buf.data() : nullptr);
+    opt_pass<T, R, S, Formed>(a, k * per, std::min(rows, (k + 1) * per), Formed ? buf.data() : nullptr);
   });
 }
 
@@ -136,12 +122,12 @@ bool fused::option_rows(const FwdCall& c) {
     using T = decltype(t_tag);
     if constexpr (!std::is_same_v<T, double>) {
       if (!formed) {
-        option_forward<T, T, T, float, false>(c);
+        option_forward<T, T, T, false>(c);
         ran = true;
         return;
       }
       ran = with_sum_dtypes<T>(rdt, sdt, [&](auto r_tag, auto s_tag) {
-        option_forward<T, decltype(r_tag), decltype(s_tag), float, true>(c);
+        option_forward<T, decltype(r_tag), decltype(s_tag), true>(c);
       });
     }
   });

@@ -488,11 +488,11 @@ struct OptRead {
   }
 };
 
-// y = round_O(h w + b) and, when y1 is not null, y1 = round_O(h w1 + b1) of each normalized
-// element h (write_row_sums_next's output; w, b, w1, b1 not null); stream a run-time switch.
-template <typename O>
+// y = h w + b and, when y1 is not null, y1 = h w1 + b1 of each normalized element h, as float32
+// (write_row_sums_next's output; w, b, w1, b1 not null); stream a run-time switch.
 struct OptWrite {
   using Acc = float;
+  using O = float;
   O *y, *y1;
   const Acc *w, *b, *w1, *b1;
   bool stream;
@@ -515,8 +515,8 @@ struct OptWrite {
     y[j] = store<O>(h * w[j] + b[j]);
     if (y1) y1[j] = store<O>(h * w1[j] + b1[j]);
   }
-  // the whole row, in a pass of its own (write_row's `omp simd` loops: as wide as the clone's
-  // vectors, where the vec_t of the loop above is 32 bytes)
+  // the whole row, in a pass of its own: a chunk's last row, with no next row to overlap
+  // (write_row's `omp simd` loops)
   template <typename Src>
   NORMKIT_INLINE void row(const Src* src, int64_t n, const RowStats<Acc>& st) const {
     write_row<O, Src, Acc>(src, y, n, st, w, b);
@@ -524,14 +524,15 @@ struct OptWrite {
   }
 };
 
-// A call of the option loop: x (T), the sum formed with a residual R and stored as S (Formed:
-// else x is normalized as it is), y and y1 as O; Acc float.
-template <typename T, typename R, typename S, typename O>
+// A layer-norm call of the option loop (rows that overlap: fused_options_cpu.cpp's
+// option_rows): x (T), the sum formed with a residual R and stored as S (Formed: else x is
+// normalized as it is), y and y1 float32; Acc float.
+template <typename T, typename R, typename S>
 struct OptFwdArgs {
   const T *x, *x1;
   const R* r;
   S* s;
-  O *y, *y1;
+  float *y, *y1;
   const float *w, *b, *w1, *b1;  // materialized: ones / zeros where the call has none
   const float* rowscale;         // (M,) or null
   uint8_t *mask, *mask1;
@@ -540,12 +541,13 @@ struct OptFwdArgs {
   float *mean, *rstd;
   int64_t n;
   float eps;
-  bool is_rms, overlap, stream;
+  bool stream;
 };
 
-// Rows lo..hi of an option call (one_read_rows). buf: two rows when Formed, else null.
-template <typename T, typename R, typename S, typename O, bool Formed>
-NORMKIT_INLINE void opt_rows(const OptFwdArgs<T, R, S, O>& a, int64_t lo, int64_t hi, float* buf) {
+// Rows lo..hi of an option call (one_read_rows, each row's output written in the loop that forms
+// the next). buf: two rows when Formed, else null.
+template <typename T, typename R, typename S, bool Formed>
+NORMKIT_INLINE void opt_rows(const OptFwdArgs<T, R, S>& a, int64_t lo, int64_t hi, float* buf) {
   using Acc = float;
   using Src = std::conditional_t<Formed, Acc, T>;
   const int64_t n = a.n;
@@ -555,10 +557,10 @@ NORMKIT_INLINE void opt_rows(const OptFwdArgs<T, R, S, O>& a, int64_t lo, int64_
     return d;
   };
   auto out_of = [&](int64_t i) NORMKIT_INLINE_LAMBDA {
-    return OptWrite<O>{a.y + i * n, a.y1 ? a.y1 + i * n : nullptr, a.w, a.b, a.w1, a.b1, a.stream};
+    return OptWrite{a.y + i * n, a.y1 ? a.y1 + i * n : nullptr, a.w, a.b, a.w1, a.b1, a.stream};
   };
   one_read_rows<Src, Acc>(
-      {n, a.eps, a.is_rms, a.overlap, a.mean, a.rstd}, lo, hi, buf,
+      {n, a.eps, /*is_rms=*/false, /*overlap=*/true, a.mean, a.rstd}, lo, hi, buf,
       [&](int64_t i, Acc* keep) NORMKIT_INLINE_LAMBDA {
         if constexpr (Formed) {
           const int64_t off = i * n;

@@ -139,11 +139,13 @@ std::vector<Tensor> backward(const Tensor& dy, const c10::optional<Tensor>& dsum
 
 // The forward without anything to differentiate: x (..., N) contiguous; outputs shaped like
 // x (no views, no statistics stored). Arguments checked by norm.
+// y_buf / s_buf, when defined, receive y / s (contiguous buffers like x that share no memory
+// with the inputs or each other: try_norm's checks).
 std::vector<Tensor> forward_nd(const Tensor& x, int64_t n, const c10::optional<Tensor>& r,
                                const c10::optional<Tensor>& w, const c10::optional<Tensor>& b, double eps, bool is_rms,
-                               bool store_sum) {
-  Tensor y = empty_output(x);
-  Tensor s = r.has_value() && store_sum ? empty_output(x) : Tensor();
+                               bool store_sum, const Tensor& y_buf = Tensor(), const Tensor& s_buf = Tensor()) {
+  Tensor y = y_buf.defined() ? y_buf : empty_output(x);
+  Tensor s = r.has_value() && store_sum ? (s_buf.defined() ? s_buf : empty_output(x)) : Tensor();
   if (x.numel() == 0) return {y, s};
   const int64_t rows = x.numel() / n;
   launch_forward(x, rows, n, r, w, b, y, s, Tensor(), Tensor(), eps, is_rms);
@@ -156,9 +158,11 @@ std::vector<Tensor> forward_nd(const Tensor& x, int64_t n, const c10::optional<T
 // without one the prenorm output is x itself, returned by the caller). Without anything to
 // differentiate it runs the kernels with no autograd node, and forms s without storing it
 // unless prenorm asks for it (with autograd s is always stored: backward reads it).
+// y_buf / s_buf: out= / residual_out= buffers for a call without gradients (try_norm).
 std::vector<Tensor> norm(const Tensor& x_in, int64_t n, const c10::optional<Tensor>& weight,
                          const c10::optional<Tensor>& bias, double eps, bool is_rms,
-                         const c10::optional<Tensor>& residual, bool prenorm) {
+                         const c10::optional<Tensor>& residual, bool prenorm, const Tensor& y_buf = Tensor(),
+                         const Tensor& s_buf = Tensor()) {
   check_tensor(x_in, "x", -1, true);
   check_kernel_dtype(x_in, "x");
   TORCH_CHECK_VALUE(n >= 0, "n: expected the normalized size, >= 0, got ", n);
@@ -178,7 +182,7 @@ std::vector<Tensor> norm(const Tensor& x_in, int64_t n, const c10::optional<Tens
   auto needs = [](const c10::optional<Tensor>& t) { return t.has_value() && t->requires_grad(); };
   if (at::GradMode::is_enabled() && (x.requires_grad() || needs(r) || needs(w) || needs(b)))
     return norm_with_grad(x, r, w, b, n, eps, is_rms);
-  auto res = forward_nd(x, n, r, w, b, eps, is_rms, prenorm);
+  auto res = forward_nd(x, n, r, w, b, eps, is_rms, prenorm, y_buf, s_buf);
   if (!res[1].defined()) return {res[0]};
   return {res[0], res[1]};
 }
@@ -277,14 +281,44 @@ bool parse_native_call(py::handle x_obj, py::handle shape_obj, py::handle w_obj,
   return true;
 }
 
+// An out= / residual_out= buffer the native call writes itself: an exact torch.Tensor on the
+// CPU, contiguous, of x's sizes and dtype, writable, not requiring grad, and sharing no memory
+// (at::get_overlap_status says so, not "too hard") with x, the residual, the gain, the bias or
+// `other` (the other buffer, may be undefined). False for anything else: the general path then
+// fills it, or names the error.
+bool parse_buffer(py::handle obj, const NativeCall& c, const Tensor& other, Tensor& out) {
+  if (Py_TYPE(obj.ptr()) != reinterpret_cast<PyTypeObject*>(THPVariableClass)) return false;
+  const Tensor& t = THPVariable_Unpack(obj.ptr());
+  if (!t.device().is_cpu() || t.layout() != at::kStrided || t.scalar_type() != c.x.scalar_type() ||
+      t.sizes() != c.x.sizes() || !t.is_contiguous() || t.is_neg() || t.is_conj() || t.requires_grad())
+    return false;
+  auto apart = [&](const Tensor& read) { return !read.defined() || at::get_overlap_status(t, read) == at::MemOverlapStatus::No; };
+  if (!apart(c.x) || !apart(c.r.value_or(Tensor())) || !apart(c.w.value_or(Tensor())) || !apart(c.b.value_or(Tensor())) ||
+      !apart(other))
+    return false;
+  out = t;
+  return true;
+}
+
 py::object try_norm(py::handle x_obj, py::handle shape_obj, py::handle w_obj, py::handle b_obj, py::handle eps_obj,
-                    py::handle is_rms_obj, py::handle r_obj, py::handle prenorm_obj, py::handle dropout_obj) {
+                    py::handle is_rms_obj, py::handle r_obj, py::handle prenorm_obj, py::handle dropout_obj,
+                    py::handle out_obj, py::handle residual_out_obj) {
   const bool is_rms = arg_bool(is_rms_obj, "is_rms");  // normkit's own flag, not the user's
   if (!PyBool_Check(prenorm_obj.ptr())) return py::none();  // the general path names the error
   NativeCall c;
   if (!parse_native_call(x_obj, shape_obj, w_obj, b_obj, eps_obj, r_obj, dropout_obj, c)) return py::none();
   const bool prenorm = prenorm_obj.ptr() == Py_True;
-  auto out = norm(c.x, c.n, c.w, c.b, c.eps, is_rms, c.r, prenorm);
+  // buffers: only for a call without gradients (with them the general path fills the buffers by
+  // a differentiable copy), residual_out only for a prenorm sum the kernel forms (a residual)
+  Tensor y_buf, s_buf;
+  if (!out_obj.is_none() || !residual_out_obj.is_none()) {
+    auto needs = [](const c10::optional<Tensor>& t) { return t.has_value() && t->requires_grad(); };
+    if (at::GradMode::is_enabled() && (c.x.requires_grad() || needs(c.r) || needs(c.w) || needs(c.b))) return py::none();
+    if (!residual_out_obj.is_none() && !(prenorm && c.r.has_value() && parse_buffer(residual_out_obj, c, Tensor(), s_buf)))
+      return py::none();
+    if (!out_obj.is_none() && !parse_buffer(out_obj, c, s_buf, y_buf)) return py::none();
+  }
+  auto out = norm(c.x, c.n, c.w, c.b, c.eps, is_rms, c.r, prenorm, y_buf, s_buf);
   if (!prenorm) return py::cast(out[0]);
   return py::make_tuple(out[0], c.r.has_value() ? out[1] : c.x);
 }
@@ -359,5 +393,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("n"), py::arg("weight"), py::arg("bias"), py::arg("eps"), py::arg("is_rms"),
         py::arg("residual"), py::arg("prenorm") = true);
   m.def("accepts", &normkit::accepts, "whether try_norm would run this call (its checks only)");
-  m.def("try_norm", &normkit::try_norm, "the native route: y, (y, s), or None when the call is not one it serves");
+  m.def("try_norm", &normkit::try_norm,
+        "the native route: y, (y, s), or None when the call is not one it serves; out / residual_out: buffers "
+        "it writes (a call without gradients)",
+        py::arg("x"), py::arg("normalized_shape"), py::arg("weight"), py::arg("bias"), py::arg("eps"), py::arg("is_rms"),
+        py::arg("residual"), py::arg("prenorm"), py::arg("dropout_p"), py::arg("out") = py::none(),
+        py::arg("residual_out") = py::none());
 }
