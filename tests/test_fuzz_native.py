@@ -359,11 +359,15 @@ def test_try_norm_accepts_and_norm_take_any_python_objects(data):
                torch.ones(n, dtype=torch.complex64), torch.ones(1).expand(n), torch.ones(x.shape)]
     pool = tensors + INTS + FLOATS + [(n,), (HUGE,), (-1,), [n], (n, n), (), torch.Size([n]), "x"]
     args = [data.draw(st.sampled_from(pool), label=f"arg{i}") for i in range(9)]
+    # out= / residual_out=: None, or anything of the pool (x itself, a fresh buffer, a wrong one)
+    buffers = [data.draw(st.sampled_from([None, None, torch.empty_like(x)] + pool), label=f"buffer{i}") for i in range(2)]
     shape_arg = data.draw(st.sampled_from([n, (n,), torch.Size([n]), HUGE, -HUGE, (HUGE,), [n], 1.0, "n", ()]), label="shape_arg")
-    res, _ = named_error(lambda: _C.try_norm(x, shape_arg, args[0], args[1], args[2], args[3], args[4], args[5], args[6]))
+    res, _ = named_error(lambda: _C.try_norm(x, shape_arg, *args[:7], out=buffers[0], residual_out=buffers[1]))
     if res is not None:  # a call it took: the result of the general path
         y = res[0] if isinstance(res, tuple) else res
         assert isinstance(y, torch.Tensor) and y.shape == x.shape
+        if buffers[0] is not None:  # a buffer it took is written, not an input it reads
+            assert y is buffers[0] and all(y is not t for t in [x, *args[:7]])
     ok, err = named_error(lambda: _C.accepts(x, shape_arg, args[0], args[1], args[2], args[3], args[4]))
     assert err is None and isinstance(ok, bool), "accepts must answer, not raise"
     named_error(lambda: _C.norm(x, args[0], args[1], args[2], args[3], args[4], args[5]))
