@@ -27,9 +27,9 @@ using fused::Tensor;
 // (x * rowscale) + r once).
 #pragma GCC push_options
 #pragma GCC optimize("fp-contract=off")
-template <typename T, typename R, typename S, bool Formed>
+template <typename T, typename R, typename S, bool Formed, bool Drop, bool Stream>
 NORMKIT_CLONES void opt_pass(const fused::OptFwdArgs<T, R, S>& a, int64_t lo, int64_t hi, float* buf) {
-  fused::opt_rows<T, R, S, Formed>(a, lo, hi, buf);
+  fused::opt_rows<T, R, S, Formed, Drop, Stream>(a, lo, hi, buf);
 }
 #pragma GCC pop_options
 
@@ -73,10 +73,20 @@ void option_forward(const fused::FwdCall& c) {
                              sizeof(float) * (a.y1 ? 2 : 1) + (a.mask ? 1 : 0) + (a.mask1 ? 1 : 0);
   a.stream = rows * n * elem_bytes >= last_level_cache_bytes() && can_stream<float, float>(a.y, n) &&
              (!a.y1 || can_stream<float, float>(a.y1, n)) && (!a.s || can_stream<S, float>(a.s, n));
+  // the rows of one chunk, by the call's two template switches (dropout only where a sum is formed)
+  auto pass = [&](int64_t lo, int64_t hi, float* buf) {
+    if (a.stream) {
+      if (Formed && drop) opt_pass<T, R, S, Formed, Formed, true>(a, lo, hi, buf);
+      else opt_pass<T, R, S, Formed, false, true>(a, lo, hi, buf);
+    } else {
+      if (Formed && drop) opt_pass<T, R, S, Formed, Formed, false>(a, lo, hi, buf);
+      else opt_pass<T, R, S, Formed, false, false>(a, lo, hi, buf);
+    }
+  };
   const int64_t per = rows_per_chunk(rows, n);
   for_each_chunk((rows + per - 1) / per, is_serial(rows, n), [&](int64_t k) {
     std::vector<float> buf(Formed ? 2 * n : 0);
-    opt_pass<T, R, S, Formed>(a, k * per, std::min(rows, (k + 1) * per), Formed ? buf.data() : nullptr);
+    pass(k * per, std::min(rows, (k + 1) * per), Formed ? buf.data() : nullptr);
   });
 }
 

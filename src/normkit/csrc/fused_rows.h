@@ -409,8 +409,9 @@ NORMKIT_INLINE void store_mask_vec(uint8_t* m, i32x8 keep) {
 //   t = ((Acc(x) rho) k) / (1 - p) [+ (Acc(x1) k1) / (1 - p)] [+ Acc(r)],  s = round_S(t),
 // kept in buf as Acc(s), stored to s and the keep masks to mask / mask1 when they are not null.
 // The options are run-time fields (a test per vector, the same for every vector of the call),
-// not template switches: one instantiation per dtype set serves every option mix.
-template <typename T, typename R, typename S>
+// except the two that cost most in the loop: Drop (the keep hash and its tests) and Stream
+// (non-temporal stores and the prefetch), template switches.
+template <typename T, typename R, typename S, bool Drop, bool Stream>
 struct OptRead {
   using Acc = float;
   const T *x, *x1;          // x1 may be null
@@ -418,20 +419,19 @@ struct OptRead {
   S* s;                     // may be null
   Acc* buf;
   uint8_t *mask, *mask1;    // may be null
-  DropRow<Acc> d, d1;       // d.col_key null: no dropout
+  DropRow<Acc> d, d1;       // read only when Drop (d1: with x1)
   Acc rs;                   // the row's rowscale, 1 without (exact)
-  bool stream;              // store s with non-temporal stores
   static constexpr int64_t kElemBytes = sizeof(T);
 
   NORMKIT_INLINE Acc form(int64_t j, bool& keep, bool& keep1) const {
     Acc v = load<T, Acc>(x[j]) * rs;
-    if (d.col_key) {
+    if constexpr (Drop) {
       keep = keep_at(d, j);
       v = (v * (keep ? Acc(1) : Acc(0))) * d.scale;
     }
     if (x1) {
       Acc v1 = load<T, Acc>(x1[j]);
-      if (d.col_key) {
+      if constexpr (Drop) {
         keep1 = keep_at(d1, j);
         v1 = (v1 * (keep1 ? Acc(1) : Acc(0))) * d1.scale;
       }
@@ -454,14 +454,14 @@ struct OptRead {
   }
   NORMKIT_INLINE vec_t<Acc> vec(int64_t j) const {
     vec_t<Acc> v = load_vec<T, Acc>(x + j) * rs;
-    if (d.col_key) {
+    if constexpr (Drop) {
       const i32x8 keep = keep_vec(d, j);
       v = (v * kept(keep)) * d.scale;
       if (mask) store_mask_vec(mask + j, keep);
     }
     if (x1) {
       vec_t<Acc> v1 = load_vec<T, Acc>(x1 + j);
-      if (d.col_key) {
+      if constexpr (Drop) {
         const i32x8 keep1 = keep_vec(d1, j);
         v1 = (v1 * kept(keep1)) * d1.scale;
         if (mask1) store_mask_vec(mask1 + j, keep1);
@@ -471,10 +471,7 @@ struct OptRead {
     if (r) v = v + load_vec<R, Acc>(r + j);
     v = round_vec<S, Acc>(v);
     std::memcpy(buf + j, &v, sizeof(v));
-    if (s) {
-      if (stream) store_vec<S, Acc, true>(s + j, v);
-      else store_vec<S, Acc, false>(s + j, v);
-    }
+    if (s) store_vec<S, Acc, Stream>(s + j, v);
     return v;
   }
   NORMKIT_INLINE void prefetch(int64_t j) const {
@@ -489,17 +486,15 @@ struct OptRead {
 };
 
 // y = h w + b and, when y1 is not null, y1 = h w1 + b1 of each normalized element h, as float32
-// (write_row_sums_next's output; w, b, w1, b1 not null); stream a run-time switch.
+// (write_row_sums_next's output; w, b, w1, b1 not null); Stream as RowWrite's.
+template <bool Stream>
 struct OptWrite {
   using Acc = float;
   using O = float;
+  static constexpr bool stream = Stream;
   O *y, *y1;
   const Acc *w, *b, *w1, *b1;
-  bool stream;
-  NORMKIT_INLINE void put(O* p, int64_t j, vec_t<Acc> v) const {
-    if (stream) store_vec<O, Acc, true>(p + j, v);
-    else store_vec<O, Acc, false>(p + j, v);
-  }
+  NORMKIT_INLINE void put(O* p, int64_t j, vec_t<Acc> v) const { store_vec<O, Acc, Stream>(p + j, v); }
   NORMKIT_INLINE void vec(int64_t j, vec_t<Acc> h) const {
     vec_t<Acc> wv, bv;
     std::memcpy(&wv, w + j, sizeof(wv));
@@ -541,12 +536,12 @@ struct OptFwdArgs {
   float *mean, *rstd;
   int64_t n;
   float eps;
-  bool stream;
+  bool stream;  // (opt_rows' Stream)
 };
 
 // Rows lo..hi of an option call (one_read_rows, each row's output written in the loop that forms
-// the next). buf: two rows when Formed, else null.
-template <typename T, typename R, typename S, bool Formed>
+// the next). buf: two rows when Formed, else null. Drop: a.d0 not null (Formed); Stream: a.stream.
+template <typename T, typename R, typename S, bool Formed, bool Drop, bool Stream>
 NORMKIT_INLINE void opt_rows(const OptFwdArgs<T, R, S>& a, int64_t lo, int64_t hi, float* buf) {
   using Acc = float;
   using Src = std::conditional_t<Formed, Acc, T>;
@@ -557,17 +552,17 @@ NORMKIT_INLINE void opt_rows(const OptFwdArgs<T, R, S>& a, int64_t lo, int64_t h
     return d;
   };
   auto out_of = [&](int64_t i) NORMKIT_INLINE_LAMBDA {
-    return OptWrite{a.y + i * n, a.y1 ? a.y1 + i * n : nullptr, a.w, a.b, a.w1, a.b1, a.stream};
+    return OptWrite<Stream>{a.y + i * n, a.y1 ? a.y1 + i * n : nullptr, a.w, a.b, a.w1, a.b1};
   };
   one_read_rows<Src, Acc>(
       {n, a.eps, /*is_rms=*/false, /*overlap=*/true, a.mean, a.rstd}, lo, hi, buf,
       [&](int64_t i, Acc* keep) NORMKIT_INLINE_LAMBDA {
         if constexpr (Formed) {
           const int64_t off = i * n;
-          return OptRead<T, R, S>{a.x + off, a.x1 ? a.x1 + off : nullptr, a.r ? a.r + off : nullptr,
+          return OptRead<T, R, S, Drop, Stream>{a.x + off, a.x1 ? a.x1 + off : nullptr, a.r ? a.r + off : nullptr,
                                   a.s ? a.s + off : nullptr, keep, a.mask ? a.mask + off : nullptr,
                                   a.mask1 ? a.mask1 + off : nullptr, drop_row(a.d0, i), drop_row(a.d1, i),
-                                  a.rowscale ? a.rowscale[i] : Acc(1), a.stream};
+                                  a.rowscale ? a.rowscale[i] : Acc(1)};
         } else {
           return RowRead<T, Acc>{a.x + i * n};
         }
@@ -576,7 +571,7 @@ NORMKIT_INLINE void opt_rows(const OptFwdArgs<T, R, S>& a, int64_t lo, int64_t h
         if constexpr (Formed) return keep; else return a.x + i * n;
       },
       out_of, [&](int64_t i, const Src* src, const RowStats<Acc>& st) NORMKIT_INLINE_LAMBDA { out_of(i).row(src, n, st); });
-  if (a.stream) stream_fence();
+  if constexpr (Stream) stream_fence();
 }
 
 // --- backward passes ------------------------------------------------------------------------------
