@@ -166,19 +166,24 @@ def last_level_cache_bytes():
     return max(sizes, default=32 * 2**20)
 
 
-@pytest.mark.parametrize("name, dtype", [("plain", F32), ("residual", F32), ("everything", F32),
-                                         ("everything", BF16), ("dropout", BF16), ("out_bf16", F32)])
+@pytest.mark.parametrize("name, dtype, is_rms", [
+    ("plain", F32, False), ("residual", F32, False), ("everything", F32, False), ("everything", BF16, False),
+    ("dropout", BF16, False), ("out_bf16", F32, False),
+    # RMS norm: the plain loop without overlap (write_row_streamed), the row passes (norm_row's stage)
+    ("plain", F32, True), ("residual", BF16, True), ("everything", F32, True),
+])
 @pytest.mark.parametrize("misaligned", [False, True])
-def test_calls_beyond_the_last_level_cache(name, dtype, misaligned):
-    """Calls whose streams exceed the last-level cache write with non-temporal stores and
-    prefetch the next row (fused_rows.h); into a buffer 4 bytes off 16-byte alignment they may
-    not (can_stream): both against the reference, s bit for bit."""
+def test_calls_beyond_the_last_level_cache(name, dtype, is_rms, misaligned):
+    """Calls whose streams exceed the last-level cache write with non-temporal stores (in the
+    overlapped loop by its stores, which prefetch the next row; elsewhere through an L1 stage:
+    fused_rows.h, row_math.h's stream_bytes); into a buffer 4 bytes off 16-byte alignment they
+    may not (can_stream): both against the reference, s bit for bit."""
     llc = last_level_cache_bytes()
     if llc > 256 * 2**20:
         pytest.skip(f"a last-level cache of {llc >> 20} MiB: the call would take too long")
     n = 2048
     rows = -(-llc * 5 // 4 // (n * 2 * torch.finfo(dtype).bits // 8))  # x and y alone exceed the cache
-    t, spec, bufs = make_call(OPTIONS[name], dtype, rows, n, seed=3)
+    t, spec, bufs = make_call(OPTIONS[name], dtype, rows, n, is_rms=is_rms, seed=3)
     if misaligned:
         for key, buf in list(bufs.items()) or [("out", torch.empty(rows, n, dtype=spec.out_dtype))]:
             flat = torch.empty(rows * n + 8, dtype=buf.dtype)

@@ -124,7 +124,8 @@ struct FwdPlan {
   const AccS* rowscale = nullptr;
   const DropStream *d0 = nullptr, *d1 = nullptr;
   AccS scale = 1;
-  NormArgs<AccW> norm{};
+  NormArgs<AccW> norm{};  // norm.stream: y and y1 streamed out (norm_row)
+  bool s_stream = false;  // s (AccS == AccW, the buffer itself) streamed out after the sum passes
 };
 
 template <typename AccS, typename AccW>
@@ -170,8 +171,10 @@ void fwd_rows(const FwdPlan<AccS, AccW>& p, int64_t lo, int64_t hi) {
     }
     if (p.r_pass) p.r_pass(p.r + off * p.rb, n, buf_s.data());
     if (p.round_pass) p.round_pass(buf_s.data(), n, p.s ? p.s + off * p.sb : nullptr, src_w);
+    if (p.s_stream) stream_bytes(p.s + off * p.sb, buf_s.data(), n * p.sb);
     p.norm_pass(src_w, n, p.norm, p.y + off * p.ob, y1, i, next);
   }
+  if (p.norm.stream || p.s_stream) stream_fence();
 }
 
 // --- the plain call: x [+ residual] [, s stored] in one dtype, no other option ---------------------
@@ -200,12 +203,13 @@ void plain_forward(const fused::FwdCall& c, int64_t rows, int64_t n) {
   a.is_rms = c.is_rms;
   const int64_t row_bytes = n * static_cast<int64_t>(sizeof(T));
   const int64_t streams = 2 + (a.r ? 1 : 0) + (a.s ? 1 : 0);  // x, y, residual, s
+  // inputs and outputs together beyond the cache: the outputs would not stay cached, so they are
+  // streamed (in the overlapped loop by its stores, else through a stage: write_row_streamed)
+  a.stream = streams * rows * row_bytes >= last_level_cache_bytes() && can_stream<T, Acc>(a.y, n) &&
+             (!a.s || can_stream<T, Acc>(a.s, n));
   Tensor w_or_ones, b_or_zeros;
   if (fused::overlap_pays(rows, row_bytes, c.is_rms, !std::is_same_v<T, c10::Half>)) {
     a.overlap = true;
-    // inputs and outputs together beyond the cache: the outputs would not stay cached
-    a.stream = streams * rows * row_bytes >= last_level_cache_bytes() && can_stream<T, Acc>(a.y, n) &&
-               (!a.s || can_stream<T, Acc>(a.s, n));
     w_or_ones = param_or(w, n, 1.0, acc, c.x.options());
     b_or_zeros = param_or(b, n, 0.0, acc, c.x.options());
     a.w_or_ones = w_or_ones.const_data_ptr<Acc>();
@@ -268,6 +272,17 @@ void fused::forward_rows(const FwdCall& c) {
     p.norm = {data_or_null<const AccW>(w), data_or_null<const AccW>(b), data_or_null<const AccW>(w1),
               data_or_null<const AccW>(b1), static_cast<AccW>(c.eps), c.is_rms, data_or_null<AccW>(mean),
               data_or_null<AccW>(rstd)};
+    // beyond the last-level cache the outputs are streamed: y and y1 by norm_row, s after the sum
+    // passes when it is the buffer itself (S == AccS == AccW; a rounded s is stored as it is)
+    const bool s_exact = store_sum && sdt == (std::is_same_v<AccS, double> ? at::kDouble : at::kFloat) &&
+                         std::is_same_v<AccS, AccW>;
+    const int64_t elem_bytes = x.element_size() * (has_x1 ? 2 : 1) + (has_r ? r.element_size() : 0) +
+                               (store_sum ? s.element_size() : 0) + y.element_size() * (has_w1 ? 2 : 1) +
+                               (masks ? (has_x1 ? 2 : 1) : 0);
+    const int64_t out_row = n * static_cast<int64_t>(y.element_size());
+    p.norm.stream = rows * n * elem_bytes >= last_level_cache_bytes() && can_stream_bytes(p.y, out_row) &&
+                    (!has_w1 || can_stream_bytes(p.y1, out_row));
+    p.s_stream = p.norm.stream && sum && s_exact && can_stream_bytes(s.data_ptr(), n * static_cast<int64_t>(s.element_size()));
     with_dtype(odt, [&](auto o_tag) {
       using O = decltype(o_tag);
       if (sum) {
@@ -287,8 +302,8 @@ void fused::forward_rows(const FwdCall& c) {
           if (has_x1) p.x1_pass = pick_x<T, AccS, true>(drop, masks);
           if (has_r && !has_x1) {
             // s stored in the x + r pass when S is AccS (exact) and nothing converts it further
-            const bool s_here = store_sum && sdt == (std::is_same_v<AccS, double> ? at::kDouble : at::kFloat) &&
-                                std::is_same_v<AccS, AccW>;
+            // (unless it is streamed out after the passes)
+            const bool s_here = s_exact && !p.s_stream;
             with_dtype(rdt, [&](auto r_tag) {
               p.xr_pass = pick_xr<T, decltype(r_tag), AccS>(drop, masks, s_here);
               p.s_in_xr = p.xr_pass && s_here && !drop;
@@ -305,7 +320,7 @@ void fused::forward_rows(const FwdCall& c) {
             if (!p.xr_pass) p.r_pass = &add_pass<R, AccS>;
         });
       }
-      const bool store_s = store_sum && !p.s_in_xr;
+      const bool store_s = store_sum && !p.s_in_xr && !p.s_stream;
       with_dtype(sdt, [&](auto s_tag) {
         using S = decltype(s_tag);
         if (store_s) p.round_pass = &round_pass<S, AccS, AccW, true>;

@@ -170,6 +170,9 @@ struct NormArgs {
   bool is_rms;
   Acc* mean;  // null for RMS norm
   Acc* rstd;  // null when not wanted
+  // y and y1 written through an L1 stage with non-temporal stores (row_math.h's stream_bytes;
+  // the outputs as can_stream_bytes asks): for calls beyond the last-level cache
+  bool stream = false;
 };
 
 // The next row's inputs, read while this row's output is written: up to three streams (x,
@@ -182,7 +185,7 @@ struct NextRow {
   int64_t elem_bytes[3] = {0, 0, 0};
 };
 
-constexpr int64_t kWriteSlice = 1024;
+constexpr int64_t kWriteSlice = kStage;
 
 // y = round_O(s_hat w + b) and y1 = round_O(s_hat w1 + b1) in one loop (both output streams in
 // flight together); w, b, w1, b1 all given (the launcher supplies ones / zeros: exact).
@@ -205,10 +208,17 @@ template <typename Src, typename O, typename Acc>
 NORMKIT_INLINE void norm_row(const Src* src, int64_t n, const NormArgs<Acc>& a, O* y, O* y1, int64_t i,
                              const NextRow& next) {
   const RowStats<Acc> st = row_stats<Src, Acc>(src, n, a.eps, a.is_rms);
+  alignas(64) O stage[kWriteSlice], stage1[kWriteSlice];  // a.stream: the slice, then streamed out
   for (int64_t j0 = 0; j0 < n; j0 += kWriteSlice) {
     const int64_t len = std::min(kWriteSlice, n - j0);
-    if (y1) write_row_pair<O, Src, Acc>(src + j0, y + j0, y1 + j0, len, st, a, j0);
-    else write_row<O, Src, Acc>(src + j0, y + j0, len, st, a.w ? a.w + j0 : nullptr, a.b ? a.b + j0 : nullptr);
+    O* yd = a.stream ? stage : y + j0;
+    O* y1d = a.stream ? stage1 : (y1 ? y1 + j0 : nullptr);
+    if (y1) write_row_pair<O, Src, Acc>(src + j0, yd, y1d, len, st, a, j0);
+    else write_row<O, Src, Acc>(src + j0, yd, len, st, a.w ? a.w + j0 : nullptr, a.b ? a.b + j0 : nullptr);
+    if (a.stream) {
+      stream_bytes(y + j0, stage, len * static_cast<int64_t>(sizeof(O)));
+      if (y1) stream_bytes(y1 + j0, stage1, len * static_cast<int64_t>(sizeof(O)));
+    }
     for (int k = 0; k < 3; ++k) {
       if (!next.p[k]) continue;
       const char* lo = next.p[k] + j0 * next.elem_bytes[k];
@@ -351,7 +361,8 @@ NORMKIT_INLINE void plain_rows_as(const PlainFwdArgs<T, Acc>& a, int64_t lo, int
       },
       [&](int64_t i) NORMKIT_INLINE_LAMBDA { return RowWrite<T, Acc, Stream>{a.y + i * n, a.w_or_ones, a.b_or_zeros}; },
       [&](int64_t i, const Src* src, const RowStats<Acc>& st) NORMKIT_INLINE_LAMBDA {
-        write_row<T, Src, Acc>(src, a.y + i * n, n, st, a.w, a.b);
+        if constexpr (Stream) write_row_streamed<T, Src, Acc>(src, a.y + i * n, n, st, a.w, a.b);
+        else write_row<T, Src, Acc>(src, a.y + i * n, n, st, a.w, a.b);
       });
   if constexpr (Stream) stream_fence();
 }
