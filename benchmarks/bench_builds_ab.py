@@ -9,7 +9,7 @@ interval, and whether the two builds wrote the same bits. Copy a build's ``_C*.s
 before rebuilding, then::
 
     PYTHONPATH=src python benchmarks/bench_builds_ab.py OLD.so src/normkit/_C*.so \\
-        [--rows 4096] [--threads 1] [--calls dropout,x1] [--json PATH]
+        [--rows 4096] [--threads 1] [--calls "LN dropout 0.1;RMS"] [--json PATH]
 """
 
 from __future__ import annotations
@@ -77,13 +77,13 @@ def main() -> int:
     parser.add_argument("--width", type=int, default=2048)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seconds", type=float, default=2.0, help="timed pairs per call")
-    parser.add_argument("--calls", help="comma-separated names (default: all)")
+    parser.add_argument("--calls", help="semicolon-separated names (default: all)")
     parser.add_argument("--json")
     args = parser.parse_args()
     old, new = load_build(args.old, "old"), load_build(args.new, "new")
     t = tensors(args.rows, args.width)
     old_calls, new_calls = calls(old, t), calls(new, t)
-    names = args.calls.split(",") if args.calls else list(old_calls)
+    names = args.calls.split(";") if args.calls else list(old_calls)
     results = []
     record = {"cpu": cpu_model(), "torch": torch.__version__, "commit": git_commit(), "threads": args.threads,
               "rows": args.rows, "width": args.width, "old": args.old, "new": args.new,
