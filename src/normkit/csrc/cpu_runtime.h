@@ -50,8 +50,7 @@ void for_each_chunk(int64_t n_chunks, bool serial, const F& f) {
   });
 }
 
-// The last-level cache's size (calls whose inputs and outputs together are at least this large
-// write with non-temporal stores): the largest cache sysfs lists for cpu0, else 32 MiB. Not
+// The last-level cache's size: the largest cache sysfs lists for cpu0, else 32 MiB. Not
 // sysconf(_SC_LEVEL3_CACHE_SIZE): glibc derives it from CPUID, which a VM may report wrongly
 // (320 MiB on the project's 32 MiB Zen 4 VM).
 inline int64_t last_level_cache_bytes() {
@@ -72,6 +71,14 @@ inline int64_t last_level_cache_bytes() {
   }();
   return bytes;
 }
+
+// Whether a call whose inputs and outputs together span `bytes` writes its outputs with
+// non-temporal stores (they save the read of each output line before its write, and leave the
+// cache to the inputs): from half the last-level cache up, which other cores and other tenants
+// share. Measured on a Zen 4 VM (32 MiB L3; benchmarks/results/stream-threshold-2026-12-07-amd-epyc.txt):
+// layer norm calls of 16-24 MiB ran 1.05-1.37x faster streamed, 1 and 2 threads, allocating or
+// into out=; calls of 32 MiB and more stream either way.
+inline bool outputs_stream(int64_t bytes) { return bytes >= last_level_cache_bytes() / 2; }
 
 // A fresh output of 4 MiB or more is advised to use transparent huge pages before the first
 // write: a fresh 64 MiB tensor otherwise takes 16k page faults (several times the kernel's time).

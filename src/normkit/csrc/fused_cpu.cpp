@@ -203,9 +203,9 @@ void plain_forward(const fused::FwdCall& c, int64_t rows, int64_t n) {
   a.is_rms = c.is_rms;
   const int64_t row_bytes = n * static_cast<int64_t>(sizeof(T));
   const int64_t streams = 2 + (a.r ? 1 : 0) + (a.s ? 1 : 0);  // x, y, residual, s
-  // inputs and outputs together beyond the cache: the outputs would not stay cached, so they are
+  // inputs and outputs together past outputs_stream: the outputs would not stay cached, so they are
   // streamed (in the overlapped loop by its stores, else through a stage: write_row_streamed)
-  a.stream = streams * rows * row_bytes >= last_level_cache_bytes() && can_stream<T, Acc>(a.y, n) &&
+  a.stream = outputs_stream(streams * rows * row_bytes) && can_stream<T, Acc>(a.y, n) &&
              (!a.s || can_stream<T, Acc>(a.s, n));
   Tensor w_or_ones, b_or_zeros;
   if (fused::overlap_pays(rows, row_bytes, c.is_rms, !std::is_same_v<T, c10::Half>)) {
@@ -272,7 +272,7 @@ void fused::forward_rows(const FwdCall& c) {
     p.norm = {data_or_null<const AccW>(w), data_or_null<const AccW>(b), data_or_null<const AccW>(w1),
               data_or_null<const AccW>(b1), static_cast<AccW>(c.eps), c.is_rms, data_or_null<AccW>(mean),
               data_or_null<AccW>(rstd)};
-    // beyond the last-level cache the outputs are streamed: y and y1 by norm_row, s after the sum
+    // past outputs_stream the outputs are streamed: y and y1 by norm_row, s after the sum
     // passes when it is the buffer itself (S == AccS == AccW; a rounded s is stored as it is)
     const bool s_exact = store_sum && sdt == (std::is_same_v<AccS, double> ? at::kDouble : at::kFloat) &&
                          std::is_same_v<AccS, AccW>;
@@ -280,7 +280,7 @@ void fused::forward_rows(const FwdCall& c) {
                                (store_sum ? s.element_size() : 0) + y.element_size() * (has_w1 ? 2 : 1) +
                                (masks ? (has_x1 ? 2 : 1) : 0);
     const int64_t out_row = n * static_cast<int64_t>(y.element_size());
-    p.norm.stream = rows * n * elem_bytes >= last_level_cache_bytes() && can_stream_bytes(p.y, out_row) &&
+    p.norm.stream = outputs_stream(rows * n * elem_bytes) && can_stream_bytes(p.y, out_row) &&
                     (!has_w1 || can_stream_bytes(p.y1, out_row));
     p.s_stream = p.norm.stream && sum && s_exact && can_stream_bytes(s.data_ptr(), n * static_cast<int64_t>(s.element_size()));
     with_dtype(odt, [&](auto o_tag) {

@@ -71,10 +71,10 @@ void option_forward(const fused::FwdCall& c) {
   a.rstd = data_or_null<float>(c.rstd);
   a.n = n;
   a.eps = static_cast<float>(c.eps);
-  // every stream of the call, per element: beyond the last-level cache the outputs are streamed
+  // every stream of the call, per element: past outputs_stream the outputs are streamed
   const int64_t elem_bytes = sizeof(T) * (a.x1 ? 2 : 1) + (a.r ? sizeof(R) : 0) + (a.s ? sizeof(S) : 0) +
                              sizeof(float) * (a.y1 ? 2 : 1) + (a.mask ? 1 : 0) + (a.mask1 ? 1 : 0);
-  a.stream = rows * n * elem_bytes >= last_level_cache_bytes() && can_stream<float, float>(a.y, n) &&
+  a.stream = outputs_stream(rows * n * elem_bytes) && can_stream<float, float>(a.y, n) &&
              (!a.y1 || can_stream<float, float>(a.y1, n)) && (!a.s || can_stream<S, float>(a.s, n));
   // the rows of one chunk, by the call's two template switches (dropout only where a sum is formed)
   auto pass = [&](int64_t lo, int64_t hi, float* buf) {

@@ -171,7 +171,7 @@ struct NormArgs {
   Acc* mean;  // null for RMS norm
   Acc* rstd;  // null when not wanted
   // y and y1 written through an L1 stage with non-temporal stores (row_math.h's stream_bytes;
-  // the outputs as can_stream_bytes asks): for calls beyond the last-level cache
+  // the outputs as can_stream_bytes asks): for calls past cpu_runtime.h's outputs_stream
   bool stream = false;
 };
 
@@ -338,7 +338,7 @@ struct PlainFwdArgs {
   Acc eps;
   bool is_rms;
   // overlap: write each row's output in the loop that sums the next (write_row_sums_next);
-  // stream: that loop's non-temporal stores and prefetch (the call exceeds the last-level cache)
+  // stream: that loop's non-temporal stores and prefetch (the call is past outputs_stream)
   bool overlap, stream;
 };
 

@@ -460,7 +460,7 @@ struct RowWrite {
 // out.stream: non-temporal stores (store_vec) and a software prefetch of the next row
 // kPrefetchBytes ahead: together (either alone does not) they bring the loop from 0.7x to 0.9x
 // of a copy's bandwidth from DRAM on a Zen 4 EPYC; in cache the prefetch costs 5-10 %, so only
-// for calls whose inputs and outputs together exceed the last-level cache. (src: the row as it
+// for calls whose inputs and outputs together are past outputs_stream (cpu_runtime.h). (src: the row as it
 // is, or the Acc buffer a formed row was kept in.)
 template <typename Src, typename Acc, typename In, typename Out>
 NORMKIT_INLINE ShiftedSums<Acc> write_row_sums_next(const Src* src, const Out& out_in, const In& next_in, int64_t n,
