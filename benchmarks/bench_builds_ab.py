@@ -41,7 +41,8 @@ def tensors(rows: int, n: int) -> Dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     t = {k: torch.randn(rows, n, generator=g) for k in ("x", "r", "x1")}
     t.update(w=torch.randn(n, generator=g), b=torch.randn(n, generator=g), rs=torch.rand(rows, generator=g) + 0.5,
-             y=torch.empty(rows, n), s=torch.empty(rows, n), y16=torch.empty(rows, n, dtype=BF16))
+             w1=torch.randn(n, generator=g), y=torch.empty(rows, n), y1=torch.empty(rows, n), s=torch.empty(rows, n),
+             y16=torch.empty(rows, n, dtype=BF16))
     t.update(x16=t["x"].bfloat16(), r16=t["r"].bfloat16())
     return t
 
@@ -50,15 +51,16 @@ def calls(C, t: Dict[str, torch.Tensor]) -> Dict[str, Callable[[], object]]:
     """name -> (the call on build C, the output it writes)."""
     x, r, x1, w, b, rs, y, s, y16 = (t[k] for k in ("x", "r", "x1", "w", "b", "rs", "y", "s", "y16"))
 
-    def fwd(x, r, x1, rs, w, b, rms, p, out_dtype, store_sum, out, s_out=None):  # every sum float32
-        return lambda: C.fused_forward(x, r, x1, rs, w, b, None, None, 1e-5, rms, p, 7, F32, out_dtype, store_sum, False,
-                                       out, None, s_out)
+    def fwd(x, r, x1, rs, w, b, rms, p, out_dtype, store_sum, out, s_out=None, w1=None, y1=None):  # sums float32
+        return lambda: C.fused_forward(x, r, x1, rs, w, b, w1, b if w1 is not None else None, 1e-5, rms, p, 7, F32,
+                                       out_dtype, store_sum, False, out, y1, s_out)
 
     return {
         "LN": (fwd(x, None, None, None, w, b, False, 0.0, F32, False, y), y),
         "LN + residual": (fwd(x, r, None, None, w, b, False, 0.0, F32, False, y), y),
         "LN + residual + rowscale": (fwd(x, r, None, rs, w, b, False, 0.0, F32, False, y), y),
         "LN + residual + x1": (fwd(x, r, x1, None, w, b, False, 0.0, F32, False, y), y),
+        "LN + weight1/bias1": (fwd(x, None, None, None, w, b, False, 0.0, F32, False, y, w1=t["w1"], y1=t["y1"]), y),
         "LN dropout 0.1": (fwd(x, None, None, None, w, b, False, 0.1, F32, False, y), y),
         "LN dropout 0.1 + residual, prenorm": (fwd(x, r, None, None, w, b, False, 0.1, F32, True, y, s), y),
         "LN out_dtype=bfloat16": (fwd(x, None, None, None, w, b, False, 0.0, BF16, False, y16), y16),
