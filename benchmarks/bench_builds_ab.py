@@ -17,13 +17,13 @@ from __future__ import annotations
 import argparse
 import importlib.machinery
 import importlib.util
-import json
 from typing import Callable, Dict
 
 import torch
 
 from normkit._machine import cpu_model, git_commit, load_average, torch_threads
 from normkit.bench.paired import estimate_ratio, measure_pairs
+from normkit.bench.report import write_json
 
 F32, BF16 = torch.float32, torch.bfloat16
 
@@ -104,8 +104,7 @@ def main() -> int:
                   f"same bits: {same}", flush=True)
     record["load_average_after"] = load_average()
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(record, f, indent=1)
+        write_json(record, args.json)
     return 0
 
 

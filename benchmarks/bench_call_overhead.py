@@ -10,7 +10,6 @@ into ``out=`` / ``residual_out=`` buffers, and calls with fused options (the Pyt
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from typing import Callable, Dict
 
@@ -18,6 +17,7 @@ import torch
 
 import normkit
 from normkit._machine import cpu_model, git_commit, load_average, torch_threads
+from normkit.bench.report import write_json
 
 
 def per_call_us(fn: Callable[[], object], calls: int, batches: int = 5) -> float:
@@ -66,8 +66,7 @@ def main() -> int:
         record = {"cpu": cpu_model(), "torch": torch.__version__, "commit": git_commit(), "threads": 1,
                   "shape": [4, 64], "load_average": load_average(), "results": results,
                   "command": f"python benchmarks/bench_call_overhead.py --calls {args.calls}"}
-        with open(args.json, "w") as f:
-            json.dump(record, f, indent=1)
+        write_json(record, args.json)
     return 0
 
 
