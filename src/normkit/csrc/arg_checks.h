@@ -29,6 +29,15 @@ inline c10::optional<at::Tensor> resolved(const c10::optional<at::Tensor>& t) {
   return resolved(*t);
 }
 
+inline bool requires_grad(const c10::optional<at::Tensor>& t) { return t.has_value() && t->requires_grad(); }
+
+// Whether autograd records a call on x and the optional tensors `others`: grad mode is on and
+// one of them requires grad (the entry points then build their autograd node).
+template <typename... Opt>
+inline bool grad_needed(const at::Tensor& x, const Opt&... others) {
+  return at::GradMode::is_enabled() && (x.requires_grad() || ... || requires_grad(others));
+}
+
 inline bool is_kernel_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
 }

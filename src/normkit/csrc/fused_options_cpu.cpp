@@ -74,11 +74,11 @@ void option_forward(const fused::FwdCall& c) {
   // every stream of the call, per element: past outputs_stream the outputs are streamed
   const int64_t elem_bytes = sizeof(T) * (a.x1 ? 2 : 1) + (a.r ? sizeof(R) : 0) + (a.s ? sizeof(S) : 0) +
                              sizeof(float) * (a.y1 ? 2 : 1) + (a.mask ? 1 : 0) + (a.mask1 ? 1 : 0);
-  a.stream = outputs_stream(rows * n * elem_bytes) && can_stream<float, float>(a.y, n) &&
-             (!a.y1 || can_stream<float, float>(a.y1, n)) && (!a.s || can_stream<S, float>(a.s, n));
+  const bool stream = outputs_stream(rows * n * elem_bytes) && can_stream<float, float>(a.y, n) &&
+                      (!a.y1 || can_stream<float, float>(a.y1, n)) && (!a.s || can_stream<S, float>(a.s, n));
   // the rows of one chunk, by the call's two template switches (dropout only where a sum is formed)
   auto pass = [&](int64_t lo, int64_t hi, float* buf) {
-    if (a.stream) {
+    if (stream) {
       if (Formed && drop) opt_pass<T, R, S, Formed, Formed, true>(a, lo, hi, buf);
       else opt_pass<T, R, S, Formed, false, true>(a, lo, hi, buf);
     } else {

@@ -547,11 +547,11 @@ struct OptFwdArgs {
   float *mean, *rstd;
   int64_t n;
   float eps;
-  bool stream;  // (opt_rows' Stream)
 };
 
 // Rows lo..hi of an option call (one_read_rows, each row's output written in the loop that forms
-// the next). buf: two rows when Formed, else null. Drop: a.d0 not null (Formed); Stream: a.stream.
+// the next). buf: two rows when Formed, else null. Drop: a.d0 not null (Formed); Stream: the
+// outputs are written with non-temporal stores (the call is past outputs_stream).
 template <typename T, typename R, typename S, bool Formed, bool Drop, bool Stream>
 NORMKIT_INLINE void opt_rows(const OptFwdArgs<T, R, S>& a, int64_t lo, int64_t hi, float* buf) {
   using Acc = float;

@@ -179,9 +179,7 @@ std::vector<Tensor> norm(const Tensor& x_in, int64_t n, const c10::optional<Tens
   // negative-bit views (torch._neg_view) resolved here, differentiably: the kernels read raw data
   const Tensor x = resolved(x_in);
   auto r = resolved(residual), w = resolved(weight), b = resolved(bias);
-  auto needs = [](const c10::optional<Tensor>& t) { return t.has_value() && t->requires_grad(); };
-  if (at::GradMode::is_enabled() && (x.requires_grad() || needs(r) || needs(w) || needs(b)))
-    return norm_with_grad(x, r, w, b, n, eps, is_rms);
+  if (grad_needed(x, r, w, b)) return norm_with_grad(x, r, w, b, n, eps, is_rms);
   auto res = forward_nd(x, n, r, w, b, eps, is_rms, prenorm, y_buf, s_buf);
   if (!res[1].defined()) return {res[0]};
   return {res[0], res[1]};
@@ -312,8 +310,7 @@ py::object try_norm(py::handle x_obj, py::handle shape_obj, py::handle w_obj, py
   // a differentiable copy), residual_out only for a prenorm sum the kernel forms (a residual)
   Tensor y_buf, s_buf;
   if (!out_obj.is_none() || !residual_out_obj.is_none()) {
-    auto needs = [](const c10::optional<Tensor>& t) { return t.has_value() && t->requires_grad(); };
-    if (at::GradMode::is_enabled() && (c.x.requires_grad() || needs(c.r) || needs(c.w) || needs(c.b))) return py::none();
+    if (grad_needed(c.x, c.r, c.w, c.b)) return py::none();
     if (!residual_out_obj.is_none() && !(prenorm && c.r.has_value() && parse_buffer(residual_out_obj, c, Tensor(), s_buf)))
       return py::none();
     if (!out_obj.is_none() && !parse_buffer(out_obj, c, s_buf, y_buf)) return py::none();

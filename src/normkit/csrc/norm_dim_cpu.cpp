@@ -341,8 +341,7 @@ Tensor norm_dim(const Tensor& x_in, int64_t start, int64_t k, const c10::optiona
   // resolved before the autograd node (differentiably): the kernels read raw data
   const Tensor x = resolved(x_in);
   auto w = resolved(weight), b = resolved(bias);
-  auto needs = [](const c10::optional<Tensor>& t) { return t.has_value() && t->requires_grad(); };
-  if (at::GradMode::is_enabled() && (x.requires_grad() || needs(w) || needs(b)))
+  if (grad_needed(x, w, b))
     return NormDimFunction::apply(x.contiguous(), w, b, outer, n, inner, eps, is_rms)[0];
   return dim_forward(x.contiguous(), outer, n, inner, w, b, eps, is_rms)[0];
 }
