@@ -378,6 +378,36 @@ def test_dropout_masks_are_bernoulli_and_backward_regenerates_them():
     assert torch.equal(g.dx != 0, f.mask) and torch.equal(g.dx1 != 0, f.mask1)
 
 
+
+def same_float_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bit for bit, NaN payloads aside (a NaN where the other has a NaN)."""
+    nan = a.isnan()
+    if not torch.equal(nan, b.isnan()):
+        return False
+    ints = {torch.float32: torch.int32, torch.float64: torch.int64, torch.bfloat16: torch.int16,
+            torch.float16: torch.int16}[a.dtype]
+    return torch.equal(a[~nan].view(ints), b[~nan].view(ints))
+
+
+@pytest.mark.parametrize("is_rms", [False, True])
+@pytest.mark.parametrize("opt", [{"p": 0.5}, {"p": 0.5, "res": "x"}, {"p": 0.5, "x1": True, "rowscale": True},
+                                 {"p": 0.5, "out": BF16}, {"p": 0.5, "res": F32, "sum": F32}])
+@pytest.mark.parametrize("dtype", [F32, BF16, F64])
+def test_dropout_of_infinities_nans_and_signed_zeros_is_the_contracts(opt, dtype, is_rms):
+    # The kernels apply dropout as v * (keep ? scale : 0), the contract as (v * keep) * scale: the
+    # same bits only if a dropped inf or NaN still gives NaN and a dropped -x still gives -0.
+    rows, n = 6, 40  # small: the option loop (layer norm, float32 y) and the row passes
+    t, spec, _ = make_call(dict(opt, store_sum=True), dtype, rows, n, is_rms=is_rms)
+    specials = torch.tensor([math.inf, -math.inf, math.nan, -0.0, 0.0, -1.5], dtype=dtype)
+    x = t["x"].clone()
+    x.view(-1)[torch.randperm(rows * n, generator=torch.Generator().manual_seed(3))[:60]] = specials.repeat(10)
+    t["x"] = x
+    got = BACKEND.fused_forward(*args(t), spec, 99)
+    ref = reference.fused_forward(*args(t), spec, got.mask, got.mask1)
+    dropped_special = ~got.mask & (x.isinf() | x.isnan() | (x == 0))
+    assert dropped_special.any() and (got.mask & (x.isinf() | x.isnan())).any()
+    assert same_float_bits(got.s, ref.s), f"{opt} {dtype} rms={is_rms}: s differs from the contract's"
+
 # --- argument checks -------------------------------------------------------------------------------
 
 
