@@ -97,6 +97,10 @@ else:
         # compiled into this module; without -fopenmp it runs serially (measured: LayerNorm
         # 1024 x 1024 at 2 threads 2.4x slower than torch). The libgomp it links is the one
         # libtorch_cpu already loads. tests/test_build.py checks that 2 threads are used.
+        # -falign-loops=64: each loop starts a 64-byte line, so a kernel's speed does not hang on
+        # where the linker happens to place it. A change elsewhere in the library once moved the
+        # row passes' unchanged code by 464 bytes and made bfloat16-output calls 5-9 % slower;
+        # aligned, they came back (results/ab-2026-12-07c-*).
         compile_args = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-Wno-unused-function", "-falign-loops=64"]
         link_args = ["-fopenmp"]
         if os.environ.get("NORMKIT_SANITIZE") == "1":
