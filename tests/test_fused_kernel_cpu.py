@@ -35,6 +35,7 @@ OPTIONS = {
     "dropout": {"p": 0.25},
     "dropout_x1_residual": {"p": 0.1, "x1": True, "res": "x", "store_sum": True},
     "out_bf16": {"out": BF16},
+    "residual_out_bf16": {"res": "x", "store_sum": True, "out": BF16},
     "out_f32": {"out": F32},
     "out_f64_residual_f64": {"out": F64, "res": F64, "sum": F32, "store_sum": True},
     "sum_f32": {"sum": F32, "store_sum": True},
@@ -168,9 +169,9 @@ def last_level_cache_bytes():
 
 @pytest.mark.parametrize("name, dtype, is_rms", [
     ("plain", F32, False), ("residual", F32, False), ("everything", F32, False), ("everything", BF16, False),
-    ("dropout", BF16, False), ("out_bf16", F32, False),
+    ("dropout", BF16, False), ("out_bf16", F32, False), ("residual_out_bf16", F32, False),
     # RMS norm: the plain loop without overlap (write_row_streamed), the row passes (norm_row's stage)
-    ("plain", F32, True), ("residual", BF16, True), ("everything", F32, True),
+    ("plain", F32, True), ("residual", BF16, True), ("everything", F32, True), ("out_bf16", F32, True),
 ])
 @pytest.mark.parametrize("misaligned", [False, True])
 def test_calls_beyond_the_last_level_cache(name, dtype, is_rms, misaligned):
