@@ -379,7 +379,6 @@ def test_dropout_masks_are_bernoulli_and_backward_regenerates_them():
     assert torch.equal(g.dx != 0, f.mask) and torch.equal(g.dx1 != 0, f.mask1)
 
 
-
 def same_float_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Equal bit for bit, NaN payloads aside (a NaN where the other has a NaN)."""
     nan = a.isnan()
@@ -408,6 +407,7 @@ def test_dropout_of_infinities_nans_and_signed_zeros_is_the_contracts(opt, dtype
     dropped_special = ~got.mask & (x.isinf() | x.isnan() | (x == 0))
     assert dropped_special.any() and (got.mask & (x.isinf() | x.isnan())).any()
     assert same_float_bits(got.s, ref.s), f"{opt} {dtype} rms={is_rms}: s differs from the contract's"
+
 
 # --- argument checks -------------------------------------------------------------------------------
 
