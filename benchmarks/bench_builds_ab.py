@@ -60,6 +60,7 @@ def calls(C, t: Dict[str, torch.Tensor]) -> Dict[str, Callable[[], object]]:
         "LN + residual": (fwd(x, r, None, None, w, b, False, 0.0, F32, False, y), y),
         "LN + residual + rowscale": (fwd(x, r, None, rs, w, b, False, 0.0, F32, False, y), y),
         "LN + residual + x1": (fwd(x, r, x1, None, w, b, False, 0.0, F32, False, y), y),
+        "LN + rowscale": (fwd(x, None, None, rs, w, b, False, 0.0, F32, False, y), y),
         "LN + weight1/bias1": (fwd(x, None, None, None, w, b, False, 0.0, F32, False, y, w1=t["w1"], y1=t["y1"]), y),
         "LN dropout 0.1": (fwd(x, None, None, None, w, b, False, 0.1, F32, False, y), y),
         "LN dropout 0.1 + residual, prenorm": (fwd(x, r, None, None, w, b, False, 0.1, F32, True, y, s), y),

@@ -33,6 +33,7 @@ OPTIONS = {
     "rowscale": {"rowscale": True},
     "weight1": {"w1": True, "b1": True},
     "dropout": {"p": 0.25},
+    "dropout_rowscale": {"p": 0.3, "rowscale": True},
     "dropout_x1_residual": {"p": 0.1, "x1": True, "res": "x", "store_sum": True},
     "out_bf16": {"out": BF16},
     "residual_out_bf16": {"res": "x", "store_sum": True, "out": BF16},
@@ -167,28 +168,40 @@ def last_level_cache_bytes():
     return max(sizes, default=32 * 2**20)
 
 
-@pytest.mark.parametrize("name, dtype, is_rms", [
-    ("plain", F32, False), ("residual", F32, False), ("everything", F32, False), ("everything", BF16, False),
-    ("dropout", BF16, False), ("out_bf16", F32, False), ("residual_out_bf16", F32, False),
-    # RMS norm: the plain loop without overlap (write_row_streamed), the row passes (norm_row's stage)
-    ("plain", F32, True), ("residual", BF16, True), ("everything", F32, True), ("out_bf16", F32, True),
-])
-@pytest.mark.parametrize("misaligned", [False, True])
-def test_calls_beyond_the_last_level_cache(name, dtype, is_rms, misaligned):
-    """Calls whose streams exceed the last-level cache write with non-temporal stores (in the
-    overlapped loop by its stores, which prefetch the next row; elsewhere through an L1 stage:
-    fused_rows.h, row_math.h's stream_bytes); into a buffer 4 bytes off 16-byte alignment they
-    may not (can_stream): both against the reference, s bit for bit."""
+def large_call(name, dtype, is_rms, offset_bytes=0):
+    """A call whose streams exceed the last-level cache: (tensors, spec, buffers), its output
+    buffers (out= when the call has none) offset_bytes past a 64-byte line."""
     llc = last_level_cache_bytes()
     if llc > 256 * 2**20:
         pytest.skip(f"a last-level cache of {llc >> 20} MiB: the call would take too long")
     n = 2048
     rows = -(-llc * 5 // 4 // (n * 2 * torch.finfo(dtype).bits // 8))  # x and y alone exceed the cache
     t, spec, bufs = make_call(OPTIONS[name], dtype, rows, n, is_rms=is_rms, seed=3)
-    if misaligned:
+    if offset_bytes:
         for key, buf in list(bufs.items()) or [("out", torch.empty(rows, n, dtype=spec.out_dtype))]:
-            flat = torch.empty(rows * n + 8, dtype=buf.dtype)
-            bufs[key] = flat[2:2 + rows * n].view(rows, n)
+            step = offset_bytes // buf.element_size()
+            flat = torch.empty(rows * n + 64, dtype=buf.dtype)
+            start = (-flat.data_ptr() % 64) // buf.element_size() + step
+            bufs[key] = flat[start:start + rows * n].view(rows, n)
+    return t, spec, bufs
+
+
+@pytest.mark.parametrize("name, dtype, is_rms", [
+    ("plain", F32, False), ("residual", F32, False), ("everything", F32, False), ("everything", BF16, False),
+    ("dropout", BF16, False), ("out_bf16", F32, False), ("residual_out_bf16", F32, False),
+    # the option loop's wide code (dropout on x alone): 64-byte streamed stores; two outputs
+    ("dropout", F32, False), ("weight1", F32, False),
+    # RMS norm: the plain loop without overlap (write_row_streamed), the row passes (norm_row's stage)
+    ("plain", F32, True), ("residual", BF16, True), ("everything", F32, True), ("out_bf16", F32, True),
+])
+@pytest.mark.parametrize("offset_bytes", [0, 8, 16])
+def test_calls_beyond_the_last_level_cache(name, dtype, is_rms, offset_bytes):
+    """Calls whose streams exceed the last-level cache write with non-temporal stores (in the
+    overlapped loop by its stores, which prefetch the next row; elsewhere through an L1 stage:
+    fused_rows.h, row_math.h's stream_bytes): 16-byte stores, or 64-byte ones in the wide loop.
+    Into a buffer 8 bytes off 16-byte alignment they may not (can_stream), 16 bytes off a line
+    the wide loop may not stream: each against the reference, s bit for bit."""
+    t, spec, bufs = large_call(name, dtype, is_rms, offset_bytes)
     got = BACKEND.fused_forward(*args(t), spec, 77, **bufs)
     ref = reference.fused_forward(*args(t), spec, got.mask, got.mask1)
     tol = dict(rtol=1e-5, atol=1e-5) if spec.out_dtype == F32 else dict(rtol=1.6e-2, atol=1.6e-2)
@@ -198,6 +211,68 @@ def test_calls_beyond_the_last_level_cache(name, dtype, is_rms, misaligned):
     if spec.store_sum:
         assert torch.equal(got.s, ref.s)
     torch.testing.assert_close(got.rstd, ref.rstd, rtol=1e-4, atol=0)
+
+
+@pytest.fixture
+def wide_vectors():
+    """set(on): the option loop's wide code (AVX-512) on or off for the test; skips where the
+    CPU has none. The setting before the test is restored after it."""
+    ext = compiled.extension
+    before = ext.set_wide_vectors(True)
+    if not ext.wide_vectors():
+        ext.set_wide_vectors(before)
+        pytest.skip("this CPU has no AVX-512 (x86-64-v4): the option loop has one code")
+    yield lambda on: ext.set_wide_vectors(on)
+    ext.set_wide_vectors(before)
+
+
+def forward_both_ways(wide_vectors, t, spec, bufs, seed):
+    """The call with the wide code off, then on (its buffers refilled with NaN before each)."""
+    outs = []
+    for on in (False, True):
+        wide_vectors(on)
+        for buf in bufs.values():
+            buf.fill_(float("nan"))
+        got = BACKEND.fused_forward(*args(t), spec, seed, **bufs)
+        outs.append(got._replace(**{f: getattr(got, f).clone() for f in ("y", "y1", "s")
+                                       if getattr(got, f) is not None}))
+    return outs
+
+
+def assert_same_bits(narrow, wide, what):
+    for field in ("y", "y1", "s", "mean", "rstd", "mask", "mask1"):
+        a, b = getattr(narrow, field), getattr(wide, field)
+        assert (a is None) == (b is None), f"{what}: {field}"
+        if a is not None:
+            assert torch.equal(a.view(-1).view(torch.uint8) if a.dtype != torch.bool else a,
+                               b.view(-1).view(torch.uint8) if b.dtype != torch.bool else b), f"{what}: {field}"
+
+
+@pytest.mark.parametrize("name", sorted(OPTIONS))
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_wide_and_narrow_loops_give_the_same_bits(wide_vectors, name, dtype):
+    """The option loop's 64-byte vectors (block_sums_wide: dropout on x alone) sum the same lanes
+    in the same order as its 32-byte ones: every output, bit for bit, at widths that leave
+    8-lane tails (48 = 32 + 2 x 8, 1000 = 31 x 32 + 8) and scalar ones (4097, 2049), and with
+    a misaligned start (a view one element in)."""
+    for rows, n in ((3, 48), (37, 1000), (5, 4097), (9, 2049)):
+        t, spec, bufs = make_call(OPTIONS[name], dtype, rows, n, seed=rows)
+        narrow, wide = forward_both_ways(wide_vectors, t, spec, bufs, seed=11)
+        assert_same_bits(narrow, wide, f"{name} {dtype} {rows}x{n}")
+    t, spec, bufs = make_call(OPTIONS[name], dtype, 7, 1025, seed=2)
+    t["x"] = randn((7 * 1025 + 1,), dtype, seed=9)[1:].view(7, 1025)
+    narrow, wide = forward_both_ways(wide_vectors, t, spec, bufs, seed=3)
+    assert_same_bits(narrow, wide, f"{name} {dtype} misaligned x")
+
+
+@pytest.mark.parametrize("name", ["dropout", "dropout_rowscale"])
+@pytest.mark.parametrize("offset_bytes", [0, 16])
+def test_wide_and_narrow_loops_give_the_same_bits_beyond_the_cache(wide_vectors, name, offset_bytes):
+    """The same beyond the last-level cache, where the wide loop streams 64-byte stores (its
+    outputs on 64-byte lines) or, 16 bytes off a line, stores without streaming."""
+    t, spec, bufs = large_call(name, F32, False, offset_bytes)
+    narrow, wide = forward_both_ways(wide_vectors, t, spec, bufs, seed=5)
+    assert_same_bits(narrow, wide, f"{name} +{offset_bytes} bytes")
 
 
 def test_storing_the_masks_does_not_change_the_call():

@@ -16,6 +16,8 @@
 #include <limits>
 #include <string>
 
+#include "isa.h"
+
 namespace normkit {
 
 // Calls of at most this many elements run in the calling thread: waking the pool costs more.
@@ -105,6 +107,28 @@ inline at::Tensor empty_output(const at::Tensor& like) {
 inline void fill_empty_stats(const at::Tensor& mean, const at::Tensor& rstd) {
   if (mean.defined()) mean.zero_();
   rstd.fill_(std::numeric_limits<double>::quiet_NaN());
+}
+
+// Whether the option loop may run its wide code (fused_rows.h: 64-byte vectors, compiled for
+// AVX-512 / x86-64-v4 only): true where this CPU has it, unless set_wide_vectors(false) turned it
+// off (the tests run each call both ways: the 32-byte loop is what an AVX2 machine runs).
+inline std::atomic<bool>& wide_vectors_flag() {
+#if defined(NORMKIT_WIDE)
+  static std::atomic<bool> on{__builtin_cpu_supports("x86-64-v4") != 0};
+#else
+  static std::atomic<bool> on{false};
+#endif
+  return on;
+}
+inline bool wide_vectors() { return wide_vectors_flag().load(std::memory_order_relaxed); }
+// Turns the wide code on (where the CPU has it) or off; returns the previous setting.
+inline bool set_wide_vectors(bool on) {
+#if defined(NORMKIT_WIDE)
+  on = on && __builtin_cpu_supports("x86-64-v4");
+#else
+  on = false;
+#endif
+  return wide_vectors_flag().exchange(on);
 }
 
 // The dtype statistics and accumulations use: double for double input, else float.

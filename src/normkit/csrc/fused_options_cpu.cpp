@@ -13,6 +13,8 @@
 // faster for them (option_rows).
 #include <torch/extension.h>
 
+#include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_runtime.h"
@@ -31,10 +33,27 @@ using fused::Tensor;
 #pragma GCC push_options
 #pragma GCC optimize("fp-contract=off")
 template <typename T, typename R, typename S, bool Formed, bool Drop, bool Stream>
-NORMKIT_CLONES void opt_pass(const fused::OptFwdArgs<T, R, S>& a, int64_t lo, int64_t hi, float* buf) {
+NORMKIT_CLONES void opt_pass_narrow(const fused::OptFwdArgs<T, R, S>& a, int64_t lo, int64_t hi, float* buf) {
   fused::opt_rows<T, R, S, Formed, Drop, Stream>(a, lo, hi, buf);
 }
+#if defined(NORMKIT_WIDE)
+// The loop with 64-byte vectors: AVX-512 code only, run where wide_vectors() says so.
+template <typename T, typename R, typename S, bool Formed, bool Drop, bool Stream>
+NORMKIT_WIDE_TARGET void opt_pass_wide(const fused::OptFwdArgs<T, R, S>& a, int64_t lo, int64_t hi, float* buf) {
+  fused::opt_rows<T, R, S, Formed, Drop, Stream, 64>(a, lo, hi, buf);
+}
+#endif
 #pragma GCC pop_options
+
+template <typename T, typename R, typename S, bool Formed, bool Drop, bool Stream, bool Wide>
+void opt_pass(const fused::OptFwdArgs<T, R, S>& a, int64_t lo, int64_t hi, float* buf) {
+#if defined(NORMKIT_WIDE)
+  if constexpr (Wide) return opt_pass_wide<T, R, S, Formed, Drop, Stream>(a, lo, hi, buf);
+#endif
+  opt_pass_narrow<T, R, S, Formed, Drop, Stream>(a, lo, hi, buf);
+}
+
+float* align_to_line(float* p) { return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t(63)); }
 
 template <typename T, typename R, typename S, bool Formed>
 void option_forward(const fused::FwdCall& c) {
@@ -76,20 +95,38 @@ void option_forward(const fused::FwdCall& c) {
                              sizeof(float) * (a.y1 ? 2 : 1) + (a.mask ? 1 : 0) + (a.mask1 ? 1 : 0);
   const bool stream = outputs_stream(rows * n * elem_bytes) && can_stream<float, float>(a.y, n) &&
                       (!a.y1 || can_stream<float, float>(a.y1, n)) && (!a.s || can_stream<S, float>(a.s, n));
-  // the rows of one chunk, by the call's two template switches (dropout only where a sum is formed)
+  // The wide loop (64-byte vectors, where the CPU has AVX-512) for dropout on x alone, one
+  // stream in and one out: the hash makes that loop compute-bound, and 16 lanes a vector halve
+  // its instructions. Against the 32-byte loop (Zen 4, 4096 x 2048 from DRAM, builds alternated
+  // in one process, same bits; six processes each, results/ab-2026-12-07d-wide-*) dropout ran
+  // 1.25-1.54x (1 thread) and 1.13-1.52x (2 threads) as fast. Without the hash it did not pay:
+  // rowscale alone 0.82-0.93x (1 thread, five processes), a second output (weight1) 0.80-0.83x,
+  // and in a harness a residual 0.85-0.88x and x1 0.90x (cause not found). Its streamed float32
+  // stores are 64 bytes: y's rows (and s's) must start on 64-byte lines.
+  const bool wide = drop && wide_vectors() && !a.r && !a.x1 && !a.y1 &&
+                    (!stream || (can_stream<float, float, 64>(a.y, n) && (!a.s || can_stream<S, float, 64>(a.s, n))));
+  // the rows of one chunk, by the call's template switches (dropout only where a sum is formed)
   auto pass = [&](int64_t lo, int64_t hi, float* buf) {
+    if constexpr (Formed) {
+      if (wide) {
+        if (stream) opt_pass<T, R, S, true, true, true, true>(a, lo, hi, buf);
+        else opt_pass<T, R, S, true, true, false, true>(a, lo, hi, buf);
+        return;
+      }
+    }
     if (stream) {
-      if (Formed && drop) opt_pass<T, R, S, Formed, Formed, true>(a, lo, hi, buf);
-      else opt_pass<T, R, S, Formed, false, true>(a, lo, hi, buf);
+      if (Formed && drop) opt_pass<T, R, S, Formed, Formed, true, false>(a, lo, hi, buf);
+      else opt_pass<T, R, S, Formed, false, true, false>(a, lo, hi, buf);
     } else {
-      if (Formed && drop) opt_pass<T, R, S, Formed, Formed, false>(a, lo, hi, buf);
-      else opt_pass<T, R, S, Formed, false, false>(a, lo, hi, buf);
+      if (Formed && drop) opt_pass<T, R, S, Formed, Formed, false, false>(a, lo, hi, buf);
+      else opt_pass<T, R, S, Formed, false, false, false>(a, lo, hi, buf);
     }
   };
   const int64_t per = rows_per_chunk(rows, n);
   for_each_chunk((rows + per - 1) / per, is_serial(rows, n), [&](int64_t k) {
-    std::vector<float> buf(Formed ? 2 * n : 0);
-    pass(k * per, std::min(rows, (k + 1) * per), Formed ? buf.data() : nullptr);
+    std::vector<float> buf(Formed ? 2 * n + 16 : 0);  // (+ 16: room to start the rows on a 64-byte line)
+    float* rows_buf = Formed ? align_to_line(buf.data()) : nullptr;
+    pass(k * per, std::min(rows, (k + 1) * per), rows_buf);
   });
 }
 

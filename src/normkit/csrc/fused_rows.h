@@ -251,10 +251,11 @@ struct SumRead {
   T* s;
   static constexpr int64_t kElemBytes = sizeof(T);
   NORMKIT_INLINE Acc value(int64_t j) const { return load<T, Acc>(store<T>(load<T, Acc>(x[j]) + load<T, Acc>(r[j]))); }
-  NORMKIT_INLINE vec_t<Acc> vec(int64_t j) const {
-    const vec_t<Acc> v = round_vec<T, Acc>(load_vec<T, Acc>(x + j) + load_vec<T, Acc>(r + j));
+  template <int B = 32>
+  NORMKIT_INLINE vec_t<Acc, B> vec(int64_t j) const {
+    const vec_t<Acc, B> v = round_vec<T, Acc, B>(load_vec<T, Acc, B>(x + j) + load_vec<T, Acc, B>(r + j));
     std::memcpy(buf + j, &v, sizeof(v));
-    if constexpr (STORE) store_vec<T, Acc, Stream>(s + j, v);
+    if constexpr (STORE) store_vec<T, Acc, Stream, B>(s + j, v);
     return v;
   }
   NORMKIT_INLINE Acc one(int64_t j) const {
@@ -284,7 +285,9 @@ struct RowLoop {
   Acc *mean, *rstd;  // each may be null (RMS norm; no statistics wanted)
 };
 
-template <typename Src, typename Acc, typename InOf, typename SrcOf, typename OutOf, typename Write>
+//
+// B: the overlapped loop's vector bytes (write_row_sums_next): 64 only in AVX-512 code.
+template <typename Src, typename Acc, int B = 32, typename InOf, typename SrcOf, typename OutOf, typename Write>
 NORMKIT_INLINE void one_read_rows(const RowLoop<Acc>& L, int64_t lo, int64_t hi, Acc* buf, const InOf& in_of,
                                   const SrcOf& src_of, const OutOf& out_of, const Write& write) {
   const int64_t n = L.n;
@@ -306,7 +309,7 @@ NORMKIT_INLINE void one_read_rows(const RowLoop<Acc>& L, int64_t lo, int64_t hi,
     const auto next = in_of(i + 1, nxt);
     const Acc shift = shift_of(next);
     if (L.overlap) {
-      sums = write_row_sums_next<Src, Acc>(src, out_of(i), next, n, st, shift);
+      sums = write_row_sums_next<Src, Acc, B>(src, out_of(i), next, n, st, shift);
     } else {
       write(i, src, st);
       sums = row_sums<Acc>(next, n, shift);
@@ -393,11 +396,11 @@ NORMKIT_INLINE void plain_rows(const PlainFwdArgs<T, Acc>& a, int64_t lo, int64_
 
 // --- the option forward: every option in the one-read loop -----------------------------------------
 
-// The keep test of kWidth<float> elements from j (keep_at on each lane): all-ones lanes where
+// The keep test of kWidth<float, B> elements from j (keep_at on each lane): all-ones lanes where
 // dropout keeps the element.
-typedef int32_t i32x8 __attribute__((vector_size(32)));
-NORMKIT_INLINE i32x8 keep_vec(const DropRow<float>& d, int64_t j) {
-  u32x8 h;
+template <int B = 32>
+NORMKIT_INLINE i32v<B> keep_vec(const DropRow<float>& d, int64_t j) {
+  u32v<B> h;
   std::memcpy(&h, d.col_key + j, sizeof(h));
   h ^= d.row_key;
   h ^= h >> 16;
@@ -405,23 +408,24 @@ NORMKIT_INLINE i32x8 keep_vec(const DropRow<float>& d, int64_t j) {
   h ^= h >> 13;
   h *= 0xC2B2AE35u;
   h ^= h >> 16;
-  const u32x8 threshold = u32x8{} + d.threshold;
+  const u32v<B> threshold = u32v<B>{} + d.threshold;
   return h >= threshold;
 }
 
 // keep_factor of each lane: scale where keep, else 0.0f (the bits of scale, masked).
-NORMKIT_INLINE vec_t<float> kept_scale(i32x8 keep, float scale) {
+template <int B = 32>
+NORMKIT_INLINE vec_t<float, B> kept_scale(i32v<B> keep, float scale) {
   int32_t scale_bits;
   std::memcpy(&scale_bits, &scale, sizeof(scale_bits));
-  const i32x8 bits = keep & scale_bits;
-  vec_t<float> out;
+  const i32v<B> bits = keep & scale_bits;
+  vec_t<float, B> out;
   std::memcpy(&out, &bits, sizeof(out));
   return out;
 }
 
-NORMKIT_INLINE void store_mask_vec(uint8_t* m, i32x8 keep) {
-  typedef uint8_t u8x8 __attribute__((vector_size(8)));
-  const u8x8 bytes = __builtin_convertvector(keep & 1, u8x8);
+template <int B = 32>
+NORMKIT_INLINE void store_mask_vec(uint8_t* m, i32v<B> keep) {
+  const auto bytes = __builtin_convertvector(keep & 1, typename VecOf<uint8_t, B / 4>::type);
   std::memcpy(m, &bytes, sizeof(bytes));
 }
 
@@ -474,26 +478,27 @@ struct OptRead {
     if (s) s[j] = v;
     return buf[j] = load<S, Acc>(v);
   }
-  NORMKIT_INLINE vec_t<Acc> vec(int64_t j) const {
-    vec_t<Acc> v = load_vec<T, Acc>(x + j) * rs;
+  template <int B = 32>
+  NORMKIT_INLINE vec_t<Acc, B> vec(int64_t j) const {
+    vec_t<Acc, B> v = load_vec<T, Acc, B>(x + j) * rs;
     if constexpr (Drop) {
-      const i32x8 keep = keep_vec(d, j);
-      v = v * kept_scale(keep, d.scale);
-      if (mask) store_mask_vec(mask + j, keep);
+      const i32v<B> keep = keep_vec<B>(d, j);
+      v = v * kept_scale<B>(keep, d.scale);
+      if (mask) store_mask_vec<B>(mask + j, keep);
     }
     if (x1) {
-      vec_t<Acc> v1 = load_vec<T, Acc>(x1 + j);
+      vec_t<Acc, B> v1 = load_vec<T, Acc, B>(x1 + j);
       if constexpr (Drop) {
-        const i32x8 keep1 = keep_vec(d1, j);
-        v1 = v1 * kept_scale(keep1, d1.scale);
-        if (mask1) store_mask_vec(mask1 + j, keep1);
+        const i32v<B> keep1 = keep_vec<B>(d1, j);
+        v1 = v1 * kept_scale<B>(keep1, d1.scale);
+        if (mask1) store_mask_vec<B>(mask1 + j, keep1);
       }
       v = v + v1;
     }
-    if (r) v = v + load_vec<R, Acc>(r + j);
-    v = round_vec<S, Acc>(v);
+    if (r) v = v + load_vec<R, Acc, B>(r + j);
+    v = round_vec<S, Acc, B>(v);
     std::memcpy(buf + j, &v, sizeof(v));
-    if (s) store_vec<S, Acc, Stream>(s + j, v);
+    if (s) store_vec<S, Acc, Stream, B>(s + j, v);
     return v;
   }
   NORMKIT_INLINE void prefetch(int64_t j) const {
@@ -516,16 +521,16 @@ struct OptWrite {
   static constexpr bool stream = Stream;
   O *y, *y1;
   const Acc *w, *b, *w1, *b1;
-  NORMKIT_INLINE void put(O* p, int64_t j, vec_t<Acc> v) const { store_vec<O, Acc, Stream>(p + j, v); }
-  NORMKIT_INLINE void vec(int64_t j, vec_t<Acc> h) const {
-    vec_t<Acc> wv, bv;
+  template <int B = 32>
+  NORMKIT_INLINE void vec(int64_t j, vec_t<Acc, B> h) const {
+    vec_t<Acc, B> wv, bv;
     std::memcpy(&wv, w + j, sizeof(wv));
     std::memcpy(&bv, b + j, sizeof(bv));
-    put(y, j, h * wv + bv);
+    store_vec<O, Acc, Stream, B>(y + j, h * wv + bv);
     if (y1) {
       std::memcpy(&wv, w1 + j, sizeof(wv));
       std::memcpy(&bv, b1 + j, sizeof(bv));
-      put(y1, j, h * wv + bv);
+      store_vec<O, Acc, Stream, B>(y1 + j, h * wv + bv);
     }
   }
   NORMKIT_INLINE void one(int64_t j, Acc h) const {
@@ -563,7 +568,9 @@ struct OptFwdArgs {
 // Rows lo..hi of an option call (one_read_rows, each row's output written in the loop that forms
 // the next). buf: two rows when Formed, else null. Drop: a.d0 not null (Formed); Stream: the
 // outputs are written with non-temporal stores (the call is past outputs_stream).
-template <typename T, typename R, typename S, bool Formed, bool Drop, bool Stream>
+//
+// B: the loop's vector bytes, 64 only in AVX-512 code (write_row_sums_next).
+template <typename T, typename R, typename S, bool Formed, bool Drop, bool Stream, int B = 32>
 NORMKIT_INLINE void opt_rows(const OptFwdArgs<T, R, S>& a, int64_t lo, int64_t hi, float* buf) {
   using Acc = float;
   using Src = std::conditional_t<Formed, Acc, T>;
@@ -576,7 +583,7 @@ NORMKIT_INLINE void opt_rows(const OptFwdArgs<T, R, S>& a, int64_t lo, int64_t h
   auto out_of = [&](int64_t i) NORMKIT_INLINE_LAMBDA {
     return OptWrite<Stream>{a.y + i * n, a.y1 ? a.y1 + i * n : nullptr, a.w, a.b, a.w1, a.b1};
   };
-  one_read_rows<Src, Acc>(
+  one_read_rows<Src, Acc, B>(
       {n, a.eps, /*is_rms=*/false, /*overlap=*/true, a.mean, a.rstd}, lo, hi, buf,
       [&](int64_t i, Acc* keep) NORMKIT_INLINE_LAMBDA {
         if constexpr (Formed) {

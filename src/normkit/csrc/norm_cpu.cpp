@@ -359,6 +359,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     });
     return static_cast<int64_t>(ids.size());
   }, "the number of distinct threads one at::parallel_for over get_num_threads() items runs on");
+  m.def("set_wide_vectors", &normkit::set_wide_vectors, py::arg("on"),
+        "turn the option loop's AVX-512 code on (where the CPU has it) or off; returns the previous setting");
+  m.def("wide_vectors", &normkit::wide_vectors, "whether the option loop runs its AVX-512 code");
   normkit::register_rnn(m);
   normkit::register_norm_dim(m);
   normkit::register_fused(m);

@@ -15,8 +15,13 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include "isa.h"
+
 #if defined(__SSE2__)
 #include <emmintrin.h>  // non-temporal stores (SSE2: every x86-64 clone has them)
+#endif
+#if defined(NORMKIT_WIDE)
+#include <immintrin.h>  // (declares the AVX-512 builtin the wide loop's stores use: stream_vector)
 #endif
 
 #include <algorithm>
@@ -24,22 +29,6 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
-
-// Everything here is inlined into the kernels that use it: they are compiled once per
-// instruction set (target_clones), and a call out of a clone would run baseline code.
-#define NORMKIT_INLINE inline __attribute__((always_inline))
-// The same for a lambda handed to a loop template (block_sums): in a large clone GCC may stop
-// inlining it, and the out-of-line copy is baseline code called once per vector.
-#define NORMKIT_INLINE_LAMBDA __attribute__((always_inline))
-
-// The kernels' hot functions, compiled once per instruction set (AVX-512, AVX2, baseline x86-64);
-// the dynamic loader picks the clone this CPU runs, so one build runs on every x86-64 machine.
-// (-DNORMKIT_NO_CLONES, the sanitizer build: one baseline copy, a third of the compile time.)
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(NORMKIT_NO_CLONES)
-#define NORMKIT_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define NORMKIT_CLONES
-#endif
 
 namespace normkit {
 
@@ -90,36 +79,36 @@ NORMKIT_INLINE T store(double v) {
 // x86-64 clone maps to its registers), so the adds are not serialized on one register's
 // latency; the lanes are added pairwise at the end. The order is fixed by the code, so results
 // are deterministic. Within a block the sums are in Acc, the blocks are added in double.
-template <typename Acc>
-struct Vec;
-template <>
-struct Vec<float> {
-  typedef float type __attribute__((vector_size(32)));
+//
+// B, a vector's bytes: 32 everywhere, except in the wide loop (write_row_sums_next<..., 64>),
+// which is compiled only for AVX-512 (x86-64-v4) and there maps a 64-byte vector to one register.
+template <typename E, int B>
+struct VecOf {
+  typedef E type __attribute__((vector_size(B)));
 };
-template <>
-struct Vec<double> {
-  typedef double type __attribute__((vector_size(32)));
-};
-template <typename Acc>
-using vec_t = typename Vec<Acc>::type;
-template <typename Acc>
-constexpr int kWidth = 32 / sizeof(Acc);
+template <typename Acc, int B = 32>
+using vec_t = typename VecOf<Acc, B>::type;
+template <typename Acc, int B = 32>
+constexpr int kWidth = B / sizeof(Acc);
+template <int B = 32>
+using u32v = typename VecOf<uint32_t, B>::type;  // kWidth<float, B> lanes of 32 bits
+template <int B = 32>
+using i32v = typename VecOf<int32_t, B>::type;
+typedef u32v<32> u32x8;
 
-// kWidth elements from p as a vector of Acc.
-template <typename T, typename Acc>
-NORMKIT_INLINE vec_t<Acc> load_vec(const T* p) {
-  vec_t<Acc> v;
+// kWidth<Acc, B> elements from p as a vector of Acc.
+template <typename T, typename Acc, int B = 32>
+NORMKIT_INLINE vec_t<Acc, B> load_vec(const T* p) {
+  vec_t<Acc, B> v;
   if constexpr (std::is_same_v<T, Acc>) {
     std::memcpy(&v, p, sizeof(v));
   } else if constexpr (std::is_same_v<T, c10::BFloat16> && std::is_same_v<Acc, float>) {  // (a bf16 dy of a float64 call: the loop below)
-    typedef uint16_t u16x8 __attribute__((vector_size(16)));
-    typedef uint32_t u32x8 __attribute__((vector_size(32)));
-    u16x8 h;
+    typename VecOf<uint16_t, B / 2>::type h;
     std::memcpy(&h, p, sizeof(h));
-    u32x8 bits = __builtin_convertvector(h, u32x8) << 16;
+    const u32v<B> bits = __builtin_convertvector(h, u32v<B>) << 16;
     std::memcpy(&v, &bits, sizeof(v));
   } else {
-    for (int k = 0; k < kWidth<Acc>; ++k) v[k] = load<T, Acc>(p[k]);
+    for (int k = 0; k < kWidth<Acc, B>; ++k) v[k] = load<T, Acc>(p[k]);
   }
   return v;
 }
@@ -131,8 +120,23 @@ NORMKIT_INLINE Acc hsum(vec_t<Acc> a) {
   return out;
 }
 
+// block_sums' end, from element j of the block: the vectors left (into a), the scalar tail,
+// then each sum's accumulators added pairwise, in a fixed order.
+template <typename Acc, typename FV, typename FS>
+NORMKIT_INLINE void block_sums_finish(int64_t j, int64_t len, const FV& fv, const FS& fs, vec_t<Acc>& a0,
+                                      vec_t<Acc> b0, vec_t<Acc> c0, vec_t<Acc> d0, vec_t<Acc>& a1, vec_t<Acc> b1,
+                                      vec_t<Acc> c1, vec_t<Acc> d1, double& out0, double& out1) {
+  constexpr int W = kWidth<Acc>;
+  for (; j + W <= len; j += W) fv(j, a0, a1);
+  Acc t0 = 0, t1 = 0;
+  for (; j < len; ++j) fs(j, t0, t1);
+  out0 += static_cast<double>(hsum<Acc>((a0 + b0) + (c0 + d0)) + t0);
+  out1 += static_cast<double>(hsum<Acc>((a1 + b1) + (c1 + d1)) + t1);
+}
+
 // The sums over one block of len elements of f0 and f1, each given (vector, scalar) forms:
 // f0v(j) -> vec_t over elements j..j+kWidth-1, f0s(j) -> Acc for the tail.
+// (fv's accumulators are vec_t<Acc>&: 32 bytes, kWidth<Acc> lanes.)
 template <typename Acc, typename FV, typename FS>
 NORMKIT_INLINE void block_sums(int64_t len, const FV& fv, const FS& fs, double& out0, double& out1) {
   constexpr int W = kWidth<Acc>;
@@ -144,11 +148,32 @@ NORMKIT_INLINE void block_sums(int64_t len, const FV& fv, const FS& fs, double& 
     fv(j + 2 * W, c0, c1);
     fv(j + 3 * W, d0, d1);
   }
-  for (; j + W <= len; j += W) fv(j, a0, a1);
-  Acc t0 = 0, t1 = 0;
-  for (; j < len; ++j) fs(j, t0, t1);
-  out0 += static_cast<double>(hsum<Acc>((a0 + b0) + (c0 + d0)) + t0);
-  out1 += static_cast<double>(hsum<Acc>((a1 + b1) + (c1 + d1)) + t1);
+  block_sums_finish<Acc>(j, len, fv, fs, a0, b0, c0, d0, a1, b1, c1, d1, out0, out1);
+}
+
+// block_sums with 64-byte vectors (16 float lanes, AVX-512: the wide loop): fv takes
+// vec_t<Acc, 64>& accumulators in the main loop and vec_t<Acc>& after it. Lane for lane the
+// same sums in the same order as block_sums, so the same bits: the low and high halves of the
+// accumulator of elements j..j+15 are block_sums' a and b, those of j+16..j+31 its c and d.
+template <typename Acc, typename FV, typename FS>
+NORMKIT_INLINE void block_sums_wide(int64_t len, const FV& fv, const FS& fs, double& out0, double& out1) {
+  static_assert(std::is_same_v<Acc, float>);
+  constexpr int W = kWidth<Acc, 64>;
+  vec_t<Acc, 64> ab0 = {}, cd0 = {}, ab1 = {}, cd1 = {};
+  int64_t j = 0;
+  for (; j + 2 * W <= len; j += 2 * W) {
+    fv(j, ab0, ab1);
+    fv(j + W, cd0, cd1);
+  }
+  auto lo = [](vec_t<Acc, 64> v) NORMKIT_INLINE_LAMBDA -> vec_t<Acc> {
+    return __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
+  };
+  auto hi = [](vec_t<Acc, 64> v) NORMKIT_INLINE_LAMBDA -> vec_t<Acc> {
+    return __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  };
+  vec_t<Acc> a0 = lo(ab0), b0 = hi(ab0), c0 = lo(cd0), d0 = hi(cd0);
+  vec_t<Acc> a1 = lo(ab1), b1 = hi(ab1), c1 = lo(cd1), d1 = hi(cd1);
+  block_sums_finish<Acc>(j, len, fv, fs, a0, b0, c0, d0, a1, b1, c1, d1, out0, out1);
 }
 
 // block_sums with three sums (fv / fs take three accumulators).
@@ -217,7 +242,8 @@ struct RowRead {
   const T* p;
   static constexpr int64_t kElemBytes = sizeof(T);
   NORMKIT_INLINE Acc value(int64_t j) const { return load<T, Acc>(p[j]); }
-  NORMKIT_INLINE vec_t<Acc> vec(int64_t j) const { return load_vec<T, Acc>(p + j); }
+  template <int B = 32>
+  NORMKIT_INLINE vec_t<Acc, B> vec(int64_t j) const { return load_vec<T, Acc, B>(p + j); }
   NORMKIT_INLINE Acc one(int64_t j) const { return value(j); }
   NORMKIT_INLINE void prefetch(int64_t j) const { __builtin_prefetch(p + j, 0, kPrefetchLocality); }
 };
@@ -234,9 +260,9 @@ NORMKIT_INLINE Acc row_shift(const In& in, int64_t n) {
 
 // The sums' vector step and scalar step (block_sums), shared by the sum loops below so that
 // they give the same bits for the same row.
-template <typename Acc>
-NORMKIT_INLINE void shifted_step(vec_t<Acc> v, Acc shift, vec_t<Acc>& s2, vec_t<Acc>& s1) {
-  const vec_t<Acc> d = v - shift;
+template <typename Acc, int B = 32>
+NORMKIT_INLINE void shifted_step(vec_t<Acc, B> v, Acc shift, vec_t<Acc, B>& s2, vec_t<Acc, B>& s1) {
+  const vec_t<Acc, B> d = v - shift;
   s2 += d * d;
   s1 += d;
 }
@@ -323,78 +349,88 @@ NORMKIT_INLINE RowStats<Acc> row_stats(const T* src, int64_t n, Acc eps, bool is
   return finish_stats<T, Acc>(src, n, shifted_sums<T, Acc>(src, n, shift), eps, is_rms);
 }
 
-typedef uint32_t u32x8 __attribute__((vector_size(32)));
-
-// The bfloat16 bits (in the low half of each lane) of kWidth floats (Acc = float):
+// The bfloat16 bits (in the low half of each lane) of kWidth<float, B> floats (Acc = float):
 // store<BFloat16> in vector operations.
-template <typename Acc>
-NORMKIT_INLINE u32x8 bf16_bits(vec_t<Acc> v) {
+template <typename Acc, int B = 32>
+NORMKIT_INLINE u32v<B> bf16_bits(vec_t<Acc, B> v) {
   static_assert(std::is_same_v<Acc, float>);
-  u32x8 b;
+  u32v<B> b;
   std::memcpy(&b, &v, sizeof(b));
-  const u32x8 hi = b >> 16;
-  const u32x8 rounded = (b + 0x7FFFu + (hi & 1u)) >> 16;
-  const u32x8 nan = (u32x8)((b & 0x7FFFFFFFu) > 0x7F800000u);  // all ones where NaN
+  const u32v<B> hi = b >> 16;
+  const u32v<B> rounded = (b + 0x7FFFu + (hi & 1u)) >> 16;
+  const u32v<B> nan = (u32v<B>)((b & 0x7FFFFFFFu) > 0x7F800000u);  // all ones where NaN
   return (nan & (hi | 0x0040u)) | (~nan & rounded);
 }
 
 // v rounded to S and read back as Acc: load<S, Acc>(store<S>(v)) on each lane.
-template <typename S, typename Acc>
-NORMKIT_INLINE vec_t<Acc> round_vec(vec_t<Acc> v) {
+template <typename S, typename Acc, int B = 32>
+NORMKIT_INLINE vec_t<Acc, B> round_vec(vec_t<Acc, B> v) {
   if constexpr (std::is_same_v<S, Acc>) {
     return v;
   } else if constexpr (std::is_same_v<S, c10::BFloat16> && std::is_same_v<Acc, float>) {
-    const u32x8 bits = bf16_bits<Acc>(v) << 16;
-    vec_t<Acc> out;
+    const u32v<B> bits = bf16_bits<Acc, B>(v) << 16;
+    vec_t<Acc, B> out;
     std::memcpy(&out, &bits, sizeof(out));
     return out;
   } else {
-    for (int k = 0; k < kWidth<Acc>; ++k) v[k] = load<S, Acc>(store<S>(v[k]));
+    for (int k = 0; k < kWidth<Acc, B>; ++k) v[k] = load<S, Acc>(store<S>(v[k]));
     return v;
   }
 }
 
-// kWidth elements of v stored to p as T (float -> bfloat16 rounded as store<BFloat16>, in
-// vector operations: the fused loop below is written with vectors, not for `omp simd`).
-// Stream: non-temporal stores (SSE2, 16 bytes each; p 16-byte aligned), for outputs that
-// will not stay cached (beyond the last-level cache), where they save the read of each output line before its write.
-template <typename T, typename Acc, bool Stream>
-NORMKIT_INLINE void store_vec(T* p, vec_t<Acc> v) {
-  if constexpr (std::is_same_v<T, Acc>) {
+// The bytes of v to p with non-temporal stores: 16-byte stores (SSE2; p 16-byte aligned), or for
+// a 64-byte v one 64-byte store (AVX-512: only in the wide loop's code; p 64-byte aligned).
+template <int Bytes>
+NORMKIT_INLINE void stream_vector(void* p, const void* v) {
 #if defined(__SSE2__)
-    if constexpr (Stream) {
-      __m128i h0, h1;
-      std::memcpy(&h0, &v, 16);
-      std::memcpy(&h1, reinterpret_cast<const char*>(&v) + 16, 16);
-      _mm_stream_si128(reinterpret_cast<__m128i*>(p), h0);
-      _mm_stream_si128(reinterpret_cast<__m128i*>(p) + 1, h1);
-      return;
-    }
+  if constexpr (Bytes == 64) {
+#if defined(NORMKIT_WIDE)
+    typedef float f32x16 __attribute__((vector_size(64)));
+    f32x16 q;
+    std::memcpy(&q, v, 64);
+    __builtin_ia32_movntps512(static_cast<float*>(p), q);  // a builtin, not the intrinsic: no target check here
 #endif
-    std::memcpy(p, &v, sizeof(v));
-  } else if constexpr (std::is_same_v<T, c10::BFloat16> && std::is_same_v<Acc, float>) {
-    typedef uint16_t u16x8 __attribute__((vector_size(16)));
-    const u16x8 h = __builtin_convertvector(bf16_bits<Acc>(v), u16x8);
-#if defined(__SSE2__)
-    if constexpr (Stream) {
-      __m128i q;
-      std::memcpy(&q, &h, 16);
-      _mm_stream_si128(reinterpret_cast<__m128i*>(p), q);
-      return;
-    }
-#endif
-    std::memcpy(p, &h, sizeof(h));
   } else {
-    for (int k = 0; k < kWidth<Acc>; ++k) p[k] = store<T>(v[k]);
+    for (int k = 0; k < Bytes / 16; ++k) {
+      __m128i q;
+      std::memcpy(&q, static_cast<const char*>(v) + 16 * k, 16);
+      _mm_stream_si128(static_cast<__m128i*>(p) + k, q);
+    }
+  }
+#else
+  std::memcpy(p, v, Bytes);
+#endif
+}
+
+// The alignment store_vec<T, Acc, true, B> asks of p: its non-temporal store's.
+template <typename T, typename Acc, int B>
+constexpr int64_t kStreamAlign = (std::is_same_v<T, Acc> && B == 64) ? 64 : 16;
+
+// kWidth<Acc, B> elements of v stored to p as T (float -> bfloat16 rounded as store<BFloat16>, in
+// vector operations: the fused loop below is written with vectors, not for `omp simd`).
+// Stream: non-temporal stores (stream_vector; p aligned to kStreamAlign), for outputs that
+// will not stay cached (beyond the last-level cache), where they save the read of each output line before its write.
+template <typename T, typename Acc, bool Stream, int B = 32>
+NORMKIT_INLINE void store_vec(T* p, vec_t<Acc, B> v) {
+  if constexpr (std::is_same_v<T, Acc>) {
+    if constexpr (Stream) stream_vector<B>(p, &v);
+    else std::memcpy(p, &v, sizeof(v));
+  } else if constexpr (std::is_same_v<T, c10::BFloat16> && std::is_same_v<Acc, float>) {
+    const auto h = __builtin_convertvector(bf16_bits<Acc, B>(v), typename VecOf<uint16_t, B / 2>::type);
+    if constexpr (Stream) stream_vector<B / 2>(p, &h);
+    else std::memcpy(p, &h, sizeof(h));
+  } else {
+    for (int k = 0; k < kWidth<Acc, B>; ++k) p[k] = store<T>(v[k]);
   }
 }
 
-// Whether store_vec<T, Acc, true> can write rows of n elements starting at y.
-template <typename T, typename Acc>
+// Whether store_vec<T, Acc, true, B> can write rows of n elements starting at y.
+template <typename T, typename Acc, int B = 32>
 inline bool can_stream(const T* y, int64_t n) {
 #if defined(__SSE2__)
   constexpr bool vector_store = std::is_same_v<T, Acc> || std::is_same_v<T, c10::BFloat16>;
-  return vector_store && reinterpret_cast<uintptr_t>(y) % 16 == 0 && (n * static_cast<int64_t>(sizeof(T))) % 16 == 0;
+  constexpr int64_t align = kStreamAlign<T, Acc, B>;
+  return vector_store && reinterpret_cast<uintptr_t>(y) % align == 0 && (n * static_cast<int64_t>(sizeof(T))) % align == 0;
 #else
   (void)y, (void)n;
   return false;
@@ -451,11 +487,12 @@ struct RowWrite {
   T* y;
   const Acc *w, *b;
   static constexpr bool stream = Stream;
-  NORMKIT_INLINE void vec(int64_t j, vec_t<Acc> h) const {
-    vec_t<Acc> wv, bv;
+  template <int B = 32>
+  NORMKIT_INLINE void vec(int64_t j, vec_t<Acc, B> h) const {
+    vec_t<Acc, B> wv, bv;
     std::memcpy(&wv, w + j, sizeof(wv));
     std::memcpy(&bv, b + j, sizeof(bv));
-    store_vec<T, Acc, Stream>(y + j, h * wv + bv);
+    store_vec<T, Acc, Stream, B>(y + j, h * wv + bv);
   }
   NORMKIT_INLINE void one(int64_t j, Acc h) const { y[j] = store<T>(h * w[j] + b[j]); }
 };
@@ -469,7 +506,10 @@ struct RowWrite {
 // of a copy's bandwidth from DRAM on a Zen 4 EPYC; in cache the prefetch costs 5-10 %, so only
 // for calls whose inputs and outputs together are past outputs_stream (cpu_runtime.h). (src: the row as it
 // is, or the Acc buffer a formed row was kept in.)
-template <typename Src, typename Acc, typename In, typename Out>
+//
+// B: the vectors' bytes, 32, or 64 in the wide loop (block_sums_wide: the same bits), whose code
+// is compiled for AVX-512 only (NORMKIT_WIDE_TARGET callers).
+template <typename Src, typename Acc, int B = 32, typename In, typename Out>
 NORMKIT_INLINE ShiftedSums<Acc> write_row_sums_next(const Src* src, const Out& out_in, const In& next_in, int64_t n,
                                                     const RowStats<Acc>& st, Acc shift) {
   // local copies: their fields stay in registers, where the output stores (memcpy, which may
@@ -482,20 +522,21 @@ NORMKIT_INLINE ShiftedSums<Acc> write_row_sums_next(const Src* src, const Out& o
   sums.shift = shift;
   for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
     const Src* s = src + j0;
-    block_sums<Acc>(
-        std::min(kBlock, n - j0),
-        [&](int64_t j, vec_t<Acc>& s2, vec_t<Acc>& s1) NORMKIT_INLINE_LAMBDA {
-          if (out.stream) {
-            if (j % kLine == 0) next.prefetch(j0 + j + kAhead);
-          }
-          shifted_step<Acc>(next.vec(j0 + j), shift, s2, s1);
-          out.vec(j0 + j, ((load_vec<Src, Acc>(s + j) - mean) - lo) * rstd);
-        },
-        [&](int64_t j, Acc& s2, Acc& s1) NORMKIT_INLINE_LAMBDA {
-          shifted_step<Acc>(next.one(j0 + j), shift, s2, s1);
-          out.one(j0 + j, ((load<Src, Acc>(s[j]) - mean) - lo) * rstd);
-        },
-        sums.ss, sums.sd);
+    // (s2, s1: vec_t<Acc, VB>&, VB = 32, or 64 in block_sums_wide's main loop)
+    auto fv = [&](int64_t j, auto& s2, auto& s1) NORMKIT_INLINE_LAMBDA {
+      constexpr int VB = sizeof(s2);
+      if (out.stream) {
+        if (j % kLine == 0) next.prefetch(j0 + j + kAhead);
+      }
+      shifted_step<Acc, VB>(next.template vec<VB>(j0 + j), shift, s2, s1);
+      out.template vec<VB>(j0 + j, ((load_vec<Src, Acc, VB>(s + j) - mean) - lo) * rstd);
+    };
+    auto fs = [&](int64_t j, Acc& s2, Acc& s1) NORMKIT_INLINE_LAMBDA {
+      shifted_step<Acc>(next.one(j0 + j), shift, s2, s1);
+      out.one(j0 + j, ((load<Src, Acc>(s[j]) - mean) - lo) * rstd);
+    };
+    if constexpr (B == 64) block_sums_wide<Acc>(std::min(kBlock, n - j0), fv, fs, sums.ss, sums.sd);
+    else block_sums<Acc>(std::min(kBlock, n - j0), fv, fs, sums.ss, sums.sd);
   }
   return sums;
 }
