@@ -65,6 +65,7 @@ def calls(C, t: Dict[str, torch.Tensor]) -> Dict[str, Callable[[], object]]:
         "LN dropout 0.1": (fwd(x, None, None, None, w, b, False, 0.1, F32, False, y), y),
         "LN dropout 0.1 + residual, prenorm": (fwd(x, r, None, None, w, b, False, 0.1, F32, True, y, s), y),
         "LN out_dtype=bfloat16": (fwd(x, None, None, None, w, b, False, 0.0, BF16, False, y16), y16),
+        "LN bf16 dropout 0.1": (fwd(t["x16"], None, None, None, w, b, False, 0.1, BF16, False, y16), y16),
         "LN bf16 residual_in_fp32, prenorm": (fwd(t["x16"], t["r16"], None, None, w, b, False, 0.0, BF16, True, y16, s),
                                               y16),
         "RMS": (fwd(x, None, None, None, w, None, True, 0.0, F32, False, y), y),

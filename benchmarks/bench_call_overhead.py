@@ -1,8 +1,8 @@
 """What a call costs beyond its kernel: the per-call time of a few-element call (4 x 64 float32,
 no gradients, 1 thread), where the kernel is a fraction of a microsecond and the rest is the
 path to it: torch's ``F.layer_norm``, normkit's plain call (the C++ ``try_norm``), the same
-into ``out=`` / ``residual_out=`` buffers, and calls with fused options (the Python path of
-``dispatch.fused_norm``). The best of 5 batches of ``--calls`` calls, in microseconds::
+into ``out=`` / ``residual_out=`` buffers, dropout without gradients (also ``try_norm``), and
+calls with fused options (the Python path of ``dispatch.fused_norm``). The best of 5 batches of ``--calls`` calls, in microseconds::
 
     PYTHONPATH=src python benchmarks/bench_call_overhead.py [--json PATH]
 """
@@ -45,6 +45,10 @@ def cases() -> Dict[str, Callable[[], object]]:
         "+ residual, prenorm": lambda: ln(x, (64,), w, b, residual=r, prenorm=True),
         "+ residual, prenorm, out=, residual_out=": lambda: ln(x, (64,), w, b, residual=r, prenorm=True, out=out,
                                                               residual_out=res_out),
+        "dropout 0.1 (no gradients: try_norm)": lambda: ln(x, (64,), w, b, dropout_p=0.1),
+        "dropout 0.1 + residual, prenorm, out=, residual_out=": lambda: ln(x, (64,), w, b, residual=r, prenorm=True,
+                                                                           dropout_p=0.1, out=out,
+                                                                           residual_out=res_out),
         "out_dtype=bfloat16, out=": lambda: ln(x, (64,), w, b, out_dtype=torch.bfloat16, out=out16),
         "+ residual + x1": lambda: ln(x, (64,), w, b, residual=r, x1=x1),
         "+ residual, residual_in_fp32": lambda: ln(x, (64,), w, b, residual=r, residual_in_fp32=True),

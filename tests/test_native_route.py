@@ -15,6 +15,7 @@ from helpers import params, randn
 
 import normkit
 from normkit import functional as F
+from normkit import ops
 from normkit import reference as ref
 from normkit.backends import cpu as compiled
 from normkit.errors import NormShapeError
@@ -47,8 +48,8 @@ def test_calls_the_native_route_must_not_take_go_elsewhere(case):
     elif case == "forced_reference":
         with normkit.use_backend("reference"):
             assert _route(x, w, b) != "native"
-    elif case == "dropout":
-        assert _route(x, w, b, dropout_p=0.1) != "native"
+    elif case == "dropout":  # with gradients: the C++ node has no dropout backward
+        assert _route(x.requires_grad_(True), w, b, dropout_p=0.1) != "native"
     elif case == "subclass":
 
         class Sub(torch.Tensor):
@@ -84,6 +85,68 @@ def test_results_equal_the_general_path_bit_for_bit():
     fortran = torch.empty_strided(x.shape, (1, x.shape[0])).copy_(x)  # same values, not contiguous
     for a, c in zip(run(x), run(fortran)):
         assert torch.equal(a, c)
+
+
+@pytest.mark.parametrize("is_rms", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", ["plain", "residual_prenorm", "prenorm_no_residual", "buffers", "int_shape"])
+def test_dropout_without_gradients_runs_natively_with_the_general_paths_masks(monkeypatch, case, dtype, is_rms):
+    """A dropout call without gradients runs in try_norm (the fused kernel, its seed drawn in C++):
+    the same bits as the general path (taken here by the same values in a non-contiguous x), and
+    the default generator left in the same state, so torch.manual_seed reproduces either.
+    ops.run is not reached."""
+    x = randn((3, 37, 129), dtype, seed=11)
+    r = randn((3, 37, 129), dtype, seed=12)
+    w, b = params((129,), seed=13)
+    def fn(x, shape, w, b, **kw):
+        return normkit.rms_norm(x, shape, w, **kw) if is_rms else normkit.layer_norm(x, shape, w, b, **kw)
+
+    def call(x):
+        kw = {"dropout_p": 0.3}
+        shape = 129 if case == "int_shape" else (129,)
+        if case == "residual_prenorm":
+            kw.update(residual=r, prenorm=True)
+        if case == "prenorm_no_residual":
+            kw.update(prenorm=True)
+        if case == "buffers":
+            kw.update(residual=r, prenorm=True, out=torch.full_like(x, float("nan")),
+                      residual_out=torch.full_like(x, float("nan")))
+        torch.manual_seed(1234)
+        out = fn(x, shape, w, b, **kw)
+        after = torch.rand(4)  # the generator's state after the call
+        if case == "buffers":
+            assert out[0] is kw["out"] and out[1] is kw["residual_out"]
+        return (out if isinstance(out, tuple) else (out,)), after
+
+    calls = []
+    real_run = ops.run
+    monkeypatch.setattr(ops, "run", lambda *a, **k: calls.append(1) or real_run(*a, **k))
+    with torch.no_grad():
+        fast, fast_after = call(x)
+        assert not calls, "the dropout call without gradients left the native route"
+        slow, slow_after = call(torch.empty_strided(x.shape, (1, 3, 3 * 37), dtype=dtype).copy_(x))
+        assert calls, "the general path was not taken"
+    assert len(fast) == len(slow)
+    for a, c in zip(fast, slow):
+        assert a.dtype == c.dtype and torch.equal(a, c)
+    assert torch.equal(fast_after, slow_after)
+    torch.manual_seed(1234)
+    other = fn(x, (129,), w, b, dropout_p=0.3, residual=r)
+    torch.manual_seed(4321)
+    assert not torch.equal(fn(x, (129,), w, b, dropout_p=0.3, residual=r), other)  # the seed matters
+
+
+def test_dropout_with_gradients_keeps_the_general_path():
+    x = randn((5, 64), seed=14).requires_grad_(True)
+    w, b = params((64,), seed=15)
+    assert _route(x, w, b, dropout_p=0.2) == "eager"
+    assert _route(x.detach(), w, b, dropout_p=0.2) == "native"
+    torch.manual_seed(3)
+    y = normkit.layer_norm(x, (64,), w, b, dropout_p=0.2)
+    assert y.grad_fn is not None
+    with torch.no_grad():
+        torch.manual_seed(3)
+        assert torch.equal(normkit.layer_norm(x.detach(), (64,), w, b, dropout_p=0.2), y.detach())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])

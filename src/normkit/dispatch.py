@@ -50,7 +50,8 @@ _environ_get, _ENV_KEY = private.environ_getter(_ENV_VAR)
 #: The paths a call can take, chosen by :func:`route`; each value says why it is taken.
 ROUTES = {
     "native": "a plain eager call on contiguous CPU tensors: the compiled kernels and their "
-    "autograd node, all in C++ (normkit._C.norm), launched straight from here",
+    "autograd node, all in C++ (normkit._C.norm), launched straight from here; with dropout "
+    "only without gradients, then the fused kernel, its seed drawn in C++ (normkit._C.try_norm)",
     "native_dim": "dim= (or layer_norm_2d) on CPU without other options: normkit._C.norm_dim "
     "normalizes the middle dims in place of a permute (see native_norm_dim)",
     "dtensor": "a DTensor input: run the local shards, re-wrap with the input's placements",
@@ -227,7 +228,7 @@ def norm(
     dropout_p = check_dropout(dropout_p, training)
     path = route(x, residual, weight, bias, is_rms, dropout_p, shape, eps)
     if path == "native":  # valid now (eps made a float, a list shape a tuple, ...)
-        return _native(x, shape, weight, bias, eps, is_rms, residual, prenorm)
+        return _native(x, shape, weight, bias, eps, is_rms, residual, prenorm, dropout_p)
     if path == "dtensor":
         return dtensor_norm(norm, x, shape, weight, bias, eps, is_rms, residual, prenorm, dropout_p)
     if path == "onnx":
@@ -251,7 +252,12 @@ def norm(
     return y, (x if res.s is x2 else _in_layout(res.s.view(x.shape), layout))
 
 
-def _native(x, shape, weight, bias, eps, is_rms, residual, prenorm):
+def _native(x, shape, weight, bias, eps, is_rms, residual, prenorm, dropout_p=0.0):
+    if dropout_p > 0.0:  # no gradients (route): the C++ call that draws the seed and runs the fused kernel
+        res = _cpu.extension.try_norm(x, shape, weight, bias, eps, is_rms, residual, prenorm, dropout_p, None, None)
+        if res is None:  # route asked _C.accepts, which applies try_norm's rule: not reached
+            raise RuntimeError("normkit internal error: the native route refused a dropout call it accepted")
+        return res
     n = shape if type(shape) is int else math.prod(shape)
     out = _cpu.extension.norm(x, n, weight, bias, eps, is_rms, residual, prenorm)
     if not prenorm:
@@ -311,7 +317,7 @@ def fused_norm(x, normalized_shape, weight, bias, eps, is_rms, residual, prenorm
     )
     path = route(x, residual, weight, bias, is_rms, plan.dropout_p, plan.shape, plan.eps, others=others, options=uses_options, moved_dims=moved)
     if path == "native":  # a plain call after all (dim= naming the trailing dims, say), validated
-        return _native(x, plan.shape, weight, bias, plan.eps, is_rms, residual, prenorm)
+        return _native(x, plan.shape, weight, bias, plan.eps, is_rms, residual, prenorm, plan.dropout_p)
     if path == "native_dim":  # no residual, dropout or buffer but out= (route): s is x itself
         y = native_norm_dim(x, plan.start, k, weight, bias, plan.eps, is_rms)  # no permute, no copy
         y = o.out.copy_(y) if o.out is not None else y

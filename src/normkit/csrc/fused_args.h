@@ -98,6 +98,15 @@ void forward_rows(const FwdCall& c);
 // having done nothing, for a dtype set that loop is not built for.
 bool option_rows(const FwdCall& c);
 
+// The fused forward of normkit.contract on contiguous (M, N) tensors (fused_cpu.cpp): y, y1, s,
+// mean, rstd, mask, mask1 (undefined where the call has none).
+std::vector<Tensor> fused_forward(const Tensor& x, const OptTensor& residual, const OptTensor& x1,
+                                  const OptTensor& rowscale, const OptTensor& weight, const OptTensor& bias,
+                                  const OptTensor& weight1, const OptTensor& bias1, double eps, bool is_rms,
+                                  double dropout_p, int64_t seed, at::ScalarType sum_dtype, at::ScalarType out_dtype,
+                                  bool store_sum, bool store_mask, const OptTensor& out, const OptTensor& out1,
+                                  const OptTensor& residual_out);
+
 // The fused backward (fused_backward.cpp): needs = (dx, dx1, dresidual, dweight, dbias, dweight1, dbias1).
 std::vector<Tensor> fused_backward(const OptTensor& dy, const OptTensor& dy1, const OptTensor& dsum, const Tensor& s,
                                    const OptTensor& weight, const OptTensor& weight1, const OptTensor& rowscale,

@@ -366,7 +366,9 @@ void check_buffer(const Tensor& buf, const char* name, at::IntArrayRef sizes, at
     if (given(*t)) check_no_overlap(buf, name, **t, tname);
 }
 
-std::vector<Tensor> fused_forward(const Tensor& x_in, const OptTensor& residual_in, const OptTensor& x1_in,
+}  // namespace
+
+std::vector<Tensor> fused::fused_forward(const Tensor& x_in, const OptTensor& residual_in, const OptTensor& x1_in,
                                   const OptTensor& rowscale_in, const OptTensor& weight, const OptTensor& bias,
                                   const OptTensor& weight1, const OptTensor& bias1, double eps, bool is_rms,
                                   double dropout_p, int64_t seed, at::ScalarType sdt, at::ScalarType odt,
@@ -463,6 +465,8 @@ std::vector<Tensor> fused_forward(const Tensor& x_in, const OptTensor& residual_
 
 py::object py_tensor_or_none(const Tensor& t) { return t.defined() ? py::cast(t) : py::none(); }
 
+namespace {
+
 py::tuple as_tuple(const std::vector<Tensor>& v) {
   py::tuple out(v.size());
   for (size_t k = 0; k < v.size(); ++k) out[k] = py_tensor_or_none(v[k]);
@@ -477,7 +481,7 @@ void register_fused(py::module& m) {
            py::handle weight1, py::handle bias1, py::handle eps, py::handle is_rms, py::handle dropout_p,
            py::handle seed, py::handle sum_dtype, py::handle out_dtype, py::handle store_sum, py::handle store_mask,
            py::handle out, py::handle out1, py::handle residual_out) {
-          auto res = fused_forward(
+          auto res = fused::fused_forward(
               arg_tensor(x, "x"), arg_optional_tensor(residual, "residual"), arg_optional_tensor(x1, "x1"),
               arg_optional_tensor(rowscale, "rowscale"), arg_optional_tensor(weight, "weight"),
               arg_optional_tensor(bias, "bias"), arg_optional_tensor(weight1, "weight1"),

@@ -188,7 +188,8 @@ std::vector<Tensor> norm(const Tensor& x_in, int64_t n, const c10::optional<Tens
 // The "native" route of normkit.functional in one call: checks that the call is one the
 // compiled path serves (exact torch.Tensor input, contiguous, strided, on the CPU, a kernel
 // dtype, a normalized_shape matching its trailing dims, matching gain / bias / residual, a
-// finite float eps >= 0, no dropout, a bool prenorm, no TorchDispatchMode, not jit-tracing) and
+// finite float eps >= 0, no dropout (or, without gradients, a float rate in (0, 1): the fused
+// kernel, dropout_call), a bool prenorm, no TorchDispatchMode, not jit-tracing) and
 // runs it, returning y or (y, s); returns None for any other call, which then takes the
 // validated general path (whose errors name the argument). Nothing here raises for a call it
 // does not understand, and no Python error is left pending. (The Python side asks first what
@@ -198,6 +199,7 @@ struct NativeCall {
   int64_t n = 1;
   c10::optional<Tensor> w, b, r;
   double eps = 0.0;
+  double dropout_p = 0.0;  // > 0 only where parse_native_call was asked to allow it
 };
 
 // An exact Python int as int64, or false (a bool, another type, or out of range: no error set).
@@ -214,7 +216,7 @@ bool exact_int(PyObject* o, int64_t& out) {
 }
 
 bool parse_native_call(py::handle x_obj, py::handle shape_obj, py::handle w_obj, py::handle b_obj, py::handle eps_obj,
-                       py::handle r_obj, py::handle dropout_obj, NativeCall& call) {
+                       py::handle r_obj, py::handle dropout_obj, bool allow_dropout, NativeCall& call) {
   auto* tensor_type = reinterpret_cast<PyTypeObject*>(THPVariableClass);
   if (Py_TYPE(x_obj.ptr()) != tensor_type) return false;
   const Tensor& x = THPVariable_Unpack(x_obj.ptr());
@@ -226,9 +228,10 @@ bool parse_native_call(py::handle x_obj, py::handle shape_obj, py::handle w_obj,
   const double eps = PyFloat_AS_DOUBLE(eps_obj.ptr());
   if (!(std::isfinite(eps) && eps >= 0.0)) return false;  // the general path computes what the formula gives
   int64_t p_int = -1;
-  const bool no_dropout = (PyFloat_CheckExact(dropout_obj.ptr()) && PyFloat_AS_DOUBLE(dropout_obj.ptr()) == 0.0) ||
-                          (exact_int(dropout_obj.ptr(), p_int) && p_int == 0);
-  if (!no_dropout) return false;
+  double p = 0.0;
+  if (PyFloat_CheckExact(dropout_obj.ptr())) p = PyFloat_AS_DOUBLE(dropout_obj.ptr());
+  else if (!(exact_int(dropout_obj.ptr(), p_int) && p_int == 0)) return false;
+  if (p != 0.0 && !(allow_dropout && p > 0.0 && p < 1.0)) return false;  // (a NaN fails both)
   // normalized_shape: an int, or a tuple / torch.Size of ints, equal to x's trailing sizes
   int64_t dims[8];
   int64_t k = 0;
@@ -276,6 +279,7 @@ bool parse_native_call(py::handle x_obj, py::handle shape_obj, py::handle w_obj,
   call.b = b;
   call.r = r;
   call.eps = eps;
+  call.dropout_p = p;
   return true;
 }
 
@@ -298,23 +302,55 @@ bool parse_buffer(py::handle obj, const NativeCall& c, const Tensor& other, Tens
   return true;
 }
 
+// A dropout call without gradients (try_norm): the fused kernel (normkit.contract) on the
+// (rows, n) views, its seed drawn from torch's default generator as
+// normkit.reference.draw_dropout_seed draws it (one randint in [0, 2^31 - 1)), so that
+// torch.manual_seed gives the same masks, and leaves the generator in the same state, as the
+// Python path (ops.run's "eager_no_grad") would. y_buf / s_buf: out= / residual_out= or undefined.
+py::object dropout_call(const NativeCall& c, bool is_rms, bool prenorm, const Tensor& y_buf, const Tensor& s_buf) {
+  const int64_t seed = at::randint(0, 2147483647, {}, at::TensorOptions().dtype(at::kLong)).item<int64_t>();
+  const int64_t rows = c.x.numel() / c.n;
+  auto rows_view = [&](const Tensor& t) -> c10::optional<Tensor> {
+    if (!t.defined()) return c10::nullopt;
+    return t.view({rows, c.n});
+  };
+  auto param = [&](const c10::optional<Tensor>& t) -> c10::optional<Tensor> {
+    if (!t.has_value()) return c10::nullopt;
+    return t->reshape({c.n}).contiguous();
+  };
+  const auto dt = c.x.scalar_type();
+  auto res = fused::fused_forward(*rows_view(c.x), rows_view(c.r.value_or(Tensor())), c10::nullopt, c10::nullopt,
+                                  param(c.w), param(c.b), c10::nullopt, c10::nullopt, c.eps, is_rms, c.dropout_p, seed,
+                                  dt, dt, prenorm, false, rows_view(y_buf), c10::nullopt, rows_view(s_buf));
+  const Tensor y = y_buf.defined() ? y_buf : res[0].view(c.x.sizes());
+  if (!prenorm) return py::cast(y);
+  return py::make_tuple(y, s_buf.defined() ? s_buf : res[2].view(c.x.sizes()));
+}
+
 py::object try_norm(py::handle x_obj, py::handle shape_obj, py::handle w_obj, py::handle b_obj, py::handle eps_obj,
                     py::handle is_rms_obj, py::handle r_obj, py::handle prenorm_obj, py::handle dropout_obj,
                     py::handle out_obj, py::handle residual_out_obj) {
   const bool is_rms = arg_bool(is_rms_obj, "is_rms");  // normkit's own flag, not the user's
   if (!PyBool_Check(prenorm_obj.ptr())) return py::none();  // the general path names the error
   NativeCall c;
-  if (!parse_native_call(x_obj, shape_obj, w_obj, b_obj, eps_obj, r_obj, dropout_obj, c)) return py::none();
+  if (!parse_native_call(x_obj, shape_obj, w_obj, b_obj, eps_obj, r_obj, dropout_obj, true, c)) return py::none();
   const bool prenorm = prenorm_obj.ptr() == Py_True;
+  const bool drop = c.dropout_p > 0.0;
+  // dropout: only without gradients (with them the general path builds the node whose backward
+  // regenerates the masks)
+  if (drop && grad_needed(c.x, c.r, c.w, c.b)) return py::none();
   // buffers: only for a call without gradients (with them the general path fills the buffers by
-  // a differentiable copy), residual_out only for a prenorm sum the kernel forms (a residual)
+  // a differentiable copy), residual_out only for a prenorm sum the kernel forms (a residual,
+  // or dropout)
   Tensor y_buf, s_buf;
   if (!out_obj.is_none() || !residual_out_obj.is_none()) {
     if (grad_needed(c.x, c.r, c.w, c.b)) return py::none();
-    if (!residual_out_obj.is_none() && !(prenorm && c.r.has_value() && parse_buffer(residual_out_obj, c, Tensor(), s_buf)))
+    if (!residual_out_obj.is_none() &&
+        !(prenorm && (c.r.has_value() || drop) && parse_buffer(residual_out_obj, c, Tensor(), s_buf)))
       return py::none();
     if (!out_obj.is_none() && !parse_buffer(out_obj, c, s_buf, y_buf)) return py::none();
   }
+  if (drop) return dropout_call(c, is_rms, prenorm, y_buf, s_buf);
   auto out = norm(c.x, c.n, c.w, c.b, c.eps, is_rms, c.r, prenorm, y_buf, s_buf);
   if (!prenorm) return py::cast(out[0]);
   return py::make_tuple(out[0], c.r.has_value() ? out[1] : c.x);
@@ -323,7 +359,8 @@ py::object try_norm(py::handle x_obj, py::handle shape_obj, py::handle w_obj, py
 bool accepts(py::handle x_obj, py::handle shape_obj, py::handle w_obj, py::handle b_obj, py::handle eps_obj,
              py::handle r_obj, py::handle dropout_obj) {
   NativeCall c;
-  return parse_native_call(x_obj, shape_obj, w_obj, b_obj, eps_obj, r_obj, dropout_obj, c);
+  if (!parse_native_call(x_obj, shape_obj, w_obj, b_obj, eps_obj, r_obj, dropout_obj, true, c)) return false;
+  return c.dropout_p == 0.0 || !grad_needed(c.x, c.r, c.w, c.b);  // try_norm's rule
 }
 
 }  // namespace
