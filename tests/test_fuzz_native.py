@@ -1,6 +1,6 @@
 """Fuzzing the compiled core (normkit._C) through the public API and directly.
 
-Every C++ entry point (norm, try_norm, accepts, forward, backward, fused_forward / fused_backward,
+Every C++ entry point (norm, try_norm, try_fused, accepts, forward, backward, fused_forward / fused_backward,
 norm_dim, lstm_/gru_forward / backward, column_dot) gets empty and size-1 dims, odd widths (1, 3, 1000, 4097, few rows), huge
 and negative integers, NaN / Inf scalars and data, non-contiguous, expanded, negative-bit and
 aliased tensors and random requires_grad patterns. Each example either matches a float64
@@ -373,6 +373,52 @@ def test_try_norm_accepts_and_norm_take_any_python_objects(data):
     named_error(lambda: _C.norm(x, args[0], args[1], args[2], args[3], args[4], args[5]))
     # the Python side sees no pending error after any of them
     assert (lambda: 1)() == 1
+
+
+@FUZZ
+@given(st.data())
+def test_try_fused_takes_any_python_objects(data):
+    """try_fused, the C++ route of option calls: any object in any argument either is refused (None)
+    or runs a call the general path would run, with its result (the same values, checked against
+    normkit.layer_norm on a non-contiguous copy of x, which the general path takes)."""
+    x = draw_tensor(data, data.draw(st.sampled_from([(2, 8), (0, 8), (3, 1), (2, 3, 4)]), label="shape"), torch.float32, seed=37)
+    n = x.shape[-1]
+    lead = x.shape[:-1]
+    tensors = [x, torch.ones(n), torch._neg_view(torch.ones(n)), torch.ones(n + 1), torch.ones(n, dtype=torch.int64),
+               torch.ones(1).expand(n), torch.randn(x.shape), torch.randn(x.shape).bfloat16(), torch.rand(lead) + 0.5,
+               torch.randn(x.shape[::-1]).transpose(0, -1) if x.dim() > 1 else torch.randn(n)]
+    pool = tensors + INTS + FLOATS + [(n,), (HUGE,), [n], (), "x", True, False, torch.bfloat16, torch.int32]
+    names = ["weight", "bias", "eps", "is_rms", "residual", "prenorm", "dropout_p", "residual_in_fp32", "x1", "weight1",
+             "bias1", "rowscale", "return_dropout_mask", "out_dtype", "out", "out1", "residual_out", "dim", "llama"]
+    good = dict(weight=torch.ones(n), bias=None, eps=1e-5, is_rms=False, residual=None, prenorm=False, dropout_p=0.0,
+                residual_in_fp32=False, x1=None, weight1=None, bias1=None, rowscale=None, return_dropout_mask=False,
+                out_dtype=None, out=None, out1=None, residual_out=None, dim=None, llama=False)
+    kw = dict(good)
+    for name in data.draw(st.lists(st.sampled_from(names), max_size=4), label="changed"):
+        kw[name] = data.draw(st.sampled_from([None] + pool), label=name)
+    shape_arg = data.draw(st.sampled_from([n, (n,), torch.Size([n]), HUGE, (HUGE,), [n], "n"]), label="shape_arg")
+    res, err = named_error(lambda: _C.try_fused(x, shape_arg, **kw))
+    if res is None or err is not None:
+        return
+    outs = res if isinstance(res, tuple) else (res,)
+    assert isinstance(outs[0], torch.Tensor) and outs[0].shape == x.shape
+    if kw["dropout_p"]:
+        return  # (a fresh seed: other masks; tests/test_native_route.py compares them under one seed)
+    api = {k: v for k, v in kw.items() if k not in ("weight", "bias", "eps", "is_rms", "llama")}
+    for k in ("out", "out1", "residual_out"):  # fresh buffers of the same kind for the second call
+        api[k] = None if api[k] is None else torch.empty_like(api[k])
+    xt = torch.empty_strided(x.shape, torch.empty(x.shape[::-1]).t().stride() if x.dim() == 2 else x.stride()).copy_(x)
+    with torch.no_grad():
+        if kw["is_rms"]:
+            want = normkit.rms_norm(xt, shape_arg, kw["weight"], kw["eps"], bias=kw["bias"], **api)
+        else:
+            want = normkit.layer_norm(xt, shape_arg, kw["weight"], kw["bias"], kw["eps"], **api)
+    want = want if isinstance(want, tuple) else (want,)
+    assert len(want) == len(outs)
+    for a, c in zip(outs, want):
+        assert (a is None) == (c is None)
+        if a is not None:
+            assert a.dtype == c.dtype and torch.equal(a, c)
 
 
 @FUZZ

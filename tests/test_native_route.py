@@ -369,3 +369,104 @@ def test_native_call_prenorm_must_be_a_bool():
     x = randn((3, 4), seed=53)
     with pytest.raises(TypeError, match=r"prenorm: expected a bool, got str"):
         compiled.extension.norm(x, 4, None, None, 1e-5, False, x.clone(), "yes")
+
+
+FUSED_CASES = {
+    "x1_residual_prenorm": dict(residual="r", x1="x1", prenorm=True),
+    "rowscale_dropout_masks": dict(residual="r", rowscale="rs", dropout_p=0.25, return_dropout_mask=True),
+    "x1_dropout_masks": dict(x1="x1", dropout_p=0.25, return_dropout_mask=True, prenorm=True),
+    "weight1_bias1": dict(weight1="w1", bias1="b1"),
+    "weight1_buffers": dict(residual="r", weight1="w1", prenorm=True, out="out", out1="out1", residual_out="res_out"),
+    "out_dtype_f32": dict(out_dtype=torch.float32),
+    "out_dtype_bf16_out": dict(out_dtype=torch.bfloat16, out="out"),
+    "residual_in_fp32": dict(residual="r32", residual_in_fp32=True, prenorm=True),
+    "residual_in_fp32_same": dict(residual="r", residual_in_fp32=True, prenorm=True, residual_out="res_out"),
+    "prenorm_sum_is_input": dict(prenorm=True, out_dtype=torch.float32),
+}
+
+
+@pytest.mark.parametrize("is_rms", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", sorted(FUSED_CASES))
+def test_option_calls_without_gradients_run_natively_with_the_general_paths_bits(monkeypatch, case, dtype, is_rms):
+    """A call with fused options and no gradients runs in try_fused (the kernel contract's fused
+    forward in one C++ call): the same outputs, bit for bit, in the same tuple, as the general
+    path (plan_call, route, ops.run; taken here by the same values in a non-contiguous x), the
+    buffers returned as given, and the default generator left in the same state."""
+    shape = (2, 19, 67)
+    t = {"r": randn(shape, dtype, seed=21), "x1": randn(shape, dtype, seed=22),
+         "r32": randn(shape, torch.float32, seed=23), "rs": randn(shape[:-1], torch.float32, seed=24).abs() + 0.5}
+    t["w1"], t["b1"] = params((67,), seed=25)
+    w, b = params((67,), seed=26)
+    opts = dict(FUSED_CASES[case])
+    x = randn(shape, dtype, seed=27)
+
+    def call(xx):
+        kw = {}
+        for k, v in opts.items():
+            if k in ("out", "out1", "residual_out"):
+                out_dtype = opts.get("out_dtype") or dtype
+                sum_dtype = torch.float32 if opts.get("residual_in_fp32") else dtype
+                kw[k] = torch.full(shape, float("nan"), dtype=sum_dtype if k == "residual_out" else out_dtype)
+            else:
+                kw[k] = t[v] if isinstance(v, str) else v
+        torch.manual_seed(99)
+        res = (normkit.rms_norm(xx, (67,), w, bias=b, **kw) if is_rms else normkit.layer_norm(xx, (67,), w, b, **kw))
+        after = torch.rand(3)
+        res = res if isinstance(res, tuple) else (res,)
+        for k in ("out", "out1", "residual_out"):
+            if k in kw:
+                assert any(r is kw[k] for r in res), f"{k} not returned as given"
+        return res, after
+
+    calls = []
+    real_run = ops.run
+    monkeypatch.setattr(ops, "run", lambda *a, **k: calls.append(1) or real_run(*a, **k))
+    with torch.no_grad():
+        fast, fast_after = call(x)
+        assert not calls, f"{case}: the call left the native route"
+        slow, slow_after = call(torch.empty_strided(shape, (1, 2, 2 * 19), dtype=dtype).copy_(x))
+        assert calls, "the general path was not taken"
+    assert len(fast) == len(slow)
+    for a, c in zip(fast, slow):
+        assert (a is None) == (c is None)
+        if a is not None:
+            assert a.dtype == c.dtype and a.shape == c.shape and torch.equal(a, c), case
+    assert torch.equal(fast_after, slow_after)
+    if case == "prenorm_sum_is_input":
+        assert fast[1] is x  # s is the input itself, as the general path returns it
+
+
+@pytest.mark.parametrize("case", ["grad", "dim", "llama", "noncontiguous_x1", "bad_rowscale", "weight1_without_weight",
+                                  "np_rate"])
+def test_option_calls_try_fused_refuses_take_the_general_path(case):
+    """What try_fused does not serve goes to plan_call, which runs it or names the error."""
+    x = randn((4, 6, 8), seed=31)
+    w, b = params((8,), seed=32)
+    w1, b1 = params((8,), seed=33)
+    ext = compiled.extension
+    args = dict(x=x, normalized_shape=(8,), weight=w, bias=b, eps=1e-5, is_rms=False, residual=None, prenorm=False,
+                dropout_p=0.0, residual_in_fp32=False, x1=None, weight1=w1, bias1=b1, rowscale=None,
+                return_dropout_mask=False, out_dtype=None, out=None, out1=None, residual_out=None, dim=None, llama=False)
+    assert ext.try_fused(**args) is not None
+    if case == "grad":
+        args["weight1"] = w1.clone().requires_grad_(True)
+    elif case == "dim":
+        args["dim"] = 2
+    elif case == "llama":
+        args.update(is_rms=True, llama=True)
+    elif case == "noncontiguous_x1":
+        args["x1"] = randn((4, 8, 6), seed=34).transpose(1, 2)
+    elif case == "bad_rowscale":
+        args["rowscale"] = randn((4, 7), seed=35)
+    elif case == "weight1_without_weight":
+        args["weight"] = None
+    elif case == "np_rate":
+        args["dropout_p"] = __import__("numpy").float64(0.1)
+    assert ext.try_fused(**args) is None
+    if case == "bad_rowscale":
+        with pytest.raises(NormShapeError, match="rowscale"):
+            normkit.layer_norm(x, (8,), w, b, rowscale=args["rowscale"])
+    if case == "weight1_without_weight":
+        with pytest.raises(ValueError, match="weight1"):
+            normkit.layer_norm(x, (8,), None, b, weight1=w1)

@@ -9,7 +9,9 @@ ask :func:`route` once, after validation, and run the answer: the compiled C++ c
 ``eager``, ``eager_no_grad``), or a path without normkit's kernels (:mod:`normkit.paths`,
 :mod:`normkit.distributed`). A plain call asks the ``native`` question first, in C++ and before
 validation (:func:`_native_preconditions` + ``normkit._C.try_norm``), since that check is all
-such a call may cost and it accepts only valid calls.
+such a call may cost and it accepts only valid calls; so does a call with fused options and no
+gradients (``normkit._C.try_fused``: the kernel contract's fused forward, as ``eager_no_grad``
+would run it).
 """
 
 from __future__ import annotations
@@ -51,7 +53,9 @@ _environ_get, _ENV_KEY = private.environ_getter(_ENV_VAR)
 ROUTES = {
     "native": "a plain eager call on contiguous CPU tensors: the compiled kernels and their "
     "autograd node, all in C++ (normkit._C.norm), launched straight from here; with dropout "
-    "only without gradients, then the fused kernel, its seed drawn in C++ (normkit._C.try_norm)",
+    "only without gradients, then the fused kernel, its seed drawn in C++ (normkit._C.try_norm); "
+    "a call with fused options on such tensors without gradients, asked first in C++ "
+    "(normkit._C.try_fused)",
     "native_dim": "dim= (or layer_norm_2d) on CPU without other options: normkit._C.norm_dim "
     "normalizes the middle dims in place of a permute (see native_norm_dim)",
     "dtensor": "a DTensor input: run the local shards, re-wrap with the input's placements",
@@ -305,6 +309,13 @@ def fused_norm(x, normalized_shape, weight, bias, eps, is_rms, residual, prenorm
     there, routed here, run in one kernel call. Returns flash-attn's tuple: ``y``, then ``y1``
     (with ``weight1``), ``s`` (with ``prenorm``), ``mask, mask1`` (with
     ``return_dropout_mask``)."""
+    if _native_preconditions():  # route "native" of an option call, checked and run in one C++ call
+        res = _cpu.extension.try_fused(x, normalized_shape, weight, bias, eps, is_rms, residual, prenorm,
+                                       dropout_p if training else 0.0, o.residual_in_fp32, o.x1, o.weight1, o.bias1,
+                                       o.rowscale, o.return_dropout_mask, o.out_dtype, o.out, o.out1, o.residual_out,
+                                       o.dim, is_rms and casting_mode == "llama")
+        if res is not None:
+            return res
     plan = plan_call(x, normalized_shape, weight, bias, eps, is_rms, residual, prenorm, dropout_p, training, o)
     llama = is_rms and casting_mode == "llama"
     k, nd = len(plan.shape), x.dim()

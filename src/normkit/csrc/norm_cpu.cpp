@@ -14,6 +14,7 @@
 //    differentiable ATen ops (double backward).
 #include <ATen/Parallel.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
+#include <torch/csrc/Dtype.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/jit/frontend/tracer.h>
 #include <torch/extension.h>
@@ -196,7 +197,7 @@ std::vector<Tensor> norm(const Tensor& x_in, int64_t n, const c10::optional<Tens
 // only Python knows: torch.compile, torch.func transforms, forward AD and the backend choice.)
 struct NativeCall {
   Tensor x;
-  int64_t n = 1;
+  int64_t n = 1, k = 1;  // the normalized dims' numel and count
   c10::optional<Tensor> w, b, r;
   double eps = 0.0;
   double dropout_p = 0.0;  // > 0 only where parse_native_call was asked to allow it
@@ -212,6 +213,21 @@ bool exact_int(PyObject* o, int64_t& out) {
     return false;
   }
   out = v;
+  return true;
+}
+
+// A gain or bias: None, or a torch.Tensor / nn.Parameter on the CPU of a kernel dtype and of the
+// normalized shape.
+bool parse_param(py::handle obj, at::IntArrayRef shape, c10::optional<Tensor>& out) {
+  if (obj.is_none()) return true;
+  if (!THPVariable_Check(obj.ptr())) return false;
+  PyTypeObject* t = Py_TYPE(obj.ptr());
+  if (t != reinterpret_cast<PyTypeObject*>(THPVariableClass) && t != reinterpret_cast<PyTypeObject*>(ParameterClass))
+    return false;
+  const Tensor& p = THPVariable_Unpack(obj.ptr());
+  if (!p.device().is_cpu() || p.layout() != at::kStrided || !is_kernel_dtype(p.scalar_type()) || p.sizes() != shape)
+    return false;
+  out = p;
   return true;
 }
 
@@ -251,19 +267,8 @@ bool parse_native_call(py::handle x_obj, py::handle shape_obj, py::handle w_obj,
   if (x.sizes().slice(x.dim() - k) != shape) return false;
   int64_t n = 1;
   for (int64_t i = 0; i < k; ++i) n *= dims[i];  // x's sizes: the product is at most x.numel()
-  auto param = [&](py::handle obj, c10::optional<Tensor>& out) {
-    if (obj.is_none()) return true;
-    if (!THPVariable_Check(obj.ptr())) return false;
-    PyTypeObject* t = Py_TYPE(obj.ptr());
-    if (t != tensor_type && t != reinterpret_cast<PyTypeObject*>(ParameterClass)) return false;
-    const Tensor& p = THPVariable_Unpack(obj.ptr());
-    if (!p.device().is_cpu() || p.layout() != at::kStrided || !is_kernel_dtype(p.scalar_type()) || p.sizes() != shape)
-      return false;
-    out = p;
-    return true;
-  };
   c10::optional<Tensor> w, b, r;
-  if (!param(w_obj, w) || !param(b_obj, b)) return false;
+  if (!parse_param(w_obj, shape, w) || !parse_param(b_obj, shape, b)) return false;
   if (!r_obj.is_none()) {
     if (Py_TYPE(r_obj.ptr()) != tensor_type) return false;
     const Tensor& rt = THPVariable_Unpack(r_obj.ptr());
@@ -275,6 +280,7 @@ bool parse_native_call(py::handle x_obj, py::handle shape_obj, py::handle w_obj,
   if (c10::impl::TorchDispatchModeTLS::stack_len() != 0 || torch::jit::tracer::isTracing()) return false;
   call.x = x;
   call.n = n;
+  call.k = k;
   call.w = w;
   call.b = b;
   call.r = r;
@@ -288,16 +294,20 @@ bool parse_native_call(py::handle x_obj, py::handle shape_obj, py::handle w_obj,
 // (at::get_overlap_status says so, not "too hard") with x, the residual, the gain, the bias or
 // `other` (the other buffer, may be undefined). False for anything else: the general path then
 // fills it, or names the error.
-bool parse_buffer(py::handle obj, const NativeCall& c, const Tensor& other, Tensor& out) {
+// (dtype: the buffer's, x's by default; `more`: further tensors it must not share memory with.)
+bool parse_buffer(py::handle obj, const NativeCall& c, const Tensor& other, Tensor& out,
+                  c10::optional<at::ScalarType> dtype = c10::nullopt, std::initializer_list<Tensor> more = {}) {
   if (Py_TYPE(obj.ptr()) != reinterpret_cast<PyTypeObject*>(THPVariableClass)) return false;
   const Tensor& t = THPVariable_Unpack(obj.ptr());
-  if (!t.device().is_cpu() || t.layout() != at::kStrided || t.scalar_type() != c.x.scalar_type() ||
+  if (!t.device().is_cpu() || t.layout() != at::kStrided || t.scalar_type() != dtype.value_or(c.x.scalar_type()) ||
       t.sizes() != c.x.sizes() || !t.is_contiguous() || t.is_neg() || t.is_conj() || t.requires_grad())
     return false;
   auto apart = [&](const Tensor& read) { return !read.defined() || at::get_overlap_status(t, read) == at::MemOverlapStatus::No; };
   if (!apart(c.x) || !apart(c.r.value_or(Tensor())) || !apart(c.w.value_or(Tensor())) || !apart(c.b.value_or(Tensor())) ||
       !apart(other))
     return false;
+  for (const Tensor& read : more)
+    if (!apart(read)) return false;
   out = t;
   return true;
 }
@@ -354,6 +364,113 @@ py::object try_norm(py::handle x_obj, py::handle shape_obj, py::handle w_obj, py
   auto out = norm(c.x, c.n, c.w, c.b, c.eps, is_rms, c.r, prenorm, y_buf, s_buf);
   if (!prenorm) return py::cast(out[0]);
   return py::make_tuple(out[0], c.r.has_value() ? out[1] : c.x);
+}
+
+// The native route of a call with flash-attn's options (dispatch.fused_norm) in one C++ call,
+// as try_norm is for a plain call: the Python path around the kernel costs 15-40 us on a small
+// call, and 0.2-0.4 ms after a large one (its code and data evicted by the call's streams).
+// Accepts only calls it checks completely, each as plan_call would accept it: parse_native_call's
+// checks (the trailing dims normalized; a float dropout rate in [0, 1), 0 when not training),
+// bool flags, no dim=, not casting_mode="llama", a residual of x's dtype (or float32 with
+// residual_in_fp32), x1 like x, weight1 / bias1 like weight, a rowscale of x's leading shape
+// (not with x1), out_dtype None or a kernel dtype, buffers as try_norm's (contiguous, of the
+// result's dtype, apart from every input and each other), and nothing needing gradients (the
+// general path builds the autograd node). Runs the fused kernel on the (rows, n) views, the
+// dropout seed drawn only with dropout, as ops.run's "eager_no_grad" draws it, and returns
+// flash-attn's tuple: y, then y1 (weight1), s (prenorm), mask, mask1 (return_dropout_mask); y
+// alone when that is all. None for any other call, with no Python error pending.
+py::object try_fused(py::handle x_obj, py::handle shape_obj, py::handle w_obj, py::handle b_obj, py::handle eps_obj,
+                     py::handle is_rms_obj, py::handle r_obj, py::handle prenorm_obj, py::handle dropout_obj,
+                     py::handle fp32_obj, py::handle x1_obj, py::handle w1_obj, py::handle b1_obj,
+                     py::handle rowscale_obj, py::handle mask_obj, py::handle out_dtype_obj, py::handle out_obj,
+                     py::handle out1_obj, py::handle residual_out_obj, py::handle dim_obj, py::handle llama_obj) {
+  const bool is_rms = arg_bool(is_rms_obj, "is_rms");  // normkit's own flags, not the user's
+  if (arg_bool(llama_obj, "llama") || !dim_obj.is_none()) return py::none();
+  for (py::handle flag : {prenorm_obj, fp32_obj, mask_obj})
+    if (!PyBool_Check(flag.ptr())) return py::none();
+  const bool prenorm = prenorm_obj.ptr() == Py_True, in_fp32 = fp32_obj.ptr() == Py_True;
+  const bool want_masks = mask_obj.ptr() == Py_True;
+  NativeCall c;
+  if (!parse_native_call(x_obj, shape_obj, w_obj, b_obj, eps_obj, py::none(), dropout_obj, true, c)) return py::none();
+  auto* tensor_type = reinterpret_cast<PyTypeObject*>(THPVariableClass);
+  const auto dt = c.x.scalar_type();
+  const int64_t rows = c.x.numel() / c.n;
+  auto exact = [&](py::handle obj, Tensor& out) {  // an exact torch.Tensor, contiguous and on the CPU
+    if (Py_TYPE(obj.ptr()) != tensor_type) return false;
+    out = THPVariable_Unpack(obj.ptr());
+    return out.device().is_cpu() && out.layout() == at::kStrided && out.is_contiguous() && !out.is_neg() &&
+           !out.is_conj();
+  };
+  if (!r_obj.is_none()) {  // x's dtype, or float32 with residual_in_fp32
+    Tensor r;
+    if (!exact(r_obj, r) || r.sizes() != c.x.sizes() || !(r.scalar_type() == dt || (in_fp32 && r.scalar_type() == at::kFloat)))
+      return py::none();
+    c.r = r;
+  }
+  Tensor x1, rowscale;
+  if (!x1_obj.is_none() && !(exact(x1_obj, x1) && x1.scalar_type() == dt && x1.sizes() == c.x.sizes())) return py::none();
+  const auto lead = c.x.sizes().slice(0, c.x.dim() - c.k), shape = c.x.sizes().slice(c.x.dim() - c.k);
+  c10::optional<Tensor> w1, b1;
+  if (!parse_param(w1_obj, shape, w1) || !parse_param(b1_obj, shape, b1)) return py::none();
+  if ((w1 && !c.w) || (b1 && !w1)) return py::none();  // plan_call names the error
+  if (!rowscale_obj.is_none() &&
+      (x1.defined() || !exact(rowscale_obj, rowscale) || !is_kernel_dtype(rowscale.scalar_type()) ||
+       rowscale.sizes() != lead))
+    return py::none();
+  at::ScalarType odt = dt;
+  if (!out_dtype_obj.is_none()) {
+    if (!THPDtype_Check(out_dtype_obj.ptr())) return py::none();
+    odt = reinterpret_cast<THPDtype*>(out_dtype_obj.ptr())->scalar_type;
+    if (!is_kernel_dtype(odt)) return py::none();
+  }
+  const at::ScalarType base = c.r ? c.r->scalar_type() : dt;
+  const at::ScalarType sdt = in_fp32 ? at::promote_types(base, at::kFloat) : base;
+  auto opt = [](const Tensor& t) { return t.defined() ? c10::optional<Tensor>(t) : c10::nullopt; };
+  if (grad_needed(c.x, c.r, c.w, c.b, opt(x1), w1, b1, opt(rowscale))) return py::none();
+  const Tensor w1t = w1.value_or(Tensor()), b1t = b1.value_or(Tensor());
+  Tensor y_buf, y1_buf, s_buf;
+  if (!residual_out_obj.is_none() &&
+      !(prenorm && parse_buffer(residual_out_obj, c, Tensor(), s_buf, sdt, {x1, w1t, b1t, rowscale})))
+    return py::none();
+  if (!out1_obj.is_none() && !(w1 && parse_buffer(out1_obj, c, s_buf, y1_buf, odt, {x1, w1t, b1t, rowscale})))
+    return py::none();
+  if (!out_obj.is_none() && !parse_buffer(out_obj, c, s_buf, y_buf, odt, {x1, w1t, b1t, rowscale, y1_buf}))
+    return py::none();
+
+  const int64_t seed =
+      c.dropout_p > 0.0 ? at::randint(0, 2147483647, {}, at::TensorOptions().dtype(at::kLong)).item<int64_t>() : 0;
+  auto rows_view = [&](const Tensor& t) -> c10::optional<Tensor> {
+    if (!t.defined()) return c10::nullopt;
+    return t.view({rows, c.n});
+  };
+  auto param = [&](const c10::optional<Tensor>& t) -> c10::optional<Tensor> {
+    if (!t.has_value()) return c10::nullopt;
+    return t->reshape({c.n}).contiguous();
+  };
+  const Tensor x2 = c.x.view({rows, c.n});
+  auto res = fused::fused_forward(
+      x2, rows_view(c.r.value_or(Tensor())), rows_view(x1),
+      rowscale.defined() ? c10::optional<Tensor>(rowscale.view({rows})) : c10::nullopt, param(c.w), param(c.b),
+      param(w1), param(b1), c.eps, is_rms, c.dropout_p, seed, sdt, odt, prenorm, want_masks, rows_view(y_buf),
+      rows_view(y1_buf), rows_view(s_buf));
+  auto shaped = [&](const Tensor& buf, const Tensor& t) -> py::object {
+    if (buf.defined()) return py::cast(buf);
+    if (!t.defined()) return py::none();
+    return py::cast(t.view(c.x.sizes()));
+  };
+  std::vector<py::object> outs{shaped(y_buf, res[0])};
+  if (w1) outs.push_back(shaped(y1_buf, res[1]));
+  if (prenorm) outs.push_back(s_buf.defined() ? py::cast(s_buf)
+                              : res[2].is_same(x2) ? py::reinterpret_borrow<py::object>(x_obj)  // s is x itself
+                                                   : shaped(Tensor(), res[2]));
+  if (want_masks) {
+    outs.push_back(shaped(Tensor(), res[5]));
+    outs.push_back(shaped(Tensor(), res[6]));
+  }
+  if (outs.size() == 1) return outs[0];
+  py::tuple t(outs.size());
+  for (size_t k = 0; k < outs.size(); ++k) t[k] = outs[k];
+  return t;
 }
 
 bool accepts(py::handle x_obj, py::handle shape_obj, py::handle w_obj, py::handle b_obj, py::handle eps_obj,
@@ -429,6 +546,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "the eager call with autograd: [y], or [y, s] with a residual (without autograd: when prenorm)",
         py::arg("x"), py::arg("n"), py::arg("weight"), py::arg("bias"), py::arg("eps"), py::arg("is_rms"),
         py::arg("residual"), py::arg("prenorm") = true);
+  m.def("try_fused", &normkit::try_fused,
+        "the native route of a call with fused options: run it and return its outputs, or None for a call it "
+        "does not serve",
+        py::arg("x"), py::arg("normalized_shape"), py::arg("weight"), py::arg("bias"), py::arg("eps"),
+        py::arg("is_rms"), py::arg("residual"), py::arg("prenorm"), py::arg("dropout_p"), py::arg("residual_in_fp32"),
+        py::arg("x1"), py::arg("weight1"), py::arg("bias1"), py::arg("rowscale"), py::arg("return_dropout_mask"),
+        py::arg("out_dtype"), py::arg("out"), py::arg("out1"), py::arg("residual_out"), py::arg("dim"),
+        py::arg("llama"));
   m.def("accepts", &normkit::accepts, "whether try_norm would run this call (its checks only)");
   m.def("try_norm", &normkit::try_norm,
         "the native route: y, (y, s), or None when the call is not one it serves; out / residual_out: buffers "
