@@ -312,13 +312,26 @@ bool parse_buffer(py::handle obj, const NativeCall& c, const Tensor& other, Tens
   return true;
 }
 
-// A dropout call without gradients (try_norm): the fused kernel (normkit.contract) on the
-// (rows, n) views, its seed drawn from torch's default generator as
-// normkit.reference.draw_dropout_seed draws it (one randint in [0, 2^31 - 1)), so that
-// torch.manual_seed gives the same masks, and leaves the generator in the same state, as the
-// Python path (ops.run's "eager_no_grad") would. y_buf / s_buf: out= / residual_out= or undefined.
-py::object dropout_call(const NativeCall& c, bool is_rms, bool prenorm, const Tensor& y_buf, const Tensor& s_buf) {
-  const int64_t seed = at::randint(0, 2147483647, {}, at::TensorOptions().dtype(at::kLong)).item<int64_t>();
+// What a call has beyond NativeCall, for the fused kernel: try_fused's options, or nothing but
+// the buffers for try_norm's dropout call.
+struct FusedExtras {
+  Tensor x1, rowscale;
+  c10::optional<Tensor> w1, b1;
+  c10::optional<at::ScalarType> sum_dtype, out_dtype;  // x's dtype where not given
+  bool want_masks = false;
+  Tensor y_buf, y1_buf, s_buf;  // out=, out1=, residual_out= (undefined where not given)
+};
+
+// The fused kernel (normkit.contract) on the (rows, n) views of a call try_norm or try_fused
+// accepted, as ops.run's "eager_no_grad" runs it: with dropout, its seed drawn from torch's
+// default generator as normkit.reference.draw_dropout_seed draws it (one randint in
+// [0, 2^31 - 1)), so torch.manual_seed gives the same masks and leaves the generator in the
+// same state as the Python path. Returns flash-attn's outputs: y, then y1 (weight1), s
+// (prenorm: the buffer, x itself where no sum is formed, or the kernel's), mask, mask1
+// (want_masks); y alone when that is all.
+py::object run_fused(py::handle x_obj, const NativeCall& c, const FusedExtras& e, bool is_rms, bool prenorm) {
+  const int64_t seed =
+      c.dropout_p > 0.0 ? at::randint(0, 2147483647, {}, at::TensorOptions().dtype(at::kLong)).item<int64_t>() : 0;
   const int64_t rows = c.x.numel() / c.n;
   auto rows_view = [&](const Tensor& t) -> c10::optional<Tensor> {
     if (!t.defined()) return c10::nullopt;
@@ -328,13 +341,31 @@ py::object dropout_call(const NativeCall& c, bool is_rms, bool prenorm, const Te
     if (!t.has_value()) return c10::nullopt;
     return t->reshape({c.n}).contiguous();
   };
+  const Tensor x2 = c.x.view({rows, c.n});
   const auto dt = c.x.scalar_type();
-  auto res = fused::fused_forward(*rows_view(c.x), rows_view(c.r.value_or(Tensor())), c10::nullopt, c10::nullopt,
-                                  param(c.w), param(c.b), c10::nullopt, c10::nullopt, c.eps, is_rms, c.dropout_p, seed,
-                                  dt, dt, prenorm, false, rows_view(y_buf), c10::nullopt, rows_view(s_buf));
-  const Tensor y = y_buf.defined() ? y_buf : res[0].view(c.x.sizes());
-  if (!prenorm) return py::cast(y);
-  return py::make_tuple(y, s_buf.defined() ? s_buf : res[2].view(c.x.sizes()));
+  auto res = fused::fused_forward(
+      x2, rows_view(c.r.value_or(Tensor())), rows_view(e.x1),
+      e.rowscale.defined() ? c10::optional<Tensor>(e.rowscale.view({rows})) : c10::nullopt, param(c.w), param(c.b),
+      param(e.w1), param(e.b1), c.eps, is_rms, c.dropout_p, seed, e.sum_dtype.value_or(dt), e.out_dtype.value_or(dt),
+      prenorm, e.want_masks, rows_view(e.y_buf), rows_view(e.y1_buf), rows_view(e.s_buf));
+  auto shaped = [&](const Tensor& buf, const Tensor& t) -> py::object {
+    if (buf.defined()) return py::cast(buf);
+    if (!t.defined()) return py::none();
+    return py::cast(t.view(c.x.sizes()));
+  };
+  std::vector<py::object> outs{shaped(e.y_buf, res[0])};
+  if (e.w1) outs.push_back(shaped(e.y1_buf, res[1]));
+  if (prenorm)
+    outs.push_back(!e.s_buf.defined() && res[2].is_same(x2) ? py::reinterpret_borrow<py::object>(x_obj)  // s is x
+                                                             : shaped(e.s_buf, res[2]));
+  if (e.want_masks) {
+    outs.push_back(shaped(Tensor(), res[5]));
+    outs.push_back(shaped(Tensor(), res[6]));
+  }
+  if (outs.size() == 1) return outs[0];
+  py::tuple t(outs.size());
+  for (size_t k = 0; k < outs.size(); ++k) t[k] = outs[k];
+  return t;
 }
 
 py::object try_norm(py::handle x_obj, py::handle shape_obj, py::handle w_obj, py::handle b_obj, py::handle eps_obj,
@@ -360,7 +391,12 @@ py::object try_norm(py::handle x_obj, py::handle shape_obj, py::handle w_obj, py
       return py::none();
     if (!out_obj.is_none() && !parse_buffer(out_obj, c, s_buf, y_buf)) return py::none();
   }
-  if (drop) return dropout_call(c, is_rms, prenorm, y_buf, s_buf);
+  if (drop) {  // the fused kernel (its dropout), nothing else of the options
+    FusedExtras e;
+    e.y_buf = y_buf;
+    e.s_buf = s_buf;
+    return run_fused(x_obj, c, e, is_rms, prenorm);
+  }
   auto out = norm(c.x, c.n, c.w, c.b, c.eps, is_rms, c.r, prenorm, y_buf, s_buf);
   if (!prenorm) return py::cast(out[0]);
   return py::make_tuple(out[0], c.r.has_value() ? out[1] : c.x);
@@ -394,7 +430,6 @@ py::object try_fused(py::handle x_obj, py::handle shape_obj, py::handle w_obj, p
   if (!parse_native_call(x_obj, shape_obj, w_obj, b_obj, eps_obj, py::none(), dropout_obj, true, c)) return py::none();
   auto* tensor_type = reinterpret_cast<PyTypeObject*>(THPVariableClass);
   const auto dt = c.x.scalar_type();
-  const int64_t rows = c.x.numel() / c.n;
   auto exact = [&](py::handle obj, Tensor& out) {  // an exact torch.Tensor, contiguous and on the CPU
     if (Py_TYPE(obj.ptr()) != tensor_type) return false;
     out = THPVariable_Unpack(obj.ptr());
@@ -437,40 +472,8 @@ py::object try_fused(py::handle x_obj, py::handle shape_obj, py::handle w_obj, p
   if (!out_obj.is_none() && !parse_buffer(out_obj, c, s_buf, y_buf, odt, {x1, w1t, b1t, rowscale, y1_buf}))
     return py::none();
 
-  const int64_t seed =
-      c.dropout_p > 0.0 ? at::randint(0, 2147483647, {}, at::TensorOptions().dtype(at::kLong)).item<int64_t>() : 0;
-  auto rows_view = [&](const Tensor& t) -> c10::optional<Tensor> {
-    if (!t.defined()) return c10::nullopt;
-    return t.view({rows, c.n});
-  };
-  auto param = [&](const c10::optional<Tensor>& t) -> c10::optional<Tensor> {
-    if (!t.has_value()) return c10::nullopt;
-    return t->reshape({c.n}).contiguous();
-  };
-  const Tensor x2 = c.x.view({rows, c.n});
-  auto res = fused::fused_forward(
-      x2, rows_view(c.r.value_or(Tensor())), rows_view(x1),
-      rowscale.defined() ? c10::optional<Tensor>(rowscale.view({rows})) : c10::nullopt, param(c.w), param(c.b),
-      param(w1), param(b1), c.eps, is_rms, c.dropout_p, seed, sdt, odt, prenorm, want_masks, rows_view(y_buf),
-      rows_view(y1_buf), rows_view(s_buf));
-  auto shaped = [&](const Tensor& buf, const Tensor& t) -> py::object {
-    if (buf.defined()) return py::cast(buf);
-    if (!t.defined()) return py::none();
-    return py::cast(t.view(c.x.sizes()));
-  };
-  std::vector<py::object> outs{shaped(y_buf, res[0])};
-  if (w1) outs.push_back(shaped(y1_buf, res[1]));
-  if (prenorm) outs.push_back(s_buf.defined() ? py::cast(s_buf)
-                              : res[2].is_same(x2) ? py::reinterpret_borrow<py::object>(x_obj)  // s is x itself
-                                                   : shaped(Tensor(), res[2]));
-  if (want_masks) {
-    outs.push_back(shaped(Tensor(), res[5]));
-    outs.push_back(shaped(Tensor(), res[6]));
-  }
-  if (outs.size() == 1) return outs[0];
-  py::tuple t(outs.size());
-  for (size_t k = 0; k < outs.size(); ++k) t[k] = outs[k];
-  return t;
+  FusedExtras e{x1, rowscale, w1, b1, sdt, odt, want_masks, y_buf, y1_buf, s_buf};
+  return run_fused(x_obj, c, e, is_rms, prenorm);
 }
 
 bool accepts(py::handle x_obj, py::handle shape_obj, py::handle w_obj, py::handle b_obj, py::handle eps_obj,

@@ -383,19 +383,19 @@ NORMKIT_INLINE vec_t<Acc, B> round_vec(vec_t<Acc, B> v) {
 template <int Bytes>
 NORMKIT_INLINE void stream_vector(void* p, const void* v) {
 #if defined(__SSE2__)
-  if constexpr (Bytes == 64) {
 #if defined(NORMKIT_WIDE)
+  if constexpr (Bytes == 64) {
     typedef float f32x16 __attribute__((vector_size(64)));
     f32x16 q;
     std::memcpy(&q, v, 64);
     __builtin_ia32_movntps512(static_cast<float*>(p), q);  // a builtin, not the intrinsic: no target check here
+    return;
+  }
 #endif
-  } else {
-    for (int k = 0; k < Bytes / 16; ++k) {
-      __m128i q;
-      std::memcpy(&q, static_cast<const char*>(v) + 16 * k, 16);
-      _mm_stream_si128(static_cast<__m128i*>(p) + k, q);
-    }
+  for (int k = 0; k < Bytes / 16; ++k) {
+    __m128i q;
+    std::memcpy(&q, static_cast<const char*>(v) + 16 * k, 16);
+    _mm_stream_si128(static_cast<__m128i*>(p) + k, q);
   }
 #else
   std::memcpy(p, v, Bytes);
