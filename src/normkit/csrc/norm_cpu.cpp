@@ -190,7 +190,7 @@ std::vector<Tensor> norm(const Tensor& x_in, int64_t n, const c10::optional<Tens
 // compiled path serves (exact torch.Tensor input, contiguous, strided, on the CPU, a kernel
 // dtype, a normalized_shape matching its trailing dims, matching gain / bias / residual, a
 // finite float eps >= 0, no dropout (or, without gradients, a float rate in (0, 1): the fused
-// kernel, dropout_call), a bool prenorm, no TorchDispatchMode, not jit-tracing) and
+// kernel, run_fused), a bool prenorm, no TorchDispatchMode, not jit-tracing) and
 // runs it, returning y or (y, s); returns None for any other call, which then takes the
 // validated general path (whose errors name the argument). Nothing here raises for a call it
 // does not understand, and no Python error is left pending. (The Python side asks first what
@@ -403,8 +403,9 @@ py::object try_norm(py::handle x_obj, py::handle shape_obj, py::handle w_obj, py
 }
 
 // The native route of a call with flash-attn's options (dispatch.fused_norm) in one C++ call,
-// as try_norm is for a plain call: the Python path around the kernel costs 15-40 us on a small
-// call, and 0.2-0.4 ms after a large one (its code and data evicted by the call's streams).
+// as try_norm is for a plain call: the Python path around the kernel cost 14-52 us on a small
+// call (benchmarks/results/call-overhead-2026-12-07d-before-amd-epyc.json), and 0.2-0.4 ms
+// after a large one (its code and data evicted by the call's streams; printed, BENCHMARKS.md).
 // Accepts only calls it checks completely, each as plan_call would accept it: parse_native_call's
 // checks (the trailing dims normalized; a float dropout rate in [0, 1), 0 when not training),
 // bool flags, no dim=, not casting_mode="llama", a residual of x's dtype (or float32 with
