@@ -42,8 +42,8 @@ def tensors(rows: int, n: int) -> Dict[str, torch.Tensor]:
     t = {k: torch.randn(rows, n, generator=g) for k in ("x", "r", "x1")}
     t.update(w=torch.randn(n, generator=g), b=torch.randn(n, generator=g), rs=torch.rand(rows, generator=g) + 0.5,
              w1=torch.randn(n, generator=g), y=torch.empty(rows, n), y1=torch.empty(rows, n), s=torch.empty(rows, n),
-             y16=torch.empty(rows, n, dtype=BF16))
-    t.update(x16=t["x"].bfloat16(), r16=t["r"].bfloat16())
+             y16=torch.empty(rows, n, dtype=BF16), y16_1=torch.empty(rows, n, dtype=BF16))
+    t.update(x16=t["x"].bfloat16(), r16=t["r"].bfloat16(), x1_16=t["x1"].bfloat16())
     return t
 
 
@@ -68,6 +68,10 @@ def calls(C, t: Dict[str, torch.Tensor]) -> Dict[str, Callable[[], object]]:
         "LN bf16 dropout 0.1": (fwd(t["x16"], None, None, None, w, b, False, 0.1, BF16, False, y16), y16),
         "LN bf16 residual_in_fp32, prenorm": (fwd(t["x16"], t["r16"], None, None, w, b, False, 0.0, BF16, True, y16, s),
                                               y16),
+        "LN bf16 + residual + x1": (fwd(t["x16"], t["r16"], t["x1_16"], None, w, b, False, 0.0, BF16, False, y16), y16),
+        "LN bf16 + residual + rowscale": (fwd(t["x16"], t["r16"], None, rs, w, b, False, 0.0, BF16, False, y16), y16),
+        "LN bf16 + weight1/bias1": (fwd(t["x16"], None, None, None, w, b, False, 0.0, BF16, False, y16, w1=t["w1"],
+                                        y1=t["y16_1"]), y16),
         "RMS": (fwd(x, None, None, None, w, None, True, 0.0, F32, False, y), y),
         "RMS dropout 0.1": (fwd(x, None, None, None, w, None, True, 0.1, F32, False, y), y),
     }

@@ -131,6 +131,18 @@ inline bool set_wide_vectors(bool on) {
   return wide_vectors_flag().exchange(on);
 }
 
+// Whether the option loop may round its bfloat16 outputs with AVX-512 BF16's conversion
+// (row_math.h store_bf16_cvt): where the CPU has it and the wide code is on (set_wide_vectors
+// turns both off: the tests compare each call's bits both ways).
+inline bool bf16_vectors() {
+#if defined(NORMKIT_WIDE)
+  static const bool has = __builtin_cpu_supports("avx512bf16") != 0;
+  return has && wide_vectors();
+#else
+  return false;
+#endif
+}
+
 // The dtype statistics and accumulations use: double for double input, else float.
 inline at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 

@@ -5,11 +5,12 @@
 // written in the loop that forms the next row. The options are run-time fields of the loop (a
 // predictable test per vector), so one instantiation per dtype set (T, R, S) serves every
 // option mix: 9 dtype sets (float32 throughout; bfloat16 x with its own or a float32 residual
-// and sum; float16 x with a float32 sum), each for a float32 y. Two switches are template
+// and sum; float16 x with a float32 sum), each for a float32 y, and the float32 / bfloat16 ones
+// for a bfloat16 y, in code for CPUs with AVX-512 BF16 only. Two switches are template
 // arguments, by measurement: dropout (its hash and tests; 0.90x the time of the run-time
 // switch, 1 thread, in cache and from DRAM, Zen 4) and the streaming stores (tested in every
-// store): 30 instantiations in all. Other calls (RMS norm, whose rows
-// do not overlap; float64; a bfloat16 / float16 y) take fused_cpu.cpp's row passes, measured
+// store). Other calls (RMS norm, whose rows do not overlap; float64; a float16 y; a bfloat16
+// y with weight1 or on a CPU without AVX-512 BF16) take fused_cpu.cpp's row passes, measured
 // faster for them (option_rows).
 #include <torch/extension.h>
 
@@ -32,30 +33,41 @@ using fused::Tensor;
 // (x * rowscale) + r once).
 #pragma GCC push_options
 #pragma GCC optimize("fp-contract=off")
-template <typename T, typename R, typename S, bool Formed, bool Drop, bool Stream>
-NORMKIT_CLONES void opt_pass_narrow(const fused::OptFwdArgs<T, R, S>& a, int64_t lo, int64_t hi, float* buf) {
-  fused::opt_rows<T, R, S, Formed, Drop, Stream>(a, lo, hi, buf);
+template <typename T, typename R, typename S, typename O, bool Formed, bool Drop, bool Stream>
+NORMKIT_CLONES void opt_pass_narrow(const fused::OptFwdArgs<T, R, S, O>& a, int64_t lo, int64_t hi, float* buf) {
+  fused::opt_rows<T, R, S, O, Formed, Drop, Stream>(a, lo, hi, buf);
 }
 #if defined(NORMKIT_WIDE)
 // The loop with 64-byte vectors: AVX-512 code only, run where wide_vectors() says so.
-template <typename T, typename R, typename S, bool Formed, bool Drop, bool Stream>
-NORMKIT_WIDE_TARGET void opt_pass_wide(const fused::OptFwdArgs<T, R, S>& a, int64_t lo, int64_t hi, float* buf) {
-  fused::opt_rows<T, R, S, Formed, Drop, Stream, 64>(a, lo, hi, buf);
+template <typename T, typename R, typename S, typename O, bool Formed, bool Drop, bool Stream>
+NORMKIT_WIDE_TARGET void opt_pass_wide(const fused::OptFwdArgs<T, R, S, O>& a, int64_t lo, int64_t hi, float* buf) {
+  fused::opt_rows<T, R, S, O, Formed, Drop, Stream, 64>(a, lo, hi, buf);
+}
+// The loop with a bfloat16 y rounded by vcvtneps2bf16 (store_bf16_cvt): AVX-512 BF16 code only,
+// run where bf16_vectors() says so.
+template <typename T, typename R, typename S, typename O, bool Formed, bool Drop, bool Stream>
+NORMKIT_BF16_TARGET void opt_pass_cvt(const fused::OptFwdArgs<T, R, S, O>& a, int64_t lo, int64_t hi, float* buf) {
+  fused::opt_rows<T, R, S, O, Formed, Drop, Stream, 32, true>(a, lo, hi, buf);
 }
 #endif
 #pragma GCC pop_options
 
-template <typename T, typename R, typename S, bool Formed, bool Drop, bool Stream, bool Wide>
-void opt_pass(const fused::OptFwdArgs<T, R, S>& a, int64_t lo, int64_t hi, float* buf) {
+// Which code a pass runs: the 32-byte loop (every x86-64), the 64-byte loop, or the 32-byte
+// loop whose bfloat16 y is rounded by vcvtneps2bf16.
+enum class Code { narrow, wide, cvt };
+
+template <typename T, typename R, typename S, typename O, bool Formed, bool Drop, bool Stream, Code K>
+void opt_pass(const fused::OptFwdArgs<T, R, S, O>& a, int64_t lo, int64_t hi, float* buf) {
 #if defined(NORMKIT_WIDE)
-  if constexpr (Wide) return opt_pass_wide<T, R, S, Formed, Drop, Stream>(a, lo, hi, buf);
+  if constexpr (K == Code::wide) return opt_pass_wide<T, R, S, O, Formed, Drop, Stream>(a, lo, hi, buf);
+  if constexpr (K == Code::cvt) return opt_pass_cvt<T, R, S, O, Formed, Drop, Stream>(a, lo, hi, buf);
 #endif
-  opt_pass_narrow<T, R, S, Formed, Drop, Stream>(a, lo, hi, buf);
+  opt_pass_narrow<T, R, S, O, Formed, Drop, Stream>(a, lo, hi, buf);
 }
 
 float* align_to_line(float* p) { return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t(63)); }
 
-template <typename T, typename R, typename S, bool Formed>
+template <typename T, typename R, typename S, typename O, bool Formed>
 void option_forward(const fused::FwdCall& c) {
   using fused::data_or_null;
   using fused::param_or;
@@ -69,13 +81,13 @@ void option_forward(const fused::FwdCall& c) {
   const DropStream d0 = drop ? DropStream(c.seed, 0, n, c.dropout_p) : DropStream();
   const DropStream d1 = drop && c.x1.defined() ? DropStream(c.seed, 1, n, c.dropout_p) : DropStream();
 
-  fused::OptFwdArgs<T, R, S> a{};
+  fused::OptFwdArgs<T, R, S, O> a{};
   a.x = c.x.const_data_ptr<T>();
   a.x1 = data_or_null<const T>(c.x1);
   a.r = data_or_null<const R>(c.residual);
   a.s = data_or_null<S>(c.s);
-  a.y = data_or_null<float>(c.y);
-  a.y1 = data_or_null<float>(c.y1);
+  a.y = data_or_null<O>(c.y);
+  a.y1 = data_or_null<O>(c.y1);
   a.w = w.const_data_ptr<float>();
   a.b = b.const_data_ptr<float>();
   a.w1 = data_or_null<const float>(w1);
@@ -92,9 +104,9 @@ void option_forward(const fused::FwdCall& c) {
   a.eps = static_cast<float>(c.eps);
   // every stream of the call, per element: past outputs_stream the outputs are streamed
   const int64_t elem_bytes = sizeof(T) * (a.x1 ? 2 : 1) + (a.r ? sizeof(R) : 0) + (a.s ? sizeof(S) : 0) +
-                             sizeof(float) * (a.y1 ? 2 : 1) + (a.mask ? 1 : 0) + (a.mask1 ? 1 : 0);
-  const bool stream = outputs_stream(rows * n * elem_bytes) && can_stream<float, float>(a.y, n) &&
-                      (!a.y1 || can_stream<float, float>(a.y1, n)) && (!a.s || can_stream<S, float>(a.s, n));
+                             sizeof(O) * (a.y1 ? 2 : 1) + (a.mask ? 1 : 0) + (a.mask1 ? 1 : 0);
+  const bool stream = outputs_stream(rows * n * elem_bytes) && can_stream<O, float>(a.y, n) &&
+                      (!a.y1 || can_stream<O, float>(a.y1, n)) && (!a.s || can_stream<S, float>(a.s, n));
   // The wide loop (64-byte vectors, where the CPU has AVX-512) for dropout on x alone, one
   // stream in and one out: the hash makes that loop compute-bound, and 16 lanes a vector halve
   // its instructions. Against the 32-byte loop (Zen 4, 4096 x 2048 from DRAM, builds alternated
@@ -104,23 +116,28 @@ void option_forward(const fused::FwdCall& c) {
   // and in a harness a residual 0.85-0.88x and x1 0.90x (cause not found). Its streamed float32
   // stores are 64 bytes: y's rows (and s's) must start on 64-byte lines.
   const bool wide = drop && wide_vectors() && !a.r && !a.x1 && !a.y1 &&
-                    (!stream || (can_stream<float, float, 64>(a.y, n) && (!a.s || can_stream<S, float, 64>(a.s, n))));
+                    (!stream || (can_stream<O, float, 64>(a.y, n) && (!a.s || can_stream<S, float, 64>(a.s, n))));
   // the rows of one chunk, by the call's template switches (dropout only where a sum is formed)
+  auto run = [&](auto code, int64_t lo, int64_t hi, float* buf) {
+    constexpr Code K = decltype(code)::value;
+    if (stream) {
+      if (Formed && drop) opt_pass<T, R, S, O, Formed, Formed, true, K>(a, lo, hi, buf);
+      else opt_pass<T, R, S, O, Formed, false, true, K>(a, lo, hi, buf);
+    } else {
+      if (Formed && drop) opt_pass<T, R, S, O, Formed, Formed, false, K>(a, lo, hi, buf);
+      else opt_pass<T, R, S, O, Formed, false, false, K>(a, lo, hi, buf);
+    }
+  };
+  // a bfloat16 y: only the code that rounds it with vcvtneps2bf16 (option_rows)
+  constexpr bool y_bf16 = std::is_same_v<O, c10::BFloat16>;
   auto pass = [&](int64_t lo, int64_t hi, float* buf) {
-    if constexpr (Formed) {
-      if (wide) {
-        if (stream) opt_pass<T, R, S, true, true, true, true>(a, lo, hi, buf);
-        else opt_pass<T, R, S, true, true, false, true>(a, lo, hi, buf);
-        return;
+    if constexpr (Formed && !y_bf16) {
+      if (wide) {  // dropout on x alone
+        if (stream) return opt_pass<T, R, S, O, true, true, true, Code::wide>(a, lo, hi, buf);
+        return opt_pass<T, R, S, O, true, true, false, Code::wide>(a, lo, hi, buf);
       }
     }
-    if (stream) {
-      if (Formed && drop) opt_pass<T, R, S, Formed, Formed, true, false>(a, lo, hi, buf);
-      else opt_pass<T, R, S, Formed, false, true, false>(a, lo, hi, buf);
-    } else {
-      if (Formed && drop) opt_pass<T, R, S, Formed, Formed, false, false>(a, lo, hi, buf);
-      else opt_pass<T, R, S, Formed, false, false, false>(a, lo, hi, buf);
-    }
+    run(std::integral_constant<Code, y_bf16 ? Code::cvt : Code::narrow>{}, lo, hi, buf);
   };
   const int64_t per = rows_per_chunk(rows, n);
   for_each_chunk((rows + per - 1) / per, is_serial(rows, n), [&](int64_t k) {
@@ -151,7 +168,17 @@ bool with_sum_dtypes(at::ScalarType rdt, at::ScalarType sdt, const F& f) {
 bool fused::option_rows(const FwdCall& c) {
   const auto tdt = c.x.scalar_type(), sdt = c.sum_dtype, odt = c.out_dtype;
   const auto rdt = c.residual.defined() ? c.residual.scalar_type() : sdt;
-  if (odt != at::kFloat || tdt == at::kDouble || rdt == at::kDouble || sdt == at::kDouble) return false;
+  // y float32, or bfloat16 from a float32 or bfloat16 x, one output, no dropout, where the CPU
+  // rounds it in one instruction (store_bf16_cvt). Against the row passes (Zen 4, 4096 x 2048,
+  // builds alternated in one process, three processes at 1 and 2 threads,
+  // results/ab-2026-12-07e-bf16-cvt-*): out_dtype=bfloat16 1.06-1.31x as fast, bfloat16
+  // residual_in_fp32 with prenorm 1.15-1.32x, residual + x1 1.02-1.11x, residual + rowscale
+  // 0.98-1.03x. Not kept, in earlier builds (printed): weight1 (two bfloat16 outputs) 0.80-0.86x;
+  // bfloat16 dropout on x alone 0.84x (32-byte loop) and 0.59-1.05x in 64-byte vectors,
+  // unstable; and with bf16_bits' eleven instructions for the one, out_dtype 0.87x.
+  const bool y_bf16 = odt == at::kBFloat16 && (tdt == at::kFloat || tdt == at::kBFloat16) && !c.weight1.defined() &&
+                      c.dropout_p == 0.0 && bf16_vectors();
+  if ((odt != at::kFloat && !y_bf16) || tdt == at::kDouble || rdt == at::kDouble || sdt == at::kDouble) return false;
   // contract.sum_is_input, unless the caller asked for s in a buffer of its own
   const bool formed = c.residual.defined() || c.x1.defined() || c.rowscale.defined() || c.dropout_p > 0.0 ||
                       sdt != tdt || c.s.defined();
@@ -162,25 +189,29 @@ bool fused::option_rows(const FwdCall& c) {
   // 2.97 / 2.18-2.29 / 2.01 a copy against 3.29-3.58 / 2.56-2.76 / 2.16-2.29. Without the
   // overlap the row passes' `omp simd` loops (16 lanes on AVX-512, the loop's vectors are 8)
   // were faster: RMS norm with dropout 2.87 against 2.06-2.28, with rowscale 2.76-2.79 against
-  // 2.55-2.58; and so were they for a 16-bit y (bfloat16 residual_in_fp32 1.88-2.04 against
-  // 1.42-1.52 in the loop's own write pass).
+  // 2.55-2.58.
   const bool vector_stores = !(formed && sdt == at::kHalf);  // a float16 sum: element stores (store_vec)
   const int64_t row_bytes = c.n * static_cast<int64_t>(c.x.element_size());
   if (!fused::overlap_pays(c.rows, row_bytes, c.is_rms, vector_stores)) return false;
   bool ran = false;
-  with_dtype(tdt, [&](auto t_tag) {
-    using T = decltype(t_tag);
-    if constexpr (!std::is_same_v<T, double>) {
-      if (!formed) {
-        option_forward<T, T, T, false>(c);
-        ran = true;
-        return;
+  auto run = [&](auto o_tag) {
+    using O = decltype(o_tag);
+    with_dtype(tdt, [&](auto t_tag) {
+      using T = decltype(t_tag);
+      if constexpr (!std::is_same_v<T, double> && (std::is_same_v<O, float> || !std::is_same_v<T, c10::Half>)) {
+        if (!formed) {
+          option_forward<T, T, T, O, false>(c);
+          ran = true;
+          return;
+        }
+        ran = with_sum_dtypes<T>(rdt, sdt, [&](auto r_tag, auto s_tag) {
+          option_forward<T, decltype(r_tag), decltype(s_tag), O, true>(c);
+        });
       }
-      ran = with_sum_dtypes<T>(rdt, sdt, [&](auto r_tag, auto s_tag) {
-        option_forward<T, decltype(r_tag), decltype(s_tag), true>(c);
-      });
-    }
-  });
+    });
+  };
+  if (y_bf16) run(c10::BFloat16{});
+  else run(float{});
   return ran;
 }
 

@@ -512,12 +512,14 @@ struct OptRead {
   }
 };
 
-// y = h w + b and, when y1 is not null, y1 = h w1 + b1 of each normalized element h, as float32
-// (write_row_sums_next's output; w, b, w1, b1 not null); Stream as RowWrite's.
-template <bool Stream>
+// y = h w + b and, when y1 is not null, y1 = h w1 + b1 of each normalized element h, stored as O
+// (float32, or bfloat16 rounded in vector operations: store_vec) (write_row_sums_next's output;
+// w, b, w1, b1 not null); Stream as RowWrite's.
+//
+// Cvt: bfloat16 rounded by store_bf16_cvt (the same bits; code compiled for avx512bf16 only).
+template <typename O, bool Stream, bool Cvt = false>
 struct OptWrite {
   using Acc = float;
-  using O = float;
   static constexpr bool stream = Stream;
   O *y, *y1;
   const Acc *w, *b, *w1, *b1;
@@ -526,12 +528,22 @@ struct OptWrite {
     vec_t<Acc, B> wv, bv;
     std::memcpy(&wv, w + j, sizeof(wv));
     std::memcpy(&bv, b + j, sizeof(bv));
-    store_vec<O, Acc, Stream, B>(y + j, h * wv + bv);
+    put<B>(y + j, h * wv + bv);
     if (y1) {
       std::memcpy(&wv, w1 + j, sizeof(wv));
       std::memcpy(&bv, b1 + j, sizeof(bv));
-      store_vec<O, Acc, Stream, B>(y1 + j, h * wv + bv);
+      put<B>(y1 + j, h * wv + bv);
     }
+  }
+  template <int B>
+  NORMKIT_INLINE void put(O* p, vec_t<Acc, B> v) const {
+#if defined(NORMKIT_WIDE)
+    if constexpr (Cvt) {
+      static_assert(B == 32);
+      return store_bf16_cvt<Stream>(p, v);
+    }
+#endif
+    store_vec<O, Acc, Stream, B>(p, v);
   }
   NORMKIT_INLINE void one(int64_t j, Acc h) const {
     y[j] = store<O>(h * w[j] + b[j]);
@@ -548,13 +560,13 @@ struct OptWrite {
 
 // A layer-norm call of the option loop (rows that overlap: fused_options_cpu.cpp's
 // option_rows): x (T), the sum formed with a residual R and stored as S (Formed: else x is
-// normalized as it is), y and y1 float32; Acc float.
-template <typename T, typename R, typename S>
+// normalized as it is), y and y1 O (float32 or bfloat16); Acc float.
+template <typename T, typename R, typename S, typename O>
 struct OptFwdArgs {
   const T *x, *x1;
   const R* r;
   S* s;
-  float *y, *y1;
+  O *y, *y1;
   const float *w, *b, *w1, *b1;  // materialized: ones / zeros where the call has none
   const float* rowscale;         // (M,) or null
   uint8_t *mask, *mask1;
@@ -570,8 +582,9 @@ struct OptFwdArgs {
 // outputs are written with non-temporal stores (the call is past outputs_stream).
 //
 // B: the loop's vector bytes, 64 only in AVX-512 code (write_row_sums_next).
-template <typename T, typename R, typename S, bool Formed, bool Drop, bool Stream, int B = 32>
-NORMKIT_INLINE void opt_rows(const OptFwdArgs<T, R, S>& a, int64_t lo, int64_t hi, float* buf) {
+template <typename T, typename R, typename S, typename O, bool Formed, bool Drop, bool Stream, int B = 32,
+          bool Cvt = false>
+NORMKIT_INLINE void opt_rows(const OptFwdArgs<T, R, S, O>& a, int64_t lo, int64_t hi, float* buf) {
   using Acc = float;
   using Src = std::conditional_t<Formed, Acc, T>;
   const int64_t n = a.n;
@@ -581,7 +594,7 @@ NORMKIT_INLINE void opt_rows(const OptFwdArgs<T, R, S>& a, int64_t lo, int64_t h
     return d;
   };
   auto out_of = [&](int64_t i) NORMKIT_INLINE_LAMBDA {
-    return OptWrite<Stream>{a.y + i * n, a.y1 ? a.y1 + i * n : nullptr, a.w, a.b, a.w1, a.b1};
+    return OptWrite<O, Stream, Cvt>{a.y + i * n, a.y1 ? a.y1 + i * n : nullptr, a.w, a.b, a.w1, a.b1};
   };
   one_read_rows<Src, Acc, B>(
       {n, a.eps, /*is_rms=*/false, /*overlap=*/true, a.mean, a.rstd}, lo, hi, buf,

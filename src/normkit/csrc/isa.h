@@ -23,4 +23,7 @@
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define NORMKIT_WIDE 1
 #define NORMKIT_WIDE_TARGET __attribute__((target("arch=x86-64-v4")))
+// The option loop with a bfloat16 output rounded by AVX-512 BF16's vcvtneps2bf16
+// (row_math.h store_bf16_cvt), run where the CPU has it (cpu_runtime.h bf16_vectors).
+#define NORMKIT_BF16_TARGET __attribute__((target("arch=x86-64-v4,avx512bf16")))
 #endif
