@@ -59,10 +59,11 @@ enum class Code { narrow, wide, cvt };
 template <typename T, typename R, typename S, typename O, bool Formed, bool Drop, bool Stream, Code K>
 void opt_pass(const fused::OptFwdArgs<T, R, S, O>& a, int64_t lo, int64_t hi, float* buf) {
 #if defined(NORMKIT_WIDE)
-  if constexpr (K == Code::wide) return opt_pass_wide<T, R, S, O, Formed, Drop, Stream>(a, lo, hi, buf);
-  if constexpr (K == Code::cvt) return opt_pass_cvt<T, R, S, O, Formed, Drop, Stream>(a, lo, hi, buf);
+  if constexpr (K == Code::wide) opt_pass_wide<T, R, S, O, Formed, Drop, Stream>(a, lo, hi, buf);
+  else if constexpr (K == Code::cvt) opt_pass_cvt<T, R, S, O, Formed, Drop, Stream>(a, lo, hi, buf);
+  else  // (no 32-byte code is built for what only the other codes run)
 #endif
-  opt_pass_narrow<T, R, S, O, Formed, Drop, Stream>(a, lo, hi, buf);
+    opt_pass_narrow<T, R, S, O, Formed, Drop, Stream>(a, lo, hi, buf);
 }
 
 float* align_to_line(float* p) { return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t(63)); }
