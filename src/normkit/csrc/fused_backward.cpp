@@ -18,6 +18,7 @@
 //    of their own.
 #include <torch/extension.h>
 
+#include <type_traits>
 #include <vector>
 
 #include "arg_checks.h"
@@ -141,20 +142,30 @@ NORMKIT_CLONES void dy2_pass(const void* s_v, const void* dy_v, const void* dy1_
   }
 }
 
+// f(NW, NB) with the run-time flags as std::bool_constant: the pass that accumulates the
+// parameter partials asked for (dweight: NW, dbias: NB), one instantiation per pair.
+template <typename F>
+decltype(auto) with_param_grads(bool nw, bool nb, const F& f) {
+  using Yes = std::true_type;
+  using No = std::false_type;
+  if (nw && nb) return f(Yes{}, Yes{});
+  if (nw) return f(Yes{}, No{});
+  if (nb) return f(No{}, Yes{});
+  return f(No{}, No{});
+}
+
 template <typename S, typename O, typename Acc>
 Dy2Pass<Acc> pick_dy2_pass(bool nw, bool nb) {
-  if (nw && nb) return &dy2_pass<S, O, Acc, true, true>;
-  if (nw) return &dy2_pass<S, O, Acc, true, false>;
-  if (nb) return &dy2_pass<S, O, Acc, false, true>;
-  return &dy2_pass<S, O, Acc, false, false>;
+  return with_param_grads(nw, nb, [](auto w, auto b) -> Dy2Pass<Acc> {
+    return &dy2_pass<S, O, Acc, decltype(w)::value, decltype(b)::value>;
+  });
 }
 
 template <typename S, typename O, typename Acc>
 DyPass<Acc> pick_dy_pass(bool nw, bool nb) {
-  if (nw && nb) return &dy_pass<S, O, Acc, true, true>;
-  if (nw) return &dy_pass<S, O, Acc, true, false>;
-  if (nb) return &dy_pass<S, O, Acc, false, true>;
-  return &dy_pass<S, O, Acc, false, false>;
+  return with_param_grads(nw, nb, [](auto w, auto b) -> DyPass<Acc> {
+    return &dy_pass<S, O, Acc, decltype(w)::value, decltype(b)::value>;
+  });
 }
 
 // --- the plain call -------------------------------------------------------------------------------
@@ -196,10 +207,9 @@ NORMKIT_CLONES void plain_rows(const PlainArgs<Acc>& a, int64_t lo, int64_t hi, 
 
 template <typename T, typename Acc, bool DSUM, bool TWO>
 PlainRows<Acc> pick_plain_params(bool nw, bool nb) {
-  if (nw && nb) return &plain_rows<T, Acc, DSUM, true, true, TWO>;
-  if (nw) return &plain_rows<T, Acc, DSUM, true, false, TWO>;
-  if (nb) return &plain_rows<T, Acc, DSUM, false, true, TWO>;
-  return &plain_rows<T, Acc, DSUM, false, false, TWO>;
+  return with_param_grads(nw, nb, [](auto w, auto b) -> PlainRows<Acc> {
+    return &plain_rows<T, Acc, DSUM, decltype(w)::value, decltype(b)::value, TWO>;
+  });
 }
 
 template <typename T, typename Acc>
@@ -208,12 +218,14 @@ PlainRows<Acc> pick_plain(bool dsum, bool two, bool nw, bool nb) {
   return two ? pick_plain_params<T, Acc, false, true>(nw, nb) : pick_plain_params<T, Acc, false, false>(nw, nb);
 }
 
+// null when neither partial is asked for
 template <typename O, typename Acc>
 ParamPass<Acc> pick_param(bool nw, bool nb) {
-  if (nw && nb) return &param_pass<O, Acc, true, true>;
-  if (nw) return &param_pass<O, Acc, true, false>;
-  if (nb) return &param_pass<O, Acc, false, true>;
-  return nullptr;
+  return with_param_grads(nw, nb, [](auto w, auto b) -> ParamPass<Acc> {
+    constexpr bool NW = decltype(w)::value, NB = decltype(b)::value;
+    if constexpr (NW || NB) return &param_pass<O, Acc, NW, NB>;
+    else return nullptr;
+  });
 }
 
 // out[j] = sum_c part[c, j], in chunk order, for columns lo..hi.
