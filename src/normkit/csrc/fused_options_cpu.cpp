@@ -119,18 +119,9 @@ void option_forward(const fused::FwdCall& c) {
   const bool wide = drop && wide_vectors() && !a.r && !a.x1 && !a.y1 &&
                     (!stream || (can_stream<O, float, 64>(a.y, n) && (!a.s || can_stream<S, float, 64>(a.s, n))));
   // the rows of one chunk, by the call's template switches (dropout only where a sum is formed)
-  auto run = [&](auto code, int64_t lo, int64_t hi, float* buf) {
-    constexpr Code K = decltype(code)::value;
-    if (stream) {
-      if (Formed && drop) opt_pass<T, R, S, O, Formed, Formed, true, K>(a, lo, hi, buf);
-      else opt_pass<T, R, S, O, Formed, false, true, K>(a, lo, hi, buf);
-    } else {
-      if (Formed && drop) opt_pass<T, R, S, O, Formed, Formed, false, K>(a, lo, hi, buf);
-      else opt_pass<T, R, S, O, Formed, false, false, K>(a, lo, hi, buf);
-    }
-  };
   // a bfloat16 y: only the code that rounds it with vcvtneps2bf16 (option_rows)
   constexpr bool y_bf16 = std::is_same_v<O, c10::BFloat16>;
+  constexpr Code K = y_bf16 ? Code::cvt : Code::narrow;
   auto pass = [&](int64_t lo, int64_t hi, float* buf) {
     if constexpr (Formed && !y_bf16) {
       if (wide) {  // dropout on x alone
@@ -138,7 +129,13 @@ void option_forward(const fused::FwdCall& c) {
         return opt_pass<T, R, S, O, true, true, false, Code::wide>(a, lo, hi, buf);
       }
     }
-    run(std::integral_constant<Code, y_bf16 ? Code::cvt : Code::narrow>{}, lo, hi, buf);
+    if (stream) {
+      if (Formed && drop) opt_pass<T, R, S, O, Formed, Formed, true, K>(a, lo, hi, buf);
+      else opt_pass<T, R, S, O, Formed, false, true, K>(a, lo, hi, buf);
+    } else {
+      if (Formed && drop) opt_pass<T, R, S, O, Formed, Formed, false, K>(a, lo, hi, buf);
+      else opt_pass<T, R, S, O, Formed, false, false, K>(a, lo, hi, buf);
+    }
   };
   const int64_t per = rows_per_chunk(rows, n);
   for_each_chunk((rows + per - 1) / per, is_serial(rows, n), [&](int64_t k) {

@@ -428,22 +428,16 @@ NORMKIT_INLINE void store_vec(T* p, vec_t<Acc, B> v) {
 // store_vec<BFloat16, float, Stream> (8 lanes) with AVX-512 BF16's conversion (vcvtneps2bf16,
 // one instruction for bf16_bits' eleven): the same bits, NaN included, except for float32
 // denormals, which the instruction flushes to zero where store<BFloat16> rounds them; a vector
-// with one (vfpclassps) takes bf16_bits. Only in code compiled for avx512bf16
+// with one (vfpclassps) takes store_vec. Only in code compiled for avx512bf16
 // (NORMKIT_BF16_TARGET; builtins, not the intrinsics, as stream_vector's).
 template <bool Stream>
 NORMKIT_INLINE void store_bf16_cvt(c10::BFloat16* p, vec_t<float> v) {
-  using H = typename VecOf<uint16_t, 16>::type;
   typedef float f32x8 __attribute__((vector_size(32)));
   constexpr int kDenormal = 0x20;  // vfpclassps' class of denormals
   f32x8 f;
   std::memcpy(&f, &v, sizeof(f));
-  H h;
-  if (__builtin_ia32_fpclassps256_mask(f, kDenormal, 0xFF)) {
-    h = __builtin_convertvector(bf16_bits<float>(v), H);
-  } else {
-    const auto c = __builtin_ia32_cvtneps2bf16_v8sf(f);
-    std::memcpy(&h, &c, sizeof(h));
-  }
+  if (__builtin_ia32_fpclassps256_mask(f, kDenormal, 0xFF)) return store_vec<c10::BFloat16, float, Stream>(p, v);
+  const auto h = __builtin_ia32_cvtneps2bf16_v8sf(f);
   if constexpr (Stream) stream_vector<16>(p, &h);
   else std::memcpy(p, &h, sizeof(h));
 }
