@@ -239,30 +239,15 @@ def forward_both_ways(wide_vectors, t, spec, bufs, seed):
     return outs
 
 
-def assert_same_bits(narrow, wide, what, *, rounded=()):
-    """Every output bit for bit, except the fields named in `rounded`: within two units in the
-    last place of their dtype (rstd as float32, y as bfloat16)."""
+def assert_same_bits(narrow, wide, what):
+    """Every output bit for bit."""
     for field in ("y", "y1", "s", "mean", "rstd", "mask", "mask1"):
         a, b = getattr(narrow, field), getattr(wide, field)
         assert (a is None) == (b is None), f"{what}: {field}"
         if a is None:
             continue
-        if field in rounded:
-            two_units = 2 * torch.finfo(a.dtype).eps * a.float().abs().clamp_min(torch.finfo(a.dtype).tiny)
-            close = ((a.float() - b.float()).abs() <= two_units) | (a.isnan() & b.isnan())
-            assert close.all(), f"{what}: {field} beyond two units in the last place"
-        else:
-            assert torch.equal(a.view(-1).view(torch.uint8) if a.dtype != torch.bool else a,
-                               b.view(-1).view(torch.uint8) if b.dtype != torch.bool else b), f"{what}: {field}"
-
-
-def rounds_bf16_in_the_loop(t, spec):
-    """Whether a layer-norm call's bfloat16 y is written by the option loop's AVX-512 BF16 code
-    (fused_options_cpu.cpp option_rows: one output, no dropout): with that code off it takes the
-    row passes instead, whose normalization keeps FMAs: y and rstd within two units in the last
-    place."""
-    return (spec.out_dtype == BF16 and t["weight1"] is None and spec.dropout_p == 0.0
-            and t["x"].dtype in (F32, BF16) and compiled.extension.bf16_vectors())
+        assert torch.equal(a.view(-1).view(torch.uint8) if a.dtype != torch.bool else a,
+                           b.view(-1).view(torch.uint8) if b.dtype != torch.bool else b), f"{what}: {field}"
 
 
 @pytest.mark.parametrize("name", sorted(OPTIONS))
@@ -271,49 +256,84 @@ def test_wide_and_narrow_loops_give_the_same_bits(wide_vectors, name, dtype):
     """The option loop's 64-byte vectors (block_sums_wide: dropout on x alone) sum the same lanes
     in the same order as its 32-byte ones: every output, bit for bit, at widths that leave
     8-lane tails (48 = 32 + 2 x 8, 1000 = 31 x 32 + 8) and scalar ones (4097, 2049), and with
-    a misaligned start (a view one element in). A bfloat16 y rounded by the AVX-512 BF16 code
-    is compared with the row passes (rounds_bf16_in_the_loop): the same sums, masks and means."""
+    a misaligned start (a view one element in). A bfloat16 y is rounded by AVX-512 BF16's
+    vcvtneps2bf16 where the CPU has it and in integer operations in the 32-byte loop: the same
+    bits."""
     for rows, n in ((3, 48), (37, 1000), (5, 4097), (9, 2049)):
         t, spec, bufs = make_call(OPTIONS[name], dtype, rows, n, seed=rows)
         narrow, wide = forward_both_ways(wide_vectors, t, spec, bufs, seed=11)
-        rounded = ("y", "rstd") if rounds_bf16_in_the_loop(t, spec) else ()
-        assert_same_bits(narrow, wide, f"{name} {dtype} {rows}x{n}", rounded=rounded)
+        assert_same_bits(narrow, wide, f"{name} {dtype} {rows}x{n}")
     t, spec, bufs = make_call(OPTIONS[name], dtype, 7, 1025, seed=2)
     t["x"] = randn((7 * 1025 + 1,), dtype, seed=9)[1:].view(7, 1025)
     narrow, wide = forward_both_ways(wide_vectors, t, spec, bufs, seed=3)
-    rounded = ("y", "rstd") if rounds_bf16_in_the_loop(t, spec) else ()
-    assert_same_bits(narrow, wide, f"{name} {dtype} misaligned x", rounded=rounded)
+    assert_same_bits(narrow, wide, f"{name} {dtype} misaligned x")
+
+
+def bf16_bits_of(y32):
+    """store<BFloat16> (row_math.h) of float32 values, as int64 bits: round to nearest even,
+    float32 denormals included; a NaN keeps its sign and upper bits with the quiet bit set."""
+    b = y32.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    rounded = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+    return torch.where((b & 0x7FFFFFFF) > 0x7F800000, (b >> 16) | 0x40, rounded)
+
+
+def gain_of_every_rounding_case(n, seed):
+    """(n,) float32 gains whose bits cover what the rounding to bfloat16 must get right: every
+    lower half from 0x0000 to 0xFFFF in turn (ties to even and to odd among them) under random
+    signs, exponents (denormals among them) and upper mantissas, and, every 7th, one of the
+    special values: infinities, NaNs of several payloads, the largest float (rounds to inf)."""
+    g = torch.Generator().manual_seed(seed)
+    upper = torch.randint(0, 1 << 16, (n,), generator=g, dtype=torch.int64)
+    lower = (torch.arange(n, dtype=torch.int64) * 4099 + int(torch.randint(0, 1 << 16, (1,), generator=g))) % (1 << 16)
+    lower[::3] = torch.tensor([0x7FFF, 0x8000, 0x8001, 0x0000, 0xFFFF])[torch.arange(len(lower[::3])) % 5]
+    bits = (upper << 16) | lower
+    special = torch.tensor([0x7F800000, 0xFF800000, 0x7FC00000, 0xFFC00000, 0x7F800001, 0xFFBFFFFF, 0x7F7FFFFF,
+                            0x00008000, 0x80018000, 0x0012ABCD, 0x8040C000], dtype=torch.int64)
+    bits[::7] = special[torch.arange(len(bits[::7])) % len(special)]
+    return torch.where(bits >= 1 << 31, bits - (1 << 32), bits).to(torch.int32).view(torch.float32)
 
 
 @pytest.mark.parametrize("x_dtype", [F32, BF16])
-@pytest.mark.parametrize("n", [48, 1000, 2047])  # rows of at most 8 KiB: the option loop (overlap_pays)
-def test_bfloat16_outputs_keep_denormals_and_nans(wide_vectors, x_dtype, n):
-    """vcvtneps2bf16 flushes float32 denormals to zero where store<BFloat16> rounds them
-    (row_math.h store_bf16_cvt): outputs of a tiny gain (float32 denormals, ~1e-39) come out as
-    the reference rounds them, and a row with a NaN is NaN in every code."""
-    wide_vectors(True)
-    if not compiled.extension.bf16_vectors():
-        pytest.skip("this CPU has no AVX-512 BF16: bfloat16 outputs take the row passes")
-    rows = 6
-    x = randn((rows, n), x_dtype, seed=n)
-    x[2, n // 2] = float("nan")
-    weight = torch.full((n,), 3e-39)
-    weight[::5] = 1.0  # normal outputs beside the denormal ones in every vector
-    spec = KernelSpec(eps=1e-5, is_rms=False, dropout_p=0.0, sum_dtype=x_dtype, out_dtype=BF16, store_sum=False,
-                      store_mask=False)
-    t = {"x": x, "residual": None, "x1": None, "rowscale": None, "weight": weight, "bias": None, "weight1": None,
-         "bias1": None}
-    got = BACKEND.fused_forward(*args(t), spec, 0)
-    ref = reference.fused_forward(*args(t), spec, None, None)
-    finite = torch.ones(rows, dtype=torch.bool)
-    finite[2] = False
-    tiny = torch.finfo(torch.float32).tiny
-    assert (got.y[finite].float().abs() < tiny).sum() > rows * n // 2, "the test makes too few denormal outputs"
-    units = (got.y[finite].view(torch.int16).int() - ref.y[finite].view(torch.int16).int()).abs()
-    assert units.max() <= 1, "a bfloat16 output more than one unit from the reference (a flushed denormal?)"
-    assert got.y[2].isnan().all()
-    narrow, wide = forward_both_ways(wide_vectors, t, spec, {}, seed=0)
-    assert_same_bits(narrow, wide, f"{x_dtype} {n} denormal outputs", rounded=("y", "rstd"))
+# rows of at most 8 KiB (the option loop: overlap_pays), of an even width (a mean of 0) with an
+# 8-lane tail (1000 = 31 x 32 + 8) and a scalar one (2046 = 63 x 32 + 3 x 8 + 6)
+@pytest.mark.parametrize("n", [48, 1000, 2046])
+def test_bfloat16_outputs_are_the_float32_outputs_rounded(x_dtype, n):
+    """The option loop rounds a bfloat16 y in vector code of its own: AVX-512 BF16's
+    vcvtneps2bf16 (which flushes float32 denormals to zero, so a vector holding one takes the
+    integer code) or integer operations (row_math.h bf16_upper). Either gives, bit for bit,
+    store<BFloat16> of the float32 y of the same call, in every code this CPU has
+    (set_wide_vectors(False) turns the AVX-512 BF16 code off). Rows of +-2 with eps = 0
+    normalize to exactly +-1, so y is +-gain exactly and the gains' bits reach the rounding as
+    chosen (gain_of_every_rounding_case); a row with a NaN is NaN throughout."""
+    rows = 5
+    sign = torch.where(torch.arange(n) % 2 == 0, 1.0, -1.0)
+    x = torch.stack([2.0 * sign * (1 if i % 2 == 0 else -1) for i in range(rows)]).to(x_dtype)
+    x[3, n // 2] = float("nan")
+    # a rowscale of ones: the float32-output call then runs the option loop too (without an
+    # option it is the plain kernel's), the same sums in the same order
+    t = {"x": x, "residual": None, "x1": None, "rowscale": torch.ones(rows), "weight": gain_of_every_rounding_case(n, n),
+         "bias": None, "weight1": None, "bias1": None}
+
+    def spec(out_dtype):
+        return KernelSpec(eps=0.0, is_rms=False, dropout_p=0.0, sum_dtype=x_dtype, out_dtype=out_dtype,
+                          store_sum=False, store_mask=False)
+
+    ext = compiled.extension
+    before = ext.set_wide_vectors(True)
+    try:
+        for on in ((False, True) if ext.wide_vectors() else (False,)):
+            ext.set_wide_vectors(on)
+            got = BACKEND.fused_forward(*args(t), spec(BF16), 0).y
+            y32 = BACKEND.fused_forward(*args(t), spec(F32), 0).y
+            w = t["weight"]
+            assert torch.equal(y32[0][~w.isnan()], (sign * w)[~w.isnan()]), "the rows do not normalize to +-1"
+            assert torch.equal(got.view(torch.int16).to(torch.int64) & 0xFFFF, bf16_bits_of(y32)), \
+                f"wide code {on}: a bfloat16 output is not store<BFloat16> of its float32 output"
+            assert got[3].isnan().all()
+    finally:
+        ext.set_wide_vectors(before)
+    ref = reference.fused_forward(*args(t), spec(BF16), None, None)
+    torch.testing.assert_close(got.float(), ref.y.float(), rtol=2 ** -8, atol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize("name", ["dropout", "dropout_rowscale"])

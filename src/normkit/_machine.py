@@ -16,14 +16,28 @@ __all__ = ["cpu_model", "git_commit", "load_average", "torch_threads"]
 
 
 def cpu_model() -> str:
-    """The processor's model name (``/proc/cpuinfo``), else what :mod:`platform` says."""
+    """The processor's model name with, on x86 Linux, its family and model numbers and widest
+    vector instructions (``/proc/cpuinfo``): the same name covers several generations (an
+    "AMD EPYC" VM is Zen 3 or Zen 4, AVX2 or AVX-512), and the kernels run different code on
+    each. Else what :mod:`platform` says."""
     try:
+        fields = {}
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            if not line.strip():
+                break  # the first processor's block
+            key, _, value = line.partition(":")
+            fields[key.strip()] = value.strip()
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        fields = {}
+    name = fields.get("model name")
+    if not name:
+        return platform.processor() or platform.machine()
+    if "cpu family" in fields and "model" in fields:
+        flags = set(fields.get("flags", "").split())
+        isa = ("AVX-512" + (", AVX-512 BF16" if "avx512_bf16" in flags else "") if "avx512f" in flags
+               else "AVX2" if "avx2" in flags else "no AVX2")
+        name += f" (family {fields['cpu family']}, model {fields['model']}; {isa})"
+    return name
 
 
 def git_commit() -> Optional[str]:

@@ -19,11 +19,11 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
-import sys
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from normkit._machine import cpu_model
 from normkit.bench.cases import Case, dtype_name, make_inputs
 from normkit.bench.impls import Impl, reset_compiled
 from normkit.bench.timing import measure
@@ -155,7 +155,7 @@ def machine_info(device: str) -> dict:
     """What the numbers depend on: processor or GPU, threads, library versions."""
     info = {
         "device": device,
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -183,12 +183,3 @@ def machine_info(device: str) -> dict:
 
             info[name] = version(name.replace("_", "-") if name == "liger_kernel" else "quack-kernels")
     return info
-
-
-def _cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine() or sys.platform

@@ -6,12 +6,12 @@
 // predictable test per vector), so one instantiation per dtype set (T, R, S) serves every
 // option mix: 9 dtype sets (float32 throughout; bfloat16 x with its own or a float32 residual
 // and sum; float16 x with a float32 sum), each for a float32 y, and the float32 / bfloat16 ones
-// for a bfloat16 y, in code for CPUs with AVX-512 BF16 only. Two switches are template
-// arguments, by measurement: dropout (its hash and tests; 0.90x the time of the run-time
-// switch, 1 thread, in cache and from DRAM, Zen 4) and the streaming stores (tested in every
-// store). Other calls (RMS norm, whose rows do not overlap; float64; a float16 y; a bfloat16
-// y with weight1 or on a CPU without AVX-512 BF16) take fused_cpu.cpp's row passes, measured
-// faster for them (option_rows).
+// for a bfloat16 y (rounded by vcvtneps2bf16 on CPUs with AVX-512 BF16, in integer vector
+// operations on the others). Two switches are template arguments, by measurement: dropout (its
+// hash and tests; 0.90x the time of the run-time switch, 1 thread, in cache and from DRAM,
+// Zen 4) and the streaming stores (tested in every store). Other calls (RMS norm, whose rows do
+// not overlap; float64; a float16 y; a bfloat16 y with weight1 or dropout) take fused_cpu.cpp's
+// row passes, measured faster for them (option_rows).
 #include <torch/extension.h>
 
 #include <cstdint>
@@ -118,24 +118,33 @@ void option_forward(const fused::FwdCall& c) {
   // stores are 64 bytes: y's rows (and s's) must start on 64-byte lines.
   const bool wide = drop && wide_vectors() && !a.r && !a.x1 && !a.y1 &&
                     (!stream || (can_stream<O, float, 64>(a.y, n) && (!a.s || can_stream<S, float, 64>(a.s, n))));
-  // the rows of one chunk, by the call's template switches (dropout only where a sum is formed)
-  // a bfloat16 y: only the code that rounds it with vcvtneps2bf16 (option_rows)
-  constexpr bool y_bf16 = std::is_same_v<O, c10::BFloat16>;
-  constexpr Code K = y_bf16 ? Code::cvt : Code::narrow;
+  // the rows of one chunk, by the call's template switches (dropout only where a sum is formed,
+  // and not with a bfloat16 y: option_rows)
+  constexpr bool y_bf16 = std::is_same_v<O, c10::BFloat16>, CanDrop = Formed && !y_bf16;
+  auto run = [&](auto code, int64_t lo, int64_t hi, float* buf) {
+    constexpr Code K = decltype(code)::value;
+    if (stream) {
+      if (CanDrop && drop) opt_pass<T, R, S, O, Formed, CanDrop, true, K>(a, lo, hi, buf);
+      else opt_pass<T, R, S, O, Formed, false, true, K>(a, lo, hi, buf);
+    } else {
+      if (CanDrop && drop) opt_pass<T, R, S, O, Formed, CanDrop, false, K>(a, lo, hi, buf);
+      else opt_pass<T, R, S, O, Formed, false, false, K>(a, lo, hi, buf);
+    }
+  };
+  // a bfloat16 y: rounded by vcvtneps2bf16 where the CPU has it (bf16_vectors), else by the
+  // 32-byte loop's integer rounding
+  const bool cvt = y_bf16 && bf16_vectors();
   auto pass = [&](int64_t lo, int64_t hi, float* buf) {
-    if constexpr (Formed && !y_bf16) {
+    if constexpr (CanDrop) {
       if (wide) {  // dropout on x alone
         if (stream) return opt_pass<T, R, S, O, true, true, true, Code::wide>(a, lo, hi, buf);
         return opt_pass<T, R, S, O, true, true, false, Code::wide>(a, lo, hi, buf);
       }
     }
-    if (stream) {
-      if (Formed && drop) opt_pass<T, R, S, O, Formed, Formed, true, K>(a, lo, hi, buf);
-      else opt_pass<T, R, S, O, Formed, false, true, K>(a, lo, hi, buf);
-    } else {
-      if (Formed && drop) opt_pass<T, R, S, O, Formed, Formed, false, K>(a, lo, hi, buf);
-      else opt_pass<T, R, S, O, Formed, false, false, K>(a, lo, hi, buf);
+    if constexpr (y_bf16) {
+      if (cvt) return run(std::integral_constant<Code, Code::cvt>{}, lo, hi, buf);
     }
+    run(std::integral_constant<Code, Code::narrow>{}, lo, hi, buf);
   };
   const int64_t per = rows_per_chunk(rows, n);
   for_each_chunk((rows + per - 1) / per, is_serial(rows, n), [&](int64_t k) {
@@ -166,16 +175,19 @@ bool with_sum_dtypes(at::ScalarType rdt, at::ScalarType sdt, const F& f) {
 bool fused::option_rows(const FwdCall& c) {
   const auto tdt = c.x.scalar_type(), sdt = c.sum_dtype, odt = c.out_dtype;
   const auto rdt = c.residual.defined() ? c.residual.scalar_type() : sdt;
-  // y float32, or bfloat16 from a float32 or bfloat16 x, one output, no dropout, where the CPU
-  // rounds it in one instruction (store_bf16_cvt). Against the row passes (Zen 4, 4096 x 2048,
-  // builds alternated in one process, three processes at 1 and 2 threads,
-  // results/ab-2026-12-07e-bf16-cvt-*): out_dtype=bfloat16 1.06-1.31x as fast, bfloat16
-  // residual_in_fp32 with prenorm 1.15-1.32x, residual + x1 1.02-1.11x, residual + rowscale
-  // 0.98-1.03x. Not kept, in earlier builds (printed): weight1 (two bfloat16 outputs) 0.80-0.86x;
-  // bfloat16 dropout on x alone 0.84x (32-byte loop) and 0.59-1.05x in 64-byte vectors,
-  // unstable; and with bf16_bits' eleven instructions for the one, out_dtype 0.87x.
+  // y float32, or bfloat16 from a float32 or bfloat16 x, one output, no dropout. Against the row
+  // passes, 4096 x 2048, builds alternated in one process, 1 and 2 threads:
+  //   - Zen 4, rounded by vcvtneps2bf16 (store_bf16_cvt; three processes,
+  //     results/ab-2026-12-07e-bf16-cvt-*): out_dtype=bfloat16 1.06-1.31x as fast, bfloat16
+  //     residual_in_fp32 with prenorm 1.15-1.32x, residual + x1 1.02-1.11x, residual + rowscale
+  //     0.98-1.03x;
+  //   - Zen 3 (AVX2), rounded in integer operations (row_math.h bf16_bits; two processes,
+  //     results/ab-2026-12-07f-bf16-narrow-*): 1.46-1.55x, 1.24-1.36x, 1.26-1.31x, 1.06-1.16x.
+  // Not kept (printed): weight1 (two bfloat16 outputs) 0.80-0.86x on Zen 4 and 0.37-0.39x on
+  // Zen 3 (cause not found); bfloat16 dropout on x alone 0.84x (Zen 4, 32-byte loop), 0.59-1.05x
+  // in 64-byte vectors (unstable), 0.88-0.90x on Zen 3.
   const bool y_bf16 = odt == at::kBFloat16 && (tdt == at::kFloat || tdt == at::kBFloat16) && !c.weight1.defined() &&
-                      c.dropout_p == 0.0 && bf16_vectors();
+                      c.dropout_p == 0.0;
   if ((odt != at::kFloat && !y_bf16) || tdt == at::kDouble || rdt == at::kDouble || sdt == at::kDouble) return false;
   // contract.sum_is_input, unless the caller asked for s in a buffer of its own
   const bool formed = c.residual.defined() || c.x1.defined() || c.rowscale.defined() || c.dropout_p > 0.0 ||

@@ -521,7 +521,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "turn the option loop's AVX-512 code on (where the CPU has it) or off; returns the previous setting");
   m.def("wide_vectors", &normkit::wide_vectors, "whether the option loop runs its AVX-512 code");
   m.def("bf16_vectors", &normkit::bf16_vectors,
-        "whether the option loop writes bfloat16 outputs with AVX-512 BF16 (else they take the row passes)");
+        "whether the option loop rounds bfloat16 outputs with AVX-512 BF16's vcvtneps2bf16 (else in integer vector "
+        "operations)");
   normkit::register_rnn(m);
   normkit::register_norm_dim(m);
   normkit::register_fused(m);
