@@ -278,10 +278,11 @@ def bf16_bits_of(y32):
 
 
 def gain_of_every_rounding_case(n, seed):
-    """(n,) float32 gains whose bits cover what the rounding to bfloat16 must get right: every
-    lower half from 0x0000 to 0xFFFF in turn (ties to even and to odd among them) under random
-    signs, exponents (denormals among them) and upper mantissas, and, every 7th, one of the
-    special values: infinities, NaNs of several payloads, the largest float (rounds to inf)."""
+    """(n,) float32 gains whose bits cover what the rounding to bfloat16 must get right: lower
+    halves spread over 0x0000-0xFFFF (a stride of 4099), every third one a tie or beside one
+    (0x7FFF, 0x8000, 0x8001, 0x0000, 0xFFFF), under random upper halves (sign, exponent with
+    denormals among them, upper mantissa); and, every 7th, a special value: infinities, NaNs of
+    several payloads, the largest float (rounds to inf), denormals that round up or to a tie."""
     g = torch.Generator().manual_seed(seed)
     upper = torch.randint(0, 1 << 16, (n,), generator=g, dtype=torch.int64)
     lower = (torch.arange(n, dtype=torch.int64) * 4099 + int(torch.randint(0, 1 << 16, (1,), generator=g))) % (1 << 16)
