@@ -214,16 +214,26 @@ def test_calls_beyond_the_last_level_cache(name, dtype, is_rms, offset_bytes):
 
 
 @pytest.fixture
-def wide_vectors():
-    """set(on): the option loop's wide code (AVX-512) on or off for the test; skips where the
-    CPU has none. The setting before the test is restored after it."""
+def vector_codes():
+    """(codes, set): the settings of the option loop's wide code this CPU has ((False, True)
+    with AVX-512, else (False,)) and set(on), which turns it on or off for the test
+    (set_wide_vectors(False) also turns off the AVX-512 BF16 code). The setting before the test
+    is restored after it."""
     ext = compiled.extension
     before = ext.set_wide_vectors(True)
-    if not ext.wide_vectors():
-        ext.set_wide_vectors(before)
-        pytest.skip("this CPU has no AVX-512 (x86-64-v4): the option loop has one code")
-    yield lambda on: ext.set_wide_vectors(on)
+    codes = (False, True) if ext.wide_vectors() else (False,)
+    yield codes, ext.set_wide_vectors
     ext.set_wide_vectors(before)
+
+
+@pytest.fixture
+def wide_vectors(vector_codes):
+    """set(on): the option loop's wide code (AVX-512) on or off for the test; skips where the
+    CPU has none."""
+    codes, set_code = vector_codes
+    if len(codes) == 1:
+        pytest.skip("this CPU has no AVX-512 (x86-64-v4): the option loop has one code")
+    return set_code
 
 
 def forward_both_ways(wide_vectors, t, spec, bufs, seed):
@@ -298,7 +308,7 @@ def gain_of_every_rounding_case(n, seed):
 # rows of at most 8 KiB (the option loop: overlap_pays), of an even width (a mean of 0) with an
 # 8-lane tail (1000 = 31 x 32 + 8) and a scalar one (2046 = 63 x 32 + 3 x 8 + 6)
 @pytest.mark.parametrize("n", [48, 1000, 2046])
-def test_bfloat16_outputs_are_the_float32_outputs_rounded(x_dtype, n):
+def test_bfloat16_outputs_are_the_float32_outputs_rounded(vector_codes, x_dtype, n):
     """The option loop rounds a bfloat16 y in vector code of its own: AVX-512 BF16's
     vcvtneps2bf16 (which flushes float32 denormals to zero, so a vector holding one takes the
     integer code) or integer operations (row_math.h bf16_upper). Either gives, bit for bit,
@@ -319,20 +329,16 @@ def test_bfloat16_outputs_are_the_float32_outputs_rounded(x_dtype, n):
         return KernelSpec(eps=0.0, is_rms=False, dropout_p=0.0, sum_dtype=x_dtype, out_dtype=out_dtype,
                           store_sum=False, store_mask=False)
 
-    ext = compiled.extension
-    before = ext.set_wide_vectors(True)
-    try:
-        for on in ((False, True) if ext.wide_vectors() else (False,)):
-            ext.set_wide_vectors(on)
-            got = BACKEND.fused_forward(*args(t), spec(BF16), 0).y
-            y32 = BACKEND.fused_forward(*args(t), spec(F32), 0).y
-            w = t["weight"]
-            assert torch.equal(y32[0][~w.isnan()], (sign * w)[~w.isnan()]), "the rows do not normalize to +-1"
-            assert torch.equal(got.view(torch.int16).to(torch.int64) & 0xFFFF, bf16_bits_of(y32)), \
-                f"wide code {on}: a bfloat16 output is not store<BFloat16> of its float32 output"
-            assert got[3].isnan().all()
-    finally:
-        ext.set_wide_vectors(before)
+    codes, set_code = vector_codes
+    w = t["weight"]
+    for on in codes:
+        set_code(on)
+        got = BACKEND.fused_forward(*args(t), spec(BF16), 0).y
+        y32 = BACKEND.fused_forward(*args(t), spec(F32), 0).y
+        assert torch.equal(y32[0][~w.isnan()], (sign * w)[~w.isnan()]), "the rows do not normalize to +-1"
+        assert torch.equal(got.view(torch.int16).to(torch.int64) & 0xFFFF, bf16_bits_of(y32)), \
+            f"wide code {on}: a bfloat16 output is not store<BFloat16> of its float32 output"
+        assert got[3].isnan().all()
     ref = reference.fused_forward(*args(t), spec(BF16), None, None)
     torch.testing.assert_close(got.float(), ref.y.float(), rtol=2 ** -8, atol=0, equal_nan=True)
 

@@ -184,7 +184,8 @@ bool fused::option_rows(const FwdCall& c) {
   //   - Zen 3 (AVX2), rounded in integer operations (row_math.h bf16_bits; two processes,
   //     results/ab-2026-12-07f-bf16-narrow-*): 1.46-1.55x, 1.24-1.36x, 1.26-1.31x, 1.06-1.16x.
   // Not kept (printed): weight1 (two bfloat16 outputs) 0.80-0.86x on Zen 4 and 0.37-0.39x on
-  // Zen 3 (cause not found); bfloat16 dropout on x alone 0.84x (Zen 4, 32-byte loop), 0.59-1.05x
+  // Zen 3 (y and y1 at one page offset, as fresh tensors of one size are: 4K aliasing of the
+  // two store streams; 64+ bytes apart it ran about as fast as the row passes); bfloat16 dropout on x alone 0.84x (Zen 4, 32-byte loop), 0.59-1.05x
   // in 64-byte vectors (unstable), 0.88-0.90x on Zen 3.
   const bool y_bf16 = odt == at::kBFloat16 && (tdt == at::kFloat || tdt == at::kBFloat16) && !c.weight1.defined() &&
                       c.dropout_p == 0.0;

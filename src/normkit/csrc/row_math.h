@@ -451,7 +451,7 @@ NORMKIT_INLINE void store_vec(T* p, vec_t<Acc, B> v) {
 
 #if defined(NORMKIT_WIDE)
 // store_vec<BFloat16, float, Stream> (8 lanes) with AVX-512 BF16's conversion (vcvtneps2bf16,
-// one instruction for bf16_bits' eleven): the same bits, NaN included, except for float32
+// one instruction for bf16_bits' seven and two shuffles): the same bits, NaN included, except for float32
 // denormals, which the instruction flushes to zero where store<BFloat16> rounds them; a vector
 // with one (vfpclassps) takes store_vec. Only in code compiled for avx512bf16
 // (NORMKIT_BF16_TARGET; builtins, not the intrinsics, as stream_vector's).
