@@ -51,9 +51,10 @@ def calls(C, t: Dict[str, torch.Tensor]) -> Dict[str, Callable[[], object]]:
     """name -> (the call on build C, the output it writes)."""
     x, r, x1, w, b, rs, y, s, y16 = (t[k] for k in ("x", "r", "x1", "w", "b", "rs", "y", "s", "y16"))
 
-    def fwd(x, r, x1, rs, w, b, rms, p, out_dtype, store_sum, out, s_out=None, w1=None, y1=None):  # sums float32
+    def fwd(x, r, x1, rs, w, b, rms, p, out_dtype, store_sum, out, s_out=None, w1=None, y1=None, masks=False):
+        # (sums float32)
         return lambda: C.fused_forward(x, r, x1, rs, w, b, w1, b if w1 is not None else None, 1e-5, rms, p, 7, F32,
-                                       out_dtype, store_sum, False, out, y1, s_out)
+                                       out_dtype, store_sum, masks, out, y1, s_out)
 
     return {
         "LN": (fwd(x, None, None, None, w, b, False, 0.0, F32, False, y), y),
@@ -64,6 +65,8 @@ def calls(C, t: Dict[str, torch.Tensor]) -> Dict[str, Callable[[], object]]:
         "LN + weight1/bias1": (fwd(x, None, None, None, w, b, False, 0.0, F32, False, y, w1=t["w1"], y1=t["y1"]), y),
         "LN dropout 0.1": (fwd(x, None, None, None, w, b, False, 0.1, F32, False, y), y),
         "LN dropout 0.1 + residual, prenorm": (fwd(x, r, None, None, w, b, False, 0.1, F32, True, y, s), y),
+        "LN dropout 0.1 + x1": (fwd(x, None, x1, None, w, b, False, 0.1, F32, False, y), y),
+        "LN dropout 0.1, mask": (fwd(x, None, None, None, w, b, False, 0.1, F32, False, y, masks=True), y),
         "LN out_dtype=bfloat16": (fwd(x, None, None, None, w, b, False, 0.0, BF16, False, y16), y16),
         "LN bf16 dropout 0.1": (fwd(t["x16"], None, None, None, w, b, False, 0.1, BF16, False, y16), y16),
         "LN bf16 residual_in_fp32, prenorm": (fwd(t["x16"], t["r16"], None, None, w, b, False, 0.0, BF16, True, y16, s),

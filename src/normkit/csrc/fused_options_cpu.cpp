@@ -33,21 +33,21 @@ using fused::Tensor;
 // (x * rowscale) + r once).
 #pragma GCC push_options
 #pragma GCC optimize("fp-contract=off")
-template <typename T, typename R, typename S, typename O, bool Formed, bool Drop, bool Stream>
+template <typename T, typename R, typename S, typename O, bool Formed, fused::Dropout D, bool Stream>
 NORMKIT_CLONES void opt_pass_narrow(const fused::OptFwdArgs<T, R, S, O>& a, int64_t lo, int64_t hi, float* buf) {
-  fused::opt_rows<T, R, S, O, Formed, Drop, Stream>(a, lo, hi, buf);
+  fused::opt_rows<T, R, S, O, Formed, D, Stream>(a, lo, hi, buf);
 }
 #if defined(NORMKIT_WIDE)
 // The loop with 64-byte vectors: AVX-512 code only, run where wide_vectors() says so.
-template <typename T, typename R, typename S, typename O, bool Formed, bool Drop, bool Stream>
+template <typename T, typename R, typename S, typename O, bool Formed, fused::Dropout D, bool Stream>
 NORMKIT_WIDE_TARGET void opt_pass_wide(const fused::OptFwdArgs<T, R, S, O>& a, int64_t lo, int64_t hi, float* buf) {
-  fused::opt_rows<T, R, S, O, Formed, Drop, Stream, 64>(a, lo, hi, buf);
+  fused::opt_rows<T, R, S, O, Formed, D, Stream, 64>(a, lo, hi, buf);
 }
 // The loop with a bfloat16 y rounded by vcvtneps2bf16 (store_bf16_cvt): AVX-512 BF16 code only,
 // run where bf16_vectors() says so.
-template <typename T, typename R, typename S, typename O, bool Formed, bool Drop, bool Stream>
+template <typename T, typename R, typename S, typename O, bool Formed, fused::Dropout D, bool Stream>
 NORMKIT_BF16_TARGET void opt_pass_cvt(const fused::OptFwdArgs<T, R, S, O>& a, int64_t lo, int64_t hi, float* buf) {
-  fused::opt_rows<T, R, S, O, Formed, Drop, Stream, 32, true>(a, lo, hi, buf);
+  fused::opt_rows<T, R, S, O, Formed, D, Stream, 32, true>(a, lo, hi, buf);
 }
 #endif
 #pragma GCC pop_options
@@ -56,14 +56,14 @@ NORMKIT_BF16_TARGET void opt_pass_cvt(const fused::OptFwdArgs<T, R, S, O>& a, in
 // loop whose bfloat16 y is rounded by vcvtneps2bf16.
 enum class Code { narrow, wide, cvt };
 
-template <typename T, typename R, typename S, typename O, bool Formed, bool Drop, bool Stream, Code K>
+template <typename T, typename R, typename S, typename O, bool Formed, fused::Dropout D, bool Stream, Code K>
 void opt_pass(const fused::OptFwdArgs<T, R, S, O>& a, int64_t lo, int64_t hi, float* buf) {
 #if defined(NORMKIT_WIDE)
-  if constexpr (K == Code::wide) opt_pass_wide<T, R, S, O, Formed, Drop, Stream>(a, lo, hi, buf);
-  else if constexpr (K == Code::cvt) opt_pass_cvt<T, R, S, O, Formed, Drop, Stream>(a, lo, hi, buf);
+  if constexpr (K == Code::wide) opt_pass_wide<T, R, S, O, Formed, D, Stream>(a, lo, hi, buf);
+  else if constexpr (K == Code::cvt) opt_pass_cvt<T, R, S, O, Formed, D, Stream>(a, lo, hi, buf);
   else  // (no 32-byte code is built for what only the other codes run)
 #endif
-    opt_pass_narrow<T, R, S, O, Formed, Drop, Stream>(a, lo, hi, buf);
+    opt_pass_narrow<T, R, S, O, Formed, D, Stream>(a, lo, hi, buf);
 }
 
 float* align_to_line(float* p) { return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t(63)); }
@@ -121,14 +121,19 @@ void option_forward(const fused::FwdCall& c) {
   // the rows of one chunk, by the call's template switches (dropout only where a sum is formed,
   // and not with a bfloat16 y: option_rows)
   constexpr bool y_bf16 = std::is_same_v<O, c10::BFloat16>, CanDrop = Formed && !y_bf16;
+  using fused::Dropout;
+  constexpr Dropout kDropX = CanDrop ? Dropout::x : Dropout::none;
+  constexpr Dropout kDropBoth = CanDrop ? Dropout::x_and_x1 : Dropout::none;
   auto run = [&](auto code, int64_t lo, int64_t hi, float* buf) {
     constexpr Code K = decltype(code)::value;
     if (stream) {
-      if (CanDrop && drop) opt_pass<T, R, S, O, Formed, CanDrop, true, K>(a, lo, hi, buf);
-      else opt_pass<T, R, S, O, Formed, false, true, K>(a, lo, hi, buf);
+      if (CanDrop && drop && a.x1) opt_pass<T, R, S, O, Formed, kDropBoth, true, K>(a, lo, hi, buf);
+      else if (CanDrop && drop) opt_pass<T, R, S, O, Formed, kDropX, true, K>(a, lo, hi, buf);
+      else opt_pass<T, R, S, O, Formed, Dropout::none, true, K>(a, lo, hi, buf);
     } else {
-      if (CanDrop && drop) opt_pass<T, R, S, O, Formed, CanDrop, false, K>(a, lo, hi, buf);
-      else opt_pass<T, R, S, O, Formed, false, false, K>(a, lo, hi, buf);
+      if (CanDrop && drop && a.x1) opt_pass<T, R, S, O, Formed, kDropBoth, false, K>(a, lo, hi, buf);
+      else if (CanDrop && drop) opt_pass<T, R, S, O, Formed, kDropX, false, K>(a, lo, hi, buf);
+      else opt_pass<T, R, S, O, Formed, Dropout::none, false, K>(a, lo, hi, buf);
     }
   };
   // a bfloat16 y: rounded by vcvtneps2bf16 where the CPU has it (bf16_vectors), else by the
@@ -137,8 +142,8 @@ void option_forward(const fused::FwdCall& c) {
   auto pass = [&](int64_t lo, int64_t hi, float* buf) {
     if constexpr (CanDrop) {
       if (wide) {  // dropout on x alone
-        if (stream) return opt_pass<T, R, S, O, true, true, true, Code::wide>(a, lo, hi, buf);
-        return opt_pass<T, R, S, O, true, true, false, Code::wide>(a, lo, hi, buf);
+        if (stream) return opt_pass<T, R, S, O, true, Dropout::x, true, Code::wide>(a, lo, hi, buf);
+        return opt_pass<T, R, S, O, true, Dropout::x, false, Code::wide>(a, lo, hi, buf);
       }
     }
     if constexpr (y_bf16) {

@@ -73,6 +73,10 @@ struct DropStream {
   }
 };
 
+// Which terms of an option call's sum the option loop drops (a template switch of it): none, x
+// alone (the call has no x1), or x and x1.
+enum class Dropout { none, x, x_and_x1 };
+
 // What one row's dropout needs (null col_key: no dropout on this term).
 template <typename Acc>
 struct DropRow {
@@ -423,10 +427,30 @@ NORMKIT_INLINE vec_t<float, B> kept_scale(i32v<B> keep, float scale) {
   return out;
 }
 
+// The keep mask of kWidth<float, B> lanes stored as bytes 1 (kept) / 0. For 32-byte vectors the
+// low byte of each lane is gathered by two shuffles (vpshufb within each 16-byte half, vpermd
+// of the halves' first four bytes): __builtin_convertvector compiles to eight extracts and a
+// chain of scalar shifts there, whose eight general registers the loop then spills its
+// pointers for, even on calls that store no mask.
 template <int B = 32>
 NORMKIT_INLINE void store_mask_vec(uint8_t* m, i32v<B> keep) {
-  const auto bytes = __builtin_convertvector(keep & 1, typename VecOf<uint8_t, B / 4>::type);
-  std::memcpy(m, &bytes, sizeof(bytes));
+  u32v<B> one;
+  std::memcpy(&one, &keep, sizeof(one));
+  one >>= 31;  // 1 where kept (keep's lanes are all ones or zero): no constant to hold
+  if constexpr (B == 32) {
+    using u8x32 = typename VecOf<uint8_t, 32>::type;
+    u8x32 b;
+    std::memcpy(&b, &one, sizeof(b));
+    const u8x32 packed = __builtin_shufflevector(b, b, 0, 4, 8, 12, 0, 4, 8, 12, 0, 4, 8, 12, 0, 4, 8, 12, 16, 20, 24,
+                                                 28, 16, 20, 24, 28, 16, 20, 24, 28, 16, 20, 24, 28);
+    u32x8 d;
+    std::memcpy(&d, &packed, sizeof(d));
+    const auto low = __builtin_shufflevector(d, d, 0, 4);
+    std::memcpy(m, &low, sizeof(low));
+  } else {
+    const auto bytes = __builtin_convertvector(one, typename VecOf<uint8_t, B / 4>::type);
+    std::memcpy(m, &bytes, sizeof(bytes));
+  }
 }
 
 // The sum of an option call, formed as it is read (row_math.h's RowRead interface), in the
@@ -435,11 +459,14 @@ NORMKIT_INLINE void store_mask_vec(uint8_t* m, i32v<B> keep) {
 //   t = ((Acc(x) rho) k) / (1 - p) [+ (Acc(x1) k1) / (1 - p)] [+ Acc(r)],  s = round_S(t),
 // kept in buf as Acc(s), stored to s and the keep masks to mask / mask1 when they are not null.
 // The options are run-time fields (a test per vector, the same for every vector of the call),
-// except the two that cost most in the loop: Drop (the keep hash and its tests) and Stream
-// (non-temporal stores and the prefetch), template switches.
-template <typename T, typename R, typename S, bool Drop, bool Stream>
+// except the two that cost most in the loop: D (the keep hash and its tests) and Stream
+// (non-temporal stores and the prefetch), template switches. With dropout, whether there is an
+// x1 is a template switch too (D): a run-time x1 would hold its hash's three constants (row key,
+// threshold, scale) in vector registers for the whole loop, and the 16 of AVX2 then spill.
+template <typename T, typename R, typename S, Dropout D, bool Stream>
 struct OptRead {
   using Acc = float;
+  static constexpr bool Drop = D != Dropout::none;
   const T *x, *x1;          // x1 may be null
   const R* r;               // may be null
   S* s;                     // may be null
@@ -449,13 +476,19 @@ struct OptRead {
   Acc rs;                   // the row's rowscale, 1 without (exact)
   static constexpr int64_t kElemBytes = sizeof(T);
 
+  // whether the sum has an x1 term (a constant under dropout)
+  NORMKIT_INLINE bool has_x1() const {
+    if constexpr (D == Dropout::none) return x1 != nullptr;
+    else return D == Dropout::x_and_x1;
+  }
+
   NORMKIT_INLINE Acc form(int64_t j, bool& keep, bool& keep1) const {
     Acc v = load<T, Acc>(x[j]) * rs;
     if constexpr (Drop) {
       keep = keep_at(d, j);
       v = v * keep_factor(keep, d.scale);
     }
-    if (x1) {
+    if (has_x1()) {
       Acc v1 = load<T, Acc>(x1[j]);
       if constexpr (Drop) {
         keep1 = keep_at(d1, j);
@@ -486,7 +519,7 @@ struct OptRead {
       v = v * kept_scale<B>(keep, d.scale);
       if (mask) store_mask_vec<B>(mask + j, keep);
     }
-    if (x1) {
+    if (has_x1()) {
       vec_t<Acc, B> v1 = load_vec<T, Acc, B>(x1 + j);
       if constexpr (Drop) {
         const i32v<B> keep1 = keep_vec<B>(d1, j);
@@ -503,7 +536,7 @@ struct OptRead {
   }
   NORMKIT_INLINE void prefetch(int64_t j) const {
     __builtin_prefetch(x + j, 0, kPrefetchLocality);
-    if (x1) __builtin_prefetch(x1 + j, 0, kPrefetchLocality);
+    if (has_x1()) __builtin_prefetch(x1 + j, 0, kPrefetchLocality);
     if (r) {
       __builtin_prefetch(r + j, 0, kPrefetchLocality);
       // a residual wider than x: two of its lines per line of x
@@ -578,11 +611,12 @@ struct OptFwdArgs {
 };
 
 // Rows lo..hi of an option call (one_read_rows, each row's output written in the loop that forms
-// the next). buf: two rows when Formed, else null. Drop: a.d0 not null (Formed); Stream: the
-// outputs are written with non-temporal stores (the call is past outputs_stream).
+// the next). buf: two rows when Formed, else null. D: dropout (Formed; a.d0 not null, and a.x1
+// and a.d1 not null just when D is x_and_x1); Stream: the outputs are written with non-temporal
+// stores (the call is past outputs_stream).
 //
 // B: the loop's vector bytes, 64 only in AVX-512 code (write_row_sums_next).
-template <typename T, typename R, typename S, typename O, bool Formed, bool Drop, bool Stream, int B = 32,
+template <typename T, typename R, typename S, typename O, bool Formed, Dropout D, bool Stream, int B = 32,
           bool Cvt = false>
 NORMKIT_INLINE void opt_rows(const OptFwdArgs<T, R, S, O>& a, int64_t lo, int64_t hi, float* buf) {
   using Acc = float;
@@ -601,9 +635,10 @@ NORMKIT_INLINE void opt_rows(const OptFwdArgs<T, R, S, O>& a, int64_t lo, int64_
       [&](int64_t i, Acc* keep) NORMKIT_INLINE_LAMBDA {
         if constexpr (Formed) {
           const int64_t off = i * n;
-          return OptRead<T, R, S, Drop, Stream>{a.x + off, a.x1 ? a.x1 + off : nullptr, a.r ? a.r + off : nullptr,
+          return OptRead<T, R, S, D, Stream>{a.x + off, a.x1 ? a.x1 + off : nullptr, a.r ? a.r + off : nullptr,
                                   a.s ? a.s + off : nullptr, keep, a.mask ? a.mask + off : nullptr,
-                                  a.mask1 ? a.mask1 + off : nullptr, drop_row(a.d0, i), drop_row(a.d1, i),
+                                  a.mask1 ? a.mask1 + off : nullptr, drop_row(a.d0, i),
+                                  D == Dropout::x_and_x1 ? drop_row(a.d1, i) : DropRow<Acc>{},
                                   a.rowscale ? a.rowscale[i] : Acc(1)};
         } else {
           return RowRead<T, Acc>{a.x + i * n};
