@@ -118,6 +118,22 @@ def test_measure_pairs_budget_and_bounds(monkeypatch):
         P.measure_pairs(a, b, pairs=0)
 
 
+def test_one_slow_warm_up_call_does_not_size_the_batches(monkeypatch):
+    # the third warm-up call of b is slow (a thread pool starting, page faults): its batches are
+    # still sized from its steady 150 us calls, as a's are
+    clock = FakeClock()
+    monkeypatch.setattr(P.time, "perf_counter_ns", clock.perf_counter_ns)
+    costs = iter([150_000, 150_000, 5_000_000])
+
+    def b():
+        clock.ns += next(costs, 150_000)
+
+    a = clock.fn("a", 150_000)
+    t = P.measure_pairs(a, b, warmup=3, target_batch_s=3e-3, pairs=6)
+    assert t.inner_a == t.inner_b == 20  # 3 ms / 150 us, not one 5 ms call a batch
+    assert set(t.b_s) == {150e-6}
+
+
 def test_calibrate_slow_function_is_one_call_per_batch(monkeypatch):
     clock = FakeClock()
     monkeypatch.setattr(P.time, "perf_counter_ns", clock.perf_counter_ns)

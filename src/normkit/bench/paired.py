@@ -119,7 +119,7 @@ def measure_pairs(a: Callable[[], object], b: Callable[[], object], *, warmup: i
 
     ``warmup`` untimed calls of each (alternating) come first: they absorb compilation,
     allocator growth and first-touch page faults; fewer (at least one) when they take more
-    than half of ``budget_s``. Then pairs are timed until ``budget_s`` has
+    than half of ``budget_s``. Each side's batch size comes from its fastest warm-up call. Then pairs are timed until ``budget_s`` has
     passed, at least ``min_pairs`` and at most ``max_pairs`` of them, or exactly ``pairs``.
     The garbage collector is paused while timing (as in :func:`normkit.bench.timing.measure`).
     """
@@ -129,13 +129,18 @@ def measure_pairs(a: Callable[[], object], b: Callable[[], object], *, warmup: i
         raise ValueError(f"need 1 <= min_pairs <= max_pairs, got {min_pairs} and {max_pairs}")
     rng = rng or random.Random(0)
     warm_start = time.perf_counter()
+    # each side's fastest warm-up call sizes its batches: a single slow warm-up call (a thread
+    # pool starting, page faults after a larger call) would otherwise size them for that call,
+    # and a side calibrated to one call a batch pays, in every sample, the cost of running just
+    # after the other side (its code and data evicted) that a batch of many calls amortizes
+    fastest_a = fastest_b = math.inf
     for _ in range(max(1, warmup)):
-        last_a = _batch_ns(a, 1) / 1e9
-        last_b = _batch_ns(b, 1) / 1e9
+        fastest_a = min(fastest_a, _batch_ns(a, 1) / 1e9)
+        fastest_b = min(fastest_b, _batch_ns(b, 1) / 1e9)
         if time.perf_counter() - warm_start > budget_s / 2:
             break  # calls this slow need no more warming, and would eat the cell's budget
-    inner_a = calibrate(a, target_batch_s, last_call_s=last_a)
-    inner_b = calibrate(b, target_batch_s, last_call_s=last_b)
+    inner_a = calibrate(a, target_batch_s, last_call_s=fastest_a)
+    inner_b = calibrate(b, target_batch_s, last_call_s=fastest_b)
     a_s: List[float] = []
     b_s: List[float] = []
     a_first: List[bool] = []
