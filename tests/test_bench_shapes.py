@@ -134,6 +134,23 @@ def test_one_slow_warm_up_call_does_not_size_the_batches(monkeypatch):
     assert set(t.b_s) == {150e-6}
 
 
+def test_a_first_call_longer_than_the_warm_up_budget_is_not_the_only_one(monkeypatch):
+    # the process's first backward takes 0.4 s (past half the 0.5 s budget, which ends the
+    # warm-up): a second warm-up call still sizes the batches
+    clock = FakeClock()
+    monkeypatch.setattr(P.time, "perf_counter_ns", clock.perf_counter_ns)
+    monkeypatch.setattr(P.time, "perf_counter", lambda: clock.ns / 1e9)
+    costs = iter([400_000_000])
+
+    def a():
+        clock.ns += next(costs, 150_000)
+
+    b = clock.fn("b", 150_000)
+    t = P.measure_pairs(a, b, warmup=3, target_batch_s=3e-3, budget_s=0.5, pairs=6)
+    assert t.inner_a == t.inner_b == 20
+    assert clock.log.count("b") == 2 + 8 + 6 * 20  # two warm-up calls, a calibration batch of 8, the pairs
+
+
 def test_calibrate_slow_function_is_one_call_per_batch(monkeypatch):
     clock = FakeClock()
     monkeypatch.setattr(P.time, "perf_counter_ns", clock.perf_counter_ns)

@@ -118,8 +118,9 @@ def measure_pairs(a: Callable[[], object], b: Callable[[], object], *, warmup: i
     """Time ``a`` and ``b`` in interleaved pairs.
 
     ``warmup`` untimed calls of each (alternating) come first: they absorb compilation,
-    allocator growth and first-touch page faults; fewer (at least one) when they take more
-    than half of ``budget_s``. Each side's batch size comes from its fastest warm-up call. Then pairs are timed until ``budget_s`` has
+    allocator growth and first-touch page faults; fewer (at least two, or the one asked for)
+    when they take more than half of ``budget_s``. Each side's batch size comes from its
+    fastest warm-up call. Then pairs are timed until ``budget_s`` has
     passed, at least ``min_pairs`` and at most ``max_pairs`` of them, or exactly ``pairs``.
     The garbage collector is paused while timing (as in :func:`normkit.bench.timing.measure`).
     """
@@ -134,11 +135,14 @@ def measure_pairs(a: Callable[[], object], b: Callable[[], object], *, warmup: i
     # and a side calibrated to one call a batch pays, in every sample, the cost of running just
     # after the other side (its code and data evicted) that a batch of many calls amortizes
     fastest_a = fastest_b = math.inf
-    for _ in range(max(1, warmup)):
+    for round_ in range(max(1, warmup)):
         fastest_a = min(fastest_a, _batch_ns(a, 1) / 1e9)
         fastest_b = min(fastest_b, _batch_ns(b, 1) / 1e9)
-        if time.perf_counter() - warm_start > budget_s / 2:
-            break  # calls this slow need no more warming, and would eat the cell's budget
+        if round_ >= 1 and time.perf_counter() - warm_start > budget_s / 2:
+            # calls this slow need no more warming, and would eat the cell's budget; but not
+            # before a second call of each: the first may be a one-off (the process's first
+            # backward initializes the autograd engine) that took the time on its own
+            break
     inner_a = calibrate(a, target_batch_s, last_call_s=fastest_a)
     inner_b = calibrate(b, target_batch_s, last_call_s=fastest_b)
     a_s: List[float] = []
