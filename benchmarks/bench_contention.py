@@ -22,6 +22,7 @@ import torch
 import normkit
 from normkit._machine import cpu_model, load_average, torch_threads
 from normkit.bench.report import write_json
+from normkit.bench.timing import measure
 
 
 def calls(rows: int, width: int):
@@ -54,18 +55,11 @@ def main() -> int:
     fns = calls(args.rows, args.width)
     samples = []
     with torch.no_grad(), torch_threads(1):
-        for f in fns.values():
-            f()
         start = time.perf_counter()
         while time.perf_counter() - start < args.seconds:
             row = {"t_s": round(time.perf_counter() - start, 2)}
-            for name, f in fns.items():
-                times = []
-                for _ in range(3):
-                    t0 = time.perf_counter()
-                    f()
-                    times.append((time.perf_counter() - t0) * 1e3)
-                row[name] = round(statistics.median(times), 3)
+            for name, f in fns.items():  # one call each timed alone (min_sample_s=0), the median of three
+                row[name] = round(measure(f, "cpu", warmup=0, repeats=3, min_sample_s=0.0).median_s * 1e3, 3)
             samples.append(row)
             print("  ".join(f"{k} {v}" for k, v in row.items()), flush=True)
             time.sleep(args.every)
