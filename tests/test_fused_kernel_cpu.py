@@ -191,7 +191,8 @@ def large_call(name, dtype, is_rms, offset_bytes=0):
     ("dropout", BF16, False), ("out_bf16", F32, False), ("residual_out_bf16", F32, False),
     # the option loop's wide code (dropout on x alone): 64-byte streamed stores; two outputs
     ("dropout", F32, False), ("weight1", F32, False),
-    # RMS norm: the plain loop without overlap (write_row_streamed), the row passes (norm_row's stage)
+    # RMS norm: the overlapped loop (each chunk's last row: write_row_streamed), the row passes
+    # (norm_row's stage)
     ("plain", F32, True), ("residual", BF16, True), ("everything", F32, True), ("out_bf16", F32, True),
 ])
 @pytest.mark.parametrize("offset_bytes", [0, 8, 16])
@@ -211,6 +212,33 @@ def test_calls_beyond_the_last_level_cache(name, dtype, is_rms, offset_bytes):
     if spec.store_sum:
         assert torch.equal(got.s, ref.s)
     torch.testing.assert_close(got.rstd, ref.rstd, rtol=1e-4, atol=0)
+
+
+def page_distance(a, b):
+    """How far apart two page offsets are, in bytes, around the 4 KiB page."""
+    return min((a - b) % 4096, (b - a) % 4096)
+
+
+def test_scratch_rows_are_placed_clear_of_the_streams_in_their_pages():
+    """The row loops' scratch rows (cpu_runtime.h ScratchRows) start on a 64-byte line at the
+    page offset farthest from the call's streams and from each other (4K aliasing): fresh tensors
+    of one size share an offset; rows of 3 KiB move a stream's offset by 3 KiB a row; random
+    streams get a row as far from all of them as the best line of the page, within a line."""
+    place = compiled.extension.scratch_row_offsets
+    first, second = place(2, 2048, [(0x7F0000010040, 8192)] * 4)
+    assert first == 64 + 2048
+    assert page_distance(second, 64) == 1024 and page_distance(second, first) == 1024
+    (only,) = place(1, 768, [(0x7F0000020000, 3072)])  # the stream at 0, 3072, 2048, 1024 in rows 0..3
+    assert min(page_distance(only, o) for o in (0, 1024, 2048, 3072)) == 512
+    g = torch.Generator().manual_seed(5)
+    for _ in range(50):
+        streams = [(int(torch.randint(0, 2**40, (), generator=g)) * 64,
+                    int(torch.randint(0, 4, (), generator=g)) * 768) for _ in range(4)]
+        taken = [(a + k * rb) % 4096 for a, rb in streams for k in range(4 if rb else 1)]
+        (got,) = place(1, 1000, streams)
+        best = max(min(page_distance(c, t) for t in taken) for c in range(0, 4096, 64))
+        assert got % 64 == 0 and min(page_distance(got, t) for t in taken) >= best - 64
+    assert place(0, 16, []) == [] and place(1, 16, []) == [0]
 
 
 @pytest.fixture

@@ -266,47 +266,59 @@ template <typename Acc>
 void bwd_rows(const BwdPlan<Acc>& p, int64_t lo, int64_t hi, int64_t chunk) {
   const int64_t n = p.n;
   const bool via_g = !p.dy_pass && !p.dy2_pass;
-  std::vector<Acc> g(via_g ? n : 0), ds(n), shat(via_g && (p.p_pass || p.p1_pass) ? n : 0);
+  const bool need_shat = via_g && (p.p_pass || p.p1_pass);
   const int64_t off_c = chunk * n;
+  const auto at = [&](const char* q, int64_t elem_bytes) -> RowStream {  // the first row of a (rows, n) stream
+    return {q ? q + lo * n * elem_bytes : nullptr, n * elem_bytes};
+  };
+  const auto part_row = [&](const Acc* part) -> RowStream { return {part ? part + off_c : nullptr, 0}; };
+  // ds; g and s_hat when via_g; dy2_pass's four scratch partials
+  const ScratchRows<Acc> rows(1 + (via_g ? 1 : 0) + (need_shat ? 1 : 0) + (p.dy2_pass ? 4 : 0), n,
+                              {at(p.s, p.sb), at(p.dy, p.ob), at(p.dy1, p.ob1), at(p.dsum, p.db_), at(p.dres, p.rb),
+                               at(p.dx, p.tb), at(p.dx1, p.tb), {p.w, 0}, {p.w1, 0}, part_row(p.dw), part_row(p.db),
+                               part_row(p.dw1), part_row(p.db1)});
+  int next_row = 0;
+  Acc* const ds = rows.row(next_row++);
+  Acc* const g = via_g ? rows.row(next_row++) : nullptr;
+  Acc* const shat = need_shat ? rows.row(next_row++) : nullptr;
   for (Acc* part : {p.dw, p.db, p.dw1, p.db1})
     if (part) std::fill(part + off_c, part + off_c + n, Acc(0));
   auto chunk_part = [&](Acc* part) { return part ? part + off_c : nullptr; };
   // dy2_pass's four partials: the chunk's rows, or scratch rows (never read) for those not wanted
-  std::vector<Acc> scratch(p.dy2_pass ? 4 * n : 0);
   Acc* partials[4] = {};
   if (p.dy2_pass) {
     Acc* const wanted[4] = {p.dw, p.db, p.dw1, p.db1};
-    for (int k = 0; k < 4; ++k) partials[k] = wanted[k] ? wanted[k] + off_c : scratch.data() + k * n;
+    for (int k = 0; k < 4; ++k) partials[k] = wanted[k] ? wanted[k] + off_c : rows.row(next_row + k);
   }
   for (int64_t i = lo; i < hi; ++i) {
     const int64_t off = i * n;
     RowStats<Acc> st{p.mean ? p.mean[i] : Acc(0), p.rstd[i]};
     if (p.dy2_pass) {
-      p.dy2_pass(p.s + off * p.sb, p.dy + off * p.ob, p.dy1 + off * p.ob1, n, p.w, p.w1, p.is_rms, st, ds.data(), partials);
+      p.dy2_pass(p.s + off * p.sb, p.dy + off * p.ob, p.dy1 + off * p.ob1, n, p.w, p.w1, p.is_rms, st, ds, partials);
     } else if (p.dy_pass) {
-      p.dy_pass(p.s + off * p.sb, p.dy + off * p.ob, n, p.w, p.is_rms, st, ds.data(), chunk_part(p.dw), chunk_part(p.db));
+      p.dy_pass(p.s + off * p.sb, p.dy + off * p.ob, n, p.w, p.is_rms, st, ds, chunk_part(p.dw), chunk_part(p.db));
     } else {
-      if (p.g_pass) p.g_pass(p.dy + off * p.ob, n, p.w, g.data());
-      if (p.g1_pass) p.g1_pass(p.dy1 + off * p.ob1, n, p.w1, g.data());
-      if (!p.g_pass && !p.g1_pass) std::fill(g.begin(), g.end(), Acc(0));
+      if (p.g_pass) p.g_pass(p.dy + off * p.ob, n, p.w, g);
+      if (p.g1_pass) p.g1_pass(p.dy1 + off * p.ob1, n, p.w1, g);
+      if (!p.g_pass && !p.g1_pass) std::fill(g, g + n, Acc(0));
       Acc c_g = 0, c_gx = 0;
-      p.means(p.s + off * p.sb, g.data(), n, p.is_rms, p.ones, st, c_g, c_gx);
-      p.ds_pass(p.s + off * p.sb, g.data(), n, st, c_g, c_gx, ds.data(), shat.data());
+      p.means(p.s + off * p.sb, g, n, p.is_rms, p.ones, st, c_g, c_gx);
+      p.ds_pass(p.s + off * p.sb, g, n, st, c_g, c_gx, ds, shat);
     }
-    if (p.dsum_pass) p.dsum_pass(p.dsum + off * p.db_, n, ds.data());
-    if (p.dres_pass) p.dres_pass(ds.data(), n, Acc(1), DropRow<Acc>{}, p.dres + off * p.rb);
+    if (p.dsum_pass) p.dsum_pass(p.dsum + off * p.db_, n, ds);
+    if (p.dres_pass) p.dres_pass(ds, n, Acc(1), DropRow<Acc>{}, p.dres + off * p.rb);
     if (p.dx_pass) {
       DropRow<Acc> d;
       if (p.d0) d = {p.d0->col_key.data(), p.d0->row_key(i), p.d0->threshold, p.scale};
-      p.dx_pass(ds.data(), n, p.rowscale ? p.rowscale[i] : Acc(1), d, p.dx + off * p.tb);
+      p.dx_pass(ds, n, p.rowscale ? p.rowscale[i] : Acc(1), d, p.dx + off * p.tb);
     }
     if (p.dx1_pass) {
       DropRow<Acc> d;
       if (p.d1) d = {p.d1->col_key.data(), p.d1->row_key(i), p.d1->threshold, p.scale};
-      p.dx1_pass(ds.data(), n, Acc(1), d, p.dx1 + off * p.tb);
+      p.dx1_pass(ds, n, Acc(1), d, p.dx1 + off * p.tb);
     }
-    if (p.p_pass && via_g) p.p_pass(p.dy + off * p.ob, shat.data(), n, chunk_part(p.dw), chunk_part(p.db));
-    if (p.p1_pass && via_g) p.p1_pass(p.dy1 + off * p.ob1, shat.data(), n, chunk_part(p.dw1), chunk_part(p.db1));
+    if (p.p_pass && via_g) p.p_pass(p.dy + off * p.ob, shat, n, chunk_part(p.dw), chunk_part(p.db));
+    if (p.p1_pass && via_g) p.p1_pass(p.dy1 + off * p.ob1, shat, n, chunk_part(p.dw1), chunk_part(p.db1));
   }
 }
 

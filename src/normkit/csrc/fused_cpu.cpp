@@ -131,10 +131,19 @@ struct FwdPlan {
 template <typename AccS, typename AccW>
 void fwd_rows(const FwdPlan<AccS, AccW>& p, int64_t lo, int64_t hi) {
   const int64_t n = p.n;
-  std::vector<AccS> buf_s(p.sum ? n : 0);
-  std::vector<AccW> buf_w(p.sum && !std::is_same_v<AccS, AccW> ? n : 0);
+  const auto at = [&](const auto* q, int64_t elem_bytes) -> RowStream {  // the first row of a (rows, n) stream
+    return {q ? reinterpret_cast<const char*>(q) + lo * n * elem_bytes : nullptr, n * elem_bytes};
+  };
+  const std::initializer_list<RowStream> streams = {
+      at(p.x, p.xb), at(p.x1, p.xb), at(p.r, p.rb), at(p.s, p.sb), at(p.y, p.ob), at(p.y1, p.ob), at(p.mask, 1),
+      at(p.mask1, 1), {p.norm.w, 0}, {p.norm.b, 0}, {p.norm.w1, 0}, {p.norm.b1, 0}};
+  const ScratchRows<AccS> buf_s(p.sum ? 1 : 0, n, streams);
+  const bool own_w = p.sum && !std::is_same_v<AccS, AccW>;  // a row of its own for the sum as AccW
+  const ScratchRows<AccW> buf_w(own_w ? 1 : 0, n, {{own_w ? buf_s.row(0) : nullptr, 0}, at(p.x, p.xb), at(p.r, p.rb),
+                                                   at(p.s, p.sb), at(p.y, p.ob), at(p.y1, p.ob)});
+  AccS* const row_s = p.sum ? buf_s.row(0) : nullptr;
   AccW* src_w = nullptr;
-  if constexpr (std::is_same_v<AccS, AccW>) src_w = buf_s.data(); else src_w = buf_w.data();
+  if constexpr (std::is_same_v<AccS, AccW>) src_w = row_s; else src_w = own_w ? buf_w.row(0) : nullptr;
   for (int64_t i = lo; i < hi; ++i) {
     const int64_t off = i * n;
     void* y1 = p.y1 ? p.y1 + off * p.ob : nullptr;
@@ -160,18 +169,18 @@ void fwd_rows(const FwdPlan<AccS, AccW>& p, int64_t lo, int64_t hi) {
     const AccS rs = p.rowscale ? p.rowscale[i] : AccS(1);
     uint8_t* mask = p.mask ? p.mask + off : nullptr;
     if (p.xr_pass) {
-      p.xr_pass(p.x + off * p.xb, p.r + off * p.rb, n, rs, d, mask, p.s_in_xr ? p.s + off * p.sb : nullptr, buf_s.data());
+      p.xr_pass(p.x + off * p.xb, p.r + off * p.rb, n, rs, d, mask, p.s_in_xr ? p.s + off * p.sb : nullptr, row_s);
     } else {
-      p.x_pass(p.x + off * p.xb, n, rs, d, mask, buf_s.data());
+      p.x_pass(p.x + off * p.xb, n, rs, d, mask, row_s);
     }
     if (p.x1_pass) {
       DropRow<AccS> d1;
       if (p.d1) d1 = {p.d1->col_key.data(), p.d1->row_key(i), p.d1->threshold, p.scale};
-      p.x1_pass(p.x1 + off * p.xb, n, AccS(1), d1, p.mask1 ? p.mask1 + off : nullptr, buf_s.data());
+      p.x1_pass(p.x1 + off * p.xb, n, AccS(1), d1, p.mask1 ? p.mask1 + off : nullptr, row_s);
     }
-    if (p.r_pass) p.r_pass(p.r + off * p.rb, n, buf_s.data());
-    if (p.round_pass) p.round_pass(buf_s.data(), n, p.s ? p.s + off * p.sb : nullptr, src_w);
-    if (p.s_stream) stream_bytes(p.s + off * p.sb, buf_s.data(), n * p.sb);
+    if (p.r_pass) p.r_pass(p.r + off * p.rb, n, row_s);
+    if (p.round_pass) p.round_pass(row_s, n, p.s ? p.s + off * p.sb : nullptr, src_w);
+    if (p.s_stream) stream_bytes(p.s + off * p.sb, row_s, n * p.sb);
     p.norm_pass(src_w, n, p.norm, p.y + off * p.ob, y1, i, next);
   }
   if (p.norm.stream || p.s_stream) stream_fence();
@@ -180,8 +189,8 @@ void fwd_rows(const FwdPlan<AccS, AccW>& p, int64_t lo, int64_t hi) {
 // --- the plain call: x [+ residual] [, s stored] in one dtype, no other option ---------------------
 
 template <typename T, typename Acc>
-NORMKIT_CLONES void plain_pass(const fused::PlainFwdArgs<T, Acc>& a, int64_t lo, int64_t hi, Acc* buf) {
-  fused::plain_rows<T, Acc>(a, lo, hi, buf);
+NORMKIT_CLONES void plain_pass(const fused::PlainFwdArgs<T, Acc>& a, int64_t lo, int64_t hi, Acc* cur, Acc* nxt) {
+  fused::plain_rows<T, Acc>(a, lo, hi, cur, nxt);
 }
 
 template <typename T>
@@ -217,8 +226,11 @@ void plain_forward(const fused::FwdCall& c, int64_t rows, int64_t n) {
   }
   const int64_t per = rows_per_chunk(rows, n);
   for_each_chunk((rows + per - 1) / per, is_serial(rows, n), [&](int64_t k) {
-    std::vector<Acc> buf(a.r ? 2 * n : 0);
-    plain_pass<T, Acc>(a, k * per, std::min(rows, (k + 1) * per), a.r ? buf.data() : nullptr);
+    const int64_t lo = k * per, row = n * static_cast<int64_t>(sizeof(T));
+    if (!a.r) return plain_pass<T, Acc>(a, lo, std::min(rows, lo + per), nullptr, nullptr);
+    const ScratchRows<Acc> buf(2, n, {{a.x + lo * n, row}, {a.r + lo * n, row}, {a.s ? a.s + lo * n : nullptr, row},
+                                      {a.y + lo * n, row}, {a.w_or_ones, 0}, {a.b_or_zeros, 0}, {a.w, 0}, {a.b, 0}});
+    plain_pass<T, Acc>(a, lo, std::min(rows, lo + per), buf.row(0), buf.row(1));
   });
 }
 

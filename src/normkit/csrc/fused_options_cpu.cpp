@@ -9,9 +9,9 @@
 // for a bfloat16 y (rounded by vcvtneps2bf16 on CPUs with AVX-512 BF16, in integer vector
 // operations on the others). Two switches are template arguments, by measurement: dropout (its
 // hash and tests; 0.90x the time of the run-time switch, 1 thread, in cache and from DRAM,
-// Zen 4) and the streaming stores (tested in every store). Other calls (RMS norm, whose rows do
-// not overlap; float64; a float16 y; a bfloat16 y with weight1 or dropout) take fused_cpu.cpp's
-// row passes, measured faster for them (option_rows).
+// Zen 4) and the streaming stores (tested in every store). Other calls (RMS norm with options, whose
+// rows do not overlap; float64; a float16 y; a bfloat16 y with weight1 or dropout) take
+// fused_cpu.cpp's row passes, measured faster for them (option_rows).
 #include <torch/extension.h>
 
 #include <cstdint>
@@ -34,20 +34,20 @@ using fused::Tensor;
 #pragma GCC push_options
 #pragma GCC optimize("fp-contract=off")
 template <typename T, typename R, typename S, typename O, bool Formed, fused::Dropout D, bool Stream>
-NORMKIT_CLONES void opt_pass_narrow(const fused::OptFwdArgs<T, R, S, O>& a, int64_t lo, int64_t hi, float* buf) {
-  fused::opt_rows<T, R, S, O, Formed, D, Stream>(a, lo, hi, buf);
+NORMKIT_CLONES void opt_pass_narrow(const fused::OptFwdArgs<T, R, S, O>& a, int64_t lo, int64_t hi, float* cur, float* nxt) {
+  fused::opt_rows<T, R, S, O, Formed, D, Stream>(a, lo, hi, cur, nxt);
 }
 #if defined(NORMKIT_WIDE)
 // The loop with 64-byte vectors: AVX-512 code only, run where wide_vectors() says so.
 template <typename T, typename R, typename S, typename O, bool Formed, fused::Dropout D, bool Stream>
-NORMKIT_WIDE_TARGET void opt_pass_wide(const fused::OptFwdArgs<T, R, S, O>& a, int64_t lo, int64_t hi, float* buf) {
-  fused::opt_rows<T, R, S, O, Formed, D, Stream, 64>(a, lo, hi, buf);
+NORMKIT_WIDE_TARGET void opt_pass_wide(const fused::OptFwdArgs<T, R, S, O>& a, int64_t lo, int64_t hi, float* cur, float* nxt) {
+  fused::opt_rows<T, R, S, O, Formed, D, Stream, 64>(a, lo, hi, cur, nxt);
 }
 // The loop with a bfloat16 y rounded by vcvtneps2bf16 (store_bf16_cvt): AVX-512 BF16 code only,
 // run where bf16_vectors() says so.
 template <typename T, typename R, typename S, typename O, bool Formed, fused::Dropout D, bool Stream>
-NORMKIT_BF16_TARGET void opt_pass_cvt(const fused::OptFwdArgs<T, R, S, O>& a, int64_t lo, int64_t hi, float* buf) {
-  fused::opt_rows<T, R, S, O, Formed, D, Stream, 32, true>(a, lo, hi, buf);
+NORMKIT_BF16_TARGET void opt_pass_cvt(const fused::OptFwdArgs<T, R, S, O>& a, int64_t lo, int64_t hi, float* cur, float* nxt) {
+  fused::opt_rows<T, R, S, O, Formed, D, Stream, 32, true>(a, lo, hi, cur, nxt);
 }
 #endif
 #pragma GCC pop_options
@@ -57,16 +57,14 @@ NORMKIT_BF16_TARGET void opt_pass_cvt(const fused::OptFwdArgs<T, R, S, O>& a, in
 enum class Code { narrow, wide, cvt };
 
 template <typename T, typename R, typename S, typename O, bool Formed, fused::Dropout D, bool Stream, Code K>
-void opt_pass(const fused::OptFwdArgs<T, R, S, O>& a, int64_t lo, int64_t hi, float* buf) {
+void opt_pass(const fused::OptFwdArgs<T, R, S, O>& a, int64_t lo, int64_t hi, float* cur, float* nxt) {
 #if defined(NORMKIT_WIDE)
-  if constexpr (K == Code::wide) opt_pass_wide<T, R, S, O, Formed, D, Stream>(a, lo, hi, buf);
-  else if constexpr (K == Code::cvt) opt_pass_cvt<T, R, S, O, Formed, D, Stream>(a, lo, hi, buf);
+  if constexpr (K == Code::wide) opt_pass_wide<T, R, S, O, Formed, D, Stream>(a, lo, hi, cur, nxt);
+  else if constexpr (K == Code::cvt) opt_pass_cvt<T, R, S, O, Formed, D, Stream>(a, lo, hi, cur, nxt);
   else  // (no 32-byte code is built for what only the other codes run)
 #endif
-    opt_pass_narrow<T, R, S, O, Formed, D, Stream>(a, lo, hi, buf);
+    opt_pass_narrow<T, R, S, O, Formed, D, Stream>(a, lo, hi, cur, nxt);
 }
-
-float* align_to_line(float* p) { return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t(63)); }
 
 template <typename T, typename R, typename S, typename O, bool Formed>
 void option_forward(const fused::FwdCall& c) {
@@ -124,38 +122,44 @@ void option_forward(const fused::FwdCall& c) {
   using fused::Dropout;
   constexpr Dropout kDropX = CanDrop ? Dropout::x : Dropout::none;
   constexpr Dropout kDropBoth = CanDrop ? Dropout::x_and_x1 : Dropout::none;
-  auto run = [&](auto code, int64_t lo, int64_t hi, float* buf) {
+  auto run = [&](auto code, int64_t lo, int64_t hi, float* cur, float* nxt) {
     constexpr Code K = decltype(code)::value;
     if (stream) {
-      if (CanDrop && drop && a.x1) opt_pass<T, R, S, O, Formed, kDropBoth, true, K>(a, lo, hi, buf);
-      else if (CanDrop && drop) opt_pass<T, R, S, O, Formed, kDropX, true, K>(a, lo, hi, buf);
-      else opt_pass<T, R, S, O, Formed, Dropout::none, true, K>(a, lo, hi, buf);
+      if (CanDrop && drop && a.x1) opt_pass<T, R, S, O, Formed, kDropBoth, true, K>(a, lo, hi, cur, nxt);
+      else if (CanDrop && drop) opt_pass<T, R, S, O, Formed, kDropX, true, K>(a, lo, hi, cur, nxt);
+      else opt_pass<T, R, S, O, Formed, Dropout::none, true, K>(a, lo, hi, cur, nxt);
     } else {
-      if (CanDrop && drop && a.x1) opt_pass<T, R, S, O, Formed, kDropBoth, false, K>(a, lo, hi, buf);
-      else if (CanDrop && drop) opt_pass<T, R, S, O, Formed, kDropX, false, K>(a, lo, hi, buf);
-      else opt_pass<T, R, S, O, Formed, Dropout::none, false, K>(a, lo, hi, buf);
+      if (CanDrop && drop && a.x1) opt_pass<T, R, S, O, Formed, kDropBoth, false, K>(a, lo, hi, cur, nxt);
+      else if (CanDrop && drop) opt_pass<T, R, S, O, Formed, kDropX, false, K>(a, lo, hi, cur, nxt);
+      else opt_pass<T, R, S, O, Formed, Dropout::none, false, K>(a, lo, hi, cur, nxt);
     }
   };
   // a bfloat16 y: rounded by vcvtneps2bf16 where the CPU has it (bf16_vectors), else by the
   // 32-byte loop's integer rounding
   const bool cvt = y_bf16 && bf16_vectors();
-  auto pass = [&](int64_t lo, int64_t hi, float* buf) {
+  auto pass = [&](int64_t lo, int64_t hi, float* cur, float* nxt) {
     if constexpr (CanDrop) {
       if (wide) {  // dropout on x alone
-        if (stream) return opt_pass<T, R, S, O, true, Dropout::x, true, Code::wide>(a, lo, hi, buf);
-        return opt_pass<T, R, S, O, true, Dropout::x, false, Code::wide>(a, lo, hi, buf);
+        if (stream) return opt_pass<T, R, S, O, true, Dropout::x, true, Code::wide>(a, lo, hi, cur, nxt);
+        return opt_pass<T, R, S, O, true, Dropout::x, false, Code::wide>(a, lo, hi, cur, nxt);
       }
     }
     if constexpr (y_bf16) {
-      if (cvt) return run(std::integral_constant<Code, Code::cvt>{}, lo, hi, buf);
+      if (cvt) return run(std::integral_constant<Code, Code::cvt>{}, lo, hi, cur, nxt);
     }
-    run(std::integral_constant<Code, Code::narrow>{}, lo, hi, buf);
+    run(std::integral_constant<Code, Code::narrow>{}, lo, hi, cur, nxt);
   };
   const int64_t per = rows_per_chunk(rows, n);
   for_each_chunk((rows + per - 1) / per, is_serial(rows, n), [&](int64_t k) {
-    std::vector<float> buf(Formed ? 2 * n + 16 : 0);  // (+ 16: room to start the rows on a 64-byte line)
-    float* rows_buf = Formed ? align_to_line(buf.data()) : nullptr;
-    pass(k * per, std::min(rows, (k + 1) * per), rows_buf);
+    const int64_t lo = k * per, hi = std::min(rows, lo + per);
+    if (!Formed) return pass(lo, hi, nullptr, nullptr);
+    const auto at = [&](const auto* p) -> RowStream {  // the chunk's first row of a (rows, n) stream
+      return {p ? p + lo * n : nullptr, n * static_cast<int64_t>(sizeof(*p))};
+    };
+    const ScratchRows<float> buf(2, n, {at(a.x), at(a.x1), at(a.r), at(a.s), at(a.y), at(a.y1), at(a.mask), at(a.mask1),
+                                        {a.w, 0}, {a.b, 0}, {a.w1, 0}, {a.b1, 0},
+                                        {drop ? d0.col_key.data() : nullptr, 0}, {a.d1 ? d1.col_key.data() : nullptr, 0}});
+    pass(lo, hi, buf.row(0), buf.row(1));
   });
 }
 
@@ -194,7 +198,8 @@ bool fused::option_rows(const FwdCall& c) {
   // in 64-byte vectors (unstable), 0.88-0.90x on Zen 3.
   const bool y_bf16 = odt == at::kBFloat16 && (tdt == at::kFloat || tdt == at::kBFloat16) && !c.weight1.defined() &&
                       c.dropout_p == 0.0;
-  if ((odt != at::kFloat && !y_bf16) || tdt == at::kDouble || rdt == at::kDouble || sdt == at::kDouble) return false;
+  // (the option loop is layer norm's: opt_rows normalizes with the mean)
+  if (c.is_rms || (odt != at::kFloat && !y_bf16) || tdt == at::kDouble || rdt == at::kDouble || sdt == at::kDouble) return false;
   // contract.sum_is_input, unless the caller asked for s in a buffer of its own
   const bool formed = c.residual.defined() || c.x1.defined() || c.rowscale.defined() || c.dropout_p > 0.0 ||
                       sdt != tdt || c.s.defined();

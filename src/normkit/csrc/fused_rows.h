@@ -276,11 +276,11 @@ struct SumRead {
 
 // The one-read row loop: rows lo..hi of a call, row i read as in_of(i, keep) forms it (a
 // RowRead of the input, or a reader that forms the sum as it reads and keeps it in `keep`, an
-// Acc row of buf), its statistics from that one read (row_math.h: shifted sums, rarely the
+// Acc row, cur or nxt), its statistics from that one read (row_math.h: shifted sums, rarely the
 // exact second pass), its output a second read, from src_of(i, keep): with overlap, in the loop
 // that forms row i + 1 (write_row_sums_next into out_of(i)), else a pass of its own
-// (write(i, src, stats)). buf: two Acc rows (the row being written and the row being formed)
-// when the reader forms one, else null.
+// (write(i, src, stats)). cur, nxt: two Acc rows (the row being written and the row being
+// formed; ScratchRows places them) when the reader forms one, else null.
 template <typename Acc>
 struct RowLoop {
   int64_t n;
@@ -292,13 +292,11 @@ struct RowLoop {
 //
 // B: the overlapped loop's vector bytes (write_row_sums_next): 64 only in AVX-512 code.
 template <typename Src, typename Acc, int B = 32, typename InOf, typename SrcOf, typename OutOf, typename Write>
-NORMKIT_INLINE void one_read_rows(const RowLoop<Acc>& L, int64_t lo, int64_t hi, Acc* buf, const InOf& in_of,
+NORMKIT_INLINE void one_read_rows(const RowLoop<Acc>& L, int64_t lo, int64_t hi, Acc* cur, Acc* nxt, const InOf& in_of,
                                   const SrcOf& src_of, const OutOf& out_of, const Write& write) {
   const int64_t n = L.n;
   // (every lambda here always inlined: an out-of-line copy would be baseline code, no clone)
   auto shift_of = [&](const auto& in) NORMKIT_INLINE_LAMBDA { return L.is_rms ? Acc(0) : row_shift<Acc>(in, n); };
-  Acc* cur = buf;
-  Acc* nxt = buf ? buf + n : nullptr;
   const auto first = in_of(lo, cur);
   ShiftedSums<Acc> sums = row_sums<Acc>(first, n, shift_of(first));
   for (int64_t i = lo; i < hi; ++i) {
@@ -328,17 +326,19 @@ NORMKIT_INLINE void one_read_rows(const RowLoop<Acc>& L, int64_t lo, int64_t hi,
 // y) of such rows stay in L1, where it runs 0.35 cycles per element against 0.42 for a
 // statistics pass then an output pass (768 and 1024 wide, data in L2/L3, Zen 4). At 4096 wide
 // in cache the two are even, and from L3 right after other work the overlapped loop is slower.
-// Not for RMS norm, whose statistics pass is cheap enough that the separate passes were as
-// fast or faster in cache (1024 wide, 1 thread, measured under load), nor for Half, whose
-// stores the loop would write one element at a time (store_vec).
+// An RMS norm overlaps only in the memory-bound regime: its statistics pass is cheap enough that
+// in cache the separate passes were as fast or faster (1024 wide, 1 thread, measured under
+// load), but from DRAM they left it at 1.2-1.4x a copy's time where the overlapped layer norm
+// took 0.8-0.9x (4096 x 2048 float32, 1 thread, Zen 3). Never for Half, whose stores the loop
+// would write one element at a time (store_vec).
 constexpr int64_t kOverlapMinBytes = int64_t(4) << 20;
 constexpr int64_t kOverlapMaxRowBytes = int64_t(8) << 10;
 
 // Whether a call of `rows` rows of row_bytes (input dtype) takes the overlapped loop;
 // vector_stores: its outputs are stored as vectors (no Half).
 inline bool overlap_pays(int64_t rows, int64_t row_bytes, bool is_rms, bool vector_stores) {
-  return rows > 1 && !is_rms && vector_stores &&
-         (rows * row_bytes >= kOverlapMinBytes || row_bytes <= kOverlapMaxRowBytes);
+  return rows > 1 && vector_stores &&
+         (rows * row_bytes >= kOverlapMinBytes || (!is_rms && row_bytes <= kOverlapMaxRowBytes));
 }
 
 template <typename T, typename Acc>
@@ -359,13 +359,13 @@ struct PlainFwdArgs {
 };
 
 // Rows lo..hi of a plain call (one_read_rows): x read as it is, or x + r formed as it is read
-// (SumRead). buf: two rows with a residual, else null.
+// (SumRead). cur, nxt: two rows with a residual, else null.
 template <typename T, typename Acc, bool Res, bool STORE, bool Stream>
-NORMKIT_INLINE void plain_rows_as(const PlainFwdArgs<T, Acc>& a, int64_t lo, int64_t hi, Acc* buf) {
+NORMKIT_INLINE void plain_rows_as(const PlainFwdArgs<T, Acc>& a, int64_t lo, int64_t hi, Acc* cur, Acc* nxt) {
   using Src = std::conditional_t<Res, Acc, T>;
   const int64_t n = a.n;
   one_read_rows<Src, Acc>(
-      {n, a.eps, a.is_rms, a.overlap, a.mean, a.rstd}, lo, hi, buf,
+      {n, a.eps, a.is_rms, a.overlap, a.mean, a.rstd}, lo, hi, cur, nxt,
       [&](int64_t i, Acc* keep) NORMKIT_INLINE_LAMBDA {
         if constexpr (Res)
           return SumRead<T, Acc, STORE, Stream>{a.x + i * n, a.r + i * n, keep, STORE ? a.s + i * n : nullptr};
@@ -385,16 +385,16 @@ NORMKIT_INLINE void plain_rows_as(const PlainFwdArgs<T, Acc>& a, int64_t lo, int
 
 // plain_rows_as for the call's case. (No streaming for Half, whose stores are not vectors: can_stream.)
 template <typename T, typename Acc>
-NORMKIT_INLINE void plain_rows(const PlainFwdArgs<T, Acc>& a, int64_t lo, int64_t hi, Acc* buf) {
+NORMKIT_INLINE void plain_rows(const PlainFwdArgs<T, Acc>& a, int64_t lo, int64_t hi, Acc* cur, Acc* nxt) {
   constexpr bool kStream = !std::is_same_v<T, c10::Half>;
   if (a.stream && kStream) {
-    if (!a.r) plain_rows_as<T, Acc, false, false, kStream>(a, lo, hi, buf);
-    else if (a.s) plain_rows_as<T, Acc, true, true, kStream>(a, lo, hi, buf);
-    else plain_rows_as<T, Acc, true, false, kStream>(a, lo, hi, buf);
+    if (!a.r) plain_rows_as<T, Acc, false, false, kStream>(a, lo, hi, cur, nxt);
+    else if (a.s) plain_rows_as<T, Acc, true, true, kStream>(a, lo, hi, cur, nxt);
+    else plain_rows_as<T, Acc, true, false, kStream>(a, lo, hi, cur, nxt);
   } else {
-    if (!a.r) plain_rows_as<T, Acc, false, false, false>(a, lo, hi, buf);
-    else if (a.s) plain_rows_as<T, Acc, true, true, false>(a, lo, hi, buf);
-    else plain_rows_as<T, Acc, true, false, false>(a, lo, hi, buf);
+    if (!a.r) plain_rows_as<T, Acc, false, false, false>(a, lo, hi, cur, nxt);
+    else if (a.s) plain_rows_as<T, Acc, true, true, false>(a, lo, hi, cur, nxt);
+    else plain_rows_as<T, Acc, true, false, false>(a, lo, hi, cur, nxt);
   }
 }
 
@@ -611,14 +611,14 @@ struct OptFwdArgs {
 };
 
 // Rows lo..hi of an option call (one_read_rows, each row's output written in the loop that forms
-// the next). buf: two rows when Formed, else null. D: dropout (Formed; a.d0 not null, and a.x1
+// the next). cur, nxt: two rows when Formed, else null. D: dropout (Formed; a.d0 not null, and a.x1
 // and a.d1 not null just when D is x_and_x1); Stream: the outputs are written with non-temporal
 // stores (the call is past outputs_stream).
 //
 // B: the loop's vector bytes, 64 only in AVX-512 code (write_row_sums_next).
 template <typename T, typename R, typename S, typename O, bool Formed, Dropout D, bool Stream, int B = 32,
           bool Cvt = false>
-NORMKIT_INLINE void opt_rows(const OptFwdArgs<T, R, S, O>& a, int64_t lo, int64_t hi, float* buf) {
+NORMKIT_INLINE void opt_rows(const OptFwdArgs<T, R, S, O>& a, int64_t lo, int64_t hi, float* cur, float* nxt) {
   using Acc = float;
   using Src = std::conditional_t<Formed, Acc, T>;
   const int64_t n = a.n;
@@ -631,7 +631,7 @@ NORMKIT_INLINE void opt_rows(const OptFwdArgs<T, R, S, O>& a, int64_t lo, int64_
     return OptWrite<O, Stream, Cvt>{a.y + i * n, a.y1 ? a.y1 + i * n : nullptr, a.w, a.b, a.w1, a.b1};
   };
   one_read_rows<Src, Acc, B>(
-      {n, a.eps, /*is_rms=*/false, /*overlap=*/true, a.mean, a.rstd}, lo, hi, buf,
+      {n, a.eps, /*is_rms=*/false, /*overlap=*/true, a.mean, a.rstd}, lo, hi, cur, nxt,
       [&](int64_t i, Acc* keep) NORMKIT_INLINE_LAMBDA {
         if constexpr (Formed) {
           const int64_t off = i * n;

@@ -523,6 +523,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bf16_vectors", &normkit::bf16_vectors,
         "whether the option loop rounds bfloat16 outputs with AVX-512 BF16's vcvtneps2bf16 (else in integer vector "
         "operations)");
+  // For the tests: the page offsets ScratchRows gives `count` rows of n floats beside up to four
+  // streams, each (address, row stride in bytes).
+  m.def("scratch_row_offsets", [](int count, int64_t n, const std::vector<std::pair<int64_t, int64_t>>& streams) {
+    TORCH_CHECK_VALUE(count >= 0 && n >= 0 && streams.size() <= 4,
+                      "scratch_row_offsets: expected count, n >= 0 and at most four streams");
+    normkit::RowStream s[4] = {};
+    for (size_t k = 0; k < streams.size(); ++k)
+      s[k] = {reinterpret_cast<const void*>(static_cast<uintptr_t>(streams[k].first)), streams[k].second};
+    const normkit::ScratchRows<float> rows(count, n, {s[0], s[1], s[2], s[3]});
+    std::vector<int64_t> offsets;
+    for (int k = 0; k < count; ++k)
+      offsets.push_back(static_cast<int64_t>(reinterpret_cast<uintptr_t>(rows.row(k)) % normkit::kPageBytes));
+    return offsets;
+  }, "the page offsets of count scratch rows of n floats placed beside streams [(address, row_bytes)]",
+        py::arg("count"), py::arg("n"), py::arg("streams"));
   normkit::register_rnn(m);
   normkit::register_norm_dim(m);
   normkit::register_fused(m);
