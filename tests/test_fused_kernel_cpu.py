@@ -241,6 +241,72 @@ def test_scratch_rows_are_placed_clear_of_the_streams_in_their_pages():
     assert place(0, 16, []) == [] and place(1, 16, []) == [0]
 
 
+def test_the_write_order_is_chosen_by_page_offset():
+    """writes_descend (cpu_runtime.h): the overlapped loop writes its outputs in descending
+    column order when one starts 1..256 bytes after a stream it loads, in their pages (ascending,
+    every load would follow a store it aliases: 4K aliasing), and descending would alias none of
+    the write's own loads (the next row's read runs ascending: descending writes cross it)."""
+    descend = compiled.extension.writes_descend
+    x = 0x7F0000100040
+    assert descend([x + 64], [x]) and descend([x + 3 * 4096 + 256], [x]) and descend([x + 4096, x + 64], [x])
+    assert not descend([x], [x]) and not descend([x + 320], [x]) and not descend([x - 64], [x])
+    assert not descend([x + 64], [x, x + 128])  # descending would alias the load 64 bytes after y
+    assert not descend([], [x]) and not descend([x + 64], [])
+    assert descend([x + 64], [], [x]) and descend([x + 64], [x + 4096], [x + 8192])
+    assert not descend([x + 64], [x + 128], [x]) and not descend([x + 64], [], [x + 128])
+
+
+def placed_outputs(t, spec, anchor, delta):
+    """out (and out1) starting `delta` bytes after t[anchor] in its page."""
+    rows, n = t["x"].shape
+    size = torch.empty((), dtype=spec.out_dtype).element_size()
+    bufs = {}
+    for key in ("out",) + (("out1",) if t["weight1"] is not None else ()):
+        flat = torch.empty(rows * n + 4096 // size, dtype=spec.out_dtype)
+        start = ((t[anchor].data_ptr() + delta - flat.data_ptr()) % 4096) // size
+        bufs[key] = flat[start:start + rows * n].view(rows, n)
+        assert (bufs[key].data_ptr() - t[anchor].data_ptr()) % 4096 == delta
+    return bufs
+
+
+@pytest.mark.parametrize("name, dtype, is_rms, rows, n, anchor", [
+    ("plain", F32, False, 7, 1003, "x"),  # rows of 4 KiB: overlapped at any size; a tail of 3
+    ("plain", BF16, False, 6, 1000, "x"),
+    ("plain", F32, True, 520, 2048, "x"),  # RMS norm: overlapped from 4 MiB
+    ("residual", F32, False, 5, 1003, "x"),  # the row normalized is a scratch row; x read ahead
+    ("weight1", F32, False, 5, 1000, "x"),  # the option loop, two outputs
+    ("dropout", F32, False, 5, 1001, "weight"),
+])
+def test_descending_writes_give_the_ascending_bits(name, dtype, is_rms, rows, n, anchor):
+    """The output a line after a stream the loop loads (x, or w) in its page: the loop writes in
+    descending column order (writes_descend, checked with the pointers the kernel gets); at an
+    offset where it writes ascending: the same bits, and the reference's values."""
+    t, spec, _ = make_call(OPTIONS[name], dtype, rows, n, is_rms=is_rms, seed=11)
+    # what the kernel weighs: the write's loads (x unless the row is formed in a scratch row; the
+    # float32 parameters where y has their element size) and, formed, the next row's read
+    formed = t["residual"] is not None or spec.dropout_p > 0
+    keys = (() if formed else ("x",)) + (("weight", "bias", "weight1", "bias1") if dtype == F32 else ())
+    loads = [t[k].data_ptr() for k in keys if t[k] is not None]
+    next_loads = [t[k].data_ptr() for k in ("x", "residual", "x1") if formed and t[k] is not None]
+
+    def descends(bufs):
+        return compiled.extension.writes_descend([b.data_ptr() for b in bufs.values()], loads, next_loads)
+
+    down = placed_outputs(t, spec, anchor, 64)
+    assert descends(down)
+    up = next(b for b in (placed_outputs(t, spec, anchor, d) for d in range(0, 4096, 64)) if not descends(b))
+    got = [BACKEND.fused_forward(*args(t), spec, 99, **bufs) for bufs in (down, up)]
+    for field in ("y", "y1", "s", "mean", "rstd", "mask"):
+        a, b = getattr(got[0], field), getattr(got[1], field)
+        assert (a is None) == (b is None), field
+        if a is not None:
+            assert torch.equal(a.view(torch.uint8) if a.dtype != torch.bool else a,
+                               b.view(torch.uint8) if b.dtype != torch.bool else b), field
+    ref = reference.fused_forward(*args(t), spec, got[0].mask, got[0].mask1)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype != BF16 else dict(rtol=1.6e-2, atol=1.6e-2)
+    torch.testing.assert_close(got[0].y, ref.y, **tol)
+
+
 @pytest.fixture
 def vector_codes():
     """(codes, set): the settings of the option loop's wide code this CPU has ((False, True)

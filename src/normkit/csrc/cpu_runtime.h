@@ -119,6 +119,46 @@ class ScratchRows {
   std::vector<Acc*> rows_;
 };
 
+// The overlapped row loop (row_math.h write_row_sums_next) stores y[c], then a vector or two later
+// loads the row it normalizes (x's row, or a scratch row) and w, b at c + 8, c + 16: with y a line
+// after x in its page every such load waits (4K aliasing; y 64 bytes after x: 1.7-1.8x the time,
+// 128 bytes: 1.1-1.2x; layer norm, RMS norm, + residual with prenorm, + weight1; 4096 x 2048
+// float32, 1 thread, Zen 3, benchmarks/bench_page_offsets.py). Written in descending column order
+// the loads that follow a store are at lower columns, which alias only a stream a line or two
+// before the store's. Which offsets tensors have is the allocator's choice (heap tensors are
+// 64-byte aligned anywhere in a page), so the loop picks the order per call.
+constexpr int64_t kAliasWindowBytes = 256;
+
+// Whether stores to `store` followed, in ascending address order, by loads of `load` alias: the
+// store stream 1..kAliasWindowBytes ahead of the load stream in the page.
+inline bool aliases_ahead(const void* store, const void* load) {
+  const auto d = static_cast<int64_t>((reinterpret_cast<uintptr_t>(store) - reinterpret_cast<uintptr_t>(load)) %
+                                      static_cast<uintptr_t>(kPageBytes));
+  return d > 0 && d <= kAliasWindowBytes;
+}
+
+// Whether the overlapped loop writes its outputs (`stores`, y and y1) in descending column order:
+// ascending, a store stream would alias the loads that follow it, those of the write (`loads`:
+// the row normalized, when it is the input, and the parameters) or of the next row's read
+// (`next_loads`: x, the residual, x1), and descending none of the write's would (the read runs
+// ascending, so descending writes cross it once a row). Null pointers are skipped; the streams
+// have one element size (else their offsets drift apart along a row).
+inline bool writes_descend(std::initializer_list<const void*> stores, std::initializer_list<const void*> loads,
+                           std::initializer_list<const void*> next_loads = {}) {
+  bool up = false, down = false;
+  for (const void* st : stores) {
+    if (!st) continue;
+    for (const void* ld : loads) {
+      if (!ld) continue;
+      up = up || aliases_ahead(st, ld);
+      down = down || aliases_ahead(ld, st);
+    }
+    for (const void* ld : next_loads)
+      if (ld) up = up || aliases_ahead(st, ld);
+  }
+  return up && !down;
+}
+
 // The last-level cache's size: the largest cache sysfs lists for cpu0, else 32 MiB. Not
 // sysconf(_SC_LEVEL3_CACHE_SIZE): glibc derives it from CPUID, which a VM may report wrongly
 // (320 MiB on the project's 32 MiB Zen 4 VM).

@@ -223,6 +223,11 @@ void plain_forward(const fused::FwdCall& c, int64_t rows, int64_t n) {
     b_or_zeros = param_or(b, n, 0.0, acc, c.x.options());
     a.w_or_ones = w_or_ones.const_data_ptr<Acc>();
     a.b_or_zeros = b_or_zeros.const_data_ptr<Acc>();
+    // (with a residual the row normalized is a scratch row, which ScratchRows keeps clear of y,
+    // and x and the residual are read ahead, for the next row)
+    a.descend = writes_descend({a.y}, {a.r ? nullptr : a.x, sizeof(T) == sizeof(Acc) ? a.w_or_ones : nullptr,
+                                       sizeof(T) == sizeof(Acc) ? a.b_or_zeros : nullptr},
+                               {a.r ? a.x : nullptr, a.r});
   }
   const int64_t per = rows_per_chunk(rows, n);
   for_each_chunk((rows + per - 1) / per, is_serial(rows, n), [&](int64_t k) {

@@ -134,6 +134,18 @@ void option_forward(const fused::FwdCall& c) {
       else opt_pass<T, R, S, O, Formed, Dropout::none, false, K>(a, lo, hi, cur, nxt);
     }
   };
+  // Descending writes (4K aliasing: writes_descend) for a float32 y, against the parameters and
+  // the inputs of y's element size: x as the row normalized (not Formed: else a scratch row,
+  // which ScratchRows keeps clear of y), or, Formed, x, the residual and x1 as the next row's
+  // read. The wide loop's mirrored 64-byte vectors stay on 64-byte lines only where its vectors
+  // cover a multiple of 16 columns.
+  if constexpr (sizeof(O) == sizeof(float)) {
+    const auto same_size = [](const auto* p) -> const void* { return sizeof(*p) == sizeof(O) ? p : nullptr; };
+    const void* x_row = Formed ? nullptr : same_size(a.x);
+    a.descend = writes_descend({a.y, a.y1}, {x_row, a.w, a.b, a.w1, a.b1},
+                               {Formed ? same_size(a.x) : nullptr, same_size(a.r), same_size(a.x1)}) &&
+                (!wide || (n - n % 8) % 16 == 0);
+  }
   // a bfloat16 y: rounded by vcvtneps2bf16 where the CPU has it (bf16_vectors), else by the
   // 32-byte loop's integer rounding
   const bool cvt = y_bf16 && bf16_vectors();

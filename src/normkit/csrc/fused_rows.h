@@ -287,6 +287,7 @@ struct RowLoop {
   Acc eps;
   bool is_rms, overlap;
   Acc *mean, *rstd;  // each may be null (RMS norm; no statistics wanted)
+  bool descend;      // the overlapped loop writes in descending column order (cpu_runtime.h writes_descend)
 };
 
 //
@@ -311,7 +312,7 @@ NORMKIT_INLINE void one_read_rows(const RowLoop<Acc>& L, int64_t lo, int64_t hi,
     const auto next = in_of(i + 1, nxt);
     const Acc shift = shift_of(next);
     if (L.overlap) {
-      sums = write_row_sums_next<Src, Acc, B>(src, out_of(i), next, n, st, shift);
+      sums = write_row_sums_next<Src, Acc, B>(src, out_of(i), next, n, st, shift, L.descend);
     } else {
       write(i, src, st);
       sums = row_sums<Acc>(next, n, shift);
@@ -354,8 +355,9 @@ struct PlainFwdArgs {
   Acc eps;
   bool is_rms;
   // overlap: write each row's output in the loop that sums the next (write_row_sums_next);
-  // stream: that loop's non-temporal stores and prefetch (the call is past outputs_stream)
-  bool overlap, stream;
+  // stream: that loop's non-temporal stores and prefetch (the call is past outputs_stream);
+  // descend: that loop's writes in descending column order (4K aliasing: writes_descend)
+  bool overlap, stream, descend;
 };
 
 // Rows lo..hi of a plain call (one_read_rows): x read as it is, or x + r formed as it is read
@@ -365,7 +367,7 @@ NORMKIT_INLINE void plain_rows_as(const PlainFwdArgs<T, Acc>& a, int64_t lo, int
   using Src = std::conditional_t<Res, Acc, T>;
   const int64_t n = a.n;
   one_read_rows<Src, Acc>(
-      {n, a.eps, a.is_rms, a.overlap, a.mean, a.rstd}, lo, hi, cur, nxt,
+      {n, a.eps, a.is_rms, a.overlap, a.mean, a.rstd, a.descend}, lo, hi, cur, nxt,
       [&](int64_t i, Acc* keep) NORMKIT_INLINE_LAMBDA {
         if constexpr (Res)
           return SumRead<T, Acc, STORE, Stream>{a.x + i * n, a.r + i * n, keep, STORE ? a.s + i * n : nullptr};
@@ -608,6 +610,7 @@ struct OptFwdArgs {
   float *mean, *rstd;
   int64_t n;
   float eps;
+  bool descend;  // the loop's writes in descending column order (4K aliasing: writes_descend)
 };
 
 // Rows lo..hi of an option call (one_read_rows, each row's output written in the loop that forms
@@ -631,7 +634,7 @@ NORMKIT_INLINE void opt_rows(const OptFwdArgs<T, R, S, O>& a, int64_t lo, int64_
     return OptWrite<O, Stream, Cvt>{a.y + i * n, a.y1 ? a.y1 + i * n : nullptr, a.w, a.b, a.w1, a.b1};
   };
   one_read_rows<Src, Acc, B>(
-      {n, a.eps, /*is_rms=*/false, /*overlap=*/true, a.mean, a.rstd}, lo, hi, cur, nxt,
+      {n, a.eps, /*is_rms=*/false, /*overlap=*/true, a.mean, a.rstd, a.descend}, lo, hi, cur, nxt,
       [&](int64_t i, Acc* keep) NORMKIT_INLINE_LAMBDA {
         if constexpr (Formed) {
           const int64_t off = i * n;

@@ -538,6 +538,23 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return offsets;
   }, "the page offsets of count scratch rows of n floats placed beside streams [(address, row_bytes)]",
         py::arg("count"), py::arg("n"), py::arg("streams"));
+  // For the tests: whether the overlapped loop writes in descending column order with its output
+  // streams at `stores` (up to two addresses), the write's loads at `loads` (up to five) and the
+  // next row's read at `next_loads` (up to three).
+  m.def("writes_descend", [](const std::vector<int64_t>& stores, const std::vector<int64_t>& loads,
+                             const std::vector<int64_t>& next_loads) {
+    TORCH_CHECK_VALUE(stores.size() <= 2 && loads.size() <= 5 && next_loads.size() <= 3,
+                      "writes_descend: at most two stores, five loads and three next loads");
+    const auto ptr = [](int64_t a) { return reinterpret_cast<const void*>(static_cast<uintptr_t>(a)); };
+    const void* st[2] = {};
+    const void* ld[5] = {};
+    const void* nx[3] = {};
+    for (size_t k = 0; k < stores.size(); ++k) st[k] = ptr(stores[k]);
+    for (size_t k = 0; k < loads.size(); ++k) ld[k] = ptr(loads[k]);
+    for (size_t k = 0; k < next_loads.size(); ++k) nx[k] = ptr(next_loads[k]);
+    return normkit::writes_descend({st[0], st[1]}, {ld[0], ld[1], ld[2], ld[3], ld[4]}, {nx[0], nx[1], nx[2]});
+  }, "whether the overlapped row loop writes in descending column order (4K aliasing)", py::arg("stores"),
+        py::arg("loads"), py::arg("next_loads") = std::vector<int64_t>{});
   normkit::register_rnn(m);
   normkit::register_norm_dim(m);
   normkit::register_fused(m);

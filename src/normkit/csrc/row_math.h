@@ -553,15 +553,21 @@ struct RowWrite {
 //
 // B: the vectors' bytes, 32, or 64 in the wide loop (block_sums_wide: the same bits), whose code
 // is compiled for AVX-512 only (NORMKIT_WIDE_TARGET callers).
+//
+// descend: the output's vectors written in descending column order (cpu_runtime.h
+// writes_descend: 4K aliasing), each mirrored in the columns the vectors cover, [0, nv): the
+// vector that comes with the read of columns c..c+w-1 writes columns nv-c-w..nv-c-1; the scalar
+// tail stays in place. The same values: only the order of the writes changes.
 template <typename Src, typename Acc, int B = 32, typename In, typename Out>
 NORMKIT_INLINE ShiftedSums<Acc> write_row_sums_next(const Src* src, const Out& out_in, const In& next_in, int64_t n,
-                                                    const RowStats<Acc>& st, Acc shift) {
+                                                    const RowStats<Acc>& st, Acc shift, bool descend) {
   // local copies: their fields stay in registers, where the output stores (memcpy, which may
   // alias anything) would otherwise reload each of them from memory after every store
   const Out out = out_in;
   const In next = next_in;
   constexpr int64_t kLine = 64 / In::kElemBytes, kAhead = kPrefetchBytes / In::kElemBytes;
   const Acc mean = st.mean, rstd = st.rstd, lo = st.lo;
+  const int64_t nv = n - n % kWidth<Acc>;  // the columns the vectors cover
   ShiftedSums<Acc> sums;
   sums.shift = shift;
   for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
@@ -569,11 +575,13 @@ NORMKIT_INLINE ShiftedSums<Acc> write_row_sums_next(const Src* src, const Out& o
     // (s2, s1: vec_t<Acc, VB>&, VB = 32, or 64 in block_sums_wide's main loop)
     auto fv = [&](int64_t j, auto& s2, auto& s1) NORMKIT_INLINE_LAMBDA {
       constexpr int VB = sizeof(s2);
+      constexpr int64_t kW = VB / sizeof(Acc);
       if (out.stream) {
         if (j % kLine == 0) next.prefetch(j0 + j + kAhead);
       }
       shifted_step<Acc, VB>(next.template vec<VB>(j0 + j), shift, s2, s1);
-      out.template vec<VB>(j0 + j, ((load_vec<Src, Acc, VB>(s + j) - mean) - lo) * rstd);
+      const int64_t c = descend ? nv - kW - (j0 + j) : j0 + j;
+      out.template vec<VB>(c, ((load_vec<Src, Acc, VB>(src + c) - mean) - lo) * rstd);
     };
     auto fs = [&](int64_t j, Acc& s2, Acc& s1) NORMKIT_INLINE_LAMBDA {
       shifted_step<Acc>(next.one(j0 + j), shift, s2, s1);
