@@ -256,6 +256,17 @@ def test_the_write_order_is_chosen_by_page_offset():
     assert not descend([x + 64], [x + 128], [x]) and not descend([x + 64], [], [x + 128])
 
 
+def place_parameters(t):
+    """The gains and biases moved to 1024, 1536, 2048, 2560 bytes after x in their pages, clear
+    of outputs placed a line after x or w (a heap placement would decide the write order too)."""
+    for k, key in enumerate(("weight", "bias", "weight1", "bias1")):
+        if t[key] is not None:
+            flat = torch.empty(t[key].numel() + 1024)
+            start = ((t["x"].data_ptr() + 1024 + 512 * k - flat.data_ptr()) % 4096) // 4
+            t[key] = flat[start:start + t[key].numel()].copy_(t[key])
+    return t
+
+
 def placed_outputs(t, spec, anchor, delta):
     """out (and out1) starting `delta` bytes after t[anchor] in its page."""
     rows, n = t["x"].shape
@@ -282,6 +293,7 @@ def test_descending_writes_give_the_ascending_bits(name, dtype, is_rms, rows, n,
     descending column order (writes_descend, checked with the pointers the kernel gets); at an
     offset where it writes ascending: the same bits, and the reference's values."""
     t, spec, _ = make_call(OPTIONS[name], dtype, rows, n, is_rms=is_rms, seed=11)
+    t = place_parameters(t)
     # what the kernel weighs: the write's loads (x unless the row is formed in a scratch row; the
     # float32 parameters where y has their element size) and, formed, the next row's read
     formed = t["residual"] is not None or spec.dropout_p > 0
@@ -305,6 +317,29 @@ def test_descending_writes_give_the_ascending_bits(name, dtype, is_rms, rows, n,
     ref = reference.fused_forward(*args(t), spec, got[0].mask, got[0].mask1)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype != BF16 else dict(rtol=1.6e-2, atol=1.6e-2)
     torch.testing.assert_close(got[0].y, ref.y, **tol)
+
+
+@pytest.mark.parametrize("name, is_rms", [("plain", False), ("plain", True), ("weight1", False)])
+def test_descending_streamed_writes_give_the_ascending_bits(name, is_rms):
+    """Beyond the last-level cache the overlapped loop's stores are non-temporal, which need
+    aligned addresses: written in descending column order (the output 64 bytes after x in its
+    page) they give the bits of the ascending order."""
+    t, spec, _ = large_call(name, F32, is_rms)
+    t = place_parameters(t)
+    loads = [t[k].data_ptr() for k in ("x", "weight", "bias", "weight1", "bias1") if t[k] is not None]
+
+    def descends(bufs):
+        return compiled.extension.writes_descend([b.data_ptr() for b in bufs.values()], loads)
+
+    down = placed_outputs(t, spec, "x", 64)
+    assert descends(down)
+    up = next(b for b in (placed_outputs(t, spec, "x", d) for d in range(0, 4096, 64)) if not descends(b))
+    got = [BACKEND.fused_forward(*args(t), spec, 5, **bufs) for bufs in (down, up)]
+    for field in ("y", "y1", "rstd"):
+        a, b = getattr(got[0], field), getattr(got[1], field)
+        assert (a is None) == (b is None), field
+        if a is not None:
+            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), field
 
 
 @pytest.fixture
