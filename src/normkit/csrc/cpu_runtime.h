@@ -88,17 +88,30 @@ inline int64_t clear_page_offset(std::vector<int64_t> taken) {
   return (best / kLineBytes * kLineBytes) % kPageBytes;
 }
 
+// Chunks of fewer elements (rows x n) take their scratch rows one after another, unplaced: the
+// placement (a larger block, the offsets sorted) cost 1-2 us a call, 2.6x the time of a 1 x 768
+// layer norm + residual (Zen 3), where aliasing can cost only a few rows.
+constexpr int64_t kPlaceMinElements = int64_t(1) << 16;
+
 // `count` scratch rows of n Acc elements, each on a 64-byte line at the page offset farthest from
 // the streams' (their first four rows: a row stride that is no multiple of 4 KiB moves a
-// stream's offset from row to row) and from the rows placed before it. Zeroed.
+// stream's offset from row to row) and from the rows placed before it; with place false, one
+// after another. Zeroed.
 template <typename Acc>
 class ScratchRows {
  public:
-  ScratchRows(int count, int64_t n, std::initializer_list<RowStream> streams) : rows_(count) {
+  ScratchRows(int count, int64_t n, std::initializer_list<RowStream> streams, bool place = true) : rows_(count) {
     const int64_t row_bytes = (n * static_cast<int64_t>(sizeof(Acc)) + kLineBytes - 1) / kLineBytes * kLineBytes;
+    if (!place) {
+      storage_.assign(static_cast<size_t>(count * row_bytes + kLineBytes), 0);
+      const uintptr_t base = (reinterpret_cast<uintptr_t>(storage_.data()) + kLineBytes - 1) & ~uintptr_t(kLineBytes - 1);
+      for (int k = 0; k < count; ++k) rows_[k] = reinterpret_cast<Acc*>(base + k * row_bytes);
+      return;
+    }
     const int64_t stride = row_bytes + kPageBytes;  // room to start the row at any line of a page
     storage_.assign(static_cast<size_t>(count * stride + kLineBytes), 0);
     std::vector<int64_t> taken;
+    taken.reserve(4 * streams.size() + count);
     for (const RowStream& s : streams) {
       if (!s.first) continue;
       for (int64_t k = 0; k < (s.row_bytes ? 4 : 1); ++k)

@@ -276,7 +276,8 @@ void bwd_rows(const BwdPlan<Acc>& p, int64_t lo, int64_t hi, int64_t chunk) {
   const ScratchRows<Acc> rows(1 + (via_g ? 1 : 0) + (need_shat ? 1 : 0) + (p.dy2_pass ? 4 : 0), n,
                               {at(p.s, p.sb), at(p.dy, p.ob), at(p.dy1, p.ob1), at(p.dsum, p.db_), at(p.dres, p.rb),
                                at(p.dx, p.tb), at(p.dx1, p.tb), {p.w, 0}, {p.w1, 0}, part_row(p.dw), part_row(p.db),
-                               part_row(p.dw1), part_row(p.db1)});
+                               part_row(p.dw1), part_row(p.db1)},
+                              (hi - lo) * n >= kPlaceMinElements);
   int next_row = 0;
   Acc* const ds = rows.row(next_row++);
   Acc* const g = via_g ? rows.row(next_row++) : nullptr;

@@ -170,7 +170,8 @@ void option_forward(const fused::FwdCall& c) {
     };
     const ScratchRows<float> buf(2, n, {at(a.x), at(a.x1), at(a.r), at(a.s), at(a.y), at(a.y1), at(a.mask), at(a.mask1),
                                         {a.w, 0}, {a.b, 0}, {a.w1, 0}, {a.b1, 0},
-                                        {drop ? d0.col_key.data() : nullptr, 0}, {a.d1 ? d1.col_key.data() : nullptr, 0}});
+                                        {drop ? d0.col_key.data() : nullptr, 0}, {a.d1 ? d1.col_key.data() : nullptr, 0}},
+                                 (hi - lo) * n >= kPlaceMinElements);
     pass(lo, hi, buf.row(0), buf.row(1));
   });
 }
