@@ -13,6 +13,10 @@ deltas timed in turn, round after round; prints each delta's median time over th
 delta 0::
 
     PYTHONPATH=src python benchmarks/bench_page_offsets.py --threads 1 --json OUT.json
+
+``--shift scratch`` moves the row loops' scratch rows instead (``_C.set_scratch_offset``: one
+after another, `delta` bytes after x, every delta of the page in steps of 64) against their own
+placement (cpu_runtime.h ScratchRows), whose time is the 1.0 there.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ import statistics
 import torch
 
 import normkit.functional as F
+from normkit._machine import cpu_model, git_commit
+from normkit.backends import cpu as compiled
 from normkit.bench.timing import measure
 
 PAGE = 4096
@@ -68,6 +74,24 @@ def calls(rows: int, width: int, shift: str):
         y, y1, _ = outputs(delta)
         return lambda: F.layer_norm(x, (width,), w, b, weight1=w1, bias1=b1, out=y, out1=y1)
 
+    if shift == "scratch":  # every output at 0 apart; the scratch rows moved (None: placed)
+        y, _, s = fixed
+        set_offset = compiled.extension.set_scratch_offset
+        scratch_calls = {
+            "layer_norm + residual": lambda: F.layer_norm(x, (width,), w, b, residual=r, out=y),
+            "layer_norm + residual, prenorm": lambda: F.layer_norm(x, (width,), w, b, residual=r, prenorm=True,
+                                                                   out=y, residual_out=s),
+            "layer_norm dropout 0.1 + residual, prenorm": lambda: F.layer_norm(
+                x, (width,), w, b, residual=r, prenorm=True, dropout_p=0.1, out=y, residual_out=s),
+        }
+
+        def moved(call):
+            def make(delta):
+                offset = -1 if delta is None else delta % PAGE
+                return lambda: (set_offset(offset), call(), set_offset(-1))
+            return make
+
+        return [(name, moved(call)) for name, call in scratch_calls.items()]
     made = {"layer_norm": plain, "rms_norm": rms}
     if shift in ("y", "s"):
         made["layer_norm + residual, prenorm"] = prenorm
@@ -82,12 +106,14 @@ def main() -> int:
     p.add_argument("--width", type=int, default=2048)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--shift", choices=("y", "y1", "s"), default="y")
+    p.add_argument("--shift", choices=("y", "y1", "s", "scratch"), default="y")
     p.add_argument("--json", default=None)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    deltas = list(range(-256, 512 + 1, 64))
-    out = {"rows": a.rows, "width": a.width, "threads": a.threads, "shift": a.shift, "calls": {}}
+    deltas = [None, *range(0, PAGE, 64)] if a.shift == "scratch" else list(range(-256, 512 + 1, 64))
+    base = None if a.shift == "scratch" else 0
+    out = {"cpu": cpu_model(), "torch": torch.__version__, "commit": git_commit(), "rows": a.rows, "width": a.width,
+           "threads": a.threads, "shift": a.shift, "baseline": "placed" if base is None else "delta 0", "calls": {}}
     for name, make in calls(a.rows, a.width, a.shift):
         fns = {d: make(d) for d in deltas}
         times = {d: [] for d in deltas}
@@ -95,10 +121,11 @@ def main() -> int:
             for d in deltas:
                 times[d].append(measure(fns[d], "cpu", warmup=1, repeats=3).median_s)
         med = {d: statistics.median(t) for d, t in times.items()}
-        rel = {d: med[d] / med[0] for d in deltas}
-        out["calls"][name] = {"ms_at_0": med[0] * 1e3, "time_over_delta_0": rel}
-        print(f"{name} ({a.shift} - x, bytes mod 4 KiB; time / time at 0, which is {med[0] * 1e3:.2f} ms)")
-        print("  " + "  ".join(f"{d:+d}: {rel[d]:.2f}" for d in deltas))
+        rel = {("placed" if d is None else d): med[d] / med[base] for d in deltas}
+        out["calls"][name] = {"ms_at_baseline": med[base] * 1e3, "time_over_baseline": rel}
+        print(f"{name} ({a.shift} - x, bytes mod 4 KiB; time / time at {out['baseline']}, "
+              f"which is {med[base] * 1e3:.2f} ms)")
+        print("  " + "  ".join(f"{d}: {v:.2f}" for d, v in rel.items()))
     if a.json:
         with open(a.json, "w") as f:
             json.dump(out, f, indent=1)

@@ -239,6 +239,21 @@ def test_scratch_rows_are_placed_clear_of_the_streams_in_their_pages():
         best = max(min(page_distance(c, t) for t in taken) for c in range(0, 4096, 64))
         assert got % 64 == 0 and min(page_distance(got, t) for t in taken) >= best - 64
     assert place(0, 16, []) == [] and place(1, 16, []) == [0]
+    # a chunk of fewer than 2**16 elements takes its rows one after another, unplaced (placing
+    # cost more than aliasing can in so few rows); from 2**16 elements on, placed
+    stream = [(0x7F0000010040, 3072)]  # at 64, 3136, 2112, 1088 in rows 0..3
+    a, b, c = place(3, 768, stream, rows=85)
+    assert b == (a + 3072) % 4096 and c == (b + 3072) % 4096
+    (placed,) = place(1, 768, stream, rows=86)
+    assert min(page_distance(placed, o) for o in (64, 3136, 2112, 1088)) == 512
+    # for benchmarks, an offset forced from the first stream: the rows one after another
+    before = compiled.extension.set_scratch_offset(200)
+    try:
+        assert place(2, 2048, [(0, 0), (0x7F0000010040, 8192)]) == [256, 256]
+    finally:
+        assert compiled.extension.set_scratch_offset(before) == 200
+    with pytest.raises(ValueError, match="offset >= 0"):
+        compiled.extension.set_scratch_offset(-2)
 
 
 def test_the_write_order_is_chosen_by_page_offset():

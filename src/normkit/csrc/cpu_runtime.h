@@ -74,6 +74,12 @@ struct RowStream {
   int64_t row_bytes;
 };
 
+// The RowStream of a (rows, n) tensor of elem_bytes elements at base, for the chunk that starts at
+// row lo; none (null) for a null base.
+inline RowStream first_row(const void* base, int64_t lo, int64_t n, int64_t elem_bytes) {
+  return {base ? static_cast<const char*>(base) + lo * n * elem_bytes : nullptr, n * elem_bytes};
+}
+
 // The page offset, a multiple of kLineBytes, farthest (circularly, in bytes) from every offset in
 // `taken` (each in [0, kPageBytes)); 0 when taken is empty.
 inline int64_t clear_page_offset(std::vector<int64_t> taken) {
@@ -93,19 +99,37 @@ inline int64_t clear_page_offset(std::vector<int64_t> taken) {
 // layer norm + residual (Zen 3), where aliasing can cost only a few rows.
 constexpr int64_t kPlaceMinElements = int64_t(1) << 16;
 
-// `count` scratch rows of n Acc elements, each on a 64-byte line at the page offset farthest from
-// the streams' (their first four rows: a row stride that is no multiple of 4 KiB moves a
-// stream's offset from row to row) and from the rows placed before it; with place false, one
-// after another. Zeroed.
+// For benchmarks (benchmarks/bench_page_offsets.py --shift scratch): at a value >= 0, a placed
+// chunk's scratch rows are laid one after another, the first `offset` bytes after its first
+// stream's offset in the page (rounded down to a line); -1, the default: ScratchRows' placement.
+inline std::atomic<int64_t>& scratch_offset_override() {
+  static std::atomic<int64_t> offset{-1};
+  return offset;
+}
+
+// `count` scratch rows of n Acc elements for a chunk of chunk_rows rows, each on a 64-byte line at
+// the page offset farthest from the streams' (their first four rows: a row stride that is no
+// multiple of 4 KiB moves a stream's offset from row to row) and from the rows placed before it;
+// for a chunk of fewer than kPlaceMinElements elements, one after another wherever the heap puts
+// them. Zeroed. (One block of rows, the first placed so, ran layer norm + dropout + residual with
+// prenorm 3-6 % slower than rows placed each: 4096 x 2048 float32, Zen 3.)
 template <typename Acc>
 class ScratchRows {
  public:
-  ScratchRows(int count, int64_t n, std::initializer_list<RowStream> streams, bool place = true) : rows_(count) {
+  ScratchRows(int count, int64_t n, int64_t chunk_rows, std::initializer_list<RowStream> streams) : rows_(count) {
     const int64_t row_bytes = (n * static_cast<int64_t>(sizeof(Acc)) + kLineBytes - 1) / kLineBytes * kLineBytes;
-    if (!place) {
-      storage_.assign(static_cast<size_t>(count * row_bytes + kLineBytes), 0);
-      const uintptr_t base = (reinterpret_cast<uintptr_t>(storage_.data()) + kLineBytes - 1) & ~uintptr_t(kLineBytes - 1);
-      for (int k = 0; k < count; ++k) rows_[k] = reinterpret_cast<Acc*>(base + k * row_bytes);
+    const bool place = chunk_rows * n >= kPlaceMinElements;
+    const int64_t forced = place ? scratch_offset_override().load(std::memory_order_relaxed) : -1;
+    if (!place || forced >= 0) {
+      storage_.assign(static_cast<size_t>(count * row_bytes + (place ? kPageBytes : kLineBytes)), 0);
+      uintptr_t first = at_page_offset(reinterpret_cast<uintptr_t>(storage_.data()), -1);
+      if (place) {
+        const RowStream* s = streams.begin();
+        while (s != streams.end() && !s->first) ++s;
+        const uintptr_t from = s == streams.end() ? 0 : reinterpret_cast<uintptr_t>(s->first);
+        first = at_page_offset(first, static_cast<int64_t>((from + static_cast<uintptr_t>(forced)) % kPageBytes));
+      }
+      for (int k = 0; k < count; ++k) rows_[k] = reinterpret_cast<Acc*>(first + k * row_bytes);
       return;
     }
     const int64_t stride = row_bytes + kPageBytes;  // room to start the row at any line of a page
@@ -118,16 +142,22 @@ class ScratchRows {
         taken.push_back(static_cast<int64_t>((reinterpret_cast<uintptr_t>(s.first) + k * s.row_bytes) % kPageBytes));
     }
     for (int k = 0; k < count; ++k) {
-      const uintptr_t base = reinterpret_cast<uintptr_t>(storage_.data()) + k * stride;
       const int64_t want = clear_page_offset(taken);
-      const uintptr_t at = base + (want - static_cast<int64_t>(base % kPageBytes) + kPageBytes) % kPageBytes;
-      rows_[k] = reinterpret_cast<Acc*>(at);
+      rows_[k] = reinterpret_cast<Acc*>(at_page_offset(reinterpret_cast<uintptr_t>(storage_.data()) + k * stride, want));
       taken.push_back(want);
     }
   }
   Acc* row(int k) const { return rows_[k]; }
 
  private:
+  // The first address from p on whose page offset is `want` rounded down to a line (-1: the
+  // first on a line); at most kPageBytes - 1 bytes on.
+  static uintptr_t at_page_offset(uintptr_t p, int64_t want) {
+    const uintptr_t line = (p + kLineBytes - 1) & ~uintptr_t(kLineBytes - 1);
+    if (want < 0) return line;
+    const int64_t to = want / kLineBytes * kLineBytes;
+    return line + (to - static_cast<int64_t>(line % kPageBytes) + kPageBytes) % kPageBytes;
+  }
   std::vector<char> storage_;
   std::vector<Acc*> rows_;
 };

@@ -268,16 +268,13 @@ void bwd_rows(const BwdPlan<Acc>& p, int64_t lo, int64_t hi, int64_t chunk) {
   const bool via_g = !p.dy_pass && !p.dy2_pass;
   const bool need_shat = via_g && (p.p_pass || p.p1_pass);
   const int64_t off_c = chunk * n;
-  const auto at = [&](const char* q, int64_t elem_bytes) -> RowStream {  // the first row of a (rows, n) stream
-    return {q ? q + lo * n * elem_bytes : nullptr, n * elem_bytes};
-  };
+  const auto at = [&](const void* q, int64_t elem_bytes) { return first_row(q, lo, n, elem_bytes); };
   const auto part_row = [&](const Acc* part) -> RowStream { return {part ? part + off_c : nullptr, 0}; };
   // ds; g and s_hat when via_g; dy2_pass's four scratch partials
-  const ScratchRows<Acc> rows(1 + (via_g ? 1 : 0) + (need_shat ? 1 : 0) + (p.dy2_pass ? 4 : 0), n,
+  const ScratchRows<Acc> rows(1 + (via_g ? 1 : 0) + (need_shat ? 1 : 0) + (p.dy2_pass ? 4 : 0), n, hi - lo,
                               {at(p.s, p.sb), at(p.dy, p.ob), at(p.dy1, p.ob1), at(p.dsum, p.db_), at(p.dres, p.rb),
                                at(p.dx, p.tb), at(p.dx1, p.tb), {p.w, 0}, {p.w1, 0}, part_row(p.dw), part_row(p.db),
-                               part_row(p.dw1), part_row(p.db1)},
-                              (hi - lo) * n >= kPlaceMinElements);
+                               part_row(p.dw1), part_row(p.db1)});
   int next_row = 0;
   Acc* const ds = rows.row(next_row++);
   Acc* const g = via_g ? rows.row(next_row++) : nullptr;

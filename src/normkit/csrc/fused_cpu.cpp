@@ -131,17 +131,15 @@ struct FwdPlan {
 template <typename AccS, typename AccW>
 void fwd_rows(const FwdPlan<AccS, AccW>& p, int64_t lo, int64_t hi) {
   const int64_t n = p.n;
-  const auto at = [&](const auto* q, int64_t elem_bytes) -> RowStream {  // the first row of a (rows, n) stream
-    return {q ? reinterpret_cast<const char*>(q) + lo * n * elem_bytes : nullptr, n * elem_bytes};
-  };
-  const std::initializer_list<RowStream> streams = {
-      at(p.x, p.xb), at(p.x1, p.xb), at(p.r, p.rb), at(p.s, p.sb), at(p.y, p.ob), at(p.y1, p.ob), at(p.mask, 1),
-      at(p.mask1, 1), {p.norm.w, 0}, {p.norm.b, 0}, {p.norm.w1, 0}, {p.norm.b1, 0}};
-  const bool place = (hi - lo) * n >= kPlaceMinElements;
-  const ScratchRows<AccS> buf_s(p.sum ? 1 : 0, n, streams, place);
+  const auto at = [&](const void* q, int64_t elem_bytes) { return first_row(q, lo, n, elem_bytes); };
+  const ScratchRows<AccS> buf_s(p.sum ? 1 : 0, n, hi - lo,
+                                {at(p.x, p.xb), at(p.x1, p.xb), at(p.r, p.rb), at(p.s, p.sb), at(p.y, p.ob),
+                                 at(p.y1, p.ob), at(p.mask, 1), at(p.mask1, 1), {p.norm.w, 0}, {p.norm.b, 0},
+                                 {p.norm.w1, 0}, {p.norm.b1, 0}});
   const bool own_w = p.sum && !std::is_same_v<AccS, AccW>;  // a row of its own for the sum as AccW
-  const ScratchRows<AccW> buf_w(own_w ? 1 : 0, n, {{own_w ? buf_s.row(0) : nullptr, 0}, at(p.x, p.xb), at(p.r, p.rb),
-                                                   at(p.s, p.sb), at(p.y, p.ob), at(p.y1, p.ob)}, place);
+  const ScratchRows<AccW> buf_w(own_w ? 1 : 0, n, hi - lo,
+                                {{own_w ? buf_s.row(0) : nullptr, 0}, at(p.x, p.xb), at(p.r, p.rb), at(p.s, p.sb),
+                                 at(p.y, p.ob), at(p.y1, p.ob)});
   AccS* const row_s = p.sum ? buf_s.row(0) : nullptr;
   AccW* src_w = nullptr;
   if constexpr (std::is_same_v<AccS, AccW>) src_w = row_s; else src_w = own_w ? buf_w.row(0) : nullptr;
@@ -232,12 +230,12 @@ void plain_forward(const fused::FwdCall& c, int64_t rows, int64_t n) {
   }
   const int64_t per = rows_per_chunk(rows, n);
   for_each_chunk((rows + per - 1) / per, is_serial(rows, n), [&](int64_t k) {
-    const int64_t lo = k * per, row = n * static_cast<int64_t>(sizeof(T));
+    const int64_t lo = k * per;
     if (!a.r) return plain_pass<T, Acc>(a, lo, std::min(rows, lo + per), nullptr, nullptr);
     const int64_t hi = std::min(rows, lo + per);
-    const ScratchRows<Acc> buf(2, n, {{a.x + lo * n, row}, {a.r + lo * n, row}, {a.s ? a.s + lo * n : nullptr, row},
-                                      {a.y + lo * n, row}, {a.w_or_ones, 0}, {a.b_or_zeros, 0}, {a.w, 0}, {a.b, 0}},
-                               (hi - lo) * n >= kPlaceMinElements);
+    const auto at = [&](const void* q) { return first_row(q, lo, n, sizeof(T)); };
+    const ScratchRows<Acc> buf(2, n, hi - lo, {at(a.x), at(a.r), at(a.s), at(a.y), {a.w_or_ones, 0},
+                                               {a.b_or_zeros, 0}, {a.w, 0}, {a.b, 0}});
     plain_pass<T, Acc>(a, lo, hi, buf.row(0), buf.row(1));
   });
 }

@@ -165,13 +165,11 @@ void option_forward(const fused::FwdCall& c) {
   for_each_chunk((rows + per - 1) / per, is_serial(rows, n), [&](int64_t k) {
     const int64_t lo = k * per, hi = std::min(rows, lo + per);
     if (!Formed) return pass(lo, hi, nullptr, nullptr);
-    const auto at = [&](const auto* p) -> RowStream {  // the chunk's first row of a (rows, n) stream
-      return {p ? p + lo * n : nullptr, n * static_cast<int64_t>(sizeof(*p))};
-    };
-    const ScratchRows<float> buf(2, n, {at(a.x), at(a.x1), at(a.r), at(a.s), at(a.y), at(a.y1), at(a.mask), at(a.mask1),
-                                        {a.w, 0}, {a.b, 0}, {a.w1, 0}, {a.b1, 0},
-                                        {drop ? d0.col_key.data() : nullptr, 0}, {a.d1 ? d1.col_key.data() : nullptr, 0}},
-                                 (hi - lo) * n >= kPlaceMinElements);
+    const auto at = [&](const auto* p) { return first_row(p, lo, n, sizeof(*p)); };
+    const ScratchRows<float> buf(2, n, hi - lo,
+                                 {at(a.x), at(a.x1), at(a.r), at(a.s), at(a.y), at(a.y1), at(a.mask), at(a.mask1),
+                                  {a.w, 0}, {a.b, 0}, {a.w1, 0}, {a.b1, 0},
+                                  {drop ? d0.col_key.data() : nullptr, 0}, {a.d1 ? d1.col_key.data() : nullptr, 0}});
     pass(lo, hi, buf.row(0), buf.row(1));
   });
 }

@@ -312,7 +312,8 @@ NORMKIT_INLINE void one_read_rows(const RowLoop<Acc>& L, int64_t lo, int64_t hi,
     const auto next = in_of(i + 1, nxt);
     const Acc shift = shift_of(next);
     if (L.overlap) {
-      sums = write_row_sums_next<Src, Acc, B>(src, out_of(i), next, n, st, shift, L.descend);
+      sums = L.descend ? write_row_sums_next<Src, Acc, B, true>(src, out_of(i), next, n, st, shift)
+                       : write_row_sums_next<Src, Acc, B, false>(src, out_of(i), next, n, st, shift);
     } else {
       write(i, src, st);
       sums = row_sums<Acc>(next, n, shift);

@@ -523,21 +523,32 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bf16_vectors", &normkit::bf16_vectors,
         "whether the option loop rounds bfloat16 outputs with AVX-512 BF16's vcvtneps2bf16 (else in integer vector "
         "operations)");
-  // For the tests: the page offsets ScratchRows gives `count` rows of n floats beside up to four
-  // streams, each (address, row stride in bytes).
-  m.def("scratch_row_offsets", [](int count, int64_t n, const std::vector<std::pair<int64_t, int64_t>>& streams) {
-    TORCH_CHECK_VALUE(count >= 0 && n >= 0 && streams.size() <= 4,
-                      "scratch_row_offsets: expected count, n >= 0 and at most four streams");
+  m.def("set_scratch_offset", [](int64_t offset) {
+    TORCH_CHECK_VALUE(offset >= -1, "set_scratch_offset: expected an offset >= 0 in bytes, or -1, got ", offset);
+    return normkit::scratch_offset_override().exchange(offset);
+  }, py::arg("offset"),
+        "for benchmarks: lay the row loops' scratch rows one after another, the first `offset` bytes after the "
+        "chunk's first stream in its page (-1: their own placement, clear of 4K aliasing); returns the previous "
+        "setting");
+  // For the tests: the page offsets ScratchRows gives `count` rows of n floats for a chunk of
+  // `rows` rows (-1: enough rows to be placed) beside up to four streams, each (address, row
+  // stride in bytes).
+  m.def("scratch_row_offsets", [](int count, int64_t n, const std::vector<std::pair<int64_t, int64_t>>& streams,
+                                  int64_t rows) {
+    TORCH_CHECK_VALUE(count >= 0 && n > 0 && streams.size() <= 4 && rows >= -1,
+                      "scratch_row_offsets: expected count >= 0, n > 0, rows >= -1 and at most four streams");
+    if (rows == -1) rows = (normkit::kPlaceMinElements + n - 1) / n;
     normkit::RowStream s[4] = {};
     for (size_t k = 0; k < streams.size(); ++k)
       s[k] = {reinterpret_cast<const void*>(static_cast<uintptr_t>(streams[k].first)), streams[k].second};
-    const normkit::ScratchRows<float> rows(count, n, {s[0], s[1], s[2], s[3]});
+    const normkit::ScratchRows<float> scratch(count, n, rows, {s[0], s[1], s[2], s[3]});
     std::vector<int64_t> offsets;
     for (int k = 0; k < count; ++k)
-      offsets.push_back(static_cast<int64_t>(reinterpret_cast<uintptr_t>(rows.row(k)) % normkit::kPageBytes));
+      offsets.push_back(static_cast<int64_t>(reinterpret_cast<uintptr_t>(scratch.row(k)) % normkit::kPageBytes));
     return offsets;
-  }, "the page offsets of count scratch rows of n floats placed beside streams [(address, row_bytes)]",
-        py::arg("count"), py::arg("n"), py::arg("streams"));
+  }, "the page offsets of count scratch rows of n floats for a chunk of rows rows beside streams "
+     "[(address, row_bytes)]",
+        py::arg("count"), py::arg("n"), py::arg("streams"), py::arg("rows") = -1);
   // For the tests: whether the overlapped loop writes in descending column order with its output
   // streams at `stores` (up to two addresses), the write's loads at `loads` (up to five) and the
   // next row's read at `next_loads` (up to three).
