@@ -221,13 +221,14 @@ def page_distance(a, b):
 
 def test_scratch_rows_are_placed_clear_of_the_streams_in_their_pages():
     """The row loops' scratch rows (cpu_runtime.h ScratchRows) start on a 64-byte line at the
-    page offset farthest from the call's streams and from each other (4K aliasing): fresh tensors
-    of one size share an offset; rows of 3 KiB move a stream's offset by 3 KiB a row; random
-    streams get a row as far from all of them as the best line of the page, within a line."""
+    page offset farthest from the call's streams, all at one offset, whole pages apart (4K
+    aliasing; rows at different offsets met each other's stores): fresh tensors of one size share
+    an offset; rows of 3 KiB move a stream's offset by 3 KiB a row; random streams get a row as
+    far from all of them as the best line of the page, within a line."""
     place = compiled.extension.scratch_row_offsets
-    first, second = place(2, 2048, [(0x7F0000010040, 8192)] * 4)
-    assert first == 64 + 2048
-    assert page_distance(second, 64) == 1024 and page_distance(second, first) == 1024
+    assert place(2, 2048, [(0x7F0000010040, 8192)] * 4) == [64 + 2048] * 2
+    # a stride of 4000 bytes puts the stream at 64, 4064, 3968, 3872: the middle of 64..3872
+    assert place(3, 1000, [(0x7F0000010040, 4000)]) == [1920] * 3
     (only,) = place(1, 768, [(0x7F0000020000, 3072)])  # the stream at 0, 3072, 2048, 1024 in rows 0..3
     assert min(page_distance(only, o) for o in (0, 1024, 2048, 3072)) == 512
     g = torch.Generator().manual_seed(5)
@@ -246,10 +247,11 @@ def test_scratch_rows_are_placed_clear_of_the_streams_in_their_pages():
     assert b == (a + 3072) % 4096 and c == (b + 3072) % 4096
     (placed,) = place(1, 768, stream, rows=86)
     assert min(page_distance(placed, o) for o in (64, 3136, 2112, 1088)) == 512
-    # for benchmarks, an offset forced from the first stream: the rows one after another
+    # for benchmarks, an offset forced from the first stream (rounded down to a line)
     before = compiled.extension.set_scratch_offset(200)
     try:
         assert place(2, 2048, [(0, 0), (0x7F0000010040, 8192)]) == [256, 256]
+        assert place(2, 1000, [(0x7F0000010040, 4000)]) == [256, 256]
     finally:
         assert compiled.extension.set_scratch_offset(before) == 200
     with pytest.raises(ValueError, match="offset >= 0"):

@@ -100,52 +100,58 @@ inline int64_t clear_page_offset(std::vector<int64_t> taken) {
 constexpr int64_t kPlaceMinElements = int64_t(1) << 16;
 
 // For benchmarks (benchmarks/bench_page_offsets.py --shift scratch): at a value >= 0, a placed
-// chunk's scratch rows are laid one after another, the first `offset` bytes after its first
-// stream's offset in the page (rounded down to a line); -1, the default: ScratchRows' placement.
+// chunk's scratch rows start `offset` bytes after its first stream's offset in the page (rounded
+// down to a line) instead of where ScratchRows would put them; -1, the default: their placement.
 inline std::atomic<int64_t>& scratch_offset_override() {
   static std::atomic<int64_t> offset{-1};
   return offset;
 }
 
-// `count` scratch rows of n Acc elements for a chunk of chunk_rows rows, each on a 64-byte line at
-// the page offset farthest from the streams' (their first four rows: a row stride that is no
-// multiple of 4 KiB moves a stream's offset from row to row) and from the rows placed before it;
-// for a chunk of fewer than kPlaceMinElements elements, one after another wherever the heap puts
-// them. Zeroed. (One block of rows, the first placed so, ran layer norm + dropout + residual with
-// prenorm 3-6 % slower than rows placed each: 4096 x 2048 float32, Zen 3.)
+// `count` scratch rows of n Acc elements for a chunk of chunk_rows rows. From kPlaceMinElements
+// elements a chunk on, the rows are whole pages apart, so all start at one page offset: the line
+// farthest from the streams' offsets (their first four rows: a row stride that is no multiple of
+// 4 KiB moves a stream's offset from row to row). Smaller chunks take their rows one after
+// another wherever the heap puts them. Zeroed.
+//
+// Rows at one offset, not each at its own: a loop that forms the next row in one scratch row
+// while it normalizes the other stores and loads both a column apart, and with its store queue
+// full (three store streams: layer norm + residual with prenorm) a load waits for a store to the
+// other row a few hundred bytes back in the page. Placed each "farthest from the streams and the
+// rows before", the two rows of one process landed 640 bytes apart and ran prenorm 10-20 %
+// slower than one row offset at almost any line of the page (4096 x 2048 float32, 1 thread,
+// Zen 3; results/page-offsets-2026-12-08-scratch-amd-epyc-zen3.json).
 template <typename Acc>
 class ScratchRows {
  public:
   ScratchRows(int count, int64_t n, int64_t chunk_rows, std::initializer_list<RowStream> streams) : rows_(count) {
     const int64_t row_bytes = (n * static_cast<int64_t>(sizeof(Acc)) + kLineBytes - 1) / kLineBytes * kLineBytes;
-    const bool place = chunk_rows * n >= kPlaceMinElements;
-    const int64_t forced = place ? scratch_offset_override().load(std::memory_order_relaxed) : -1;
-    if (!place || forced >= 0) {
-      storage_.assign(static_cast<size_t>(count * row_bytes + (place ? kPageBytes : kLineBytes)), 0);
-      uintptr_t first = at_page_offset(reinterpret_cast<uintptr_t>(storage_.data()), -1);
-      if (place) {
-        const RowStream* s = streams.begin();
-        while (s != streams.end() && !s->first) ++s;
-        const uintptr_t from = s == streams.end() ? 0 : reinterpret_cast<uintptr_t>(s->first);
-        first = at_page_offset(first, static_cast<int64_t>((from + static_cast<uintptr_t>(forced)) % kPageBytes));
-      }
+    if (chunk_rows * n < kPlaceMinElements) {
+      storage_.assign(static_cast<size_t>(count * row_bytes + kLineBytes), 0);
+      const uintptr_t first = at_page_offset(reinterpret_cast<uintptr_t>(storage_.data()), -1);
       for (int k = 0; k < count; ++k) rows_[k] = reinterpret_cast<Acc*>(first + k * row_bytes);
       return;
     }
-    const int64_t stride = row_bytes + kPageBytes;  // room to start the row at any line of a page
-    storage_.assign(static_cast<size_t>(count * stride + kLineBytes), 0);
-    std::vector<int64_t> taken;
-    taken.reserve(4 * streams.size() + count);
-    for (const RowStream& s : streams) {
-      if (!s.first) continue;
-      for (int64_t k = 0; k < (s.row_bytes ? 4 : 1); ++k)
-        taken.push_back(static_cast<int64_t>((reinterpret_cast<uintptr_t>(s.first) + k * s.row_bytes) % kPageBytes));
+    const int64_t stride = (row_bytes + kPageBytes - 1) / kPageBytes * kPageBytes;
+    storage_.assign(static_cast<size_t>(count * stride + kPageBytes), 0);
+    const int64_t forced = scratch_offset_override().load(std::memory_order_relaxed);
+    int64_t want;
+    if (forced >= 0) {
+      const RowStream* s = streams.begin();
+      while (s != streams.end() && !s->first) ++s;
+      const uintptr_t from = s == streams.end() ? 0 : reinterpret_cast<uintptr_t>(s->first);
+      want = static_cast<int64_t>((from + static_cast<uintptr_t>(forced)) % kPageBytes);
+    } else {
+      std::vector<int64_t> taken;
+      taken.reserve(4 * streams.size());
+      for (const RowStream& s : streams) {
+        if (!s.first) continue;
+        for (int64_t k = 0; k < (s.row_bytes ? 4 : 1); ++k)
+          taken.push_back(static_cast<int64_t>((reinterpret_cast<uintptr_t>(s.first) + k * s.row_bytes) % kPageBytes));
+      }
+      want = clear_page_offset(taken);
     }
-    for (int k = 0; k < count; ++k) {
-      const int64_t want = clear_page_offset(taken);
-      rows_[k] = reinterpret_cast<Acc*>(at_page_offset(reinterpret_cast<uintptr_t>(storage_.data()) + k * stride, want));
-      taken.push_back(want);
-    }
+    const uintptr_t first = at_page_offset(reinterpret_cast<uintptr_t>(storage_.data()), want);
+    for (int k = 0; k < count; ++k) rows_[k] = reinterpret_cast<Acc*>(first + k * stride);
   }
   Acc* row(int k) const { return rows_[k]; }
 
