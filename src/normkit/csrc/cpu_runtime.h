@@ -119,7 +119,7 @@ inline std::atomic<int64_t>& scratch_offset_override() {
 // other row a few hundred bytes back in the page. Placed each "farthest from the streams and the
 // rows before", the two rows of one process landed 640 bytes apart and ran prenorm 10-20 %
 // slower than one row offset at almost any line of the page (4096 x 2048 float32, 1 thread,
-// Zen 3; results/page-offsets-2026-12-08-scratch-amd-epyc-zen3.json).
+// Zen 3; results/page-offsets-2026-12-08-scratch-rows-each-amd-epyc-zen3.json).
 template <typename Acc>
 class ScratchRows {
  public:
